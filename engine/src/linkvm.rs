@@ -1,0 +1,115 @@
+//! [`SourceVm`] and [`TargetVm`] over the link protocol, for VMMs that run in
+//! their own process and attach to ferryd.
+
+use crate::link::{Link, LinkError, LinkMsg, VerifyReport, VmStats};
+use crate::vm::{SourceVm, TargetVm, VmError, VmState};
+
+/// A VMM on the other end of a link.
+#[derive(Debug)]
+pub struct LinkVm {
+    link: Link,
+}
+
+fn link_err(op: &'static str) -> impl FnOnce(LinkError) -> VmError {
+    move |e| match e {
+        LinkError::Remote(message) => VmError::Request { op, message },
+        source => VmError::Link { op, source },
+    }
+}
+
+fn expect(op: &'static str, got: &LinkMsg, want: &'static str) -> VmError {
+    VmError::Link { op, source: LinkError::Unexpected { expected: want, got: got.kind().into() } }
+}
+
+impl LinkVm {
+    /// Wraps a registered link.
+    pub fn new(link: Link) -> Self {
+        LinkVm { link }
+    }
+
+    /// The link, for requests outside the traits.
+    pub fn link(&mut self) -> &mut Link {
+        &mut self.link
+    }
+
+    fn simple(&mut self, op: &'static str, msg: LinkMsg) -> Result<(), VmError> {
+        let r = self.link.call(&msg, &[]).map_err(link_err(op))?;
+        match r.msg {
+            LinkMsg::Ok => Ok(()),
+            other => Err(expect(op, &other, "ok")),
+        }
+    }
+
+    /// Asks the VMM for its live numbers.
+    pub fn stats(&mut self) -> Result<VmStats, VmError> {
+        let r = self.link.call(&LinkMsg::GetStats, &[]).map_err(link_err("get_stats"))?;
+        match r.msg {
+            LinkMsg::Stats(s) => Ok(s),
+            other => Err(expect("get_stats", &other, "stats")),
+        }
+    }
+}
+
+impl SourceVm for LinkVm {
+    fn start_dirty_log(&mut self) -> Result<(), VmError> {
+        self.simple("start_dirty_log", LinkMsg::StartDirtyLog)
+    }
+
+    fn sync_dirty_log(&mut self, bitmap: &mut [u64]) -> Result<(), VmError> {
+        const OP: &str = "sync_dirty_log";
+        let r = self.link.call(&LinkMsg::SyncDirtyLog, &[]).map_err(link_err(OP))?;
+        if r.msg != LinkMsg::DirtyLog {
+            return Err(expect(OP, &r.msg, "dirty_log"));
+        }
+        if r.bin.len() != bitmap.len() * 8 {
+            return Err(VmError::Request {
+                op: OP,
+                message: format!("bitmap of {} bytes, expected {}", r.bin.len(), bitmap.len() * 8),
+            });
+        }
+        for (w, b) in bitmap.iter_mut().zip(r.bin.chunks_exact(8)) {
+            *w |= u64::from_le_bytes(b.try_into().expect("chunks of 8"));
+        }
+        Ok(())
+    }
+
+    fn stop_dirty_log(&mut self) -> Result<(), VmError> {
+        self.simple("stop_dirty_log", LinkMsg::StopDirtyLog)
+    }
+
+    fn pause(&mut self) -> Result<VmState, VmError> {
+        let r = self.link.call(&LinkMsg::Pause, &[]).map_err(link_err("pause"))?;
+        match r.msg {
+            LinkMsg::Paused { progress } => Ok(VmState { blob: r.bin, progress }),
+            other => Err(expect("pause", &other, "paused")),
+        }
+    }
+
+    fn resume(&mut self) -> Result<(), VmError> {
+        self.simple("resume", LinkMsg::Resume)
+    }
+
+    fn hand_off(&mut self, epoch: u64) -> Result<(), VmError> {
+        self.simple("quit", LinkMsg::Quit { reason: format!("migrated away (epoch {epoch})") })
+    }
+}
+
+impl TargetVm for LinkVm {
+    fn restore(&mut self, state: &VmState) -> Result<VerifyReport, VmError> {
+        let r = self.link.call(&LinkMsg::Restore, &state.blob).map_err(link_err("restore"))?;
+        match r.msg {
+            LinkMsg::Restored { verify } => Ok(verify),
+            other => Err(expect("restore", &other, "restored")),
+        }
+    }
+
+    fn run(&mut self, _epoch: u64) -> Result<(), VmError> {
+        self.simple("run", LinkMsg::Run)
+    }
+
+    fn abort(&mut self, reason: &str) {
+        let _ = self.link.send(&LinkMsg::Quit { reason: reason.into() }, &[], &[]);
+        let _ = self.link.recv();
+        self.link.shutdown();
+    }
+}

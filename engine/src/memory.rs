@@ -1,0 +1,238 @@
+//! Guest memory as ferry sees it: the VMM's memfd, mapped shared.
+//!
+//! Pages are numbered by [`PageIndex`]: the index of a page in the
+//! concatenation of the VM's regions in spec order. Source and target share
+//! the spec, so an index means the same page on both sides, and a dirty bitmap
+//! (concatenated per region) indexes the same way.
+//!
+//! Guest memory is only ever touched through [`VolatileSlice`]s: the guest may
+//! write a page while we read it, so no `&[u8]` over guest memory is formed.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use vm_memory::{FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
+
+use crate::link::{RegionSpec, VmSpec};
+
+/// Bytes per guest page. ferry moves 4 KiB pages; huge pages are split.
+pub const PAGE_SIZE: usize = 4096;
+/// Cap on guest RAM one migration handles: 1 TiB. Keeps every page count in
+/// range of the u64 arithmetic below and the bitmaps of the link protocol.
+pub const GUEST_BYTES_MAX: u64 = 1 << 40;
+
+/// Index of a page across all regions, in spec order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PageIndex(pub u64);
+
+/// Errors of guest memory handling.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The spec describes memory we cannot map.
+    #[error("invalid memory layout: {0}")]
+    Layout(String),
+    /// memfd_create / ftruncate / mmap failed.
+    #[error("cannot {op} guest memory: {source}")]
+    Os {
+        /// The operation.
+        op: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+struct Region {
+    spec: RegionSpec,
+    first_page: u64,
+    pages: u64,
+    map: MmapRegion,
+}
+
+/// Guest RAM mapped from a memfd, shared with the VMM.
+pub struct GuestMem {
+    regions: Vec<Region>,
+    pages: u64,
+    file: File,
+}
+
+impl std::fmt::Debug for GuestMem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestMem")
+            .field("pages", &self.pages)
+            .field("regions", &self.regions.len())
+            .finish()
+    }
+}
+
+impl GuestMem {
+    /// Creates a fresh, zeroed memfd for `spec` and maps it (the target side).
+    pub fn create(spec: &VmSpec) -> Result<Self, MemoryError> {
+        check_layout(&spec.regions)?;
+        let size = spec.regions.iter().map(|r| r.memfd_offset + r.size).max().unwrap_or(0);
+        let fd = nix::sys::memfd::memfd_create(
+            c"ferry-guest",
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+        )
+        .map_err(|e| MemoryError::Os { op: "create", source: e.into() })?;
+        let file = File::from(fd);
+        file.set_len(size).map_err(|source| MemoryError::Os { op: "size", source })?;
+        Self::map(file, &spec.regions)
+    }
+
+    /// Maps an existing memfd (the source side, or a VMM).
+    pub fn from_memfd(fd: OwnedFd, regions: &[RegionSpec]) -> Result<Self, MemoryError> {
+        check_layout(regions)?;
+        let file = File::from(fd);
+        let len = file.metadata().map_err(|source| MemoryError::Os { op: "stat", source })?.len();
+        if let Some(r) = regions.iter().find(|r| r.memfd_offset + r.size > len) {
+            return Err(MemoryError::Layout(format!(
+                "region at {:#x} ends past the memfd ({} bytes)",
+                r.gpa, len
+            )));
+        }
+        Self::map(file, regions)
+    }
+
+    fn map(file: File, specs: &[RegionSpec]) -> Result<Self, MemoryError> {
+        let mut regions = Vec::with_capacity(specs.len());
+        let mut first_page = 0;
+        for spec in specs {
+            let dup = file.try_clone().map_err(|source| MemoryError::Os { op: "dup", source })?;
+            let size = usize::try_from(spec.size)
+                .map_err(|_| MemoryError::Layout("region larger than the address space".into()))?;
+            let map = MmapRegion::from_file(FileOffset::new(dup, spec.memfd_offset), size)
+                .map_err(|e| MemoryError::Os { op: "map", source: std::io::Error::other(e) })?;
+            let pages = spec.size / PAGE_SIZE as u64;
+            regions.push(Region { spec: spec.clone(), first_page, pages, map });
+            first_page += pages;
+        }
+        Ok(GuestMem { regions, pages: first_page, file })
+    }
+
+    /// Number of pages in all regions.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// Total bytes of guest RAM.
+    pub fn bytes(&self) -> u64 {
+        self.pages * PAGE_SIZE as u64
+    }
+
+    /// The region specs, in page-index order.
+    pub fn region_specs(&self) -> Vec<RegionSpec> {
+        self.regions.iter().map(|r| r.spec.clone()).collect()
+    }
+
+    /// The memfd behind the mapping (to pass to a VMM).
+    pub fn memfd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    /// Raw descriptor of the memfd.
+    pub fn memfd_raw(&self) -> i32 {
+        self.file.as_raw_fd()
+    }
+
+    /// The page at `index`, or `None` past the end.
+    pub fn page(&self, index: PageIndex) -> Option<VolatileSlice<'_>> {
+        self.pages_slice(index, 1)
+    }
+
+    /// `count` consecutive pages starting at `index`, when they lie in one
+    /// region (`None` otherwise or past the end).
+    pub fn pages_slice(&self, index: PageIndex, count: u64) -> Option<VolatileSlice<'_>> {
+        let region = self.region_of(index)?;
+        let rel = index.0 - region.first_page;
+        if count == 0 || rel + count > region.pages {
+            return None;
+        }
+        region
+            .map
+            .get_slice(rel as usize * PAGE_SIZE, count as usize * PAGE_SIZE)
+            .ok()
+    }
+
+    /// How many pages from `index` to the end of its region.
+    pub fn pages_left_in_region(&self, index: PageIndex) -> u64 {
+        self.region_of(index).map_or(0, |r| r.first_page + r.pages - index.0)
+    }
+
+    fn region_of(&self, index: PageIndex) -> Option<&Region> {
+        // Few regions (usually one or two): a linear scan beats a search.
+        self.regions.iter().find(|r| index.0 >= r.first_page && index.0 < r.first_page + r.pages)
+    }
+
+    /// Gives physical memory for every page up front (MADV_POPULATE_WRITE), so
+    /// receiving the first copy of a page does not take a page fault. Best
+    /// effort: a kernel without it just faults later.
+    pub fn prefault(&self) {
+        for r in &self.regions {
+            // SAFETY: the range is exactly this region's live shared mapping;
+            // MADV_POPULATE_WRITE only faults pages in, it never changes contents.
+            let rc = unsafe {
+                libc::madvise(r.map.as_ptr().cast(), r.map.size(), 23 /* MADV_POPULATE_WRITE */)
+            };
+            if rc != 0 {
+                tracing::debug!("MADV_POPULATE_WRITE failed: {}", std::io::Error::last_os_error());
+            }
+        }
+    }
+}
+
+fn check_layout(regions: &[RegionSpec]) -> Result<(), MemoryError> {
+    if regions.is_empty() {
+        return Err(MemoryError::Layout("no memory regions".into()));
+    }
+    let page = PAGE_SIZE as u64;
+    let mut total = 0u64;
+    for r in regions {
+        if r.size == 0 || r.gpa % page != 0 || r.size % page != 0 || r.memfd_offset % page != 0 {
+            return Err(MemoryError::Layout(format!(
+                "region {:#x}+{:#x} (memfd offset {:#x}) is empty or not page aligned",
+                r.gpa, r.size, r.memfd_offset
+            )));
+        }
+        total = total.saturating_add(r.size);
+    }
+    if total > GUEST_BYTES_MAX {
+        return Err(MemoryError::Layout(format!(
+            "{total} bytes of guest RAM is over the {GUEST_BYTES_MAX}-byte cap"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    fn spec(regions: Vec<RegionSpec>) -> VmSpec {
+        VmSpec { name: "t".into(), regions, vcpus: 1, vmm_config: serde_json::Value::Null }
+    }
+
+    #[test]
+    fn index_spans_regions_and_shares_the_memfd() {
+        let s = spec(vec![
+            RegionSpec { gpa: 0, size: 8 * 4096, memfd_offset: 0 },
+            RegionSpec { gpa: 1 << 32, size: 4 * 4096, memfd_offset: 8 * 4096 },
+        ]);
+        let a = GuestMem::create(&s).unwrap();
+        assert_eq!(a.pages(), 12);
+        a.page(PageIndex(9)).unwrap().write_obj(0xabcd_u64, 8).unwrap();
+        let fd = a.memfd().try_clone_to_owned().unwrap();
+        let b = GuestMem::from_memfd(fd, &s.regions).unwrap();
+        assert_eq!(b.page(PageIndex(9)).unwrap().read_obj::<u64>(8).unwrap(), 0xabcd);
+        assert!(a.page(PageIndex(12)).is_none());
+        assert!(a.pages_slice(PageIndex(6), 3).is_none(), "crosses a region boundary");
+        assert_eq!(a.pages_left_in_region(PageIndex(6)), 2);
+    }
+
+    #[test]
+    fn rejects_bad_layouts() {
+        assert!(GuestMem::create(&spec(vec![])).is_err());
+        assert!(GuestMem::create(&spec(vec![RegionSpec { gpa: 1, size: 4096, memfd_offset: 0 }])).is_err());
+    }
+}

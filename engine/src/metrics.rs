@@ -1,0 +1,234 @@
+//! Migration metrics: one context per migration, like QEMU's query-migrate.
+//!
+//! The engine updates a [`Metrics`] as it goes; daemons and the CLI read
+//! [`Metrics::snapshot`] at any time. Counters are atomics so the data path
+//! updates them without locks; the rest sits behind a mutex touched once per
+//! round.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+/// Where a migration is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    /// Connecting, handshaking, sending the spec.
+    #[default]
+    Setup,
+    /// Copying memory while the guest runs.
+    Active,
+    /// The guest is paused; final pages and state are moving.
+    Switchover,
+    /// PREPARE sent, waiting for PREPARED / sending COMMIT.
+    Committing,
+    /// Done: the VM runs on the target.
+    Completed,
+    /// Failed before COMMIT: the VM runs on the source.
+    Failed,
+    /// Cancelled by the user before COMMIT: the VM runs on the source.
+    Cancelled,
+    /// COMMIT was sent but never acknowledged: the outcome is for the target to
+    /// tell; the source keeps the VM paused until it knows.
+    Unknown,
+}
+
+impl Status {
+    /// True once the migration can change no more.
+    pub fn is_final(self) -> bool {
+        matches!(self, Status::Completed | Status::Failed | Status::Cancelled)
+    }
+}
+
+/// A point-in-time copy of a migration's numbers (the JSON of `ferry status`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Migration id.
+    pub id: String,
+    /// VM name.
+    pub vm: String,
+    /// "source" or "target".
+    pub role: String,
+    /// Peer address.
+    pub peer: String,
+    /// Where it is.
+    pub status: Status,
+    /// The error, for failed migrations.
+    pub error: Option<String>,
+    /// Transport name.
+    pub transport: String,
+    /// Data streams.
+    pub streams: u32,
+    /// "precopy".
+    pub mode: String,
+    /// Convergence policy.
+    pub policy: String,
+    /// Guest RAM.
+    pub mem_bytes: u64,
+    /// Time since the start (final once completed).
+    pub total_time_ms: u64,
+    /// Connect + handshake + spec exchange.
+    pub setup_time_ms: u64,
+    /// Guest paused to guest running on the target (excluding the oracle's
+    /// verification pass, reported as `verify_ms`).
+    pub downtime_ms: u64,
+    /// Target VMM's verification time, excluded from downtime.
+    pub verify_ms: u64,
+    /// Downtime the policy expected when it chose to stop.
+    pub expected_downtime_ms: u64,
+    /// Rounds done (the bulk round is 1).
+    pub iterations: u32,
+    /// Bytes on the wire (headers included).
+    pub transferred_bytes: u64,
+    /// Guest bytes moved (pages sent x page size).
+    pub guest_bytes: u64,
+    /// Pages sent as zero pages (no payload).
+    pub pages_zero: u64,
+    /// Pages sent lz4-compressed.
+    pub pages_compressed: u64,
+    /// Payload bytes of the compressed pages.
+    pub compressed_bytes: u64,
+    /// Pages sent raw.
+    pub pages_raw: u64,
+    /// Pages still dirty at the last sync.
+    pub remaining_pages: u64,
+    /// Dirty rate at the last round, pages/s.
+    pub dirty_pages_rate: u64,
+    /// Wire throughput so far, MiB/s.
+    pub throughput_mib_s: f64,
+    /// Hand-off epoch (source: recorded; target: running with).
+    pub epoch: u64,
+    /// Progress counter of the guest at the pause.
+    pub guest_progress_at_pause: u64,
+    /// The target VMM's check of the memory it received.
+    pub verify: Option<crate::link::VerifyReport>,
+    /// One line per round: what the policy saw and decided.
+    pub rounds: Vec<RoundLog>,
+}
+
+/// What one pre-copy round did and why the policy went on or stopped.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoundLog {
+    /// Round number (1 = bulk).
+    pub round: u32,
+    /// Pages sent in the round.
+    pub pages: u64,
+    /// Round duration.
+    pub ms: u64,
+    /// Pages dirty at the sync after the round.
+    pub dirty_after: u64,
+    /// Measured rate, MiB/s.
+    pub rate_mib_s: f64,
+    /// The policy's decision.
+    pub decision: String,
+}
+
+/// Live metrics of one migration.
+#[derive(Debug)]
+pub struct Metrics {
+    started: Instant,
+    /// Wire bytes sent or received.
+    pub wire_bytes: AtomicU64,
+    /// Zero pages.
+    pub pages_zero: AtomicU64,
+    /// lz4 pages.
+    pub pages_compressed: AtomicU64,
+    /// lz4 payload bytes.
+    pub compressed_bytes: AtomicU64,
+    /// Raw pages.
+    pub pages_raw: AtomicU64,
+    snap: Mutex<Snapshot>,
+}
+
+impl Metrics {
+    /// A new context; the clock starts now.
+    pub fn new(id: &str, vm: &str, role: &str, peer: &str) -> Self {
+        Metrics {
+            started: Instant::now(),
+            wire_bytes: AtomicU64::new(0),
+            pages_zero: AtomicU64::new(0),
+            pages_compressed: AtomicU64::new(0),
+            compressed_bytes: AtomicU64::new(0),
+            pages_raw: AtomicU64::new(0),
+            snap: Mutex::new(Snapshot {
+                id: id.into(),
+                vm: vm.into(),
+                role: role.into(),
+                peer: peer.into(),
+                mode: "precopy".into(),
+                policy: "baseline".into(),
+                ..Snapshot::default()
+            }),
+        }
+    }
+
+    /// Milliseconds since the start.
+    pub fn elapsed_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Changes the non-counter fields.
+    pub fn update(&self, f: impl FnOnce(&mut Snapshot)) {
+        let mut s = self.snap.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut s);
+    }
+
+    /// Current status.
+    pub fn status(&self) -> Status {
+        self.snap.lock().unwrap_or_else(|p| p.into_inner()).status
+    }
+
+    /// A copy of everything, with counters and times filled in.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut s = self.snap.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if !s.status.is_final() {
+            s.total_time_ms = self.elapsed_ms();
+        }
+        s.transferred_bytes = self.wire_bytes.load(Relaxed);
+        s.pages_zero = self.pages_zero.load(Relaxed);
+        s.pages_compressed = self.pages_compressed.load(Relaxed);
+        s.compressed_bytes = self.compressed_bytes.load(Relaxed);
+        s.pages_raw = self.pages_raw.load(Relaxed);
+        s.guest_bytes = (s.pages_zero + s.pages_compressed + s.pages_raw) * crate::PAGE_SIZE as u64;
+        let secs = s.total_time_ms.max(1) as f64 / 1000.0;
+        s.throughput_mib_s = s.transferred_bytes as f64 / (1024.0 * 1024.0) / secs;
+        s
+    }
+
+    /// Marks the migration final: freezes the total time.
+    pub fn finish(&self, status: Status, error: Option<String>) {
+        let total = self.elapsed_ms();
+        self.update(|s| {
+            s.status = status;
+            s.error = error;
+            s.total_time_ms = total;
+        });
+    }
+}
+
+impl std::fmt::Display for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "migration {} ({} of {}, peer {})", self.id, self.role, self.vm, self.peer)?;
+        writeln!(f, "  status:            {:?}", self.status)?;
+        if let Some(e) = &self.error {
+            writeln!(f, "  error:             {e}")?;
+        }
+        writeln!(f, "  transport:         {} x{} streams, {} / {}", self.transport, self.streams, self.mode, self.policy)?;
+        writeln!(f, "  total time:        {} ms (setup {} ms)", self.total_time_ms, self.setup_time_ms)?;
+        writeln!(f, "  downtime:          {} ms (expected {} ms)", self.downtime_ms, self.expected_downtime_ms)?;
+        writeln!(f, "  rounds:            {}", self.iterations)?;
+        writeln!(f, "  guest memory:      {} MiB", self.mem_bytes >> 20)?;
+        writeln!(f, "  transferred:       {} MiB ({:.0} MiB/s)", self.transferred_bytes >> 20, self.throughput_mib_s)?;
+        writeln!(
+            f,
+            "  pages:             {} zero, {} compressed ({} KiB), {} raw",
+            self.pages_zero,
+            self.pages_compressed,
+            self.compressed_bytes >> 10,
+            self.pages_raw
+        )?;
+        write!(f, "  remaining:         {} pages, dirty rate {} pages/s", self.remaining_pages, self.dirty_pages_rate)
+    }
+}
