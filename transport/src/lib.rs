@@ -162,8 +162,9 @@ pub trait Conn: Send {
     fn recv_exact(&mut self, buf: &mut [u8]) -> Result<()>;
     /// Fills `dst` (guest memory) completely, or fails; same EOF rules.
     fn recv_exact_volatile(&mut self, dst: &VolatileSlice<'_>) -> Result<()>;
-    /// Deadline for each blocking receive; `None` waits forever.
-    fn set_recv_timeout(&mut self, timeout: Option<Duration>) -> Result<()>;
+    /// Deadline for each blocking receive and send (a peer that stops reading
+    /// must not hang a sender forever); `None` waits forever.
+    fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<()>;
     /// A second handle on the same stream, so one thread can send while another receives.
     fn try_clone(&self) -> Result<Box<dyn Conn>>;
     /// Shuts the stream down in both directions; blocked receivers on any
