@@ -1,1 +1,191 @@
-//! Bitmaps.
+//! Page bitmaps: the dirty log (one bit per page, u64 words, page-index
+//! order, as KVM and the link protocol lay it out) and an atomic variant for
+//! state several receive threads update.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// A plain bitmap over pages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirtyBitmap {
+    words: Vec<u64>,
+    pages: u64,
+}
+
+impl DirtyBitmap {
+    /// All clear.
+    pub fn new(pages: u64) -> Self {
+        DirtyBitmap { words: vec![0; pages.div_ceil(64) as usize], pages }
+    }
+
+    /// All set (the bulk round).
+    pub fn full(pages: u64) -> Self {
+        let mut b = Self::new(pages);
+        b.words.iter_mut().for_each(|w| *w = !0);
+        b.trim();
+        b
+    }
+
+    fn trim(&mut self) {
+        let tail = self.pages % 64;
+        if tail != 0 {
+            if let Some(last) = self.words.last_mut() {
+                *last &= (1u64 << tail) - 1;
+            }
+        }
+    }
+
+    /// Pages covered.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// The words, to be filled by a dirty-log sync. Bits past `pages` are
+    /// cleared again by [`Self::count`] and [`Self::runs`] users via `trim`.
+    pub fn words_mut(&mut self) -> &mut [u64] {
+        &mut self.words
+    }
+
+    /// Sets page `i`.
+    pub fn set(&mut self, i: u64) {
+        assert!(i < self.pages, "page {i} out of range");
+        self.words[(i / 64) as usize] |= 1 << (i % 64);
+    }
+
+    /// Whether page `i` is set.
+    pub fn get(&self, i: u64) -> bool {
+        i < self.pages && self.words[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+
+    /// Number of set pages (ignoring stray bits past the end).
+    pub fn count(&mut self) -> u64 {
+        self.trim();
+        self.words.iter().map(|w| w.count_ones() as u64).sum()
+    }
+
+    /// Clears everything.
+    pub fn clear(&mut self) {
+        self.words.iter_mut().for_each(|w| *w = 0);
+    }
+
+    /// Runs of consecutive set pages as (first, count), ascending.
+    pub fn runs(&mut self) -> Runs<'_> {
+        self.trim();
+        Runs { words: &self.words, next: 0, pages: self.pages }
+    }
+}
+
+/// Iterator over runs of set bits.
+#[derive(Debug)]
+pub struct Runs<'a> {
+    words: &'a [u64],
+    next: u64,
+    pages: u64,
+}
+
+impl Iterator for Runs<'_> {
+    type Item = (u64, u64);
+
+    fn next(&mut self) -> Option<(u64, u64)> {
+        let start = self.find_bit(true)?;
+        self.next = start;
+        let end = self.find_bit(false).unwrap_or(self.pages);
+        self.next = end;
+        Some((start, end - start))
+    }
+}
+
+impl Runs<'_> {
+    /// First page >= self.next whose bit equals `set`.
+    fn find_bit(&self, set: bool) -> Option<u64> {
+        let mut i = self.next;
+        while i < self.pages {
+            let w = self.words[(i / 64) as usize];
+            let w = if set { w } else { !w };
+            let masked = w >> (i % 64);
+            if masked != 0 {
+                let found = i + masked.trailing_zeros() as u64;
+                return (found < self.pages).then_some(found);
+            }
+            i = (i / 64 + 1) * 64;
+        }
+        None
+    }
+}
+
+/// A bitmap several threads set and clear concurrently.
+#[derive(Debug)]
+pub struct AtomicBitmap {
+    words: Vec<AtomicU64>,
+    pages: u64,
+}
+
+impl AtomicBitmap {
+    /// All clear.
+    pub fn new(pages: u64) -> Self {
+        AtomicBitmap { words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(), pages }
+    }
+
+    /// Sets page `i`; returns whether it was set before.
+    pub fn set(&self, i: u64) -> bool {
+        assert!(i < self.pages, "page {i} out of range");
+        let bit = 1 << (i % 64);
+        self.words[(i / 64) as usize].fetch_or(bit, Relaxed) & bit != 0
+    }
+
+    /// Clears page `i`.
+    pub fn clear(&self, i: u64) {
+        assert!(i < self.pages, "page {i} out of range");
+        self.words[(i / 64) as usize].fetch_and(!(1 << (i % 64)), Relaxed);
+    }
+
+    /// Whether page `i` is set.
+    pub fn get(&self, i: u64) -> bool {
+        i < self.pages && self.words[(i / 64) as usize].load(Relaxed) & (1 << (i % 64)) != 0
+    }
+
+    /// Number of set pages.
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| w.load(Relaxed).count_ones() as u64).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn runs_match_a_naive_scan(bits in proptest::collection::vec(any::<bool>(), 0..300)) {
+            let mut b = DirtyBitmap::new(bits.len() as u64);
+            for (i, &s) in bits.iter().enumerate() {
+                if s { b.set(i as u64); }
+            }
+            let mut want = Vec::new();
+            let mut i = 0;
+            while i < bits.len() {
+                if bits[i] {
+                    let s = i;
+                    while i < bits.len() && bits[i] { i += 1; }
+                    want.push((s as u64, (i - s) as u64));
+                } else { i += 1; }
+            }
+            prop_assert_eq!(b.runs().collect::<Vec<_>>(), want);
+            prop_assert_eq!(b.count(), bits.iter().filter(|&&x| x).count() as u64);
+        }
+    }
+
+    #[test]
+    fn full_covers_exactly_the_pages() {
+        let mut b = DirtyBitmap::full(130);
+        assert_eq!(b.count(), 130);
+        assert_eq!(b.runs().collect::<Vec<_>>(), vec![(0, 130)]);
+        b.words_mut()[2] = !0; // stray bits past the end from a sync
+        assert_eq!(b.count(), 130);
+        let a = AtomicBitmap::new(70);
+        assert!(!a.set(69));
+        assert!(a.set(69));
+        a.clear(69);
+        assert_eq!(a.count(), 0);
+    }
+}

@@ -33,6 +33,9 @@ pub enum MigrationError {
     /// The peer could not prove it holds the pre-shared key (or we could not).
     #[error("authentication failed: {0}")]
     Auth(String),
+    /// At PREPARE the target found it does not hold everything the source sent.
+    #[error("the target does not hold the whole VM: {0}")]
+    Incomplete(String),
     /// The peer refused or aborted the migration, with its reason.
     #[error("the peer aborted the migration: {0}")]
     PeerAborted(String),

@@ -20,6 +20,7 @@ pub mod key;
 pub mod link;
 pub mod linkvm;
 pub mod memory;
+pub mod memvm;
 pub mod metrics;
 pub mod source;
 pub mod target;

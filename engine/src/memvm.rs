@@ -1,0 +1,213 @@
+//! In-process VMs for tests and examples: a "guest" thread that writes pages
+//! of a [`GuestMem`] at a chosen rate and logs them as KVM's dirty log would,
+//! and a target that records what it was asked to do. They let the protocol
+//! and the pipelines be tested in one process, with any transport, without
+//! KVM. Each written page holds its (page, version) stamp in every u64 word.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vm_memory::Bytes;
+
+use crate::bitmap::DirtyBitmap;
+use crate::link::VerifyReport;
+use crate::vm::{SourceVm, TargetVm, VmError, VmState};
+use crate::{GuestMem, PageIndex, PAGE_SIZE};
+
+/// The stamp word of `page` at `version`.
+pub fn stamp(page: u64, version: u64) -> u64 {
+    (page << 32) | (version & 0xffff_ffff)
+}
+
+/// Writes `page` with its stamp.
+pub fn write_page(mem: &GuestMem, page: u64, version: u64) {
+    let words = [stamp(page, version); PAGE_SIZE / 8];
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    mem.page(PageIndex(page)).expect("page in range").copy_from(&bytes[..]);
+}
+
+/// Pages a guest writes per batch before checking for a pause.
+const BATCH_PAGES: u64 = 16;
+
+struct Shared {
+    mem: Arc<GuestMem>,
+    log: Mutex<Option<DirtyBitmap>>,
+    stop: AtomicBool,
+    progress: AtomicU64,
+}
+
+/// A source VM whose guest is a thread writing stamped pages.
+pub struct MemSourceVm {
+    shared: Arc<Shared>,
+    rate_pages_s: u64,
+    seed: u64,
+    writer: Option<JoinHandle<u64>>,
+    /// Set once `hand_off` was called, with the epoch.
+    pub handed_off: Option<u64>,
+    /// How many times `resume` was called.
+    pub resumes: u32,
+}
+
+impl MemSourceVm {
+    /// A VM over `mem` whose guest writes `rate_pages_s` pages per second
+    /// (0: an idle guest), choosing pages from `seed`.
+    pub fn new(mem: Arc<GuestMem>, rate_pages_s: u64, seed: u64) -> Self {
+        let shared = Arc::new(Shared { mem, log: Mutex::new(None), stop: AtomicBool::new(false), progress: AtomicU64::new(0) });
+        let mut vm = MemSourceVm { shared, rate_pages_s, seed, writer: None, handed_off: None, resumes: 0 };
+        vm.start_guest();
+        vm
+    }
+
+    /// Whether the guest thread runs.
+    pub fn running(&self) -> bool {
+        self.writer.is_some()
+    }
+
+    /// The guest's progress counter (pages written).
+    pub fn progress(&self) -> u64 {
+        self.shared.progress.load(Ordering::SeqCst)
+    }
+
+    fn start_guest(&mut self) {
+        if self.rate_pages_s == 0 {
+            self.writer = Some(std::thread::spawn(|| 0));
+            return;
+        }
+        self.shared.stop.store(false, Ordering::SeqCst);
+        let (shared, rate, mut x) = (self.shared.clone(), self.rate_pages_s, self.seed | 1);
+        self.writer = Some(std::thread::spawn(move || {
+            let start = Instant::now();
+            let pages = shared.mem.pages();
+            let mut written = 0u64;
+            while !shared.stop.load(Ordering::SeqCst) {
+                for _ in 0..BATCH_PAGES {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let page = x % pages;
+                    let version = shared.progress.fetch_add(1, Ordering::SeqCst) + 1;
+                    write_page(&shared.mem, page, version);
+                    if let Some(log) = shared.log.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                        log.set(page);
+                    }
+                }
+                written += BATCH_PAGES;
+                let due = Duration::from_secs_f64(written as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(start.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            written
+        }));
+    }
+
+    fn stop_guest(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Drop for MemSourceVm {
+    fn drop(&mut self) {
+        self.stop_guest();
+    }
+}
+
+impl SourceVm for MemSourceVm {
+    fn start_dirty_log(&mut self) -> Result<(), VmError> {
+        *self.shared.log.lock().unwrap_or_else(|p| p.into_inner()) = Some(DirtyBitmap::new(self.shared.mem.pages()));
+        Ok(())
+    }
+
+    fn sync_dirty_log(&mut self, bitmap: &mut [u64]) -> Result<(), VmError> {
+        let mut log = self.shared.log.lock().unwrap_or_else(|p| p.into_inner());
+        let log = log.as_mut().ok_or(VmError::Request { op: "sync_dirty_log", message: "logging is off".into() })?;
+        for (o, w) in bitmap.iter_mut().zip(log.words_mut().iter_mut()) {
+            *o |= std::mem::take(w);
+        }
+        Ok(())
+    }
+
+    fn stop_dirty_log(&mut self) -> Result<(), VmError> {
+        *self.shared.log.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(())
+    }
+
+    fn pause(&mut self) -> Result<VmState, VmError> {
+        self.stop_guest();
+        let progress = self.progress();
+        Ok(VmState { blob: progress.to_le_bytes().to_vec(), progress })
+    }
+
+    fn resume(&mut self) -> Result<(), VmError> {
+        self.resumes += 1;
+        if self.writer.is_none() {
+            self.start_guest();
+        }
+        Ok(())
+    }
+
+    fn hand_off(&mut self, epoch: u64) -> Result<(), VmError> {
+        self.stop_guest();
+        self.handed_off = Some(epoch);
+        Ok(())
+    }
+}
+
+/// What a [`MemTargetVm`] was asked to do.
+#[derive(Debug, Default, Clone)]
+pub struct TargetLog {
+    /// The state it restored.
+    pub restored: Option<VmState>,
+    /// The epoch it runs with.
+    pub running: Option<u64>,
+    /// Why it was aborted.
+    pub aborted: Option<String>,
+}
+
+/// A target VM that records requests; shares its log with the test.
+pub struct MemTargetVm {
+    mem_crc: Box<dyn Fn() -> u32 + Send>,
+    /// The shared log.
+    pub log: Arc<Mutex<TargetLog>>,
+}
+
+impl MemTargetVm {
+    /// A target over `mem`; `log` tells the test what happened.
+    pub fn new(mem: &GuestMem, log: Arc<Mutex<TargetLog>>) -> Self {
+        let fd = mem.memfd().try_clone_to_owned().expect("dup memfd");
+        let mem2 = GuestMem::from_memfd(fd, &mem.region_specs()).expect("map memfd");
+        MemTargetVm { mem_crc: Box::new(move || mem_crc(&mem2)), log }
+    }
+}
+
+/// CRC32C over all of guest memory (a test hash).
+pub fn mem_crc(mem: &GuestMem) -> u32 {
+    let mut crc = 0;
+    let mut buf = vec![0u8; PAGE_SIZE];
+    for p in 0..mem.pages() {
+        mem.page(PageIndex(p)).expect("in range").read_slice(&mut buf, 0).expect("page read");
+        crc = crc32c::crc32c_append(crc, &buf);
+    }
+    crc
+}
+
+impl TargetVm for MemTargetVm {
+    fn restore(&mut self, state: &VmState) -> Result<VerifyReport, VmError> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).restored = Some(state.clone());
+        Ok(VerifyReport { checked: true, mem_hash: format!("{:08x}", (self.mem_crc)()), ..VerifyReport::default() })
+    }
+
+    fn run(&mut self, epoch: u64) -> Result<(), VmError> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).running = Some(epoch);
+        Ok(())
+    }
+
+    fn abort(&mut self, reason: &str) {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).aborted = Some(reason.into());
+    }
+}

@@ -1,0 +1,585 @@
+//! The source side of a migration: pre-copy rounds and the switchover.
+//!
+//! ```text
+//!  Setup ──▶ Active (bulk round, dirty rounds) ──▶ Switchover (paused: final
+//!  round, state) ──▶ Committing (PREPARE ▶ PREPARED, hand-off recorded,
+//!  COMMIT ▶ COMMITTED) ──▶ Completed
+//!      any failure or cancel before COMMIT is sent ──▶ Failed / Cancelled,
+//!      the VM resumed here;   COMMIT sent, no answer ──▶ Unknown (VM stays paused)
+//! ```
+
+pub mod pipeline;
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver};
+use ferry_transport::{Conn, Transport};
+
+use self::pipeline::{Pipeline, Throttle};
+use crate::bitmap::DirtyBitmap;
+use crate::link::VmSpec;
+use crate::metrics::{RoundLog, Status};
+use crate::wire::handshake::{self, Hello};
+use crate::wire::{self, ControlMsg, FrameKind, StreamTotals, WireError};
+use crate::{Cancel, GuestMem, Key, Metrics, MigrationError, SourceVm, VmState, PAGE_SIZE};
+
+/// Settings of an outgoing migration.
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    /// Data streams (TCP connections) besides the control stream.
+    pub streams: NonZeroU32,
+    /// Downtime budget: stop-and-copy once the estimate fits.
+    pub downtime_ms: u64,
+    /// Cap on the send rate; `None` sends as fast as the link goes.
+    pub bandwidth_mib_s: Option<u64>,
+    /// Give up (VM stays on the source) after this many rounds.
+    pub rounds_max: u32,
+    /// Give up after this long.
+    pub time_max: Duration,
+    /// Deadline for connecting and the handshake.
+    pub connect_timeout: Duration,
+    /// A peer silent for this long is dead.
+    pub io_timeout: Duration,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig {
+            streams: NonZeroU32::new(4).expect("4 is not zero"),
+            downtime_ms: 300,
+            bandwidth_mib_s: None,
+            rounds_max: 30,
+            time_max: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(5),
+            io_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A committed migration.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// The epoch the VM now runs with on the target.
+    pub epoch: u64,
+}
+
+/// Fixed cost the downtime estimate adds to the final round: pausing,
+/// sending the state, PREPARE/COMMIT round trips and starting the target's
+/// vCPUs take a few milliseconds on a LAN.
+const SWITCHOVER_OVERHEAD_MS: u64 = 5;
+/// How long the target may take to answer SPEC (it creates and pre-faults
+/// guest memory and starts its VMM: about 1 s per 4 GiB here) or PREPARE
+/// (it restores the VMM, which may verify memory in test runs).
+const SLOW_STEP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Migrates the VM to `to`. On `Ok` the VM runs on the target and
+/// [`SourceVm::hand_off`] was called. On any error but
+/// [`MigrationError::CommitUnknown`], the VM runs here (resumed if it was
+/// paused) and nothing was lost.
+#[allow(clippy::too_many_arguments)]
+pub fn migrate_out(
+    transport: &dyn Transport,
+    to: &str,
+    key: &Key,
+    spec: &VmSpec,
+    epoch: u64,
+    mem: Arc<GuestMem>,
+    vm: &mut dyn SourceVm,
+    cfg: &SourceConfig,
+    metrics: Arc<Metrics>,
+    cancel: &Cancel,
+) -> Result<Outcome, MigrationError> {
+    if spec.name.len() > handshake::VM_NAME_BYTES_MAX {
+        return Err(MigrationError::Invalid(format!("VM name over {} bytes", handshake::VM_NAME_BYTES_MAX)));
+    }
+    let streams = u16::try_from(cfg.streams.get())
+        .ok()
+        .filter(|&s| s <= wire::STREAMS_MAX)
+        .ok_or_else(|| MigrationError::Invalid(format!("streams must be 1..={}", wire::STREAMS_MAX)))?;
+    metrics.update(|s| {
+        s.status = Status::Setup;
+        s.transport = transport.name().into();
+        s.streams = streams as u32;
+        s.mem_bytes = mem.bytes();
+        s.epoch = epoch;
+    });
+    let mut m = Migration {
+        cfg,
+        metrics: metrics.clone(),
+        cancel,
+        mem,
+        streams,
+        control: None,
+        control_seq: 0,
+        events: None,
+        pipeline: None,
+        paused: false,
+        logging: false,
+        commit_sent: false,
+    };
+    let result = m.run(transport, to, key, spec, epoch, vm);
+    match result {
+        Ok(outcome) => Ok(outcome),
+        Err(e) => {
+            let status = match e {
+                MigrationError::Cancelled => Status::Cancelled,
+                MigrationError::CommitUnknown(_) => Status::Unknown,
+                _ => Status::Failed,
+            };
+            m.fail(vm, &e);
+            if status == Status::Unknown {
+                metrics.update(|s| {
+                    s.status = Status::Unknown;
+                    s.error = Some(e.to_string());
+                });
+            } else {
+                metrics.finish(status, Some(e.to_string()));
+            }
+            Err(e)
+        }
+    }
+}
+
+/// What the control reader thread forwards.
+enum Event {
+    Control(ControlMsg),
+    /// The target said ABORT: it holds no running VM.
+    Aborted(String),
+    /// The control stream failed.
+    Failed(String),
+}
+
+struct Migration<'a> {
+    cfg: &'a SourceConfig,
+    metrics: Arc<Metrics>,
+    cancel: &'a Cancel,
+    mem: Arc<GuestMem>,
+    streams: u16,
+    control: Option<Box<dyn Conn>>,
+    control_seq: u64,
+    events: Option<Receiver<Event>>,
+    pipeline: Option<Pipeline>,
+    paused: bool,
+    logging: bool,
+    commit_sent: bool,
+}
+
+impl Migration<'_> {
+    fn run(
+        &mut self,
+        transport: &dyn Transport,
+        to: &str,
+        key: &Key,
+        spec: &VmSpec,
+        epoch: u64,
+        vm: &mut dyn SourceVm,
+    ) -> Result<Outcome, MigrationError> {
+        let session: [u8; 16] = crate::key::random_bytes();
+        let mut data = Vec::with_capacity(self.streams as usize);
+        let mut control = self.connect(transport, to, key, &session, 0, &spec.name)?;
+        for i in 1..=self.streams {
+            data.push(self.connect(transport, to, key, &session, i, &spec.name)?);
+        }
+        self.check_cancel()?;
+        // SPEC: the target creates memory and starts its VMM.
+        self.control_seq += 1;
+        let msg = wire::encode_control(&ControlMsg::Spec { spec: spec.clone(), epoch });
+        wire::send_frame(&mut *control, FrameKind::Control, 0, self.control_seq, &msg)
+            .map_err(|source| MigrationError::Protocol { phase: "sending the spec", source })?;
+        control
+            .set_timeout(Some(SLOW_STEP_TIMEOUT))
+            .map_err(|source| MigrationError::Transport { phase: "setup", source })?;
+        let mut reader = ControlReader { conn: control.try_clone().map_err(|source| MigrationError::Transport { phase: "setup", source })?, seq: 0 };
+        match reader.next().map_err(|source| MigrationError::Protocol { phase: "waiting for the target", source })? {
+            Incoming::Control(ControlMsg::SpecAck) => {}
+            Incoming::Control(ControlMsg::Abort { reason }) => return Err(MigrationError::PeerAborted(reason)),
+            other => return Err(unexpected("waiting for the target", other)),
+        }
+        reader
+            .conn
+            .set_timeout(None)
+            .map_err(|source| MigrationError::Transport { phase: "setup", source })?;
+        self.control = Some(control);
+        let acked: Arc<Vec<AtomicU64>> = Arc::new((0..self.streams).map(|_| AtomicU64::new(0)).collect());
+        self.events = Some(spawn_control_reader(reader, acked));
+        let setup_ms = self.metrics.elapsed_ms();
+        self.metrics.update(|s| {
+            s.setup_time_ms = setup_ms;
+            s.status = Status::Active;
+        });
+
+        vm.start_dirty_log()?;
+        self.logging = true;
+        let throttle = self.cfg.bandwidth_mib_s.map(|b| Arc::new(Throttle::new(b)));
+        self.pipeline = Some(
+            Pipeline::start(self.mem.clone(), data, self.metrics.clone(), throttle)
+                .map_err(|source| MigrationError::Transport { phase: "starting streams", source })?,
+        );
+
+        // Pre-copy: the bulk round sends everything, then dirty rounds.
+        let started = Instant::now();
+        let mut dirty = DirtyBitmap::full(self.mem.pages());
+        let mut round = 0u32;
+        let expected_ms = loop {
+            round += 1;
+            let t = Instant::now();
+            let sent = self.send_round(&mut dirty, round)?;
+            let ms = t.elapsed().as_millis() as u64;
+            dirty.clear();
+            vm.sync_dirty_log(dirty.words_mut())?;
+            let remaining = dirty.count();
+            // Pages per second this round achieved, as a rate for the estimate.
+            let pages_per_s = sent.max(1) as f64 / t.elapsed().as_secs_f64().max(1e-6);
+            let est_ms = (remaining as f64 / pages_per_s * 1000.0) as u64 + SWITCHOVER_OVERHEAD_MS;
+            let dirty_rate = (remaining as f64 / t.elapsed().as_secs_f64().max(1e-6)) as u64;
+            let fits = est_ms <= self.cfg.downtime_ms;
+            let over_rounds = round >= self.cfg.rounds_max;
+            let over_time = started.elapsed() >= self.cfg.time_max;
+            let decision = if fits {
+                format!("stop-and-copy: {remaining} pages in ~{est_ms} ms fit the {} ms budget", self.cfg.downtime_ms)
+            } else if over_rounds || over_time {
+                format!("give up: ~{est_ms} ms still over the {} ms budget after {round} rounds", self.cfg.downtime_ms)
+            } else {
+                format!("iterate: ~{est_ms} ms over the {} ms budget", self.cfg.downtime_ms)
+            };
+            tracing::info!(round, sent, ms, remaining, est_ms, "{decision}");
+            let rate_mib_s = sent as f64 * PAGE_SIZE as f64 / 1048576.0 / t.elapsed().as_secs_f64().max(1e-6);
+            self.metrics.update(|s| {
+                s.iterations = round;
+                s.remaining_pages = remaining;
+                s.dirty_pages_rate = dirty_rate;
+                s.expected_downtime_ms = est_ms;
+                s.rounds.push(RoundLog { round, pages: sent, ms, dirty_after: remaining, rate_mib_s, decision: decision.clone() });
+            });
+            if fits {
+                break est_ms;
+            }
+            if over_rounds || over_time {
+                return Err(MigrationError::NotConverged(format!(
+                    "after {round} rounds and {} ms, {remaining} dirty pages would need ~{est_ms} ms of downtime (budget {} ms)",
+                    started.elapsed().as_millis(),
+                    self.cfg.downtime_ms
+                )));
+            }
+            self.check_cancel()?;
+        };
+
+        // Switchover: pause, final round, state, PREPARE.
+        self.check_cancel()?;
+        self.metrics.update(|s| {
+            s.status = Status::Switchover;
+            s.expected_downtime_ms = expected_ms;
+        });
+        let paused_at = Instant::now();
+        let state = vm.pause()?;
+        self.paused = true;
+        vm.sync_dirty_log(dirty.words_mut())?;
+        round += 1;
+        let final_pages = dirty.count();
+        self.send_round(&mut dirty, round)?;
+        let totals = self.finish_pipeline(round)?;
+        self.metrics.update(|s| {
+            s.iterations = round;
+            s.remaining_pages = 0;
+            s.guest_progress_at_pause = state.progress;
+            s.rounds.push(RoundLog {
+                round,
+                pages: final_pages,
+                ms: paused_at.elapsed().as_millis() as u64,
+                dirty_after: 0,
+                rate_mib_s: 0.0,
+                decision: "final round (guest paused)".into(),
+            });
+        });
+        self.send_state_and_prepare(&state, totals)?;
+        self.metrics.update(|s| s.status = Status::Committing);
+        let verify = match self.wait_control("waiting for PREPARED", SLOW_STEP_TIMEOUT)? {
+            ControlMsg::Prepared { verify } => verify,
+            ControlMsg::Abort { reason } => return Err(MigrationError::PeerAborted(reason)),
+            other => return Err(unexpected("waiting for PREPARED", Incoming::Control(other))),
+        };
+        self.check_cancel()?;
+
+        // The point of no return: record the hand-off, then COMMIT.
+        let new_epoch = epoch + 1;
+        self.metrics.update(|s| s.epoch = new_epoch);
+        tracing::info!(epoch = new_epoch, "hand-off recorded; sending COMMIT");
+        self.commit_sent = true;
+        self.send_control(&ControlMsg::Commit { epoch: new_epoch })
+            .map_err(|e| MigrationError::CommitUnknown(format!("sending COMMIT failed: {e}")))?;
+        match self.wait_control("waiting for COMMITTED", self.cfg.io_timeout) {
+            Ok(ControlMsg::Committed) => {}
+            // An explicit ABORT means the target did not run the VM: it is ours again.
+            Err(e @ MigrationError::PeerAborted(_)) => return Err(e),
+            Ok(other) => {
+                return Err(MigrationError::CommitUnknown(format!("the target answered COMMIT with {other:?}")))
+            }
+            Err(e) => return Err(MigrationError::CommitUnknown(e.to_string())),
+        }
+        let downtime_ms = (paused_at.elapsed().as_millis() as u64).saturating_sub(verify.verify_ms);
+        if let Err(e) = vm.hand_off(new_epoch) {
+            // The VM runs on the target; the local VMM failing to stop is the
+            // operator's to clean up, never a reason to run the guest here.
+            tracing::error!("the VM runs on the target but the local VMM did not stop: {e}");
+        }
+        self.paused = false;
+        self.logging = false;
+        self.metrics.update(|s| {
+            s.downtime_ms = downtime_ms;
+            s.verify_ms = verify.verify_ms;
+            s.verify = Some(verify);
+        });
+        self.metrics.finish(Status::Completed, None);
+        if let Some(c) = &self.control {
+            c.shutdown();
+        }
+        Ok(Outcome { epoch: new_epoch })
+    }
+
+    fn connect(
+        &self,
+        transport: &dyn Transport,
+        to: &str,
+        key: &Key,
+        session: &[u8; 16],
+        stream: u16,
+        vm: &str,
+    ) -> Result<Box<dyn Conn>, MigrationError> {
+        let phase = "connecting";
+        let mut conn = transport
+            .connect(to, self.cfg.connect_timeout)
+            .map_err(|source| MigrationError::Transport { phase, source })?;
+        conn.set_timeout(Some(self.cfg.connect_timeout))
+            .map_err(|source| MigrationError::Transport { phase, source })?;
+        let hello = Hello { session: *session, stream, streams: self.streams, vm: vm.into() };
+        handshake::connect(&mut *conn, key, &hello).map_err(|e| match e {
+            WireError::Transport(source) => MigrationError::Transport { phase, source },
+            WireError::Refused(r) | WireError::Refusing(r) => MigrationError::Auth(r),
+            source => MigrationError::Protocol { phase, source },
+        })?;
+        conn.set_timeout(Some(self.cfg.io_timeout))
+            .map_err(|source| MigrationError::Transport { phase, source })?;
+        Ok(conn)
+    }
+
+    fn check_cancel(&self) -> Result<(), MigrationError> {
+        if self.cancel.is_cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        match self.events.as_ref().and_then(|r| r.try_recv().ok()) {
+            None => Ok(()),
+            Some(Event::Failed(e)) => Err(MigrationError::PeerAborted(e)),
+            Some(Event::Aborted(e)) => Err(MigrationError::PeerAborted(e)),
+            Some(Event::Control(m)) => Err(unexpected("pre-copy", Incoming::Control(m))),
+        }
+    }
+
+    /// Queues every page of `dirty` and ends the round on all streams.
+    /// Returns the pages sent.
+    fn send_round(&mut self, dirty: &mut DirtyBitmap, round: u32) -> Result<u64, MigrationError> {
+        let mut sent = 0;
+        let runs: Vec<(u64, u64)> = dirty.runs().collect();
+        for (first, count) in runs {
+            // Cut long runs so cancel is seen within ~16 MiB.
+            let mut p = first;
+            while p < first + count {
+                let n = (first + count - p).min(4096);
+                let pipeline = self.pipeline.as_ref().expect("pipeline running");
+                pipeline.send_run(&self.mem, p, n).map_err(|e| self.stage_error(e))?;
+                p += n;
+                sent += n;
+                self.check_cancel()?;
+            }
+        }
+        let timeout = self.cfg.io_timeout.max(Duration::from_secs(30));
+        let pipeline = self.pipeline.as_mut().expect("pipeline running");
+        let ended = pipeline.end_round(round, timeout);
+        ended.map_err(|e| self.stage_error(e))?;
+        Ok(sent)
+    }
+
+    fn stage_error(&self, e: String) -> MigrationError {
+        if let Some(Event::Failed(peer) | Event::Aborted(peer)) = self.events.as_ref().and_then(|r| r.try_recv().ok()) {
+            return MigrationError::PeerAborted(peer);
+        }
+        MigrationError::Transport {
+            phase: "sending pages",
+            source: ferry_transport::TransportError::Io { op: "data stream", source: std::io::Error::other(e) },
+        }
+    }
+
+    /// Ends the last round and stops the stages; returns per-stream totals.
+    fn finish_pipeline(&mut self, round: u32) -> Result<Vec<StreamTotals>, MigrationError> {
+        let pipeline = self.pipeline.take().expect("pipeline running");
+        // send_round already ended `round`; collect what each stream sent.
+        let _ = round;
+        let totals = pipeline.totals();
+        pipeline.stop(false);
+        Ok(totals)
+    }
+
+    fn send_control(&mut self, msg: &ControlMsg) -> Result<(), WireError> {
+        let control = self.control.as_mut().expect("control stream open");
+        self.control_seq += 1;
+        wire::send_frame(&mut **control, FrameKind::Control, 0, self.control_seq, &wire::encode_control(msg))
+    }
+
+    fn send_state_and_prepare(&mut self, state: &VmState, streams: Vec<StreamTotals>) -> Result<(), MigrationError> {
+        let phase = "sending the state";
+        if state.blob.len() > crate::vm::STATE_BYTES_MAX {
+            return Err(MigrationError::Invalid(format!("the VMM's state blob is {} bytes, over the cap", state.blob.len())));
+        }
+        let control = self.control.as_mut().expect("control stream open");
+        self.control_seq += 1;
+        wire::send_frame(&mut **control, FrameKind::State, 0, self.control_seq, &state.blob)
+            .map_err(|source| MigrationError::Protocol { phase, source })?;
+        self.metrics.wire_bytes.fetch_add(state.blob.len() as u64 + 24, Ordering::Relaxed);
+        let prepare = ControlMsg::Prepare {
+            streams,
+            state_len: state.blob.len() as u64,
+            state_crc: crc32c::crc32c(&state.blob),
+            progress: state.progress,
+        };
+        self.send_control(&prepare).map_err(|source| MigrationError::Protocol { phase, source })
+    }
+
+    fn wait_control(&self, phase: &'static str, timeout: Duration) -> Result<ControlMsg, MigrationError> {
+        let events = self.events.as_ref().expect("control reader running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            match events.recv_timeout(Duration::from_millis(50)) {
+                Ok(Event::Control(m)) => return Ok(m),
+                Ok(Event::Aborted(e)) => return Err(MigrationError::PeerAborted(e)),
+                Ok(Event::Failed(e)) => return Err(MigrationError::Transport {
+                    phase,
+                    source: ferry_transport::TransportError::Io { op: "control stream", source: std::io::Error::other(e) },
+                }),
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    return Err(MigrationError::Transport {
+                        phase,
+                        source: ferry_transport::TransportError::Io { op: "control stream", source: std::io::Error::other("closed") },
+                    })
+                }
+                Err(_) if Instant::now() > deadline => {
+                    return Err(MigrationError::Transport {
+                        phase,
+                        source: ferry_transport::TransportError::Io {
+                            op: "control stream",
+                            source: std::io::Error::other(format!("no answer within {timeout:?}")),
+                        },
+                    })
+                }
+                Err(_) => {}
+            }
+            if self.cancel.is_cancelled() && !self.commit_sent {
+                return Err(MigrationError::Cancelled);
+            }
+        }
+    }
+
+    /// Undoes everything after an error before COMMIT: tell the target, stop
+    /// the stages, and run the VM here again.
+    fn fail(&mut self, vm: &mut dyn SourceVm, e: &MigrationError) {
+        tracing::warn!("migration failed: {e}");
+        if let Some(p) = self.pipeline.take() {
+            p.stop(true);
+        }
+        if matches!(e, MigrationError::CommitUnknown(_)) {
+            // COMMIT may have arrived: the target decides. Never resume here.
+            tracing::error!("COMMIT outcome unknown; the VM stays paused on the source");
+            return;
+        }
+        if self.control.is_some() {
+            let _ = self.send_control(&ControlMsg::Abort { reason: e.to_string() });
+        }
+        if let Some(c) = self.control.take() {
+            c.shutdown();
+        }
+        if self.paused {
+            match vm.resume() {
+                Ok(()) => self.paused = false,
+                Err(re) => tracing::error!("could not resume the VM on the source after a failed migration: {re}"),
+            }
+        }
+        if self.logging {
+            if let Err(se) = vm.stop_dirty_log() {
+                tracing::warn!("could not stop dirty logging: {se}");
+            }
+            self.logging = false;
+        }
+    }
+}
+
+/// A control-stream frame from the target.
+#[derive(Debug)]
+enum Incoming {
+    Control(ControlMsg),
+    Ack(wire::Ack),
+}
+
+fn unexpected(phase: &'static str, got: Incoming) -> MigrationError {
+    MigrationError::Protocol {
+        phase,
+        source: WireError::Violation(format!("unexpected {got:?}")),
+    }
+}
+
+struct ControlReader {
+    conn: Box<dyn Conn>,
+    seq: u64,
+}
+
+impl ControlReader {
+    fn next(&mut self) -> Result<Incoming, WireError> {
+        let (h, p) = wire::recv_frame(&mut *self.conn)?;
+        if h.stream != 0 {
+            return Err(WireError::Unexpected { kind: h.kind, context: "control stream, wrong stream id" });
+        }
+        if h.seq != self.seq + 1 {
+            return Err(WireError::Sequence { stream: 0, expected: self.seq + 1, got: h.seq });
+        }
+        self.seq = h.seq;
+        match h.kind {
+            FrameKind::Control => Ok(Incoming::Control(wire::decode_control(&p)?)),
+            FrameKind::Ack => Ok(Incoming::Ack(wire::Ack::decode(&p)?)),
+            kind => Err(WireError::Unexpected { kind, context: "control stream from the target" }),
+        }
+    }
+}
+
+fn spawn_control_reader(mut reader: ControlReader, acked: Arc<Vec<AtomicU64>>) -> Receiver<Event> {
+    let (tx, rx) = bounded(16);
+    std::thread::Builder::new()
+        .name("ferry-control-rx".into())
+        .spawn(move || loop {
+            match reader.next() {
+                Ok(Incoming::Ack(a)) => {
+                    if let Some(slot) = acked.get((a.stream as usize).wrapping_sub(1)) {
+                        slot.fetch_max(a.seq, Ordering::Relaxed);
+                    } else {
+                        let _ = tx.send(Event::Failed(format!("ack for unknown stream {}", a.stream)));
+                        return;
+                    }
+                }
+                Ok(Incoming::Control(ControlMsg::Abort { reason })) => {
+                    let _ = tx.send(Event::Aborted(reason));
+                    return;
+                }
+                Ok(Incoming::Control(m)) => {
+                    if tx.send(Event::Control(m)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Event::Failed(e.to_string()));
+                    return;
+                }
+            }
+        })
+        .expect("spawning a thread");
+    rx
+}
+

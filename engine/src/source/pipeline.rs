@@ -1,0 +1,469 @@
+//! The source data path: read stage (the caller) -> encode workers -> one
+//! send thread per stream, joined by bounded channels with pooled buffers.
+//!
+//! ```text
+//!  caller: dirty bitmap -> Batches ──▶ encoder w (streams s with s % E == w) ──▶ sender s ──▶ Conn s
+//!                                         zero check / lz4 / raw + CRC            writev: header, table,
+//!                                                                                 payloads, guest memory
+//! ```
+//!
+//! Page ownership: a page always travels on the stream that owns its 2 MiB
+//! chunk ([`owner_stream`]), and one encoder and one sender serve each stream
+//! in order. So a newer copy of a page can never overtake an older one, with
+//! no global ordering between streams.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use ferry_compress::{is_zero_guest, Codec, PageEncoder, PAGE_SIZE};
+use ferry_transport::{Conn, Seg};
+
+use crate::memory::{GuestMem, PageIndex};
+use crate::metrics::Metrics;
+use crate::wire::crc::crc32c_guest;
+use crate::wire::{frame_crc, FrameHeader, FrameKind, PageEntry, PAGES_PER_FRAME_MAX};
+
+/// Pages per ownership chunk: 512 x 4 KiB = 2 MiB, a huge page, so one
+/// stream reads a huge page's worth of contiguous memory at a time.
+pub const CHUNK_PAGES: u64 = 512;
+
+/// The data stream (1-based) that owns `page` in a session of `streams`.
+pub fn owner_stream(page: u64, streams: u16) -> u16 {
+    debug_assert!(streams > 0);
+    1 + ((page / CHUNK_PAGES) % streams as u64) as u16
+}
+
+/// Batches queued per encoder: 64 x 256 KiB = 16 MiB of guest memory in
+/// flight per encoder, enough to cover a scheduling hiccup, small enough that
+/// a cancelled round stops quickly.
+const WORK_DEPTH: usize = 64;
+/// Encoded frames queued per sender: 4 x 256 KiB.
+const OUT_DEPTH: usize = 4;
+/// Encoded frame buffers per stream in the pool (OUT_DEPTH + one being
+/// encoded + one being sent).
+const POOL_PER_STREAM: usize = OUT_DEPTH + 2;
+
+/// What the caller hands an encoder.
+enum Work {
+    Pages { stream: u16, first: u64, count: u32 },
+    RoundEnd { stream: u16, round: u32 },
+}
+
+/// What follows a `Pages` frame's table, in order.
+enum Part {
+    /// Bytes of the frame's payload buffer.
+    Payload { off: usize, len: usize },
+    /// Consecutive raw guest pages, sent straight from guest memory.
+    Guest { first: u64, count: u64 },
+}
+
+/// One encoded frame (pooled).
+#[derive(Default)]
+struct Encoded {
+    table: Vec<u8>,
+    payload: Vec<u8>,
+    parts: Vec<Part>,
+    entries: u64,
+}
+
+enum Out {
+    Frame(Box<Encoded>),
+    RoundEnd(u32),
+}
+
+/// A round ended on a stream: the RoundEnd frame went out with this seq.
+#[derive(Clone, Copy, Debug)]
+pub struct RoundSent {
+    /// The stream.
+    pub stream: u16,
+    /// The round.
+    pub round: u32,
+    /// The RoundEnd frame's seq.
+    pub seq: u64,
+    /// Page entries sent on the stream so far.
+    pub pages: u64,
+}
+
+/// Shared failure slot: the first error wins, everyone stops.
+#[derive(Default)]
+pub struct Failure {
+    set: AtomicBool,
+    msg: Mutex<Option<String>>,
+}
+
+impl Failure {
+    /// Records `msg` if nothing failed before.
+    pub fn fail(&self, msg: String) {
+        let mut m = self.msg.lock().unwrap_or_else(|p| p.into_inner());
+        if m.is_none() {
+            *m = Some(msg);
+        }
+        self.set.store(true, Ordering::SeqCst);
+    }
+    /// Whether anything failed.
+    pub fn is_set(&self) -> bool {
+        self.set.load(Ordering::SeqCst)
+    }
+    /// The first error.
+    pub fn message(&self) -> Option<String> {
+        self.msg.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// A token bucket shared by all senders (`--bandwidth-mib-s`).
+pub struct Throttle {
+    bytes_per_s: f64,
+    state: Mutex<(Instant, f64)>,
+}
+
+impl Throttle {
+    /// A bucket refilled at `mib_s` MiB/s, holding at most 10 ms of tokens
+    /// (so bursts stay short).
+    pub fn new(mib_s: u64) -> Self {
+        Throttle { bytes_per_s: mib_s as f64 * 1048576.0, state: Mutex::new((Instant::now(), 0.0)) }
+    }
+
+    /// Takes `bytes` tokens, sleeping until they exist.
+    pub fn take(&self, bytes: usize) {
+        let wait = {
+            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let cap = self.bytes_per_s * 0.010;
+            s.1 = (s.1 + now.duration_since(s.0).as_secs_f64() * self.bytes_per_s).min(cap);
+            s.0 = now;
+            s.1 -= bytes as f64;
+            if s.1 < 0.0 {
+                Duration::from_secs_f64(-s.1 / self.bytes_per_s)
+            } else {
+                Duration::ZERO
+            }
+        };
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// The running encode + send stages of one migration.
+pub struct Pipeline {
+    streams: u16,
+    encoders: usize,
+    work: Vec<Sender<Work>>,
+    round_rx: Receiver<RoundSent>,
+    threads: Vec<JoinHandle<()>>,
+    /// The first failure of any stage.
+    pub failure: Arc<Failure>,
+    conns: Vec<Box<dyn Conn>>,
+    last: Vec<RoundSent>,
+}
+
+/// Encoder workers: at most one per stream, and no more than the cores can
+/// run next to the senders (2 on the machines we test on).
+fn encoder_count(streams: u16) -> usize {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    (streams as usize).min(cores.max(1))
+}
+
+impl Pipeline {
+    /// Starts the stages over the data connections (index i = stream i + 1).
+    pub fn start(
+        mem: Arc<GuestMem>,
+        conns: Vec<Box<dyn Conn>>,
+        metrics: Arc<Metrics>,
+        throttle: Option<Arc<Throttle>>,
+    ) -> Result<Self, ferry_transport::TransportError> {
+        let streams = u16::try_from(conns.len()).expect("stream count checked by the caller");
+        assert!(streams > 0);
+        let encoders = encoder_count(streams);
+        let failure = Arc::new(Failure::default());
+        let (round_tx, round_rx) = bounded(streams as usize * 4);
+        let (pool_tx, pool_rx) = bounded::<Box<Encoded>>(streams as usize * POOL_PER_STREAM);
+        for _ in 0..streams as usize * POOL_PER_STREAM {
+            let mut e = Box::<Encoded>::default();
+            e.table.reserve(PAGES_PER_FRAME_MAX * PageEntry::BYTES);
+            e.payload.reserve(PAGES_PER_FRAME_MAX * PAGE_SIZE);
+            pool_tx.send(e).expect("pool sized for its contents");
+        }
+        let mut threads = Vec::new();
+        let mut out_txs = Vec::new();
+        let mut clones = Vec::new();
+        for (i, conn) in conns.iter().enumerate() {
+            let (tx, rx) = bounded::<Out>(OUT_DEPTH);
+            out_txs.push(tx);
+            let stream = i as u16 + 1;
+            let conn = conn.try_clone()?;
+            clones.push(conn.try_clone()?);
+            let (mem, metrics, failure, pool_tx, round_tx, throttle) =
+                (mem.clone(), metrics.clone(), failure.clone(), pool_tx.clone(), round_tx.clone(), throttle.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("ferry-send-{stream}"))
+                    .spawn(move || {
+                        let mut s = SendStage { stream, conn, mem, metrics, throttle, seq: 0, pages: 0 };
+                        if let Err(e) = s.run(rx, pool_tx, round_tx) {
+                            failure.fail(format!("stream {stream}: {e}"));
+                            s.conn.shutdown();
+                        }
+                    })
+                    .expect("spawning a thread"),
+            );
+        }
+        let mut work = Vec::new();
+        for w in 0..encoders {
+            let (tx, rx) = bounded::<Work>(WORK_DEPTH);
+            work.push(tx);
+            // This encoder serves streams s (1-based) with (s - 1) % encoders == w.
+            let outs: Vec<Option<Sender<Out>>> = out_txs
+                .iter()
+                .enumerate()
+                .map(|(i, tx)| (i % encoders == w).then(|| tx.clone()))
+                .collect();
+            let (mem, metrics, failure, pool_rx) = (mem.clone(), metrics.clone(), failure.clone(), pool_rx.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("ferry-encode-{w}"))
+                    .spawn(move || {
+                        if let Err(e) = encode_stage(rx, outs, pool_rx, &mem, &metrics) {
+                            failure.fail(e);
+                        }
+                    })
+                    .expect("spawning a thread"),
+            );
+        }
+        let last = (1..=streams).map(|stream| RoundSent { stream, round: 0, seq: 0, pages: 0 }).collect();
+        Ok(Pipeline { streams, encoders, work, round_rx, threads, failure, conns: clones, last })
+    }
+
+    /// Queues `count` pages from `first` (all owned by one stream, inside one
+    /// region). Blocks when the stages are full. Err when a stage failed.
+    fn push(&self, w: Work, stream: u16) -> Result<(), String> {
+        let tx = &self.work[(stream as usize - 1) % self.encoders];
+        tx.send(w).map_err(|_| self.failure.message().unwrap_or_else(|| "pipeline stopped".into()))
+    }
+
+    /// Queues every page of `first..first + count`, split by owner stream,
+    /// region boundaries and frame size.
+    pub fn send_run(&self, mem: &GuestMem, first: u64, count: u64) -> Result<(), String> {
+        let mut p = first;
+        let end = first + count;
+        while p < end {
+            let chunk_end = (p / CHUNK_PAGES + 1) * CHUNK_PAGES;
+            let region_end = p + mem.pages_left_in_region(PageIndex(p));
+            let n = (end.min(chunk_end).min(region_end) - p).min(PAGES_PER_FRAME_MAX as u64);
+            assert!(n > 0, "page {p} outside guest memory");
+            let stream = owner_stream(p, self.streams);
+            self.push(Work::Pages { stream, first: p, count: n as u32 }, stream)?;
+            p += n;
+        }
+        Ok(())
+    }
+
+    /// Ends `round` on every stream and waits until each sent its RoundEnd.
+    /// Returns per-stream results, index 0 = stream 1.
+    pub fn end_round(&mut self, round: u32, timeout: Duration) -> Result<(), String> {
+        for s in 1..=self.streams {
+            self.push(Work::RoundEnd { stream: s, round }, s)?;
+        }
+        let mut got: Vec<Option<RoundSent>> = vec![None; self.streams as usize];
+        let deadline = Instant::now() + timeout;
+        while got.iter().any(Option::is_none) {
+            if self.failure.is_set() {
+                return Err(self.failure.message().unwrap_or_default());
+            }
+            match self.round_rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(r) if r.round == round => got[r.stream as usize - 1] = Some(r),
+                Ok(r) => unreachable!("round {} ended while waiting for {round}", r.round),
+                Err(_) if Instant::now() > deadline => {
+                    return Err(format!("round {round} did not drain within {timeout:?}"))
+                }
+                Err(_) => {}
+            }
+        }
+        self.last = got.into_iter().map(|r| r.expect("all present")).collect();
+        Ok(())
+    }
+
+    /// What each stream sent up to its last RoundEnd, index 0 = stream 1.
+    pub fn totals(&self) -> Vec<crate::wire::StreamTotals> {
+        self.last.iter().map(|r| crate::wire::StreamTotals { last_seq: r.seq, pages: r.pages }).collect()
+    }
+
+    /// Stops all stages. With `abort`, unblocks senders stuck on a dead peer.
+    pub fn stop(mut self, abort: bool) {
+        if abort {
+            self.failure.fail("aborted".into());
+            for c in &self.conns {
+                c.shutdown();
+            }
+        }
+        self.work.clear();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn encode_stage(
+    rx: Receiver<Work>,
+    outs: Vec<Option<Sender<Out>>>,
+    pool: Receiver<Box<Encoded>>,
+    mem: &GuestMem,
+    metrics: &Metrics,
+) -> Result<(), String> {
+    let mut enc = PageEncoder::default();
+    let mut stage = vec![0u8; PAGE_SIZE];
+    let mut lz = Vec::with_capacity(PAGE_SIZE);
+    let out_for = |s: u16| outs[s as usize - 1].as_ref().expect("work routed to the stream's encoder");
+    for w in rx {
+        match w {
+            Work::RoundEnd { stream, round } => {
+                if out_for(stream).send(Out::RoundEnd(round)).is_err() {
+                    return Ok(()); // the sender failed and reported why
+                }
+            }
+            Work::Pages { stream, first, count } => {
+                let Ok(mut e) = pool.recv() else { return Ok(()) };
+                e.table.clear();
+                e.payload.clear();
+                e.parts.clear();
+                e.entries = count as u64;
+                let (mut zero, mut lz4, mut lz4_bytes, mut raw) = (0, 0, 0, 0);
+                for page in first..first + count as u64 {
+                    let slice = mem.page(PageIndex(page)).ok_or_else(|| format!("page {page} out of range"))?;
+                    let (codec, len, crc);
+                    if is_zero_guest(&slice) {
+                        (codec, len, crc) = (Codec::Zero, 0, 0);
+                        zero += 1;
+                    } else if enc.should_try() {
+                        slice.copy_to(&mut stage[..]);
+                        let off = e.payload.len();
+                        if enc.compress(&stage, &mut lz) == Codec::Lz4 {
+                            (codec, len, crc) = (Codec::Lz4, lz.len(), crc32c::crc32c(&lz));
+                            e.payload.extend_from_slice(&lz);
+                            lz4 += 1;
+                            lz4_bytes += lz.len() as u64;
+                        } else {
+                            // Already staged: send the private copy, whose CRC is exact.
+                            (codec, len, crc) = (Codec::Raw, PAGE_SIZE, crc32c::crc32c(&stage));
+                            e.payload.extend_from_slice(&stage);
+                            raw += 1;
+                        }
+                        e.parts.push(Part::Payload { off, len });
+                    } else {
+                        (codec, len, crc) = (Codec::Raw, PAGE_SIZE, crc32c_guest(&slice));
+                        raw += 1;
+                        match e.parts.last_mut() {
+                            Some(Part::Guest { first, count }) if *first + *count == page => *count += 1,
+                            _ => e.parts.push(Part::Guest { first: page, count: 1 }),
+                        }
+                    }
+                    PageEntry { page, codec, len: len as u16, crc }.encode_into(&mut e.table);
+                }
+                metrics.pages_zero.fetch_add(zero, Ordering::Relaxed);
+                metrics.pages_compressed.fetch_add(lz4, Ordering::Relaxed);
+                metrics.compressed_bytes.fetch_add(lz4_bytes, Ordering::Relaxed);
+                metrics.pages_raw.fetch_add(raw, Ordering::Relaxed);
+                if out_for(stream).send(Out::Frame(e)).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+struct SendStage {
+    stream: u16,
+    conn: Box<dyn Conn>,
+    mem: Arc<GuestMem>,
+    metrics: Arc<Metrics>,
+    throttle: Option<Arc<Throttle>>,
+    seq: u64,
+    pages: u64,
+}
+
+impl SendStage {
+    fn run(
+        &mut self,
+        rx: Receiver<Out>,
+        pool: Sender<Box<Encoded>>,
+        rounds: Sender<RoundSent>,
+    ) -> Result<(), String> {
+        for out in rx {
+            match out {
+                Out::Frame(e) => {
+                    self.send_pages(&e)?;
+                    let _ = pool.send(e);
+                }
+                Out::RoundEnd(round) => {
+                    self.seq += 1;
+                    crate::wire::send_frame(&mut *self.conn, FrameKind::RoundEnd, self.stream, self.seq, &round.to_le_bytes())
+                        .map_err(|e| e.to_string())?;
+                    self.metrics.wire_bytes.fetch_add(28, Ordering::Relaxed);
+                    let sent = RoundSent { stream: self.stream, round, seq: self.seq, pages: self.pages };
+                    if rounds.send(sent).is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn send_pages(&mut self, e: &Encoded) -> Result<(), String> {
+        self.seq += 1;
+        let len = e.table.len() as u32;
+        let crc = frame_crc(FrameKind::Pages, self.stream, len, self.seq, &e.table);
+        let header = FrameHeader { kind: FrameKind::Pages, stream: self.stream, len, seq: self.seq, crc }.encode();
+        let mut segs = Vec::with_capacity(2 + e.parts.len());
+        segs.push(Seg::Bytes(&header));
+        segs.push(Seg::Bytes(&e.table));
+        for part in &e.parts {
+            segs.push(match *part {
+                Part::Payload { off, len } => Seg::Bytes(&e.payload[off..off + len]),
+                Part::Guest { first, count } => Seg::Guest(
+                    self.mem.pages_slice(PageIndex(first), count).expect("range checked by the encoder"),
+                ),
+            });
+        }
+        let bytes: usize = segs.iter().map(Seg::len).sum();
+        if let Some(t) = &self.throttle {
+            t.take(bytes);
+        }
+        self.conn.send(&segs).map_err(|e| e.to_string())?;
+        self.pages += e.entries;
+        self.metrics.wire_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Seq counter per stream that the control reader updates from acks.
+pub type Acked = Arc<Vec<AtomicU64>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ownership_is_by_chunk_and_covers_all_streams() {
+        assert_eq!(owner_stream(0, 4), 1);
+        assert_eq!(owner_stream(CHUNK_PAGES - 1, 4), 1);
+        assert_eq!(owner_stream(CHUNK_PAGES, 4), 2);
+        assert_eq!(owner_stream(4 * CHUNK_PAGES, 4), 1);
+        assert_eq!(owner_stream(12345, 1), 1);
+    }
+
+    #[test]
+    fn throttle_paces() {
+        let t = Throttle::new(100);
+        let start = Instant::now();
+        for _ in 0..20 {
+            t.take(1 << 20);
+        }
+        // 20 MiB at 100 MiB/s is 200 ms, minus the 10 ms burst allowance.
+        assert!(start.elapsed() >= Duration::from_millis(180), "{:?}", start.elapsed());
+    }
+}

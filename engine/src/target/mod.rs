@@ -1,0 +1,433 @@
+//! The target side of a migration: sessions, the receive pipeline, commit.
+//!
+//! ```text
+//!  [Acceptor] connections ─handshake─▶ pending session ─all N+1 joined─▶ IncomingSession
+//!  migrate_in:  Spec ─▶ create memory + VMM ─▶ SpecAck ─▶ Receiving (pages, acks)
+//!               State, Prepare ─▶ check totals, nothing suspect, state CRC ─▶ VMM restore
+//!               ─▶ Prepared ─▶ Commit ─▶ VMM run ─▶ Committed (the VM runs here)
+//!  Abort, EOF, any error before Commit: the VMM is told to quit, memory dropped.
+//! ```
+
+mod pipeline;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError};
+use ferry_transport::Conn;
+
+use self::pipeline::{Receivers, Shared};
+use crate::bitmap::AtomicBitmap;
+use crate::link::VmSpec;
+use crate::metrics::Status;
+use crate::source::pipeline::Failure;
+use crate::wire::handshake::{self, Hello};
+use crate::wire::{self, ControlMsg, FrameKind, StreamTotals, WireError};
+use crate::{GuestMem, Key, Metrics, MigrationError, TargetVm, VmState};
+
+/// A session whose connections did not all arrive within this time is
+/// dropped: the source connects all of them back to back.
+const PENDING_TTL: Duration = Duration::from_secs(30);
+
+enum Slot {
+    Empty,
+    /// Authenticated, being welcomed.
+    Reserved,
+    Ready(Box<dyn Conn>),
+}
+
+struct Pending {
+    vm: String,
+    streams: u16,
+    slots: Vec<Slot>,
+    created: Instant,
+}
+
+#[derive(Default)]
+struct AcceptorState {
+    pending: HashMap<[u8; 16], Pending>,
+    /// Sessions that assembled: running or done. Never joinable again.
+    claimed: HashSet<[u8; 16]>,
+}
+
+/// Authenticates incoming connections and groups them into sessions.
+pub struct Acceptor {
+    key: Key,
+    state: Mutex<AcceptorState>,
+}
+
+/// All connections of one incoming migration, authenticated.
+pub struct IncomingSession {
+    id: String,
+    vm: String,
+    peer: String,
+    control: Box<dyn Conn>,
+    data: Vec<Box<dyn Conn>>,
+}
+
+impl IncomingSession {
+    /// Session id chosen by the source (hex).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    /// Name of the VM being migrated in.
+    pub fn vm_name(&self) -> &str {
+        &self.vm
+    }
+    /// The source's address.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+    /// Data streams.
+    pub fn streams(&self) -> usize {
+        self.data.len()
+    }
+}
+
+impl Acceptor {
+    /// An acceptor for peers holding `key`.
+    pub fn new(key: Key) -> Self {
+        Acceptor { key, state: Mutex::new(AcceptorState::default()) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, AcceptorState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Authenticates `conn` (blocking, bounded by its timeout) and files it
+    /// under its session. Returns the session once its last connection
+    /// arrived. Errors (bad key, garbage, a claim on a running session) leave
+    /// every other session untouched.
+    pub fn admit(&self, mut conn: Box<dyn Conn>) -> Result<Option<IncomingSession>, MigrationError> {
+        let peer = conn.peer();
+        let hello = handshake::accept(&mut *conn, &self.key, |h| self.reserve(h)).map_err(|e| match e {
+            WireError::Refusing(r) => MigrationError::Auth(format!("refused {peer}: {r}")),
+            WireError::Transport(source) => MigrationError::Transport { phase: "handshake", source },
+            source => MigrationError::Protocol { phase: "handshake", source },
+        })?;
+        let mut st = self.lock();
+        let Some(p) = st.pending.get_mut(&hello.session) else {
+            return Err(MigrationError::Auth(format!("session {} expired while {peer} joined", hello.session_hex())));
+        };
+        p.slots[hello.stream as usize] = Slot::Ready(conn);
+        if !p.slots.iter().all(|s| matches!(s, Slot::Ready(_))) {
+            return Ok(None);
+        }
+        let p = st.pending.remove(&hello.session).expect("present above");
+        st.claimed.insert(hello.session);
+        let mut conns = p.slots.into_iter().map(|s| match s {
+            Slot::Ready(c) => c,
+            _ => unreachable!("all slots ready"),
+        });
+        let control = conns.next().expect("slot 0 is control");
+        Ok(Some(IncomingSession { id: hello.session_hex(), vm: p.vm, peer, control, data: conns.collect() }))
+    }
+
+    /// Checks a hello against the sessions we know and reserves its slot.
+    fn reserve(&self, h: &Hello) -> Result<(), String> {
+        let mut st = self.lock();
+        st.pending.retain(|_, p| p.created.elapsed() < PENDING_TTL);
+        if st.claimed.contains(&h.session) {
+            return Err(format!("session {} is already running; a second connection cannot join it", h.session_hex()));
+        }
+        let p = st.pending.entry(h.session).or_insert_with(|| Pending {
+            vm: h.vm.clone(),
+            streams: h.streams,
+            slots: (0..=h.streams).map(|_| Slot::Empty).collect(),
+            created: Instant::now(),
+        });
+        if p.streams != h.streams || p.vm != h.vm {
+            return Err(format!("connection disagrees with session {} (VM or stream count)", h.session_hex()));
+        }
+        let slot = &mut p.slots[h.stream as usize];
+        if !matches!(slot, Slot::Empty) {
+            return Err(format!("stream {} of session {} is already connected", h.stream, h.session_hex()));
+        }
+        *slot = Slot::Reserved;
+        Ok(())
+    }
+}
+
+/// Settings of the receiving side.
+#[derive(Clone, Debug)]
+pub struct TargetConfig {
+    /// A data stream silent for this long (while a round is open) is dead.
+    pub io_timeout: Duration,
+    /// Fault in all guest memory before receiving.
+    pub prefault: bool,
+}
+
+impl Default for TargetConfig {
+    fn default() -> Self {
+        TargetConfig { io_timeout: Duration::from_secs(30), prefault: true }
+    }
+}
+
+/// A migration received and committed: the VM runs here now.
+pub struct TargetOutcome<V> {
+    /// The epoch it runs with.
+    pub epoch: u64,
+    /// Its spec.
+    pub spec: VmSpec,
+    /// Its memory.
+    pub mem: Arc<GuestMem>,
+    /// The VMM running it.
+    pub vm: V,
+}
+
+/// Receives one migration. `create_vm` is called once the spec is known and
+/// memory exists; it starts the target VMM (not yet running the guest).
+pub fn migrate_in<V: TargetVm>(
+    session: IncomingSession,
+    cfg: &TargetConfig,
+    metrics: Arc<Metrics>,
+    create_vm: impl FnOnce(&VmSpec, &GuestMem) -> Result<V, MigrationError>,
+) -> Result<TargetOutcome<V>, MigrationError> {
+    let IncomingSession { vm: vm_name, mut control, data, .. } = session;
+    let streams = data.len();
+    metrics.update(|s| {
+        s.status = Status::Setup;
+        s.streams = streams as u32;
+        s.vm = vm_name.clone();
+    });
+    let fail = |metrics: &Metrics, e: MigrationError| {
+        metrics.finish(if matches!(e, MigrationError::Cancelled) { Status::Cancelled } else { Status::Failed }, Some(e.to_string()));
+        e
+    };
+    let tx_transport = |source| MigrationError::Transport { phase: "setup", source };
+    control.set_timeout(Some(cfg.io_timeout)).map_err(tx_transport)?;
+    for d in &data {
+        let mut d = d.try_clone().map_err(tx_transport)?;
+        d.set_timeout(Some(cfg.io_timeout)).map_err(tx_transport)?;
+    }
+    // SPEC
+    let (h, p) = wire::recv_frame(&mut *control).map_err(|source| MigrationError::Protocol { phase: "receiving the spec", source })?;
+    let (spec, epoch) = match (h.kind, h.seq) {
+        (FrameKind::Control, 1) => match wire::decode_control(&p) {
+            Ok(ControlMsg::Spec { spec, epoch }) => (spec, epoch),
+            Ok(other) => return Err(fail(&metrics, protocol("receiving the spec", format!("got {other:?}")))),
+            Err(source) => return Err(fail(&metrics, MigrationError::Protocol { phase: "receiving the spec", source })),
+        },
+        _ => return Err(fail(&metrics, protocol("receiving the spec", format!("got a {:?} frame, seq {}", h.kind, h.seq)))),
+    };
+    let mut ctl_tx = control.try_clone().map_err(tx_transport)?;
+    let abort_early = |ctl: &mut Box<dyn Conn>, e: MigrationError| {
+        let _ = wire::send_frame(&mut **ctl, FrameKind::Control, 0, 1, &wire::encode_control(&ControlMsg::Abort { reason: e.to_string() }));
+        e
+    };
+    if spec.name != vm_name {
+        let e = MigrationError::Invalid(format!("spec names VM {:?}, the handshake {:?}", spec.name, vm_name));
+        return Err(fail(&metrics, abort_early(&mut ctl_tx, e)));
+    }
+    let mem = match GuestMem::create(&spec) {
+        Ok(m) => Arc::new(m),
+        Err(e) => return Err(fail(&metrics, abort_early(&mut ctl_tx, e.into()))),
+    };
+    metrics.update(|s| s.mem_bytes = mem.bytes());
+    if cfg.prefault {
+        mem.prefault();
+    }
+    let mut vm = match create_vm(&spec, &mem) {
+        Ok(vm) => vm,
+        Err(e) => return Err(fail(&metrics, abort_early(&mut ctl_tx, e))),
+    };
+    let pages = mem.pages();
+    let shared = Arc::new(Shared {
+        mem: mem.clone(),
+        written: AtomicBitmap::new(pages),
+        suspect: AtomicBitmap::new(pages),
+        applied: (0..streams).map(|_| AtomicU64::new(0)).collect(),
+        pages: (0..streams).map(|_| AtomicU64::new(0)).collect(),
+        failure: Failure::default(),
+        control: Mutex::new((ctl_tx, 0)),
+        metrics: metrics.clone(),
+    });
+    let result = (|| {
+        let receivers = Receivers::start(shared.clone(), data).map_err(tx_transport)?;
+        let mut session = Session { shared: &shared, receivers: Some(receivers), events: None, cfg };
+        let r = session.run(&mut vm, control, epoch);
+        if let Some(rx) = session.receivers.take() {
+            rx.stop();
+        }
+        r
+    })();
+    match result {
+        Ok(epoch) => {
+            metrics.update(|s| s.epoch = epoch);
+            metrics.finish(Status::Completed, None);
+            Ok(TargetOutcome { epoch, spec, mem, vm })
+        }
+        Err(e) => {
+            let _ = shared.send_control(FrameKind::Control, &wire::encode_control(&ControlMsg::Abort { reason: e.to_string() }));
+            vm.abort(&e.to_string());
+            Err(fail(&metrics, e))
+        }
+    }
+}
+
+fn protocol(phase: &'static str, detail: String) -> MigrationError {
+    MigrationError::Protocol { phase, source: WireError::Violation(detail) }
+}
+
+enum Event {
+    Frame(FrameKind, Vec<u8>),
+    Failed(WireError),
+}
+
+struct Session<'a> {
+    shared: &'a Arc<Shared>,
+    receivers: Option<Receivers>,
+    events: Option<Receiver<Event>>,
+    cfg: &'a TargetConfig,
+}
+
+impl Session<'_> {
+    fn run<V: TargetVm>(&mut self, vm: &mut V, control: Box<dyn Conn>, epoch: u64) -> Result<u64, MigrationError> {
+        let mut control = control;
+        // Liveness comes from the data streams while pages flow, and from the
+        // source's EOF; the control stream may be quiet for a long pre-copy.
+        control.set_timeout(None).map_err(|source| MigrationError::Transport { phase: "setup", source })?;
+        self.events = Some(spawn_reader(control));
+        self.send(&ControlMsg::SpecAck)?;
+        self.shared.metrics.update(|s| s.status = Status::Active);
+        let mut state: Option<Vec<u8>> = None;
+        let mut prepared = false;
+        loop {
+            let ev = match self.events.as_ref().expect("reader running").recv_timeout(Duration::from_millis(200)) {
+                Ok(ev) => ev,
+                Err(RecvTimeoutError::Timeout) => {
+                    if !prepared && self.shared.failure.is_set() {
+                        return Err(protocol("receiving pages", self.shared.failure.message().unwrap_or_default()));
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(protocol("control stream", "reader stopped".into())),
+            };
+            match ev {
+                Event::Failed(source) => return Err(MigrationError::Protocol { phase: "control stream", source }),
+                Event::Frame(FrameKind::State, blob) => {
+                    if state.is_some() || prepared {
+                        return Err(protocol("switchover", "a second state blob".into()));
+                    }
+                    self.shared.metrics.update(|s| s.status = Status::Switchover);
+                    state = Some(blob);
+                }
+                Event::Frame(FrameKind::Control, p) => match wire::decode_control(&p)
+                    .map_err(|source| MigrationError::Protocol { phase: "control stream", source })?
+                {
+                    ControlMsg::Prepare { streams, state_len, state_crc, progress } => {
+                        if prepared {
+                            return Err(protocol("switchover", "a second PREPARE".into()));
+                        }
+                        let blob = state.take().ok_or_else(|| protocol("switchover", "PREPARE before the state".into()))?;
+                        if blob.len() as u64 != state_len || crc32c::crc32c(&blob) != state_crc {
+                            return Err(protocol("switchover", "the state blob does not match PREPARE's length/CRC".into()));
+                        }
+                        self.check_totals(&streams)?;
+                        self.shared.metrics.update(|s| {
+                            s.status = Status::Committing;
+                            s.guest_progress_at_pause = progress;
+                        });
+                        let verify = vm.restore(&VmState { blob, progress })?;
+                        self.shared.metrics.update(|s| {
+                            s.verify_ms = verify.verify_ms;
+                            s.verify = Some(verify.clone());
+                        });
+                        self.send(&ControlMsg::Prepared { verify })?;
+                        prepared = true;
+                    }
+                    ControlMsg::Commit { epoch: new_epoch } => {
+                        if !prepared {
+                            return Err(protocol("switchover", "COMMIT before PREPARED".into()));
+                        }
+                        if new_epoch <= epoch {
+                            return Err(protocol("switchover", format!("COMMIT epoch {new_epoch} is not past {epoch}")));
+                        }
+                        vm.run(new_epoch)?;
+                        // From here on the VM runs here: nothing may undo it.
+                        if let Err(e) = self.send(&ControlMsg::Committed) {
+                            tracing::warn!("the VM runs here, but COMMITTED could not be sent: {e}");
+                        }
+                        return Ok(new_epoch);
+                    }
+                    ControlMsg::Abort { reason } => return Err(MigrationError::PeerAborted(reason)),
+                    other => return Err(protocol("control stream", format!("unexpected {other:?}"))),
+                },
+                Event::Frame(kind, _) => {
+                    return Err(MigrationError::Protocol {
+                        phase: "control stream",
+                        source: WireError::Unexpected { kind, context: "control stream from the source" },
+                    })
+                }
+            }
+        }
+    }
+
+    fn send(&self, msg: &ControlMsg) -> Result<(), MigrationError> {
+        self.shared
+            .send_control(FrameKind::Control, &wire::encode_control(msg))
+            .map_err(|source| MigrationError::Protocol { phase: "control stream", source })
+    }
+
+    /// Waits until every stream applied up to its announced last frame, then
+    /// checks page counts and that no page is left suspect.
+    fn check_totals(&self, totals: &[StreamTotals]) -> Result<(), MigrationError> {
+        let s = self.shared;
+        if totals.len() != s.applied.len() {
+            return Err(protocol("prepare", format!("{} stream totals for {} streams", totals.len(), s.applied.len())));
+        }
+        let deadline = Instant::now() + self.cfg.io_timeout;
+        for (i, t) in totals.iter().enumerate() {
+            while s.applied[i].load(Ordering::Acquire) < t.last_seq {
+                if s.failure.is_set() {
+                    return Err(MigrationError::Incomplete(s.failure.message().unwrap_or_default()));
+                }
+                if Instant::now() > deadline {
+                    return Err(MigrationError::Incomplete(format!("stream {} did not reach seq {} in time", i + 1, t.last_seq)));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let (applied, got) = (s.applied[i].load(Ordering::Acquire), s.pages[i].load(Ordering::Acquire));
+            if applied != t.last_seq || got != t.pages {
+                return Err(MigrationError::Incomplete(
+                    format!("stream {}: applied seq {applied} / {got} pages, source sent seq {} / {} pages", i + 1, t.last_seq, t.pages),
+                ));
+            }
+        }
+        let suspect = s.suspect.count();
+        if suspect > 0 {
+            return Err(MigrationError::Incomplete(format!("{suspect} pages failed their CRC and were never sent again")));
+        }
+        Ok(())
+    }
+}
+
+fn spawn_reader(mut conn: Box<dyn Conn>) -> Receiver<Event> {
+    let (tx, rx) = bounded(4);
+    std::thread::Builder::new()
+        .name("ferry-control-rx".into())
+        .spawn(move || {
+            let mut seq = 1; // the spec was frame 1
+            loop {
+                let ev = match wire::recv_frame(&mut *conn) {
+                    Ok((h, _)) if h.stream != 0 => {
+                        Event::Failed(WireError::Unexpected { kind: h.kind, context: "control stream, wrong stream id" })
+                    }
+                    Ok((h, _)) if h.seq != seq + 1 => Event::Failed(WireError::Sequence { stream: 0, expected: seq + 1, got: h.seq }),
+                    Ok((h, p)) => {
+                        seq = h.seq;
+                        Event::Frame(h.kind, p)
+                    }
+                    Err(e) => Event::Failed(e),
+                };
+                let stop = matches!(ev, Event::Failed(_));
+                if tx.send(ev).is_err() || stop {
+                    return;
+                }
+            }
+        })
+        .expect("spawning a thread");
+    rx
+}

@@ -1,0 +1,324 @@
+//! The target data path: one receive thread per stream -> decode workers ->
+//! guest memory.
+//!
+//! ```text
+//!  Conn s ──▶ receiver s: header, table (CRC), then per page:
+//!               raw  -> recv straight into guest memory, CRC check
+//!               zero -> clear the page if it was ever written
+//!               lz4  -> pooled buffer ──▶ decoder (s % D): CRC, decode, write
+//!             RoundEnd: wait until the decoder applied everything of stream s,
+//!             then Ack{stream, seq, round} on the control stream
+//! ```
+//!
+//! Within a round a page appears once; across rounds a page always comes on
+//! the same stream (chunk ownership, checked here) and the receiver drains its
+//! decoder at every RoundEnd, so an older copy can never land after a newer one.
+//!
+//! A raw page read from a running guest may be torn (its CRC then fails); such
+//! a page must come again in a later round because the guest dirtied it. The
+//! receiver marks it *suspect* and a later good copy clears the mark; PREPARE
+//! fails while any page is suspect.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use ferry_compress::{decode, Codec, PAGE_SIZE, PAYLOAD_BYTES_MAX};
+use ferry_transport::Conn;
+
+use crate::bitmap::AtomicBitmap;
+use crate::memory::{GuestMem, PageIndex};
+use crate::metrics::Metrics;
+use crate::source::pipeline::{owner_stream, Failure};
+use crate::wire::crc::crc32c_guest;
+use crate::wire::{self, frame_crc, Ack, FrameHeader, FrameKind, PageEntry, WireError, HEADER_BYTES};
+
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+
+/// Compressed pages queued per decoder: 256 x 4 KiB = 1 MiB.
+const DECODE_DEPTH: usize = 256;
+
+/// State shared by receivers, decoders and the control thread.
+pub struct Shared {
+    /// Guest memory being filled.
+    pub mem: Arc<GuestMem>,
+    /// Pages written at least once (a zero page for a never-written page is a no-op).
+    pub written: AtomicBitmap,
+    /// Pages whose last copy failed its CRC (see the module docs).
+    pub suspect: AtomicBitmap,
+    /// Per stream: seq of the last frame fully applied (index 0 = stream 1).
+    pub applied: Vec<AtomicU64>,
+    /// Per stream: page entries received.
+    pub pages: Vec<AtomicU64>,
+    /// First failure of any stage.
+    pub failure: Failure,
+    /// The control stream's sending half, and its seq.
+    pub control: Mutex<(Box<dyn Conn>, u64)>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    /// Sends a frame on the control stream (any thread).
+    pub fn send_control(&self, kind: FrameKind, payload: &[u8]) -> Result<(), WireError> {
+        let mut c = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        c.1 += 1;
+        let seq = c.1;
+        wire::send_frame(&mut *c.0, kind, 0, seq, payload)
+    }
+}
+
+struct DecodeJob {
+    stream: u16,
+    page: u64,
+    crc: u32,
+    buf: Vec<u8>,
+}
+
+/// Per-stream counters between a receiver and its decoder.
+struct Progress {
+    queued: AtomicU64,
+    done: AtomicU64,
+}
+
+/// The running receive + decode stages.
+pub struct Receivers {
+    threads: Vec<JoinHandle<()>>,
+    conns: Vec<Box<dyn Conn>>,
+}
+
+impl Receivers {
+    /// Starts the stages over the data connections (index i = stream i + 1).
+    pub fn start(shared: Arc<Shared>, conns: Vec<Box<dyn Conn>>) -> Result<Self, ferry_transport::TransportError> {
+        let streams = conns.len() as u16;
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let decoders = (streams as usize).min(cores).max(1);
+        let (pool_tx, pool_rx) = bounded::<Vec<u8>>(decoders * DECODE_DEPTH + streams as usize);
+        let progress: Arc<Vec<Progress>> = Arc::new(
+            (0..streams).map(|_| Progress { queued: AtomicU64::new(0), done: AtomicU64::new(0) }).collect(),
+        );
+        let mut threads = Vec::new();
+        let mut job_txs = Vec::new();
+        for d in 0..decoders {
+            let (tx, rx) = bounded::<DecodeJob>(DECODE_DEPTH);
+            job_txs.push(tx);
+            let (shared, progress, pool_tx) = (shared.clone(), progress.clone(), pool_tx.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("ferry-decode-{d}"))
+                    .spawn(move || {
+                        if let Err(e) = decode_stage(rx, &shared, &progress, pool_tx) {
+                            shared.failure.fail(e);
+                        }
+                    })
+                    .expect("spawning a thread"),
+            );
+        }
+        let mut clones = Vec::new();
+        for (i, conn) in conns.into_iter().enumerate() {
+            clones.push(conn.try_clone()?);
+            let stream = i as u16 + 1;
+            let mut r = RecvStage {
+                stream,
+                streams,
+                conn,
+                seq: 0,
+                shared: shared.clone(),
+                jobs: job_txs[i % decoders].clone(),
+                pool: pool_rx.clone(),
+                progress: progress.clone(),
+            };
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("ferry-recv-{stream}"))
+                    .spawn(move || {
+                        match r.run() {
+                            Ok(()) => {}
+                            // The source closing a stream after COMMIT or an abort is normal.
+                            Err(WireError::Transport(e)) if e.is_disconnect() => {}
+                            Err(e) => r.shared.failure.fail(format!("stream {stream}: {e}")),
+                        }
+                    })
+                    .expect("spawning a thread"),
+            );
+        }
+        Ok(Receivers { threads, conns: clones })
+    }
+
+    /// Stops the stages (shutting the streams down) and waits for them.
+    pub fn stop(mut self) {
+        for c in &self.conns {
+            c.shutdown();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn decode_stage(
+    rx: Receiver<DecodeJob>,
+    shared: &Shared,
+    progress: &[Progress],
+    pool: Sender<Vec<u8>>,
+) -> Result<(), String> {
+    let mut page_buf = vec![0u8; PAGE_SIZE];
+    for job in rx {
+        let slice = shared.mem.page(PageIndex(job.page)).expect("page checked by the receiver");
+        if crc32c::crc32c(&job.buf) != job.crc {
+            // Compressed payloads come from a private copy on the source: a
+            // bad CRC is corruption, not a torn page.
+            return Err(format!("stream {}: CRC mismatch on compressed page {}", job.stream, job.page));
+        }
+        decode(Codec::Lz4, &job.buf, &mut page_buf)
+            .map_err(|e| format!("stream {}: page {}: {e}", job.stream, job.page))?;
+        slice.copy_from(&page_buf[..]);
+        shared.written.set(job.page);
+        shared.suspect.clear(job.page);
+        progress[job.stream as usize - 1].done.fetch_add(1, Ordering::Release);
+        let _ = pool.try_send(job.buf);
+    }
+    Ok(())
+}
+
+struct RecvStage {
+    stream: u16,
+    streams: u16,
+    conn: Box<dyn Conn>,
+    seq: u64,
+    shared: Arc<Shared>,
+    jobs: Sender<DecodeJob>,
+    pool: Receiver<Vec<u8>>,
+    progress: Arc<Vec<Progress>>,
+}
+
+impl RecvStage {
+    fn run(&mut self) -> Result<(), WireError> {
+        let mut table = Vec::with_capacity(FrameKind::Pages.payload_cap());
+        loop {
+            if self.shared.failure.is_set() {
+                return Ok(());
+            }
+            let mut hb = [0u8; HEADER_BYTES];
+            self.conn.recv_exact(&mut hb)?;
+            let h = FrameHeader::decode(&hb)?;
+            if h.stream != self.stream {
+                return Err(WireError::Unexpected { kind: h.kind, context: "frame for another stream" });
+            }
+            if h.seq != self.seq + 1 {
+                return Err(WireError::Sequence { stream: self.stream, expected: self.seq + 1, got: h.seq });
+            }
+            self.seq = h.seq;
+            table.resize(h.len as usize, 0);
+            self.conn.recv_exact(&mut table)?;
+            if frame_crc(h.kind, h.stream, h.len, h.seq, &table) != h.crc {
+                return Err(WireError::Crc(h.kind));
+            }
+            self.shared.metrics.wire_bytes.fetch_add(HEADER_BYTES as u64 + h.len as u64, Ordering::Relaxed);
+            match h.kind {
+                FrameKind::Pages => self.pages(&table)?,
+                FrameKind::RoundEnd => {
+                    let round = u32::from_le_bytes(table[..].try_into().map_err(|_| WireError::Malformed {
+                        what: "round end",
+                        detail: format!("{} bytes", table.len()),
+                    })?);
+                    self.drain()?;
+                    self.shared.applied[self.stream as usize - 1].store(h.seq, Ordering::Release);
+                    let ack = Ack { stream: self.stream, round, seq: h.seq };
+                    self.shared.send_control(FrameKind::Ack, &ack.encode())?;
+                }
+                kind => return Err(WireError::Unexpected { kind, context: "data stream" }),
+            }
+        }
+    }
+
+    /// Waits until the decoder applied every page this stream queued.
+    fn drain(&self) -> Result<(), WireError> {
+        let p = &self.progress[self.stream as usize - 1];
+        let queued = p.queued.load(Ordering::Relaxed);
+        let mut spins = 0u32;
+        while p.done.load(Ordering::Acquire) < queued {
+            if self.shared.failure.is_set() {
+                return Err(WireError::Malformed {
+                    what: "decode stage",
+                    detail: self.shared.failure.message().unwrap_or_default(),
+                });
+            }
+            spins += 1;
+            if spins < 64 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+        Ok(())
+    }
+
+    fn pages(&mut self, table: &[u8]) -> Result<(), WireError> {
+        if table.is_empty() || table.len() % PageEntry::BYTES != 0 {
+            return Err(WireError::Malformed { what: "page table", detail: format!("{} bytes", table.len()) });
+        }
+        let mem = self.shared.mem.clone();
+        let total_pages = mem.pages();
+        let (mut zero, mut lz4, mut raw, mut data_bytes) = (0u64, 0u64, 0u64, 0u64);
+        for raw_entry in table.chunks_exact(PageEntry::BYTES) {
+            let e = PageEntry::decode(raw_entry)?;
+            if e.page >= total_pages {
+                return Err(WireError::Malformed {
+                    what: "page entry",
+                    detail: format!("page {} past the end of guest memory ({total_pages} pages)", e.page),
+                });
+            }
+            if owner_stream(e.page, self.streams) != self.stream {
+                return Err(WireError::Malformed {
+                    what: "page entry",
+                    detail: format!("page {} does not belong to stream {}", e.page, self.stream),
+                });
+            }
+            let slice = mem.page(PageIndex(e.page)).expect("index checked above");
+            data_bytes += e.len as u64;
+            match e.codec {
+                Codec::Zero => {
+                    if self.shared.written.get(e.page) {
+                        slice.copy_from(&ZERO_PAGE[..]);
+                    }
+                    self.shared.suspect.clear(e.page);
+                    zero += 1;
+                }
+                Codec::Raw => {
+                    self.conn.recv_exact_volatile(&slice)?;
+                    self.shared.written.set(e.page);
+                    if crc32c_guest(&slice) == e.crc {
+                        self.shared.suspect.clear(e.page);
+                    } else {
+                        self.shared.suspect.set(e.page);
+                    }
+                    raw += 1;
+                }
+                Codec::Lz4 => {
+                    let mut buf = self.pool.try_recv().unwrap_or_else(|_| Vec::with_capacity(PAYLOAD_BYTES_MAX));
+                    buf.resize(e.len as usize, 0);
+                    self.conn.recv_exact(&mut buf)?;
+                    self.progress[self.stream as usize - 1].queued.fetch_add(1, Ordering::Relaxed);
+                    let job = DecodeJob { stream: self.stream, page: e.page, crc: e.crc, buf };
+                    if self.jobs.send(job).is_err() {
+                        return Err(WireError::Malformed {
+                            what: "decode stage",
+                            detail: self.shared.failure.message().unwrap_or_else(|| "stopped".into()),
+                        });
+                    }
+                    lz4 += 1;
+                }
+            }
+        }
+        let m = &self.shared.metrics;
+        m.wire_bytes.fetch_add(data_bytes, Ordering::Relaxed);
+        m.pages_zero.fetch_add(zero, Ordering::Relaxed);
+        m.pages_compressed.fetch_add(lz4, Ordering::Relaxed);
+        m.pages_raw.fetch_add(raw, Ordering::Relaxed);
+        self.shared.pages[self.stream as usize - 1].fetch_add(zero + lz4 + raw, Ordering::Relaxed);
+        Ok(())
+    }
+}
