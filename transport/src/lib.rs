@@ -3,7 +3,11 @@
 //! A migration session is one control connection plus N data connections
 //! between a source and a target. This crate only moves bytes: framing,
 //! authentication and meaning live in `ferry-engine`. Every implementation
-//! passes the same conformance suite (`tests/conformance.rs`).
+//! passes the same conformance suite ([`conformance::run_all`], run for each
+//! transport by `tests/conformance.rs`).
+//!
+//! Implementations: [`tcp::TcpTransport`] and [`inproc::InProcTransport`]
+//! (in-memory, with fault injection, for deterministic protocol tests).
 //!
 //! ```text
 //!   source                                   target
@@ -22,6 +26,8 @@ use std::time::Duration;
 
 use vm_memory::VolatileSlice;
 
+#[doc(hidden)]
+pub mod conformance;
 pub mod inproc;
 pub mod tcp;
 
@@ -67,8 +73,10 @@ pub enum TransportError {
         #[source]
         source: std::io::Error,
     },
-    /// A receive deadline passed.
-    #[error("receive from {peer} timed out")]
+    /// A send or receive deadline passed (see [`Conn::set_timeout`]). Part of
+    /// a frame may have moved: treat the stream as broken unless nothing was
+    /// expected yet.
+    #[error("send to or receive from {peer} timed out")]
     Timeout {
         /// The peer.
         peer: String,
@@ -163,12 +171,18 @@ pub trait Conn: Send {
     /// Fills `dst` (guest memory) completely, or fails; same EOF rules.
     fn recv_exact_volatile(&mut self, dst: &VolatileSlice<'_>) -> Result<()>;
     /// Deadline for each blocking receive and send (a peer that stops reading
-    /// must not hang a sender forever); `None` waits forever.
+    /// must not hang a sender forever); `None` waits forever. It bounds each
+    /// wait for progress, not a whole call. Like a socket option, it is shared
+    /// by every handle of the stream (`try_clone`). A zero duration means the
+    /// shortest wait the implementation offers, not "forever".
     fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<()>;
     /// A second handle on the same stream, so one thread can send while another receives.
     fn try_clone(&self) -> Result<Box<dyn Conn>>;
     /// Shuts the stream down in both directions; blocked receivers on any
-    /// handle wake with an error. Idempotent.
+    /// handle wake with an error. Idempotent. The peer reads what was already
+    /// sent, then EOF. A peer blocked sending into our full window fails at
+    /// once in-process, but on TCP only at its deadline (Linux keeps queueing
+    /// after `SHUT_RD`); dropping every handle resets a TCP stream instead.
     fn shutdown(&self);
     /// Printable peer address, for errors and logs.
     fn peer(&self) -> String;
