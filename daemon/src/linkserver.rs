@@ -1,0 +1,230 @@
+//! The link socket: VMMs connect here and register (see
+//! [`ferry_engine::link`] for the protocol).
+//!
+//! ```text
+//!  VMM                                   ferryd
+//!  Register{Source, spec} + memfd  ──▶   map memfd, add VM (name unique)
+//!                                  ◀──   Registered{vm_id} | Error{message}
+//!  Register{Target{token}}         ──▶   hand the socket to the incoming migration
+//!                                        waiting on `token` (it replies
+//!                                        Registered{vm_id, spec} + memfd) | Error
+//! ```
+//!
+//! Each connection registers in its own thread under a deadline, so a silent
+//! client holds one thread for at most [`REGISTER_TIMEOUT`] and blocks nobody.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use ferry_engine::link::{Link, LinkMsg, Role, VmSpec};
+use ferry_engine::linkvm::LinkVm;
+use ferry_engine::GuestMem;
+
+use crate::daemon::Daemon;
+use crate::util::{lock, spawn_logged};
+
+/// Deadline for a VMM's first message and for our reply.
+pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Registrations in progress at once; more connections are closed at once
+/// (a local process opening sockets in a loop cannot exhaust threads).
+pub const REGISTERING_MAX: usize = 64;
+/// vCPU cap of a registered VM: KVM's own limit on x86 is in this range.
+pub const VCPUS_MAX: u32 = 1024;
+/// How often the accept loop checks for shutdown.
+const ACCEPT_POLL_MS: u16 = 500;
+
+/// Target VMMs ferryd spawned and awaits: token -> where to hand the socket.
+#[derive(Default)]
+pub struct Tokens {
+    inner: Mutex<HashMap<String, SyncSender<UnixStream>>>,
+}
+
+impl Tokens {
+    /// Starts waiting for a VMM with `token`.
+    pub fn expect(&self, token: &str) -> Receiver<UnixStream> {
+        let (tx, rx) = sync_channel(1);
+        lock(&self.inner).insert(token.into(), tx);
+        rx
+    }
+
+    /// Claims `token` (once): the sender to hand the socket to.
+    fn claim(&self, token: &str) -> Option<SyncSender<UnixStream>> {
+        lock(&self.inner).remove(token)
+    }
+
+    /// Stops waiting for `token`.
+    pub fn forget(&self, token: &str) {
+        lock(&self.inner).remove(token);
+    }
+}
+
+/// Starts the accept loop on the link socket.
+pub fn spawn(d: &Arc<Daemon>, listener: UnixListener) -> std::io::Result<JoinHandle<()>> {
+    let d = Arc::clone(d);
+    listener.set_nonblocking(true)?;
+    std::thread::Builder::new()
+        .name("link-accept".into())
+        .spawn(move || accept_loop(&d, &listener))
+}
+
+fn accept_loop(d: &Arc<Daemon>, listener: &UnixListener) {
+    use nix::poll::{poll, PollFd, PollFlags};
+    let registering = Arc::new(AtomicUsize::new(0));
+    while !d.is_shutting_down() {
+        let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        if let Err(e) = poll(&mut fds, ACCEPT_POLL_MS) {
+            if e != nix::errno::Errno::EINTR {
+                tracing::error!("link socket: poll failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            continue;
+        }
+        let sock = match listener.accept() {
+            Ok((sock, _)) => sock,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                tracing::warn!("link socket: accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if registering.fetch_add(1, Ordering::SeqCst) >= REGISTERING_MAX {
+            registering.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!("link socket: {REGISTERING_MAX} registrations already pending; closing a new connection");
+            continue;
+        }
+        let (d2, count) = (Arc::clone(d), Arc::clone(&registering));
+        spawn_logged("link-register".into(), move || {
+            register(&d2, sock);
+            count.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+}
+
+fn register(d: &Arc<Daemon>, sock: UnixStream) {
+    let setup = sock
+        .set_nonblocking(false)
+        .and_then(|()| sock.set_read_timeout(Some(REGISTER_TIMEOUT)))
+        .and_then(|()| sock.set_write_timeout(Some(REGISTER_TIMEOUT)))
+        .and_then(|()| sock.try_clone());
+    let mut link = match setup {
+        Ok(s) => Link::new(s),
+        Err(e) => {
+            tracing::warn!("link socket: cannot set up a connection: {e}");
+            return;
+        }
+    };
+    let first = match link.recv() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("link socket: a VMM connection did not register: {e}");
+            return;
+        }
+    };
+    match first.msg {
+        LinkMsg::Register {
+            role: Role::Source,
+            spec: Some(spec),
+        } => {
+            register_source(d, link, sock, spec, first.fds);
+        }
+        LinkMsg::Register {
+            role: Role::Source,
+            spec: None,
+        } => {
+            refuse(
+                &mut link,
+                "a source VMM must send its VM spec with register".into(),
+            );
+        }
+        LinkMsg::Register {
+            role: Role::Target { token },
+            ..
+        } => match d.tokens.claim(&token) {
+            Some(tx) => {
+                if tx.send(sock).is_err() {
+                    refuse(
+                        &mut link,
+                        "the migration that spawned this VMM is gone".into(),
+                    );
+                }
+            }
+            None => refuse(
+                &mut link,
+                "unknown target token; only VMMs ferryd spawned register as targets".into(),
+            ),
+        },
+        other => refuse(
+            &mut link,
+            format!("expected register, got {}", other.kind()),
+        ),
+    }
+}
+
+fn refuse(link: &mut Link, message: String) {
+    tracing::warn!("link socket: registration refused: {message}");
+    let _ = link.send(&LinkMsg::Error { message }, &[], &[]);
+    link.shutdown();
+}
+
+fn register_source(
+    d: &Arc<Daemon>,
+    mut link: Link,
+    sock: UnixStream,
+    spec: VmSpec,
+    fds: Vec<OwnedFd>,
+) {
+    let name = spec.name.clone();
+    let checked = check_spec(&spec).and_then(|()| {
+        let mut fds = fds.into_iter();
+        let (Some(memfd), None) = (fds.next(), fds.next()) else {
+            return Err(
+                "a source VMM must pass exactly one descriptor, its guest memfd".to_string(),
+            );
+        };
+        GuestMem::from_memfd(memfd, &spec.regions).map_err(|e| e.to_string())
+    });
+    let mem = match checked {
+        Ok(mem) => mem,
+        Err(m) => return refuse(&mut link, format!("VM {name:?}: {m}")),
+    };
+    let (mem_bytes, vcpus) = (spec.mem_bytes(), spec.vcpus);
+    let id = match d.vms.register(spec, mem) {
+        Ok(id) => id,
+        Err(m) => return refuse(&mut link, m),
+    };
+    let reply = LinkMsg::Registered {
+        vm_id: id.clone(),
+        spec: None,
+    };
+    if let Err(e) = link.send(&reply, &[], &[]) {
+        tracing::warn!("VM {name}: cannot confirm its registration: {e}");
+        d.vms.remove(&name, &id);
+        return;
+    }
+    let _ = sock.set_read_timeout(None);
+    tracing::info!(
+        "VM {name} registered (id {id}, {} MiB, {vcpus} vCPUs)",
+        mem_bytes >> 20
+    );
+    d.vms.attach(&name, &id, LinkVm::new(link));
+    d.vms.watch(name, id, sock);
+}
+
+/// Checks what the memory mapping does not: name and vCPUs.
+pub fn check_spec(spec: &VmSpec) -> Result<(), String> {
+    crate::util::check_vm_name(&spec.name)?;
+    if spec.vcpus == 0 || spec.vcpus > VCPUS_MAX {
+        return Err(format!(
+            "vcpus must be 1 to {VCPUS_MAX}, got {}",
+            spec.vcpus
+        ));
+    }
+    Ok(())
+}

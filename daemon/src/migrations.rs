@@ -1,0 +1,429 @@
+//! The table of migrations (outgoing and incoming), and outgoing migrations:
+//! one thread each, around [`ferry_engine::source::migrate_out`].
+//!
+//! ```text
+//!  POST /migrations ─▶ validate ─▶ take VM (state migrating) ─▶ thread:
+//!      migrate_out ── Ok ───────────────▶ VM migrated-away (record kept)
+//!                  ── CommitUnknown ────▶ VM paused, status unknown (logged loudly)
+//!                  ── other Err ────────▶ VM running here again
+//!                  ── panic ────────────▶ VM paused, status unknown (state not known)
+//! ```
+
+use std::collections::VecDeque;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_engine::linkvm::LinkVm;
+use ferry_engine::source::{migrate_out, SourceConfig};
+use ferry_engine::{Cancel, Metrics, MigrationError, Snapshot, Status};
+
+use crate::api::{ApiError, MigrateRequest};
+use crate::daemon::Daemon;
+use crate::util::{lock, panic_message, random_hex, spawn_logged};
+use crate::vms::{resync, Done, Lent, TakeError};
+
+/// Finished migrations kept for `GET /migrations` (the oldest final ones go first).
+pub const MIGRATIONS_KEPT: usize = 256;
+/// Stream count range: one stream works; 64 saturates any NIC we know of
+/// long before the per-stream threads cost more than they bring.
+pub const STREAMS_MAX: u32 = 64;
+/// Downtime budget cap: a minute of pause is no longer a live migration.
+pub const DOWNTIME_MS_MAX: u64 = 60_000;
+/// Rounds cap: convergence that needs more than 1000 rounds will not come.
+pub const ROUNDS_MAX: u32 = 1000;
+/// Time cap for one migration: a day.
+pub const TIME_MAX_S: u64 = 86_400;
+/// How long a migration request waits for a VMM that is answering a stats
+/// query (at most `vms::STATS_TIMEOUT`, plus slack).
+const TAKE_WAIT: Duration = Duration::from_secs(3);
+/// Deadline for each VMM request during a migration (pause, dirty-log sync of
+/// a large guest). A VMM silent this long is treated as dead.
+pub const VMM_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One migration, either way.
+pub struct Migration {
+    /// Its id.
+    pub id: String,
+    /// Its live numbers and final status.
+    pub metrics: Arc<Metrics>,
+    /// Cancels it (outgoing only: the engine's target side has no cancel).
+    pub cancel: Option<Cancel>,
+}
+
+/// All migrations this ferryd ran or runs, oldest first.
+#[derive(Default)]
+pub struct MigrationTable {
+    inner: Mutex<VecDeque<Arc<Migration>>>,
+}
+
+impl MigrationTable {
+    /// Adds a migration, dropping the oldest final ones over the cap.
+    pub fn insert(&self, m: Migration) -> Arc<Migration> {
+        let m = Arc::new(m);
+        let mut t = lock(&self.inner);
+        while t.len() >= MIGRATIONS_KEPT {
+            let Some(i) = t.iter().position(|m| m.metrics.status().is_final()) else {
+                break;
+            };
+            t.remove(i);
+        }
+        t.push_back(Arc::clone(&m));
+        m
+    }
+
+    /// The migration `id`.
+    pub fn get(&self, id: &str) -> Option<Arc<Migration>> {
+        lock(&self.inner).iter().find(|m| m.id == id).cloned()
+    }
+
+    /// Snapshots of all, oldest first.
+    pub fn list(&self) -> Vec<Snapshot> {
+        let all: Vec<Arc<Migration>> = lock(&self.inner).iter().cloned().collect();
+        all.iter().map(|m| m.metrics.snapshot()).collect()
+    }
+
+    /// Asks migration `id` to stop.
+    pub fn cancel(&self, id: &str) -> Result<(), ApiError> {
+        let m = self
+            .get(id)
+            .ok_or_else(|| ApiError::not_found(format!("no migration with id {id:?}")))?;
+        let status = m.metrics.status();
+        if status.is_final() {
+            return Err(ApiError::conflict(format!(
+                "migration {id} already ended ({})",
+                status_name(status)
+            )));
+        }
+        if status == Status::Unknown {
+            return Err(ApiError::conflict(format!(
+                "migration {id} sent COMMIT and its outcome is unknown; it cannot be cancelled"
+            )));
+        }
+        let cancel = m.cancel.as_ref().ok_or_else(|| {
+            ApiError::conflict(format!(
+                "migration {id} is incoming; cancel it on the source host"
+            ))
+        })?;
+        cancel.cancel();
+        tracing::info!("migration {id}: cancel requested");
+        Ok(())
+    }
+
+    /// Cancels every outgoing migration that can still stop (shutdown).
+    pub fn cancel_all(&self) {
+        let all: Vec<Arc<Migration>> = lock(&self.inner).iter().cloned().collect();
+        for m in all {
+            if let Some(c) = m.cancel.as_ref().filter(|_| !m.metrics.status().is_final()) {
+                c.cancel();
+            }
+        }
+    }
+}
+
+/// The kebab-case name of a status, as in the JSON.
+pub fn status_name(s: Status) -> String {
+    serde_json::to_value(s)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+/// Checks a request's values and builds the engine's settings.
+pub fn source_config(req: &MigrateRequest) -> Result<SourceConfig, ApiError> {
+    let bad = |m: String| ApiError::bad_request(m);
+    let mut cfg = SourceConfig::default();
+    crate::util::check_vm_name(&req.vm).map_err(|e| bad(format!("\"vm\": {e}")))?;
+    crate::config::split_host_port(&req.to).map_err(|e| bad(format!("\"to\": {e}")))?;
+    if req.to.ends_with(":0") {
+        return Err(bad(format!("\"to\": {:?} has port 0", req.to)));
+    }
+    if let Some(n) = req.streams {
+        cfg.streams = NonZeroU32::new(n)
+            .filter(|n| n.get() <= STREAMS_MAX)
+            .ok_or_else(|| bad(format!("\"streams\" must be 1 to {STREAMS_MAX}, got {n}")))?;
+    }
+    if let Some(ms) = req.downtime_ms {
+        if !(1..=DOWNTIME_MS_MAX).contains(&ms) {
+            return Err(bad(format!(
+                "\"downtime_ms\" must be 1 to {DOWNTIME_MS_MAX}, got {ms}"
+            )));
+        }
+        cfg.downtime_ms = ms;
+    }
+    if let Some(b) = req.bandwidth_mib_s {
+        if b == 0 {
+            return Err(bad(
+                "\"bandwidth_mib_s\" must be above 0 (omit it for no cap)".into(),
+            ));
+        }
+        cfg.bandwidth_mib_s = Some(b);
+    }
+    if let Some(r) = req.rounds_max {
+        if !(1..=ROUNDS_MAX).contains(&r) {
+            return Err(bad(format!(
+                "\"rounds_max\" must be 1 to {ROUNDS_MAX}, got {r}"
+            )));
+        }
+        cfg.rounds_max = r;
+    }
+    if let Some(t) = req.time_max_s {
+        if !(1..=TIME_MAX_S).contains(&t) {
+            return Err(bad(format!(
+                "\"time_max_s\" must be 1 to {TIME_MAX_S}, got {t}"
+            )));
+        }
+        cfg.time_max = Duration::from_secs(t);
+    }
+    Ok(cfg)
+}
+
+/// Starts an outgoing migration; returns its id once its thread runs.
+pub fn start_outgoing(d: &Arc<Daemon>, req: MigrateRequest) -> Result<String, ApiError> {
+    let cfg = source_config(&req)?;
+    if d.is_shutting_down() {
+        return Err(ApiError {
+            status: 503,
+            message: "ferryd is shutting down".into(),
+        });
+    }
+    let id = random_hex(8);
+    let lent = d
+        .vms
+        .take_for_migration(&req.vm, &id, TAKE_WAIT)
+        .map_err(|e| match e {
+            TakeError::NotFound(_) => ApiError::not_found(e.to_string()),
+            TakeError::Conflict(_) => ApiError::conflict(e.to_string()),
+        })?;
+    let metrics = Arc::new(Metrics::new(&id, &req.vm, "source", &req.to));
+    metrics.update(|s| {
+        s.transport = d.transport.name().into();
+        s.streams = cfg.streams.get();
+        s.mem_bytes = lent.spec.mem_bytes();
+        s.epoch = lent.epoch;
+    });
+    let cancel = Cancel::new();
+    d.migrations.insert(Migration {
+        id: id.clone(),
+        metrics: Arc::clone(&metrics),
+        cancel: Some(cancel.clone()),
+    });
+    tracing::info!(
+        "migration {id}: {} to {} ({} streams, downtime {} ms)",
+        req.vm,
+        req.to,
+        cfg.streams,
+        cfg.downtime_ms
+    );
+    let job = Outgoing {
+        d: Arc::clone(d),
+        vm: req.vm,
+        to: req.to,
+        cfg,
+        metrics,
+        cancel,
+    };
+    // The lent VM is handed back by the thread; if it cannot start, here.
+    let slot = Arc::new(Mutex::new(Some(lent)));
+    let slot2 = Arc::clone(&slot);
+    let guard = d.threads.enter();
+    let d2 = Arc::clone(d);
+    let vm = job.vm.clone();
+    let started = spawn_logged(format!("out-{id}"), move || {
+        let _guard = guard;
+        if let Some(lent) = lock(&slot2).take() {
+            job.run(lent);
+        }
+    });
+    if !started {
+        if let Some(lent) = lock(&slot).take() {
+            d2.vms.migration_done(
+                &vm,
+                &lent.id,
+                Done::Back {
+                    link: lent.link,
+                    paused: false,
+                },
+            );
+        }
+        return Err(ApiError::internal("cannot start the migration thread"));
+    }
+    Ok(id)
+}
+
+struct Outgoing {
+    d: Arc<Daemon>,
+    vm: String,
+    to: String,
+    cfg: SourceConfig,
+    metrics: Arc<Metrics>,
+    cancel: Cancel,
+}
+
+impl Outgoing {
+    fn run(self, lent: Lent) {
+        let Lent {
+            id: vm_id,
+            spec,
+            mem,
+            epoch,
+            mut link,
+            desync,
+        } = lent;
+        let id = self.metrics.snapshot().id;
+        let result = if desync && resync(&mut link).is_err() {
+            Ok(Err(MigrationError::Invalid(
+                "the VMM did not answer an earlier request; try again".into(),
+            )))
+        } else {
+            let _ = link.link().set_timeout(Some(VMM_CALL_TIMEOUT));
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                migrate_out(
+                    self.d.transport.as_ref(),
+                    &self.to,
+                    &self.d.key,
+                    &spec,
+                    epoch,
+                    Arc::clone(&mem),
+                    &mut link,
+                    &self.cfg,
+                    Arc::clone(&self.metrics),
+                    &self.cancel,
+                )
+            }))
+        };
+        let done = match result {
+            Ok(Ok(outcome)) => {
+                tracing::info!(
+                    "migration {id}: {} now runs on {} (epoch {})",
+                    self.vm,
+                    self.to,
+                    outcome.epoch
+                );
+                if !self.metrics.status().is_final() {
+                    self.metrics.finish(Status::Completed, None);
+                }
+                Done::Away {
+                    epoch: outcome.epoch,
+                }
+            }
+            Ok(Err(e @ MigrationError::CommitUnknown(_))) => {
+                tracing::error!(
+                    "migration {id}: {e}. VM {} stays PAUSED here; find out from {} whether it runs there",
+                    self.vm,
+                    self.to
+                );
+                self.mark_unknown(e.to_string());
+                Done::Back { link, paused: true }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!("migration {id}: {e}; VM {} keeps running here", self.vm);
+                if !self.metrics.status().is_final() {
+                    let status = match e {
+                        MigrationError::Cancelled => Status::Cancelled,
+                        _ => Status::Failed,
+                    };
+                    self.metrics.finish(status, Some(e.to_string()));
+                }
+                Done::Back {
+                    link: resumable(link),
+                    paused: false,
+                }
+            }
+            Err(panic) => {
+                let msg = panic_message(&panic);
+                tracing::error!(
+                    "migration {id} panicked ({msg}); VM {} is left PAUSED here as its state is unknown",
+                    self.vm
+                );
+                self.mark_unknown(format!("ferryd's migration thread panicked: {msg}"));
+                Done::Back { link, paused: true }
+            }
+        };
+        self.d.vms.migration_done(&self.vm, &vm_id, done);
+    }
+
+    fn mark_unknown(&self, error: String) {
+        self.metrics.update(|s| {
+            s.status = Status::Unknown;
+            s.error.get_or_insert(error);
+        });
+    }
+}
+
+/// After a failed migration the link goes back for idle use: no deadline.
+fn resumable(mut link: LinkVm) -> LinkVm {
+    let _ = link.link().set_timeout(None);
+    link
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> MigrateRequest {
+        MigrateRequest {
+            vm: "vm0".into(),
+            to: "10.0.0.2:7070".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn validates_ranges() {
+        let c = source_config(&req()).unwrap();
+        assert_eq!(c.streams.get(), 4);
+        assert_eq!(c.downtime_ms, 300);
+        let cases = [
+            MigrateRequest {
+                streams: Some(0),
+                ..req()
+            },
+            MigrateRequest {
+                streams: Some(65),
+                ..req()
+            },
+            MigrateRequest {
+                downtime_ms: Some(0),
+                ..req()
+            },
+            MigrateRequest {
+                downtime_ms: Some(60_001),
+                ..req()
+            },
+            MigrateRequest {
+                bandwidth_mib_s: Some(0),
+                ..req()
+            },
+            MigrateRequest {
+                rounds_max: Some(0),
+                ..req()
+            },
+            MigrateRequest {
+                time_max_s: Some(0),
+                ..req()
+            },
+            MigrateRequest {
+                to: "nohost".into(),
+                ..req()
+            },
+            MigrateRequest {
+                to: "host:0".into(),
+                ..req()
+            },
+            MigrateRequest {
+                vm: String::new(),
+                ..req()
+            },
+        ];
+        for r in cases {
+            assert_eq!(source_config(&r).unwrap_err().status, 400, "{r:?}");
+        }
+        let ok = MigrateRequest {
+            streams: Some(64),
+            bandwidth_mib_s: Some(1),
+            ..req()
+        };
+        assert_eq!(source_config(&ok).unwrap().bandwidth_mib_s, Some(1));
+    }
+}
