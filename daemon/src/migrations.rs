@@ -20,7 +20,7 @@ use ferry_engine::{Cancel, Metrics, MigrationError, Snapshot, Status};
 
 use crate::api::{ApiError, MigrateRequest};
 use crate::daemon::Daemon;
-use crate::util::{lock, panic_message, random_hex, spawn_logged};
+use crate::util::{lock, panic_message, spawn_logged};
 use crate::vms::{resync, Done, Lent, TakeError};
 
 /// Finished migrations kept for `GET /migrations` (the oldest final ones go first).
@@ -180,14 +180,17 @@ pub fn source_config(req: &MigrateRequest) -> Result<SourceConfig, ApiError> {
 
 /// Starts an outgoing migration; returns its id once its thread runs.
 pub fn start_outgoing(d: &Arc<Daemon>, req: MigrateRequest) -> Result<String, ApiError> {
-    let cfg = source_config(&req)?;
+    let mut cfg = source_config(&req)?;
     if d.is_shutting_down() {
         return Err(ApiError {
             status: 503,
             message: "ferryd is shutting down".into(),
         });
     }
-    let id = random_hex(8);
+    // The session id doubles as the migration id, so both hosts show the same one.
+    let session: [u8; 16] = ferry_engine::key::random_bytes();
+    cfg.session = Some(session);
+    let id: String = session.iter().map(|b| format!("{b:02x}")).collect();
     let lent = d
         .vms
         .take_for_migration(&req.vm, &id, TAKE_WAIT)

@@ -211,7 +211,9 @@ impl Metrics {
 impl std::fmt::Display for Snapshot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "migration {} ({} of {}, peer {})", self.id, self.role, self.vm, self.peer)?;
-        writeln!(f, "  status:            {:?}", self.status)?;
+        let status = serde_json::to_value(self.status).ok();
+        let status = status.as_ref().and_then(|v| v.as_str()).unwrap_or("?");
+        writeln!(f, "  status:            {status}")?;
         if let Some(e) = &self.error {
             writeln!(f, "  error:             {e}")?;
         }

@@ -43,6 +43,10 @@ pub struct SourceConfig {
     pub connect_timeout: Duration,
     /// A peer silent for this long is dead.
     pub io_timeout: Duration,
+    /// Session id; the target files the migration under its hex. `None`
+    /// picks one at random. Callers that show ids to users pass their own so
+    /// both hosts show the same id.
+    pub session: Option<[u8; 16]>,
 }
 
 impl Default for SourceConfig {
@@ -55,6 +59,7 @@ impl Default for SourceConfig {
             time_max: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(5),
             io_timeout: Duration::from_secs(10),
+            session: None,
         }
     }
 }
@@ -177,7 +182,7 @@ impl Migration<'_> {
         epoch: u64,
         vm: &mut dyn SourceVm,
     ) -> Result<Outcome, MigrationError> {
-        let session: [u8; 16] = crate::key::random_bytes();
+        let session: [u8; 16] = self.cfg.session.unwrap_or_else(crate::key::random_bytes);
         let mut data = Vec::with_capacity(self.streams as usize);
         let mut control = self.connect(transport, to, key, &session, 0, &spec.name)?;
         for i in 1..=self.streams {

@@ -257,7 +257,7 @@ impl RecvStage {
     }
 
     fn pages(&mut self, table: &[u8]) -> Result<(), WireError> {
-        if table.is_empty() || table.len() % PageEntry::BYTES != 0 {
+        if table.is_empty() || !table.len().is_multiple_of(PageEntry::BYTES) {
             return Err(WireError::Malformed { what: "page table", detail: format!("{} bytes", table.len()) });
         }
         let mem = self.shared.mem.clone();

@@ -42,6 +42,7 @@
 
 pub mod crc;
 pub mod handshake;
+pub mod parse;
 
 use ferry_compress::{Codec, PAGE_SIZE, PAYLOAD_BYTES_MAX};
 use ferry_transport::{Conn, Seg, TransportError};

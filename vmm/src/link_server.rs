@@ -1,0 +1,383 @@
+//! The VMM side of ferryd's link protocol (`ferry_engine::link`).
+//!
+//! A source VMM registers its running VM with the memfd; a target VMM
+//! (`--restore --token T`) registers with its token and receives the spec and
+//! the memfd, then waits for `Restore` and `Run`. Both then serve the same
+//! requests, so a restored VM can be migrated again:
+//!
+//! ```text
+//! request          reply                    notes
+//! StartDirtyLog    Ok                       slot gets KVM_MEM_LOG_DIRTY_PAGES
+//! SyncDirtyLog     DirtyLog + bitmap        u64 LE words, bit per 4 KiB page
+//! StopDirtyLog     Ok
+//! Pause            Paused{progress} + blob  parks at the guest's next exit
+//! Resume           Ok                       waits for the --report hash first
+//! Restore + blob   Restored{verify}         target, before Run
+//! Run              Ok                       target: the VM runs from here on
+//! GetStats         Stats{progress,running,phase}
+//! Quit             Ok, then exit 0          waits for the --report hash first
+//! anything else    Error{message}
+//! ```
+//!
+//! When the link reaches EOF (ferryd died) the VMM does not guess: a running
+//! guest keeps running, and a paused guest stays paused, because ferryd may
+//! already have handed it to another host and resuming could run it twice.
+//! The operator decides (kill the VMM to discard it). A target that has not
+//! run yet exits with an error: the source still owns the VM.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use ferry_engine::link::{
+    Link, LinkError, LinkMsg, Received, RegionSpec, Role, VerifyReport, VmSpec,
+};
+use serde_json::json;
+
+use crate::config::{ConfigError, VmmConfig};
+use crate::machine::{Lifecycle, Machine, MachineError};
+use crate::mem::{GuestRam, MemError};
+use crate::oracle;
+use crate::report::Report;
+
+/// Errors of the link side.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkServerError {
+    /// The link failed.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// The VM failed.
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+    /// ferryd sent something we cannot use.
+    #[error("ferryd protocol error: {0}")]
+    Protocol(String),
+}
+
+/// How serving ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// ferryd sent Quit (the reason is logged and reported).
+    Quit(String),
+    /// The link closed; the VM was left as it was (see the module docs).
+    LinkClosed(Lifecycle),
+}
+
+/// A registered VM serving ferryd.
+#[derive(Debug)]
+pub struct LinkServer {
+    link: Link,
+    machine: Machine,
+    vm_id: String,
+    report: Option<Report>,
+    hash_job: Option<JoinHandle<()>>,
+}
+
+fn expect_registered(r: Received) -> Result<(String, Option<VmSpec>, Received), LinkServerError> {
+    match &r.msg {
+        LinkMsg::Registered { vm_id, spec } => Ok((vm_id.clone(), spec.clone(), r)),
+        LinkMsg::Error { message } => Err(LinkError::Remote(message.clone()).into()),
+        other => Err(LinkError::Unexpected {
+            expected: "registered",
+            got: other.kind().into(),
+        }
+        .into()),
+    }
+}
+
+impl LinkServer {
+    /// Registers a running source VM with ferryd at `path`.
+    pub fn register_source(
+        path: &Path,
+        machine: Machine,
+        name: &str,
+        report: Option<Report>,
+    ) -> Result<Self, LinkServerError> {
+        let mut link = Link::connect(path)?;
+        let cfg = machine.config();
+        let spec = VmSpec {
+            name: name.to_string(),
+            regions: vec![RegionSpec {
+                gpa: 0,
+                size: cfg.mem_bytes,
+                memfd_offset: 0,
+            }],
+            vcpus: cfg.vcpus,
+            vmm_config: cfg.to_json(),
+        };
+        let msg = LinkMsg::Register {
+            role: Role::Source,
+            spec: Some(spec),
+        };
+        link.send(&msg, &[], &[machine.ram().memfd_raw()])?;
+        let (vm_id, _, _) = expect_registered(link.recv()?)?;
+        tracing::info!("registered with ferryd as {vm_id}");
+        if let Some(r) = &report {
+            r.event("registered", json!({"vm_id": vm_id, "role": "source"}));
+        }
+        Ok(LinkServer {
+            link,
+            machine,
+            vm_id,
+            report,
+            hash_job: None,
+        })
+    }
+
+    /// Registers as the target of an incoming migration: receives the spec
+    /// and the memfd, and creates the VM over it without touching memory.
+    pub fn register_target(
+        path: &Path,
+        token: &str,
+        report: Option<Report>,
+    ) -> Result<Self, LinkServerError> {
+        let mut link = Link::connect(path)?;
+        let msg = LinkMsg::Register {
+            role: Role::Target {
+                token: token.to_string(),
+            },
+            spec: None,
+        };
+        link.send(&msg, &[], &[])?;
+        let (vm_id, spec, mut r) = expect_registered(link.recv()?)?;
+        let spec =
+            spec.ok_or_else(|| LinkServerError::Protocol("Registered without a VM spec".into()))?;
+        let config = VmmConfig::from_json(&spec.vmm_config).map_err(MachineError::from)?;
+        let want = [RegionSpec {
+            gpa: 0,
+            size: config.mem_bytes,
+            memfd_offset: 0,
+        }];
+        if spec.regions != want || spec.vcpus != config.vcpus {
+            return Err(MachineError::from(ConfigError::Invalid(format!(
+                "spec regions {:?} / {} vCPUs do not match vmm_config ({} bytes, {} vCPUs)",
+                spec.regions, spec.vcpus, config.mem_bytes, config.vcpus
+            )))
+            .into());
+        }
+        if r.fds.len() != 1 {
+            return Err(LinkServerError::Protocol(format!(
+                "Registered carried {} descriptors, expected the memfd",
+                r.fds.len()
+            )));
+        }
+        let fd = r.fds.remove(0);
+        let ram = GuestRam::from_memfd(fd, config.mem_bytes).map_err(MachineError::from)?;
+        let machine = Machine::attach(config, Arc::new(ram))?;
+        tracing::info!(
+            "registered with ferryd as target of {vm_id} ({})",
+            spec.name
+        );
+        if let Some(r) = &report {
+            r.event("registered", json!({"vm_id": vm_id, "role": "target"}));
+        }
+        Ok(LinkServer {
+            link,
+            machine,
+            vm_id,
+            report,
+            hash_job: None,
+        })
+    }
+
+    /// The VM.
+    pub fn machine(&self) -> &Machine {
+        &self.machine
+    }
+
+    /// ferryd's id of the VM.
+    pub fn vm_id(&self) -> &str {
+        &self.vm_id
+    }
+
+    /// Serves requests until Quit or EOF.
+    pub fn serve(&mut self) -> Result<Outcome, LinkServerError> {
+        loop {
+            let req = match self.link.recv() {
+                Ok(r) => r,
+                Err(LinkError::Closed) => return Ok(self.link_closed()),
+                Err(e) => {
+                    tracing::warn!("link failed: {e}");
+                    return Ok(self.link_closed());
+                }
+            };
+            if let LinkMsg::Quit { reason } = &req.msg {
+                let reason = reason.clone();
+                self.quit(&reason);
+                self.link.send(&LinkMsg::Ok, &[], &[])?;
+                return Ok(Outcome::Quit(reason));
+            }
+            let kind = req.msg.kind();
+            let (reply, bin) = match self.handle(req) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!("{kind} failed: {e}");
+                    (
+                        LinkMsg::Error {
+                            message: e.to_string(),
+                        },
+                        Vec::new(),
+                    )
+                }
+            };
+            self.link.send(&reply, &bin, &[])?;
+        }
+    }
+
+    fn handle(&mut self, req: Received) -> Result<(LinkMsg, Vec<u8>), LinkServerError> {
+        let m = &mut self.machine;
+        Ok(match req.msg {
+            LinkMsg::StartDirtyLog => {
+                m.start_dirty_log()?;
+                (LinkMsg::Ok, vec![])
+            }
+            LinkMsg::SyncDirtyLog => {
+                let words = m.sync_dirty_log()?;
+                (
+                    LinkMsg::DirtyLog,
+                    words.iter().flat_map(|w| w.to_le_bytes()).collect(),
+                )
+            }
+            LinkMsg::StopDirtyLog => {
+                m.stop_dirty_log()?;
+                (LinkMsg::Ok, vec![])
+            }
+            LinkMsg::Pause => {
+                let fresh = m.lifecycle() != Lifecycle::Paused;
+                let p = m.pause()?;
+                tracing::info!("paused at progress {} in {:?}", p.progress, p.latency);
+                if fresh {
+                    self.start_hash(p.progress, p.latency.as_micros() as u64);
+                }
+                (
+                    LinkMsg::Paused {
+                        progress: p.progress,
+                    },
+                    p.blob,
+                )
+            }
+            LinkMsg::Resume => {
+                self.wait_hash();
+                let m = &mut self.machine;
+                m.resume()?;
+                let progress = m.counters()?.progress;
+                tracing::info!("resumed at progress {progress}");
+                self.event("resumed", json!({"progress": progress}));
+                (LinkMsg::Ok, vec![])
+            }
+            LinkMsg::Restore => {
+                m.restore(&req.bin)?;
+                let verify = self.verify();
+                tracing::info!("restored; verify: {verify:?}");
+                self.event(
+                    "restored",
+                    serde_json::to_value(&verify).unwrap_or_default(),
+                );
+                (LinkMsg::Restored { verify }, vec![])
+            }
+            LinkMsg::Run => {
+                m.run()?;
+                let progress = m.counters()?.progress;
+                tracing::info!("running from progress {progress}");
+                self.event("running", json!({"progress": progress}));
+                (LinkMsg::Ok, vec![])
+            }
+            LinkMsg::GetStats => (LinkMsg::Stats(m.stats()?), vec![]),
+            other => {
+                return Err(LinkServerError::Protocol(format!(
+                    "unexpected request {}",
+                    other.kind()
+                )))
+            }
+        })
+    }
+
+    fn event(&self, name: &str, fields: serde_json::Value) {
+        if let Some(r) = &self.report {
+            r.event(name, fields);
+        }
+    }
+
+    /// Hashes all guest memory in the background after a pause (memory is
+    /// frozen until Resume or Quit, which wait for this).
+    fn start_hash(&mut self, progress: u64, pause_us: u64) {
+        let Some(report) = self.report.clone() else {
+            return;
+        };
+        self.wait_hash();
+        let ram = self.machine.ram().clone();
+        let job = std::thread::Builder::new().name("mem-hash".into()).spawn(move || {
+            let t0 = Instant::now();
+            let mem_hash = oracle::mem_hash(&ram.all());
+            let hash_ms = t0.elapsed().as_millis() as u64;
+            report.event(
+                "paused",
+                json!({"mem_hash": mem_hash, "progress": progress, "pause_us": pause_us, "hash_ms": hash_ms}),
+            );
+        });
+        match job {
+            Ok(j) => self.hash_job = Some(j),
+            Err(e) => tracing::warn!("cannot start the memory hash thread: {e}"),
+        }
+    }
+
+    fn wait_hash(&mut self) {
+        if let Some(j) = self.hash_job.take() {
+            let _ = j.join();
+        }
+    }
+
+    /// The target's independent check of the memory it received.
+    fn verify(&self) -> VerifyReport {
+        if !self.machine.config().verify {
+            return VerifyReport::default();
+        }
+        let t0 = Instant::now();
+        let mem_hash = self.machine.mem_hash();
+        let check = self.machine.check();
+        for f in &check.first_faults {
+            tracing::warn!("verify: {f}");
+        }
+        VerifyReport {
+            checked: true,
+            mem_hash,
+            pages_checked: check.pages_checked,
+            pages_bad: check.pages_bad,
+            verify_ms: t0.elapsed().as_millis() as u64,
+        }
+    }
+
+    fn quit(&mut self, reason: &str) {
+        tracing::info!("quit: {reason}");
+        if self.machine.lifecycle() == Lifecycle::Running {
+            if let Err(e) = self.machine.pause() {
+                tracing::warn!("pause before quit failed: {e}");
+            }
+        }
+        self.wait_hash();
+        let progress = self.machine.counters().map(|c| c.progress).unwrap_or(0);
+        self.event("quit", json!({"reason": reason, "progress": progress}));
+    }
+
+    fn link_closed(&mut self) -> Outcome {
+        let state = self.machine.lifecycle();
+        match state {
+            Lifecycle::Running => tracing::warn!("ferryd link closed; the guest keeps running"),
+            Lifecycle::Paused => tracing::warn!(
+                "ferryd link closed while paused; staying paused (the VM may run elsewhere now); \
+                 kill this VMM to discard it"
+            ),
+            _ => tracing::warn!("ferryd link closed before the VM ran here"),
+        }
+        self.wait_hash();
+        self.event("link_closed", json!({"state": format!("{state:?}")}));
+        Outcome::LinkClosed(state)
+    }
+}
+
+impl From<MemError> for LinkServerError {
+    fn from(e: MemError) -> Self {
+        LinkServerError::Machine(e.into())
+    }
+}

@@ -1,0 +1,340 @@
+//! The vCPU thread: runs the guest, paces it, and parks it at consistent
+//! points.
+//!
+//! The guest exits only between page writes (`out EXIT_PORT`), so the thread
+//! looks at its command queue only there: a pause never lands mid-page. The
+//! waits the VMM adds at exits (1 ms per idle loop, the dirty-rate pacing)
+//! are `recv_timeout`s on the same queue, so a pause also cuts them short.
+//!
+//! ```text
+//!            Run                 exit: Pause
+//!   Parked ───────▶ Running ──────────────────▶ Parked (state returned)
+//!     ▲  Restore (parked only)      │ bad exit
+//!     └─────────────────────────────┴──────────▶ Failed (parked; Run refused)
+//! ```
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::abi;
+use crate::layout::PAGE_BYTES;
+use crate::state::VcpuState;
+
+/// Sleep per idle loop. An exit costs tens of µs of host CPU on a nested
+/// host (1 ms sleeps measured ~10% of a core there), so idle exits 200 times
+/// a second (~2%). Pause latency does not depend on it: a pause cuts the
+/// sleep short.
+pub const IDLE_SLEEP: Duration = Duration::from_millis(5);
+/// When pacing falls this far behind (a pause, a slow host), it forgets the
+/// debt instead of bursting to catch up.
+pub const PACING_SLACK_MAX: Duration = Duration::from_millis(20);
+
+/// Errors of the vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A vCPU ioctl failed.
+    #[error("vCPU {op} failed: {source}")]
+    Kvm {
+        /// The operation.
+        op: &'static str,
+        /// The cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The guest stopped in a way it never should (reported once it happened).
+    #[error("the guest failed: {0}")]
+    Guest(String),
+    /// The request needs a parked vCPU.
+    #[error("cannot {0} while the vCPU runs")]
+    Running(&'static str),
+    /// The vCPU thread is gone.
+    #[error("the vCPU thread has exited")]
+    Gone,
+}
+
+/// How the VMM paces the dirty workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pacing {
+    /// Bytes the guest writes per `EV_BATCH` exit.
+    pub batch_bytes: u64,
+    /// Target rate (None: unpaced).
+    pub bytes_per_s: Option<u64>,
+}
+
+impl Pacing {
+    /// Pacing for `batch_pages` per batch at `bytes_per_s`.
+    pub fn new(batch_pages: u64, bytes_per_s: Option<u64>) -> Self {
+        Pacing {
+            batch_bytes: batch_pages * PAGE_BYTES,
+            bytes_per_s,
+        }
+    }
+
+    fn batch_time(&self) -> Option<Duration> {
+        let rate = self.bytes_per_s.filter(|&r| r > 0)?;
+        Some(Duration::from_nanos(
+            (u128::from(self.batch_bytes) * 1_000_000_000 / u128::from(rate)) as u64,
+        ))
+    }
+}
+
+type Reply<T> = mpsc::Sender<Result<T, VcpuError>>;
+
+enum Cmd {
+    Run(Reply<()>),
+    Pause(Reply<VcpuState>),
+    Restore(Box<VcpuState>, Pacing, Reply<()>),
+    Quit,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    running: AtomicBool,
+    failure: Mutex<Option<String>>,
+}
+
+/// The handle of a vCPU thread.
+#[derive(Debug)]
+pub struct VcpuHandle {
+    tx: mpsc::Sender<Cmd>,
+    shared: Arc<Shared>,
+    join: Option<JoinHandle<()>>,
+}
+
+impl VcpuHandle {
+    /// Starts the thread, parked, with the vCPU as it is (set its state with
+    /// [`VcpuHandle::restore`] before the first run).
+    pub fn spawn(vcpu: VcpuFd, pacing: Pacing) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared::default());
+        let thread = Thread {
+            vcpu,
+            rx,
+            shared: shared.clone(),
+            pacing,
+            deadline: Instant::now(),
+        };
+        let join = std::thread::Builder::new()
+            .name("vcpu0".into())
+            .spawn(move || thread.main())?;
+        Ok(VcpuHandle {
+            tx,
+            shared,
+            join: Some(join),
+        })
+    }
+
+    fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, VcpuError> {
+        let (reply, rx) = mpsc::channel();
+        self.tx.send(make(reply)).map_err(|_| VcpuError::Gone)?;
+        rx.recv().map_err(|_| VcpuError::Gone)?
+    }
+
+    /// Runs the guest (no-op when running).
+    pub fn run(&self) -> Result<(), VcpuError> {
+        self.call(Cmd::Run)
+    }
+
+    /// Parks the vCPU at the guest's next exit and returns its state.
+    pub fn pause(&self) -> Result<VcpuState, VcpuError> {
+        self.call(Cmd::Pause)
+    }
+
+    /// Loads a state into the parked vCPU.
+    pub fn restore(&self, state: VcpuState, pacing: Pacing) -> Result<(), VcpuError> {
+        self.call(|r| Cmd::Restore(Box::new(state), pacing, r))
+    }
+
+    /// Whether the guest is running now.
+    pub fn running(&self) -> bool {
+        self.shared.running.load(Ordering::SeqCst)
+    }
+
+    /// Why the guest failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.failure.lock().expect("failure lock").clone()
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Cmd::Quit);
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+struct Thread {
+    vcpu: VcpuFd,
+    rx: mpsc::Receiver<Cmd>,
+    shared: Arc<Shared>,
+    pacing: Pacing,
+    deadline: Instant,
+}
+
+enum Flow {
+    Continue,
+    Quit,
+}
+
+impl Thread {
+    fn main(mut self) {
+        loop {
+            let cmd = if self.is_running() {
+                match self.rx.try_recv() {
+                    Ok(cmd) => Some(cmd),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => return,
+                }
+            } else {
+                match self.rx.recv() {
+                    Ok(cmd) => Some(cmd),
+                    Err(_) => return,
+                }
+            };
+            let flow = match cmd {
+                Some(cmd) => self.handle(cmd),
+                None => self.run_once(),
+            };
+            if let Flow::Quit = flow {
+                self.set_running(false);
+                return;
+            }
+        }
+    }
+
+    fn is_running(&self) -> bool {
+        self.shared.running.load(Ordering::SeqCst)
+    }
+
+    fn set_running(&self, on: bool) {
+        self.shared.running.store(on, Ordering::SeqCst);
+    }
+
+    fn fail(&self, why: String) {
+        tracing::error!("guest failed: {why}");
+        *self.shared.failure.lock().expect("failure lock") = Some(why);
+        self.set_running(false);
+    }
+
+    fn handle(&mut self, cmd: Cmd) -> Flow {
+        match cmd {
+            Cmd::Run(reply) => {
+                let r = match self.shared.failure.lock().expect("failure lock").clone() {
+                    Some(why) => Err(VcpuError::Guest(why)),
+                    None => {
+                        self.deadline = Instant::now();
+                        self.set_running(true);
+                        Ok(())
+                    }
+                };
+                let _ = reply.send(r);
+            }
+            Cmd::Pause(reply) => {
+                self.set_running(false);
+                let _ = reply.send(self.save());
+            }
+            Cmd::Restore(state, pacing, reply) => {
+                let r = if self.is_running() {
+                    Err(VcpuError::Running("restore"))
+                } else {
+                    self.pacing = pacing;
+                    self.load(&state)
+                };
+                let _ = reply.send(r);
+            }
+            Cmd::Quit => return Flow::Quit,
+        }
+        Flow::Continue
+    }
+
+    /// One KVM_RUN and the handling of its exit.
+    fn run_once(&mut self) -> Flow {
+        let wait = match self.vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) if u64::from(port) == abi::EXIT_PORT => {
+                match data.first().map(|&b| u64::from(b)) {
+                    Some(abi::EV_IDLE) => Some(IDLE_SLEEP),
+                    Some(abi::EV_BATCH) => self.pace(),
+                    Some(abi::EV_CHECKPOINT) => None,
+                    Some(abi::EV_BAD_CONFIG) => {
+                        self.fail("the guest rejected its control block".into());
+                        None
+                    }
+                    other => {
+                        self.fail(format!("unknown guest event {other:?}"));
+                        None
+                    }
+                }
+            }
+            Ok(exit) => {
+                let why = format!("unexpected vCPU exit {exit:?}");
+                self.fail(why);
+                None
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) => {
+                self.fail(format!("KVM_RUN failed: {e}"));
+                None
+            }
+        };
+        match wait {
+            Some(d) if !d.is_zero() => match self.rx.recv_timeout(d) {
+                Ok(cmd) => self.handle(cmd),
+                Err(RecvTimeoutError::Timeout) => Flow::Continue,
+                Err(RecvTimeoutError::Disconnected) => Flow::Quit,
+            },
+            _ => Flow::Continue,
+        }
+    }
+
+    /// Time to wait after a dirty batch so the long-run rate holds.
+    fn pace(&mut self) -> Option<Duration> {
+        let batch = self.pacing.batch_time()?;
+        self.deadline += batch;
+        let now = Instant::now();
+        if self.deadline > now {
+            Some(self.deadline - now)
+        } else {
+            if now - self.deadline > PACING_SLACK_MAX {
+                self.deadline = now;
+            }
+            None
+        }
+    }
+
+    /// KVM completes an `out` only on the next KVM_RUN; run once with
+    /// immediate_exit so the saved RIP is past the instruction.
+    fn complete_pending_io(&mut self) {
+        self.vcpu.set_kvm_immediate_exit(1);
+        match self.vcpu.run() {
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) => tracing::warn!("completing pending I/O: {e}"),
+            Ok(exit) => tracing::warn!("completing pending I/O returned exit {exit:?}"),
+        }
+        self.vcpu.set_kvm_immediate_exit(0);
+    }
+
+    fn save(&mut self) -> Result<VcpuState, VcpuError> {
+        self.complete_pending_io();
+        let err = |op| move |source| VcpuError::Kvm { op, source };
+        Ok(VcpuState {
+            regs: self.vcpu.get_regs().map_err(err("get regs"))?,
+            sregs: self.vcpu.get_sregs().map_err(err("get sregs"))?,
+            fpu: self.vcpu.get_fpu().map_err(err("get fpu"))?,
+        })
+    }
+
+    fn load(&mut self, s: &VcpuState) -> Result<(), VcpuError> {
+        let err = |op| move |source| VcpuError::Kvm { op, source };
+        self.vcpu.set_sregs(&s.sregs).map_err(err("set sregs"))?;
+        self.vcpu.set_regs(&s.regs).map_err(err("set regs"))?;
+        self.vcpu.set_fpu(&s.fpu).map_err(err("set fpu"))?;
+        Ok(())
+    }
+}

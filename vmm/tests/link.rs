@@ -1,0 +1,250 @@
+//! The link protocol end to end: this test plays ferryd against two real
+//! `ferry-vmm` processes (source, then a `--restore` target), moves memory
+//! into a fresh memfd itself, and checks the target's verification against
+//! the source's memory hash.
+
+mod common;
+
+use std::os::unix::net::UnixListener;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use ferry_engine::link::{Link, LinkMsg, Role, VmSpec};
+use ferry_engine::memory::{GuestMem, PageIndex};
+
+fn spawn(args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_ferry-vmm"))
+        .args(args)
+        .spawn()
+        .unwrap()
+}
+
+fn accept(l: &UnixListener) -> Link {
+    let (s, _) = l.accept().unwrap();
+    let link = Link::new(s);
+    link.set_timeout(Some(Duration::from_secs(20))).unwrap();
+    link
+}
+
+fn events(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn wait_exit(mut c: Child) -> i32 {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = c.try_wait().unwrap() {
+            return s.code().unwrap_or(-1);
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "VMM did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn migrate_through_a_fake_ferryd() {
+    if !common::kvm_or_skip("migrate_through_a_fake_ferryd") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ferry-vmm-link-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("link.sock");
+    let (src_report, dst_report) = (dir.join("src.jsonl"), dir.join("dst.jsonl"));
+    let listener = UnixListener::bind(&sock).unwrap();
+    let sock_s = sock.to_str().unwrap();
+
+    // Source registers with its memfd.
+    let src = spawn(&[
+        "--mem-mib",
+        "64",
+        "--workload",
+        "dirty:32",
+        "--link",
+        sock_s,
+        "--report",
+        src_report.to_str().unwrap(),
+    ]);
+    let mut s = accept(&listener);
+    let reg = s.recv().unwrap();
+    let LinkMsg::Register {
+        role: Role::Source,
+        spec: Some(spec),
+    } = reg.msg.clone()
+    else {
+        panic!("unexpected {:?}", reg.msg)
+    };
+    assert_eq!(reg.fds.len(), 1);
+    assert_eq!(spec.vmm_config["workload"], "dirty:32");
+    s.send(
+        &LinkMsg::Registered {
+            vm_id: "vm-1".into(),
+            spec: None,
+        },
+        &[],
+        &[],
+    )
+    .unwrap();
+    let src_mem = GuestMem::from_memfd(reg.fds.into_iter().next().unwrap(), &spec.regions).unwrap();
+
+    // Pre-copy-ish: dirty logging, a few syncs, stats, a bad request.
+    assert_eq!(
+        s.call(&LinkMsg::StartDirtyLog, &[]).unwrap().msg,
+        LinkMsg::Ok
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let r = s.call(&LinkMsg::SyncDirtyLog, &[]).unwrap();
+    assert_eq!(r.msg, LinkMsg::DirtyLog);
+    assert_eq!(r.bin.len() as u64, spec.mem_bytes() / 4096 / 8);
+    assert!(
+        r.bin.iter().any(|&b| b != 0),
+        "the running guest dirtied nothing"
+    );
+    let LinkMsg::Stats(st) = s.call(&LinkMsg::GetStats, &[]).unwrap().msg else {
+        panic!()
+    };
+    assert!(st.running && st.progress > 0);
+    assert!(
+        s.call(&LinkMsg::Ok, &[]).is_err(),
+        "a reply is not a request"
+    );
+
+    // Pause: state blob; the source hashes memory in the background.
+    let paused = s.call(&LinkMsg::Pause, &[]).unwrap();
+    let LinkMsg::Paused { progress } = paused.msg else {
+        panic!("{:?}", paused.msg)
+    };
+    let blob = paused.bin;
+
+    // "Migrate" the memory into a fresh memfd, as ferryd would on the target.
+    let dst_mem = GuestMem::create(&spec).unwrap();
+    let mut buf = vec![0u8; 4096];
+    for p in 0..src_mem.pages() {
+        src_mem.page(PageIndex(p)).unwrap().copy_to(&mut buf[..]);
+        dst_mem.page(PageIndex(p)).unwrap().copy_from(&buf[..]);
+    }
+
+    // Target: registers with its token, gets the spec and the memfd.
+    let dst = spawn(&[
+        "--restore",
+        "--link",
+        sock_s,
+        "--token",
+        "t0k3n",
+        "--report",
+        dst_report.to_str().unwrap(),
+    ]);
+    let mut t = accept(&listener);
+    let reg = t.recv().unwrap();
+    assert_eq!(
+        reg.msg,
+        LinkMsg::Register {
+            role: Role::Target {
+                token: "t0k3n".into()
+            },
+            spec: None
+        }
+    );
+    let msg = LinkMsg::Registered {
+        vm_id: "vm-1".into(),
+        spec: Some(VmSpec { ..spec.clone() }),
+    };
+    t.send(&msg, &[], &[dst_mem.memfd_raw()]).unwrap();
+    assert!(
+        t.call(&LinkMsg::Run, &[]).is_err(),
+        "Run before Restore is refused"
+    );
+    assert!(
+        t.call(&LinkMsg::Restore, b"FVMS-garbage").is_err(),
+        "a bad blob is refused"
+    );
+    let LinkMsg::Restored { verify } = t.call(&LinkMsg::Restore, &blob).unwrap().msg else {
+        panic!()
+    };
+    assert!(verify.checked);
+    assert_eq!(verify.pages_bad, 0);
+    assert!(verify.pages_checked > 15000);
+
+    // Hand-off: quit the source; its report holds the hash taken at pause.
+    let r = s
+        .call(
+            &LinkMsg::Quit {
+                reason: "migrated".into(),
+            },
+            &[],
+        )
+        .unwrap();
+    assert_eq!(r.msg, LinkMsg::Ok);
+    assert_eq!(wait_exit(src), 0);
+    let ev = events(&src_report);
+    let kinds: Vec<&str> = ev.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["registered", "paused", "quit"]);
+    assert_eq!(
+        ev[1]["mem_hash"],
+        verify.mem_hash.as_str(),
+        "target memory differs from the source's"
+    );
+    assert_eq!(ev[1]["progress"], progress);
+
+    // The target runs and can be migrated again on the same link.
+    assert_eq!(t.call(&LinkMsg::Run, &[]).unwrap().msg, LinkMsg::Ok);
+    let t0 = Instant::now();
+    loop {
+        let LinkMsg::Stats(st) = t.call(&LinkMsg::GetStats, &[]).unwrap().msg else {
+            panic!()
+        };
+        assert!(st.running, "target not running: {st:?}");
+        if st.progress > progress + 10 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "target makes no progress"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        t.call(&LinkMsg::StartDirtyLog, &[]).unwrap().msg,
+        LinkMsg::Ok
+    );
+    assert_eq!(
+        t.call(&LinkMsg::SyncDirtyLog, &[]).unwrap().msg,
+        LinkMsg::DirtyLog
+    );
+    let LinkMsg::Paused { progress: p2 } = t.call(&LinkMsg::Pause, &[]).unwrap().msg else {
+        panic!()
+    };
+    assert!(p2 > progress);
+    assert_eq!(t.call(&LinkMsg::Resume, &[]).unwrap().msg, LinkMsg::Ok);
+    assert_eq!(
+        t.call(
+            &LinkMsg::Quit {
+                reason: "done".into()
+            },
+            &[]
+        )
+        .unwrap()
+        .msg,
+        LinkMsg::Ok
+    );
+    assert_eq!(wait_exit(dst), 0);
+    let kinds: Vec<String> = events(&dst_report)
+        .iter()
+        .map(|e| e["event"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "registered",
+            "restored",
+            "running",
+            "paused",
+            "resumed",
+            "quit"
+        ]
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
