@@ -35,6 +35,12 @@ pub struct Ping {
     pub listen: String,
     /// ferryd's process id.
     pub pid: u32,
+    /// Pre-faulted memory kept for incoming migrations (MiB, 0 = none).
+    #[serde(default)]
+    pub reserve_mib: u64,
+    /// Whether that memory is filled and waiting.
+    #[serde(default)]
+    pub reserve_ready: bool,
 }
 
 /// `POST /api/v1/migrations`. Absent or null fields take their defaults.
@@ -203,6 +209,8 @@ fn ping(d: &Daemon) -> Ping {
         version: env!("CARGO_PKG_VERSION").into(),
         listen: d.listen_addr.clone(),
         pid: std::process::id(),
+        reserve_mib: d.reserve.as_ref().map_or(0, |r| r.bytes() >> 20),
+        reserve_ready: d.reserve.as_ref().is_some_and(|r| r.ready()),
     }
 }
 

@@ -58,6 +58,8 @@ pub struct Daemon {
     pub threads: Arc<WaitGroup>,
     /// Set once shutdown began.
     pub shutdown: AtomicBool,
+    /// Pre-faulted memory for incoming migrations (`--reserve-mib`).
+    pub reserve: Option<Arc<ferry_engine::memory::Reserve>>,
 }
 
 impl Daemon {
@@ -158,6 +160,7 @@ pub fn start(cfg: Config, transport: Arc<dyn Transport>) -> Result<Running, Daem
         tokens: Tokens::default(),
         threads: Arc::new(WaitGroup::default()),
         shutdown: AtomicBool::new(false),
+        reserve: (cfg.reserve_mib > 0).then(|| ferry_engine::memory::Reserve::new(cfg.reserve_mib << 20)),
         cfg,
     });
     let server = Arc::new(server);

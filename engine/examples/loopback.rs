@@ -1,7 +1,7 @@
 //! Migrates an in-memory guest over TCP loopback and prints the metrics:
 //! a quick way to see the engine's data path speed without KVM.
 //!
-//! `cargo run --release -p ferry-engine --example loopback -- <MiB> <streams> <fill|mixed|idle>`
+//! `cargo run --release -p ferry-engine --example loopback -- <MiB> <streams> <fill|mixed|idle> [reserve]`
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,6 +20,7 @@ fn main() {
     let mib: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1024);
     let streams: u32 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(4);
     let kind = args.get(3).cloned().unwrap_or_else(|| "fill".into());
+    let reserve = (args.get(4).map(String::as_str) == Some("reserve")).then(|| ferry_engine::memory::Reserve::new(mib << 20));
     let spec = VmSpec {
         name: "vm0".into(),
         regions: vec![RegionSpec { gpa: 0, size: mib << 20, memfd_offset: 0 }],
@@ -50,12 +51,16 @@ fn main() {
     let addr = listener.local_addr();
     let key = Key::generate().unwrap();
     let acceptor = Acceptor::new(key.clone());
+    while reserve.as_ref().is_some_and(|r| !r.ready()) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let tcfg = TargetConfig { reserve, ..TargetConfig::default() };
     let target = std::thread::spawn(move || loop {
         let conn = listener.accept(Some(Duration::from_secs(5))).unwrap().expect("a connection");
         if let Some(session) = acceptor.admit(conn).unwrap() {
             let metrics = Arc::new(Metrics::new(session.id(), "vm0", "target", session.peer()));
             let log = Arc::new(Mutex::new(TargetLog::default()));
-            let out = migrate_in(session, &TargetConfig::default(), metrics, |_, m| Ok(MemTargetVm::new(m, log))).unwrap();
+            let out = migrate_in(session, &tcfg, metrics, |_, m| Ok(MemTargetVm::new(m, log))).unwrap();
             return out.epoch;
         }
     });
@@ -68,5 +73,9 @@ fn main() {
     target.join().unwrap();
     let s = metrics.snapshot();
     println!("{s}");
+    for r in &s.rounds {
+        println!("  round {}: {} pages in {} ms ({:.0} MiB/s): {}", r.round, r.pages, r.ms, r.rate_mib_s, r.decision);
+    }
+    println!("  verify: {} ms", s.verify_ms);
     println!("effective: {:.0} MiB/s ({mib} MiB in {secs:.3} s)", mib as f64 / secs);
 }

@@ -199,7 +199,10 @@ pub fn mem_crc(mem: &GuestMem) -> u32 {
 impl TargetVm for MemTargetVm {
     fn restore(&mut self, state: &VmState) -> Result<VerifyReport, VmError> {
         self.log.lock().unwrap_or_else(|p| p.into_inner()).restored = Some(state.clone());
-        Ok(VerifyReport { checked: true, mem_hash: format!("{:08x}", (self.mem_crc)()), ..VerifyReport::default() })
+        let start = Instant::now();
+        let mem_hash = format!("{:08x}", (self.mem_crc)());
+        let verify_ms = start.elapsed().as_millis() as u64;
+        Ok(VerifyReport { checked: true, mem_hash, verify_ms, ..VerifyReport::default() })
     }
 
     fn run(&mut self, epoch: u64) -> Result<(), VmError> {

@@ -67,7 +67,8 @@ pub struct Snapshot {
     pub policy: String,
     /// Guest RAM.
     pub mem_bytes: u64,
-    /// Time since the start (final once completed).
+    /// Time since the start (final once completed), excluding the target
+    /// VMM's verification pass (`verify_ms`), which only test runs make.
     pub total_time_ms: u64,
     /// Connect + handshake + spec exchange.
     pub setup_time_ms: u64,

@@ -80,7 +80,7 @@ fn migrate(t: &InProcTransport, mib: u64, rate: u64, cfg: SourceConfig, key_src:
             match acceptor.admit(conn) {
                 Ok(Some(session)) => {
                     let metrics = Arc::new(Metrics::new(session.id(), session.vm_name(), "target", session.peer()));
-                    let cfg = TargetConfig { io_timeout: Duration::from_secs(5), prefault: false };
+                    let cfg = TargetConfig { io_timeout: Duration::from_secs(5), prefault: false, reserve: None };
                     let out = migrate_in(session, &cfg, metrics, |_, mem| Ok(MemTargetVm::new(mem, tlog.clone())))
                         .map_err(|e| e.to_string())?;
                     return Ok((out.epoch, mem_crc(&out.mem)));
@@ -226,4 +226,40 @@ fn seeded_faults_never_split_the_vm() {
         eprintln!("seed {seed}: {:?}", r.result.as_ref().map_err(|e| e.to_string()));
         check_invariant(&r);
     }
+}
+
+#[test]
+fn acceptor_refuses_claims_on_a_running_session_and_bad_hellos() {
+    use ferry_engine::wire::handshake::{connect, Hello};
+    let t = InProcTransport::new();
+    let key = Key::generate().unwrap();
+    let mut listener = t.listen("acc").unwrap();
+    let acceptor = Arc::new(Acceptor::new(key.clone()));
+    let a2 = acceptor.clone();
+    let server = std::thread::spawn(move || {
+        let mut results = Vec::new();
+        for _ in 0..4 {
+            let conn = listener.accept(Some(Duration::from_secs(5))).unwrap().unwrap();
+            results.push(a2.admit(conn).map(|s| s.map(|s| s.id().to_string())).map_err(|e| e.to_string()));
+        }
+        results
+    });
+    let hello = |stream| Hello { session: [7; 16], stream, streams: 1, vm: "vm0".into() };
+    let mut conns = Vec::new();
+    for (stream, k) in [(0, &key), (1, &key), (1, &key)] {
+        let mut c = t.connect("acc", Duration::from_secs(1)).unwrap();
+        conns.push((connect(&mut *c, k, &hello(stream)).map_err(|e| e.to_string()), c));
+    }
+    // A different session with another key never gets in.
+    let mut c = t.connect("acc", Duration::from_secs(1)).unwrap();
+    let other = Key::generate().unwrap();
+    let wrong = connect(&mut *c, &other, &Hello { session: [8; 16], ..hello(0) });
+    let results = server.join().unwrap();
+    assert!(conns[0].0.is_ok() && conns[1].0.is_ok());
+    assert_eq!(results[0], Ok(None));
+    assert_eq!(results[1], Ok(Some("07".repeat(16))));
+    assert!(conns[2].0.as_ref().unwrap_err().contains("already running"), "{:?}", conns[2].0);
+    assert!(results[2].as_ref().unwrap_err().contains("already running"));
+    assert!(wrong.is_err());
+    assert!(results[3].as_ref().unwrap_err().contains("authentication failed"), "{:?}", results[3]);
 }

@@ -115,6 +115,8 @@ impl Ferryd {
                 version: String::new(),
                 listen: String::new(),
                 pid: 0,
+                reserve_mib: 0,
+                reserve_ready: false,
             },
         };
         d.ping = d.wait_ready();

@@ -155,13 +155,16 @@ impl Acceptor {
 pub struct TargetConfig {
     /// A data stream silent for this long (while a round is open) is dead.
     pub io_timeout: Duration,
-    /// Fault in all guest memory before receiving.
+    /// Fault in all guest memory before receiving (when it does not come
+    /// from the reserve).
     pub prefault: bool,
+    /// Pre-faulted memory to use when it fits.
+    pub reserve: Option<Arc<crate::memory::Reserve>>,
 }
 
 impl Default for TargetConfig {
     fn default() -> Self {
-        TargetConfig { io_timeout: Duration::from_secs(30), prefault: true }
+        TargetConfig { io_timeout: Duration::from_secs(30), prefault: true, reserve: None }
     }
 }
 
@@ -221,12 +224,15 @@ pub fn migrate_in<V: TargetVm>(
         let e = MigrationError::Invalid(format!("spec names VM {:?}, the handshake {:?}", spec.name, vm_name));
         return Err(fail(&metrics, abort_early(&mut ctl_tx, e)));
     }
-    let mem = match GuestMem::create(&spec) {
+    let reserved = cfg.reserve.as_ref().and_then(|r| r.take(&spec));
+    let from_reserve = reserved.is_some();
+    let mem = match reserved.map_or_else(|| GuestMem::create(&spec), Ok) {
         Ok(m) => Arc::new(m),
         Err(e) => return Err(fail(&metrics, abort_early(&mut ctl_tx, e.into()))),
     };
     metrics.update(|s| s.mem_bytes = mem.bytes());
-    if cfg.prefault {
+    tracing::info!(from_reserve, "guest memory ready ({} MiB)", mem.bytes() >> 20);
+    if cfg.prefault && !from_reserve {
         mem.prefault();
     }
     let mut vm = match create_vm(&spec, &mem) {

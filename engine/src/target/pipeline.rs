@@ -129,6 +129,7 @@ impl Receivers {
                 jobs: job_txs[i % decoders].clone(),
                 pool: pool_rx.clone(),
                 progress: progress.clone(),
+                entries: Vec::with_capacity(crate::wire::PAGES_PER_FRAME_MAX),
             };
             threads.push(
                 std::thread::Builder::new()
@@ -192,6 +193,7 @@ struct RecvStage {
     jobs: Sender<DecodeJob>,
     pool: Receiver<Vec<u8>>,
     progress: Arc<Vec<Progress>>,
+    entries: Vec<PageEntry>,
 }
 
 impl RecvStage {
@@ -262,21 +264,27 @@ impl RecvStage {
         }
         let mem = self.shared.mem.clone();
         let total_pages = mem.pages();
-        let (mut zero, mut lz4, mut raw, mut data_bytes) = (0u64, 0u64, 0u64, 0u64);
+        // Check the whole table before touching memory.
+        self.entries.clear();
         for raw_entry in table.chunks_exact(PageEntry::BYTES) {
             let e = PageEntry::decode(raw_entry)?;
+            let bad = |detail: String| WireError::Malformed { what: "page entry", detail };
             if e.page >= total_pages {
-                return Err(WireError::Malformed {
-                    what: "page entry",
-                    detail: format!("page {} past the end of guest memory ({total_pages} pages)", e.page),
-                });
+                return Err(bad(format!("page {} past the end of guest memory ({total_pages} pages)", e.page)));
             }
             if owner_stream(e.page, self.streams) != self.stream {
-                return Err(WireError::Malformed {
-                    what: "page entry",
-                    detail: format!("page {} does not belong to stream {}", e.page, self.stream),
-                });
+                return Err(bad(format!("page {} does not belong to stream {}", e.page, self.stream)));
             }
+            if self.entries.last().is_some_and(|prev: &PageEntry| prev.page >= e.page) {
+                return Err(bad(format!("page {} out of order in its frame", e.page)));
+            }
+            self.entries.push(e);
+        }
+        let entries = std::mem::take(&mut self.entries);
+        let (mut zero, mut lz4, mut raw, mut data_bytes) = (0u64, 0u64, 0u64, 0u64);
+        let mut i = 0;
+        while i < entries.len() {
+            let e = entries[i];
             let slice = mem.page(PageIndex(e.page)).expect("index checked above");
             data_bytes += e.len as u64;
             match e.codec {
@@ -286,16 +294,32 @@ impl RecvStage {
                     }
                     self.shared.suspect.clear(e.page);
                     zero += 1;
+                    i += 1;
                 }
                 Codec::Raw => {
-                    self.conn.recv_exact_volatile(&slice)?;
-                    self.shared.written.set(e.page);
-                    if crc32c_guest(&slice) == e.crc {
-                        self.shared.suspect.clear(e.page);
-                    } else {
-                        self.shared.suspect.set(e.page);
+                    // A run of raw pages adjacent in guest memory arrives with one receive.
+                    let mut n = 1;
+                    while i + n < entries.len()
+                        && entries[i + n].codec == Codec::Raw
+                        && entries[i + n].page == e.page + n as u64
+                        && mem.pages_left_in_region(PageIndex(e.page)) > n as u64
+                    {
+                        n += 1;
                     }
-                    raw += 1;
+                    let run = mem.pages_slice(PageIndex(e.page), n as u64).expect("run inside one region");
+                    self.conn.recv_exact_volatile(&run)?;
+                    for (k, re) in entries[i..i + n].iter().enumerate() {
+                        let page = run.subslice(k * PAGE_SIZE, PAGE_SIZE).expect("inside the run");
+                        self.shared.written.set(re.page);
+                        if crc32c_guest(&page) == re.crc {
+                            self.shared.suspect.clear(re.page);
+                        } else {
+                            self.shared.suspect.set(re.page);
+                        }
+                    }
+                    data_bytes += (n as u64 - 1) * PAGE_SIZE as u64;
+                    raw += n as u64;
+                    i += n;
                 }
                 Codec::Lz4 => {
                     let mut buf = self.pool.try_recv().unwrap_or_else(|_| Vec::with_capacity(PAYLOAD_BYTES_MAX));
@@ -310,9 +334,11 @@ impl RecvStage {
                         });
                     }
                     lz4 += 1;
+                    i += 1;
                 }
             }
         }
+        self.entries = entries;
         let m = &self.shared.metrics;
         m.wire_bytes.fetch_add(data_bytes, Ordering::Relaxed);
         m.pages_zero.fetch_add(zero, Ordering::Relaxed);
