@@ -67,6 +67,10 @@ fn main() {
     let mut vm = MemSourceVm::new(mem.clone(), 0, 1);
     let cfg = SourceConfig { streams: streams.try_into().unwrap(), ..SourceConfig::default() };
     let metrics = Arc::new(Metrics::new("bench", "vm0", "source", &addr));
+    if let Some(ms) = std::env::var("FERRY_WAIT_MS").ok().and_then(|v| v.parse().ok()) {
+        eprintln!("ready; migrating in {ms} ms");
+        std::thread::sleep(Duration::from_millis(ms));
+    }
     let start = Instant::now();
     migrate_out(&t, &addr, &key, &spec, 0, mem, &mut vm, &cfg, metrics.clone(), &Cancel::new()).unwrap();
     let secs = start.elapsed().as_secs_f64();

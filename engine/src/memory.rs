@@ -248,12 +248,13 @@ mod tests {
 pub struct Reserve {
     bytes: u64,
     slot: std::sync::Mutex<Option<GuestMem>>,
+    filling: std::sync::atomic::AtomicBool,
 }
 
 impl Reserve {
     /// A reserve of `bytes`, filled in the background from now on.
     pub fn new(bytes: u64) -> std::sync::Arc<Self> {
-        let r = std::sync::Arc::new(Reserve { bytes, slot: std::sync::Mutex::new(None) });
+        let r = std::sync::Arc::new(Reserve { bytes, slot: std::sync::Mutex::new(None), filling: Default::default() });
         r.refill();
         r
     }
@@ -268,7 +269,14 @@ impl Reserve {
         self.slot.lock().unwrap_or_else(|p| p.into_inner()).is_some()
     }
 
-    fn refill(self: &std::sync::Arc<Self>) {
+    /// Fills a new reserve in the background unless one is there. Call it
+    /// when an incoming migration is over: filling zeroes and faults in the
+    /// whole reserve, which would compete with a migration for the CPUs.
+    pub fn refill(self: &std::sync::Arc<Self>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.ready() || self.filling.swap(true, SeqCst) {
+            return;
+        }
         let me = self.clone();
         let spawned = std::thread::Builder::new().name("ferry-reserve".into()).spawn(move || {
             let spec = VmSpec {
@@ -286,15 +294,17 @@ impl Reserve {
                 }
                 Err(e) => tracing::warn!("cannot fill the memory reserve: {e}"),
             }
+            me.filling.store(false, SeqCst);
         });
         if let Err(e) = spawned {
+            self.filling.store(false, SeqCst);
             tracing::warn!("cannot start filling the memory reserve: {e}");
         }
     }
 
     /// Takes the reserve for `spec` when it is filled and the spec is one
     /// region at memfd offset 0 that fits (what ferry-vmm and most VMMs
-    /// make), and starts filling a new one.
+    /// make). Call [`Self::refill`] once the migration is over.
     pub fn take(self: &std::sync::Arc<Self>, spec: &VmSpec) -> Option<GuestMem> {
         check_layout(&spec.regions).ok()?;
         let [region] = spec.regions.as_slice() else { return None };
@@ -302,7 +312,6 @@ impl Reserve {
             return None;
         }
         let mut mem = self.slot.lock().unwrap_or_else(|p| p.into_inner()).take()?;
-        self.refill();
         // Shrinking the memfd frees the pages past the region; the mapping
         // stays larger, but nothing reads past `pages`.
         mem.file.set_len(region.size).ok()?;

@@ -225,6 +225,8 @@ pub fn migrate_in<V: TargetVm>(
         return Err(fail(&metrics, abort_early(&mut ctl_tx, e)));
     }
     let reserved = cfg.reserve.as_ref().and_then(|r| r.take(&spec));
+    // Whatever happens from here, refill the reserve once this migration is over.
+    let _refill = RefillOnDrop(cfg.reserve.clone());
     let from_reserve = reserved.is_some();
     let mem = match reserved.map_or_else(|| GuestMem::create(&spec), Ok) {
         Ok(m) => Arc::new(m),
@@ -269,6 +271,16 @@ pub fn migrate_in<V: TargetVm>(
             let _ = shared.send_control(FrameKind::Control, &wire::encode_control(&ControlMsg::Abort { reason: e.to_string() }));
             vm.abort(&e.to_string());
             Err(fail(&metrics, e))
+        }
+    }
+}
+
+struct RefillOnDrop(Option<Arc<crate::memory::Reserve>>);
+
+impl Drop for RefillOnDrop {
+    fn drop(&mut self) {
+        if let Some(r) = &self.0 {
+            r.refill();
         }
     }
 }
