@@ -231,6 +231,35 @@ mod tests {
     }
 
     #[test]
+    fn reserve_hands_out_zeroed_memory_that_fits_and_refills() {
+        let r = Reserve::new(16 * 4096);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !r.ready() {
+            assert!(std::time::Instant::now() < deadline, "reserve never filled");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let too_big = spec(vec![RegionSpec { gpa: 0, size: 32 * 4096, memfd_offset: 0 }]);
+        assert!(r.take(&too_big).is_none());
+        let two = spec(vec![
+            RegionSpec { gpa: 0, size: 4096, memfd_offset: 0 },
+            RegionSpec { gpa: 1 << 30, size: 4096, memfd_offset: 4096 },
+        ]);
+        assert!(r.take(&two).is_none(), "only single-region layouts");
+        let fits = spec(vec![RegionSpec { gpa: 0, size: 8 * 4096, memfd_offset: 0 }]);
+        let m = r.take(&fits).unwrap();
+        assert_eq!(m.pages(), 8);
+        assert!(m.page(PageIndex(8)).is_none());
+        assert_eq!(m.page(PageIndex(7)).unwrap().read_obj::<u64>(4088).unwrap(), 0);
+        assert!(!r.ready());
+        assert!(r.take(&fits).is_none(), "taken once");
+        r.refill();
+        while !r.ready() {
+            assert!(std::time::Instant::now() < deadline, "reserve never refilled");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    #[test]
     fn rejects_bad_layouts() {
         assert!(GuestMem::create(&spec(vec![])).is_err());
         assert!(GuestMem::create(&spec(vec![RegionSpec { gpa: 1, size: 4096, memfd_offset: 0 }])).is_err());
