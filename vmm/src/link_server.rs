@@ -11,11 +11,11 @@
 //! SyncDirtyLog     DirtyLog + bitmap        u64 LE words, bit per 4 KiB page
 //! StopDirtyLog     Ok
 //! Pause            Paused{progress} + blob  parks at the guest's next exit
-//! Resume           Ok                       waits for the --report hash first
+//! Resume           Ok                       hashes paused memory (--report) first
 //! Restore + blob   Restored{verify}         target, before Run
 //! Run              Ok                       target: the VM runs from here on
 //! GetStats         Stats{progress,running,phase}
-//! Quit             Ok, then exit 0          waits for the --report hash first
+//! Quit             Ok, then exit 0          hashes paused memory (--report) first
 //! anything else    Error{message}
 //! ```
 //!
@@ -27,7 +27,6 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use ferry_engine::link::{
@@ -71,7 +70,7 @@ pub struct LinkServer {
     machine: Machine,
     vm_id: String,
     report: Option<Report>,
-    hash_job: Option<JoinHandle<()>>,
+    pending_hash: Option<(u64, u64)>,
 }
 
 fn expect_registered(r: Received) -> Result<(String, Option<VmSpec>, Received), LinkServerError> {
@@ -121,7 +120,7 @@ impl LinkServer {
             machine,
             vm_id,
             report,
-            hash_job: None,
+            pending_hash: None,
         })
     }
 
@@ -177,7 +176,7 @@ impl LinkServer {
             machine,
             vm_id,
             report,
-            hash_job: None,
+            pending_hash: None,
         })
     }
 
@@ -299,33 +298,29 @@ impl LinkServer {
         }
     }
 
-    /// Hashes all guest memory in the background after a pause (memory is
-    /// frozen until Resume or Quit, which wait for this).
+    /// Notes that the memory of this pause must be hashed before the guest
+    /// runs again or the VMM exits. The hash is taken then, not now: during
+    /// the switchover it would compete with the migration for the CPUs and
+    /// inflate the downtime it is meant to check. Memory stays frozen until
+    /// Resume or Quit, which hash first.
     fn start_hash(&mut self, progress: u64, pause_us: u64) {
-        let Some(report) = self.report.clone() else {
-            return;
-        };
-        self.wait_hash();
-        let ram = self.machine.ram().clone();
-        let job = std::thread::Builder::new().name("mem-hash".into()).spawn(move || {
-            let t0 = Instant::now();
-            let mem_hash = oracle::mem_hash(&ram.all());
-            let hash_ms = t0.elapsed().as_millis() as u64;
-            report.event(
-                "paused",
-                json!({"mem_hash": mem_hash, "progress": progress, "pause_us": pause_us, "hash_ms": hash_ms}),
-            );
-        });
-        match job {
-            Ok(j) => self.hash_job = Some(j),
-            Err(e) => tracing::warn!("cannot start the memory hash thread: {e}"),
+        if self.report.is_some() {
+            self.pending_hash = Some((progress, pause_us));
         }
     }
 
+    /// Takes the hash noted by [`Self::start_hash`], if any, and reports it.
     fn wait_hash(&mut self) {
-        if let Some(j) = self.hash_job.take() {
-            let _ = j.join();
-        }
+        let (Some((progress, pause_us)), Some(report)) = (self.pending_hash.take(), self.report.clone()) else {
+            return;
+        };
+        let t0 = Instant::now();
+        let mem_hash = oracle::mem_hash(&self.machine.ram().all());
+        let hash_ms = t0.elapsed().as_millis() as u64;
+        report.event(
+            "paused",
+            json!({"mem_hash": mem_hash, "progress": progress, "pause_us": pause_us, "hash_ms": hash_ms}),
+        );
     }
 
     /// The target's independent check of the memory it received.

@@ -325,11 +325,6 @@ impl Migration<'_> {
             Err(e) => return Err(MigrationError::CommitUnknown(e.to_string())),
         }
         let downtime_ms = (paused_at.elapsed().as_millis() as u64).saturating_sub(verify.verify_ms);
-        if let Err(e) = vm.hand_off(new_epoch) {
-            // The VM runs on the target; the local VMM failing to stop is the
-            // operator's to clean up, never a reason to run the guest here.
-            tracing::error!("the VM runs on the target but the local VMM did not stop: {e}");
-        }
         self.paused = false;
         self.logging = false;
         let verify_ms = verify.verify_ms;
@@ -341,6 +336,11 @@ impl Migration<'_> {
         self.metrics.finish(Status::Completed, None);
         // The oracle's pass is a test instrument, not part of the migration.
         self.metrics.update(|s| s.total_time_ms = s.total_time_ms.saturating_sub(verify_ms));
+        if let Err(e) = vm.hand_off(new_epoch) {
+            // The VM runs on the target; the local VMM failing to stop is the
+            // operator's to clean up, never a reason to run the guest here.
+            tracing::error!("the VM runs on the target but the local VMM did not stop: {e}");
+        }
         if let Some(c) = &self.control {
             c.shutdown();
         }
