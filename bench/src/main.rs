@@ -1,1 +1,124 @@
-fn main() {}
+//! `ferry-bench`: whole-migration benchmarks. See the crate docs of
+//! `ferry_bench` for what a run does.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use ferry_bench::migrate::{self, MigrateArgs};
+use ferry_bench::{blast, procs, ui::Ui};
+
+/// ferry-bench: migrate a real VM between two ferryds on this machine and
+/// measure it against the raw link.
+#[derive(Debug, Parser)]
+#[command(name = "ferry-bench", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Migrate one VM and print the result (a table, or JSON with --json).
+    ///
+    /// Finds ferryd and ferry-vmm next to this executable, starts a target and
+    /// a source ferryd with a fresh key, starts a source VM running the
+    /// workload, waits until it is warm, measures the raw TCP link with the
+    /// same byte count and stream count, migrates, and verifies: memory hash at
+    /// the pause equals the target's, page stamps all good, the guest's
+    /// counter moves on the target, and the source VM has stopped. Exits
+    /// non-zero unless the migration completed and all checks passed.
+    Migrate(MigrateArgs),
+    /// Receive a link blast (used by `migrate`).
+    #[command(hide = true)]
+    BlastRecv {
+        /// Address to listen on (port 0: any free port).
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Connections to accept.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=blast::STREAMS_MAX as i64))]
+        streams: u32,
+    },
+    /// Send a link blast and print its result as JSON (used by `migrate`).
+    #[command(hide = true)]
+    BlastSend {
+        /// The receiver.
+        #[arg(long)]
+        to: SocketAddr,
+        /// Total bytes over all streams.
+        #[arg(long)]
+        bytes: u64,
+        /// Streams.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=blast::STREAMS_MAX as i64))]
+        streams: u32,
+    },
+}
+
+/// Exit code when Ctrl-C (SIGINT) ended the run, as shells report it.
+const EXIT_INTERRUPTED: u8 = 130;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Migrate(args) => migrate_main(&args),
+        Cmd::BlastRecv { listen, streams } => report(blast::recv_main(listen, streams)),
+        Cmd::BlastSend { to, bytes, streams } => report(blast::send_main(to, bytes, streams)),
+    }
+}
+
+fn report(r: Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn migrate_main(args: &MigrateArgs) -> ExitCode {
+    let mut ui = Ui::from_env();
+    let result = procs::catch_interrupts().and_then(|()| migrate::run(args, &mut ui));
+    ui.end_live();
+    match result {
+        Ok(r) => {
+            if args.json {
+                match serde_json::to_string_pretty(&r) {
+                    Ok(j) => println!("{j}"),
+                    Err(e) => eprintln!("ferry-bench: cannot print the result: {e}"),
+                }
+            } else {
+                println!("{r}");
+            }
+            if r.verified {
+                ExitCode::SUCCESS
+            } else if procs::interrupted() {
+                ExitCode::from(EXIT_INTERRUPTED)
+            } else {
+                eprintln!(
+                    "ferry-bench: {}",
+                    if r.status == "completed" {
+                        "the migration completed but did not verify".to_string()
+                    } else {
+                        format!("the migration did not complete ({})", r.status)
+                    }
+                );
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            if args.json {
+                let j = serde_json::json!({ "status": "error", "error": msg, "verified": false });
+                println!("{j}");
+            }
+            eprintln!("ferry-bench: {msg}");
+            if procs::interrupted() {
+                ExitCode::from(EXIT_INTERRUPTED)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}

@@ -160,7 +160,8 @@ pub fn start(cfg: Config, transport: Arc<dyn Transport>) -> Result<Running, Daem
         tokens: Tokens::default(),
         threads: Arc::new(WaitGroup::default()),
         shutdown: AtomicBool::new(false),
-        reserve: (cfg.reserve_mib > 0).then(|| ferry_engine::memory::Reserve::new(cfg.reserve_mib << 20)),
+        reserve: (cfg.reserve_mib > 0)
+            .then(|| ferry_engine::memory::Reserve::new(cfg.reserve_mib << 20)),
         cfg,
     });
     let server = Arc::new(server);

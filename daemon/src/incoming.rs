@@ -130,7 +130,10 @@ fn receive(d: &Arc<Daemon>, session: IncomingSession) {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         migrate_in(
             session,
-            &TargetConfig { reserve: d.reserve.clone(), ..TargetConfig::default() },
+            &TargetConfig {
+                reserve: d.reserve.clone(),
+                ..TargetConfig::default()
+            },
             Arc::clone(&metrics),
             |spec, mem| {
                 let vm_id = reserved.clone().map_err(MigrationError::Invalid)?;

@@ -14,7 +14,10 @@ pub struct DirtyBitmap {
 impl DirtyBitmap {
     /// All clear.
     pub fn new(pages: u64) -> Self {
-        DirtyBitmap { words: vec![0; pages.div_ceil(64) as usize], pages }
+        DirtyBitmap {
+            words: vec![0; pages.div_ceil(64) as usize],
+            pages,
+        }
     }
 
     /// All set (the bulk round).
@@ -70,7 +73,11 @@ impl DirtyBitmap {
     /// Runs of consecutive set pages as (first, count), ascending.
     pub fn runs(&mut self) -> Runs<'_> {
         self.trim();
-        Runs { words: &self.words, next: 0, pages: self.pages }
+        Runs {
+            words: &self.words,
+            next: 0,
+            pages: self.pages,
+        }
     }
 }
 
@@ -122,7 +129,10 @@ pub struct AtomicBitmap {
 impl AtomicBitmap {
     /// All clear.
     pub fn new(pages: u64) -> Self {
-        AtomicBitmap { words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(), pages }
+        AtomicBitmap {
+            words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            pages,
+        }
     }
 
     /// Sets page `i`; returns whether it was set before.
@@ -145,7 +155,10 @@ impl AtomicBitmap {
 
     /// Number of set pages.
     pub fn count(&self) -> u64 {
-        self.words.iter().map(|w| w.load(Relaxed).count_ones() as u64).sum()
+        self.words
+            .iter()
+            .map(|w| w.load(Relaxed).count_ones() as u64)
+            .sum()
     }
 }
 

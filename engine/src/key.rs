@@ -65,7 +65,10 @@ impl Key {
     /// Reads a key file.
     pub fn from_file(path: &Path) -> Result<Self, KeyError> {
         let p = path.display().to_string();
-        let s = std::fs::read_to_string(path).map_err(|source| KeyError::Read { path: p.clone(), source })?;
+        let s = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+            path: p.clone(),
+            source,
+        })?;
         Self::from_hex(&s).ok_or(KeyError::Format { path: p })
     }
 

@@ -268,7 +268,10 @@ impl Link {
 
     /// Connects to ferryd's link socket at `path`.
     pub fn connect(path: &std::path::Path) -> Result<Self, LinkError> {
-        let sock = UnixStream::connect(path).map_err(|source| LinkError::Io { op: "connect", source })?;
+        let sock = UnixStream::connect(path).map_err(|source| LinkError::Io {
+            op: "connect",
+            source,
+        })?;
         Ok(Link { sock })
     }
 
@@ -276,12 +279,18 @@ impl Link {
     pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<(), LinkError> {
         self.sock
             .set_read_timeout(timeout)
-            .map_err(|source| LinkError::Io { op: "set timeout", source })
+            .map_err(|source| LinkError::Io {
+                op: "set timeout",
+                source,
+            })
     }
 
     /// A second handle on the same socket.
     pub fn try_clone(&self) -> Result<Link, LinkError> {
-        let sock = self.sock.try_clone().map_err(|source| LinkError::Io { op: "clone", source })?;
+        let sock = self.sock.try_clone().map_err(|source| LinkError::Io {
+            op: "clone",
+            source,
+        })?;
         Ok(Link { sock })
     }
 
@@ -293,8 +302,12 @@ impl Link {
     /// Sends one message with an optional binary payload and descriptors.
     pub fn send(&mut self, msg: &LinkMsg, bin: &[u8], fds: &[RawFd]) -> Result<(), LinkError> {
         let json = serde_json::to_vec(msg).map_err(|e| LinkError::Malformed(e.to_string()))?;
-        let json_len = u32::try_from(json.len()).ok().filter(|&n| n <= LINK_JSON_BYTES_MAX);
-        let bin_len = u32::try_from(bin.len()).ok().filter(|&n| n <= LINK_BIN_BYTES_MAX);
+        let json_len = u32::try_from(json.len())
+            .ok()
+            .filter(|&n| n <= LINK_JSON_BYTES_MAX);
+        let bin_len = u32::try_from(bin.len())
+            .ok()
+            .filter(|&n| n <= LINK_BIN_BYTES_MAX);
         let (Some(json_len), Some(bin_len)) = (json_len, bin_len) else {
             return Err(LinkError::Malformed(format!(
                 "message too large to send ({} JSON bytes, {} binary bytes)",
@@ -302,7 +315,10 @@ impl Link {
                 bin.len()
             )));
         };
-        assert!(fds.len() <= LINK_FDS_MAX, "too many fds for one link message");
+        assert!(
+            fds.len() <= LINK_FDS_MAX,
+            "too many fds for one link message"
+        );
         let mut header = [0u8; HEADER_BYTES];
         header[0..4].copy_from_slice(&LINK_MAGIC.to_le_bytes());
         header[4..8].copy_from_slice(&json_len.to_le_bytes());
@@ -314,10 +330,21 @@ impl Link {
             let iov = [IoSlice::new(&header)];
             let cmsg = [ControlMessage::ScmRights(fds)];
             let mut sent = loop {
-                match sendmsg::<()>(self.sock.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None) {
+                match sendmsg::<()>(
+                    self.sock.as_raw_fd(),
+                    &iov,
+                    &cmsg,
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                ) {
                     Ok(n) => break n,
                     Err(nix::errno::Errno::EINTR) => continue,
-                    Err(e) => return Err(LinkError::Io { op: "sendmsg", source: e.into() }),
+                    Err(e) => {
+                        return Err(LinkError::Io {
+                            op: "sendmsg",
+                            source: e.into(),
+                        })
+                    }
                 }
             };
             while sent < HEADER_BYTES {
@@ -332,7 +359,9 @@ impl Link {
 
     fn write_all_parts(&mut self, parts: &[&[u8]]) -> Result<(), LinkError> {
         for p in parts {
-            self.sock.write_all(p).map_err(|source| LinkError::Io { op: "send", source })?;
+            self.sock
+                .write_all(p)
+                .map_err(|source| LinkError::Io { op: "send", source })?;
         }
         Ok(())
     }
@@ -353,7 +382,12 @@ impl Link {
                 ) {
                     Ok(m) => break m,
                     Err(nix::errno::Errno::EINTR) => continue,
-                    Err(e) => return Err(LinkError::Io { op: "recvmsg", source: e.into() }),
+                    Err(e) => {
+                        return Err(LinkError::Io {
+                            op: "recvmsg",
+                            source: e.into(),
+                        })
+                    }
                 }
             };
             if let Ok(cmsgs) = msg.cmsgs() {
@@ -378,13 +412,19 @@ impl Link {
                 .read(&mut header[got..])
                 .map_err(|source| LinkError::Io { op: "recv", source })?;
             if n == 0 {
-                return Err(LinkError::Malformed("link closed inside a message header".into()));
+                return Err(LinkError::Malformed(
+                    "link closed inside a message header".into(),
+                ));
             }
             got += n;
         }
-        let field = |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+        let field =
+            |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
         if field(0) != LINK_MAGIC {
-            return Err(LinkError::Malformed(format!("bad magic {:#010x}", field(0))));
+            return Err(LinkError::Malformed(format!(
+                "bad magic {:#010x}",
+                field(0)
+            )));
         }
         let (json_len, bin_len) = (field(4), field(8));
         if json_len > LINK_JSON_BYTES_MAX || bin_len > LINK_BIN_BYTES_MAX {
@@ -398,8 +438,8 @@ impl Link {
             .read_exact(&mut json)
             .and_then(|_| self.sock.read_exact(&mut bin))
             .map_err(|source| LinkError::Io { op: "recv", source })?;
-        let msg: LinkMsg =
-            serde_json::from_slice(&json).map_err(|e| LinkError::Malformed(format!("bad JSON: {e}")))?;
+        let msg: LinkMsg = serde_json::from_slice(&json)
+            .map_err(|e| LinkError::Malformed(format!("bad JSON: {e}")))?;
         Ok(Received { msg, bin, fds })
     }
 
@@ -426,11 +466,18 @@ mod tests {
         let file = std::fs::File::open("/dev/null").unwrap();
         let spec = VmSpec {
             name: "vm0".into(),
-            regions: vec![RegionSpec { gpa: 0, size: 1 << 20, memfd_offset: 0 }],
+            regions: vec![RegionSpec {
+                gpa: 0,
+                size: 1 << 20,
+                memfd_offset: 0,
+            }],
             vcpus: 1,
             vmm_config: serde_json::json!({"workload": "idle"}),
         };
-        let msg = LinkMsg::Register { role: Role::Source, spec: Some(spec) };
+        let msg = LinkMsg::Register {
+            role: Role::Source,
+            spec: Some(spec),
+        };
         a.send(&msg, b"bits", &[file.as_raw_fd()]).unwrap();
         let r = b.recv().unwrap();
         assert_eq!(r.msg, msg);

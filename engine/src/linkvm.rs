@@ -18,7 +18,13 @@ fn link_err(op: &'static str) -> impl FnOnce(LinkError) -> VmError {
 }
 
 fn expect(op: &'static str, got: &LinkMsg, want: &'static str) -> VmError {
-    VmError::Link { op, source: LinkError::Unexpected { expected: want, got: got.kind().into() } }
+    VmError::Link {
+        op,
+        source: LinkError::Unexpected {
+            expected: want,
+            got: got.kind().into(),
+        },
+    }
 }
 
 impl LinkVm {
@@ -42,7 +48,10 @@ impl LinkVm {
 
     /// Asks the VMM for its live numbers.
     pub fn stats(&mut self) -> Result<VmStats, VmError> {
-        let r = self.link.call(&LinkMsg::GetStats, &[]).map_err(link_err("get_stats"))?;
+        let r = self
+            .link
+            .call(&LinkMsg::GetStats, &[])
+            .map_err(link_err("get_stats"))?;
         match r.msg {
             LinkMsg::Stats(s) => Ok(s),
             other => Err(expect("get_stats", &other, "stats")),
@@ -57,14 +66,21 @@ impl SourceVm for LinkVm {
 
     fn sync_dirty_log(&mut self, bitmap: &mut [u64]) -> Result<(), VmError> {
         const OP: &str = "sync_dirty_log";
-        let r = self.link.call(&LinkMsg::SyncDirtyLog, &[]).map_err(link_err(OP))?;
+        let r = self
+            .link
+            .call(&LinkMsg::SyncDirtyLog, &[])
+            .map_err(link_err(OP))?;
         if r.msg != LinkMsg::DirtyLog {
             return Err(expect(OP, &r.msg, "dirty_log"));
         }
         if r.bin.len() != bitmap.len() * 8 {
             return Err(VmError::Request {
                 op: OP,
-                message: format!("bitmap of {} bytes, expected {}", r.bin.len(), bitmap.len() * 8),
+                message: format!(
+                    "bitmap of {} bytes, expected {}",
+                    r.bin.len(),
+                    bitmap.len() * 8
+                ),
             });
         }
         for (w, b) in bitmap.iter_mut().zip(r.bin.chunks_exact(8)) {
@@ -78,9 +94,15 @@ impl SourceVm for LinkVm {
     }
 
     fn pause(&mut self) -> Result<VmState, VmError> {
-        let r = self.link.call(&LinkMsg::Pause, &[]).map_err(link_err("pause"))?;
+        let r = self
+            .link
+            .call(&LinkMsg::Pause, &[])
+            .map_err(link_err("pause"))?;
         match r.msg {
-            LinkMsg::Paused { progress } => Ok(VmState { blob: r.bin, progress }),
+            LinkMsg::Paused { progress } => Ok(VmState {
+                blob: r.bin,
+                progress,
+            }),
             other => Err(expect("pause", &other, "paused")),
         }
     }
@@ -90,13 +112,21 @@ impl SourceVm for LinkVm {
     }
 
     fn hand_off(&mut self, epoch: u64) -> Result<(), VmError> {
-        self.simple("quit", LinkMsg::Quit { reason: format!("migrated away (epoch {epoch})") })
+        self.simple(
+            "quit",
+            LinkMsg::Quit {
+                reason: format!("migrated away (epoch {epoch})"),
+            },
+        )
     }
 }
 
 impl TargetVm for LinkVm {
     fn restore(&mut self, state: &VmState) -> Result<VerifyReport, VmError> {
-        let r = self.link.call(&LinkMsg::Restore, &state.blob).map_err(link_err("restore"))?;
+        let r = self
+            .link
+            .call(&LinkMsg::Restore, &state.blob)
+            .map_err(link_err("restore"))?;
         match r.msg {
             LinkMsg::Restored { verify } => Ok(verify),
             other => Err(expect("restore", &other, "restored")),
@@ -108,7 +138,13 @@ impl TargetVm for LinkVm {
     }
 
     fn abort(&mut self, reason: &str) {
-        let _ = self.link.send(&LinkMsg::Quit { reason: reason.into() }, &[], &[]);
+        let _ = self.link.send(
+            &LinkMsg::Quit {
+                reason: reason.into(),
+            },
+            &[],
+            &[],
+        );
         let _ = self.link.recv();
         self.link.shutdown();
     }

@@ -69,14 +69,21 @@ impl GuestMem {
     /// Creates a fresh, zeroed memfd for `spec` and maps it (the target side).
     pub fn create(spec: &VmSpec) -> Result<Self, MemoryError> {
         check_layout(&spec.regions)?;
-        let size = spec.regions.iter().map(|r| r.memfd_offset + r.size).max().unwrap_or(0);
-        let fd = nix::sys::memfd::memfd_create(
-            c"ferry-guest",
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-        )
-        .map_err(|e| MemoryError::Os { op: "create", source: e.into() })?;
+        let size = spec
+            .regions
+            .iter()
+            .map(|r| r.memfd_offset + r.size)
+            .max()
+            .unwrap_or(0);
+        let fd =
+            nix::sys::memfd::memfd_create(c"ferry-guest", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .map_err(|e| MemoryError::Os {
+                op: "create",
+                source: e.into(),
+            })?;
         let file = File::from(fd);
-        file.set_len(size).map_err(|source| MemoryError::Os { op: "size", source })?;
+        file.set_len(size)
+            .map_err(|source| MemoryError::Os { op: "size", source })?;
         Self::map(file, &spec.regions)
     }
 
@@ -84,7 +91,10 @@ impl GuestMem {
     pub fn from_memfd(fd: OwnedFd, regions: &[RegionSpec]) -> Result<Self, MemoryError> {
         check_layout(regions)?;
         let file = File::from(fd);
-        let len = file.metadata().map_err(|source| MemoryError::Os { op: "stat", source })?.len();
+        let len = file
+            .metadata()
+            .map_err(|source| MemoryError::Os { op: "stat", source })?
+            .len();
         if let Some(r) = regions.iter().find(|r| r.memfd_offset + r.size > len) {
             return Err(MemoryError::Layout(format!(
                 "region at {:#x} ends past the memfd ({} bytes)",
@@ -98,16 +108,30 @@ impl GuestMem {
         let mut regions = Vec::with_capacity(specs.len());
         let mut first_page = 0;
         for spec in specs {
-            let dup = file.try_clone().map_err(|source| MemoryError::Os { op: "dup", source })?;
+            let dup = file
+                .try_clone()
+                .map_err(|source| MemoryError::Os { op: "dup", source })?;
             let size = usize::try_from(spec.size)
                 .map_err(|_| MemoryError::Layout("region larger than the address space".into()))?;
             let map = MmapRegion::from_file(FileOffset::new(dup, spec.memfd_offset), size)
-                .map_err(|e| MemoryError::Os { op: "map", source: std::io::Error::other(e) })?;
+                .map_err(|e| MemoryError::Os {
+                    op: "map",
+                    source: std::io::Error::other(e),
+                })?;
             let pages = spec.size / PAGE_SIZE as u64;
-            regions.push(Region { spec: spec.clone(), first_page, pages, map });
+            regions.push(Region {
+                spec: spec.clone(),
+                first_page,
+                pages,
+                map,
+            });
             first_page += pages;
         }
-        Ok(GuestMem { regions, pages: first_page, file })
+        Ok(GuestMem {
+            regions,
+            pages: first_page,
+            file,
+        })
     }
 
     /// Number of pages in all regions.
@@ -156,12 +180,15 @@ impl GuestMem {
 
     /// How many pages from `index` to the end of its region.
     pub fn pages_left_in_region(&self, index: PageIndex) -> u64 {
-        self.region_of(index).map_or(0, |r| r.first_page + r.pages - index.0)
+        self.region_of(index)
+            .map_or(0, |r| r.first_page + r.pages - index.0)
     }
 
     fn region_of(&self, index: PageIndex) -> Option<&Region> {
         // Few regions (usually one or two): a linear scan beats a search.
-        self.regions.iter().find(|r| index.0 >= r.first_page && index.0 < r.first_page + r.pages)
+        self.regions
+            .iter()
+            .find(|r| index.0 >= r.first_page && index.0 < r.first_page + r.pages)
     }
 
     /// Gives physical memory for every page up front (MADV_POPULATE_WRITE), so
@@ -172,10 +199,17 @@ impl GuestMem {
             // SAFETY: the range is exactly this region's live shared mapping;
             // MADV_POPULATE_WRITE only faults pages in, it never changes contents.
             let rc = unsafe {
-                libc::madvise(r.map.as_ptr().cast(), r.map.size(), 23 /* MADV_POPULATE_WRITE */)
+                libc::madvise(
+                    r.map.as_ptr().cast(),
+                    r.map.size(),
+                    23, /* MADV_POPULATE_WRITE */
+                )
             };
             if rc != 0 {
-                tracing::debug!("MADV_POPULATE_WRITE failed: {}", std::io::Error::last_os_error());
+                tracing::debug!(
+                    "MADV_POPULATE_WRITE failed: {}",
+                    std::io::Error::last_os_error()
+                );
             }
         }
     }
@@ -210,23 +244,45 @@ mod tests {
     use vm_memory::Bytes;
 
     fn spec(regions: Vec<RegionSpec>) -> VmSpec {
-        VmSpec { name: "t".into(), regions, vcpus: 1, vmm_config: serde_json::Value::Null }
+        VmSpec {
+            name: "t".into(),
+            regions,
+            vcpus: 1,
+            vmm_config: serde_json::Value::Null,
+        }
     }
 
     #[test]
     fn index_spans_regions_and_shares_the_memfd() {
         let s = spec(vec![
-            RegionSpec { gpa: 0, size: 8 * 4096, memfd_offset: 0 },
-            RegionSpec { gpa: 1 << 32, size: 4 * 4096, memfd_offset: 8 * 4096 },
+            RegionSpec {
+                gpa: 0,
+                size: 8 * 4096,
+                memfd_offset: 0,
+            },
+            RegionSpec {
+                gpa: 1 << 32,
+                size: 4 * 4096,
+                memfd_offset: 8 * 4096,
+            },
         ]);
         let a = GuestMem::create(&s).unwrap();
         assert_eq!(a.pages(), 12);
-        a.page(PageIndex(9)).unwrap().write_obj(0xabcd_u64, 8).unwrap();
+        a.page(PageIndex(9))
+            .unwrap()
+            .write_obj(0xabcd_u64, 8)
+            .unwrap();
         let fd = a.memfd().try_clone_to_owned().unwrap();
         let b = GuestMem::from_memfd(fd, &s.regions).unwrap();
-        assert_eq!(b.page(PageIndex(9)).unwrap().read_obj::<u64>(8).unwrap(), 0xabcd);
+        assert_eq!(
+            b.page(PageIndex(9)).unwrap().read_obj::<u64>(8).unwrap(),
+            0xabcd
+        );
         assert!(a.page(PageIndex(12)).is_none());
-        assert!(a.pages_slice(PageIndex(6), 3).is_none(), "crosses a region boundary");
+        assert!(
+            a.pages_slice(PageIndex(6), 3).is_none(),
+            "crosses a region boundary"
+        );
         assert_eq!(a.pages_left_in_region(PageIndex(6)), 2);
     }
 
@@ -238,23 +294,45 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "reserve never filled");
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        let too_big = spec(vec![RegionSpec { gpa: 0, size: 32 * 4096, memfd_offset: 0 }]);
+        let too_big = spec(vec![RegionSpec {
+            gpa: 0,
+            size: 32 * 4096,
+            memfd_offset: 0,
+        }]);
         assert!(r.take(&too_big).is_none());
         let two = spec(vec![
-            RegionSpec { gpa: 0, size: 4096, memfd_offset: 0 },
-            RegionSpec { gpa: 1 << 30, size: 4096, memfd_offset: 4096 },
+            RegionSpec {
+                gpa: 0,
+                size: 4096,
+                memfd_offset: 0,
+            },
+            RegionSpec {
+                gpa: 1 << 30,
+                size: 4096,
+                memfd_offset: 4096,
+            },
         ]);
         assert!(r.take(&two).is_none(), "only single-region layouts");
-        let fits = spec(vec![RegionSpec { gpa: 0, size: 8 * 4096, memfd_offset: 0 }]);
+        let fits = spec(vec![RegionSpec {
+            gpa: 0,
+            size: 8 * 4096,
+            memfd_offset: 0,
+        }]);
         let m = r.take(&fits).unwrap();
         assert_eq!(m.pages(), 8);
         assert!(m.page(PageIndex(8)).is_none());
-        assert_eq!(m.page(PageIndex(7)).unwrap().read_obj::<u64>(4088).unwrap(), 0);
+        assert_eq!(
+            m.page(PageIndex(7)).unwrap().read_obj::<u64>(4088).unwrap(),
+            0
+        );
         assert!(!r.ready());
         assert!(r.take(&fits).is_none(), "taken once");
         r.refill();
         while !r.ready() {
-            assert!(std::time::Instant::now() < deadline, "reserve never refilled");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "reserve never refilled"
+            );
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
     }
@@ -262,7 +340,12 @@ mod tests {
     #[test]
     fn rejects_bad_layouts() {
         assert!(GuestMem::create(&spec(vec![])).is_err());
-        assert!(GuestMem::create(&spec(vec![RegionSpec { gpa: 1, size: 4096, memfd_offset: 0 }])).is_err());
+        assert!(GuestMem::create(&spec(vec![RegionSpec {
+            gpa: 1,
+            size: 4096,
+            memfd_offset: 0
+        }]))
+        .is_err());
     }
 }
 
@@ -283,7 +366,11 @@ pub struct Reserve {
 impl Reserve {
     /// A reserve of `bytes`, filled in the background from now on.
     pub fn new(bytes: u64) -> std::sync::Arc<Self> {
-        let r = std::sync::Arc::new(Reserve { bytes, slot: std::sync::Mutex::new(None), filling: Default::default() });
+        let r = std::sync::Arc::new(Reserve {
+            bytes,
+            slot: std::sync::Mutex::new(None),
+            filling: Default::default(),
+        });
         r.refill();
         r
     }
@@ -295,7 +382,10 @@ impl Reserve {
 
     /// Whether filled memory is waiting.
     pub fn ready(&self) -> bool {
-        self.slot.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+        self.slot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     }
 
     /// Fills a new reserve in the background unless one is there. Call it
@@ -307,24 +397,30 @@ impl Reserve {
             return;
         }
         let me = self.clone();
-        let spawned = std::thread::Builder::new().name("ferry-reserve".into()).spawn(move || {
-            let spec = VmSpec {
-                name: "reserve".into(),
-                regions: vec![RegionSpec { gpa: 0, size: me.bytes, memfd_offset: 0 }],
-                vcpus: 1,
-                vmm_config: serde_json::Value::Null,
-            };
-            match GuestMem::create(&spec) {
-                Ok(mem) => {
-                    // Faults in the pages and this mapping's page tables, so
-                    // the receivers take no fault at all.
-                    mem.prefault();
-                    *me.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(mem);
+        let spawned = std::thread::Builder::new()
+            .name("ferry-reserve".into())
+            .spawn(move || {
+                let spec = VmSpec {
+                    name: "reserve".into(),
+                    regions: vec![RegionSpec {
+                        gpa: 0,
+                        size: me.bytes,
+                        memfd_offset: 0,
+                    }],
+                    vcpus: 1,
+                    vmm_config: serde_json::Value::Null,
+                };
+                match GuestMem::create(&spec) {
+                    Ok(mem) => {
+                        // Faults in the pages and this mapping's page tables, so
+                        // the receivers take no fault at all.
+                        mem.prefault();
+                        *me.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(mem);
+                    }
+                    Err(e) => tracing::warn!("cannot fill the memory reserve: {e}"),
                 }
-                Err(e) => tracing::warn!("cannot fill the memory reserve: {e}"),
-            }
-            me.filling.store(false, SeqCst);
-        });
+                me.filling.store(false, SeqCst);
+            });
         if let Err(e) = spawned {
             self.filling.store(false, SeqCst);
             tracing::warn!("cannot start filling the memory reserve: {e}");
@@ -336,7 +432,9 @@ impl Reserve {
     /// make). Call [`Self::refill`] once the migration is over.
     pub fn take(self: &std::sync::Arc<Self>, spec: &VmSpec) -> Option<GuestMem> {
         check_layout(&spec.regions).ok()?;
-        let [region] = spec.regions.as_slice() else { return None };
+        let [region] = spec.regions.as_slice() else {
+            return None;
+        };
         if region.memfd_offset != 0 || region.size > self.bytes {
             return None;
         }

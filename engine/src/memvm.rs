@@ -25,7 +25,9 @@ pub fn stamp(page: u64, version: u64) -> u64 {
 pub fn write_page(mem: &GuestMem, page: u64, version: u64) {
     let words = [stamp(page, version); PAGE_SIZE / 8];
     let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-    mem.page(PageIndex(page)).expect("page in range").copy_from(&bytes[..]);
+    mem.page(PageIndex(page))
+        .expect("page in range")
+        .copy_from(&bytes[..]);
 }
 
 /// Pages a guest writes per batch before checking for a pause.
@@ -54,8 +56,20 @@ impl MemSourceVm {
     /// A VM over `mem` whose guest writes `rate_pages_s` pages per second
     /// (0: an idle guest), choosing pages from `seed`.
     pub fn new(mem: Arc<GuestMem>, rate_pages_s: u64, seed: u64) -> Self {
-        let shared = Arc::new(Shared { mem, log: Mutex::new(None), stop: AtomicBool::new(false), progress: AtomicU64::new(0) });
-        let mut vm = MemSourceVm { shared, rate_pages_s, seed, writer: None, handed_off: None, resumes: 0 };
+        let shared = Arc::new(Shared {
+            mem,
+            log: Mutex::new(None),
+            stop: AtomicBool::new(false),
+            progress: AtomicU64::new(0),
+        });
+        let mut vm = MemSourceVm {
+            shared,
+            rate_pages_s,
+            seed,
+            writer: None,
+            handed_off: None,
+            resumes: 0,
+        };
         vm.start_guest();
         vm
     }
@@ -89,7 +103,12 @@ impl MemSourceVm {
                     let page = x % pages;
                     let version = shared.progress.fetch_add(1, Ordering::SeqCst) + 1;
                     write_page(&shared.mem, page, version);
-                    if let Some(log) = shared.log.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                    if let Some(log) = shared
+                        .log
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .as_mut()
+                    {
                         log.set(page);
                     }
                 }
@@ -119,13 +138,17 @@ impl Drop for MemSourceVm {
 
 impl SourceVm for MemSourceVm {
     fn start_dirty_log(&mut self) -> Result<(), VmError> {
-        *self.shared.log.lock().unwrap_or_else(|p| p.into_inner()) = Some(DirtyBitmap::new(self.shared.mem.pages()));
+        *self.shared.log.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(DirtyBitmap::new(self.shared.mem.pages()));
         Ok(())
     }
 
     fn sync_dirty_log(&mut self, bitmap: &mut [u64]) -> Result<(), VmError> {
         let mut log = self.shared.log.lock().unwrap_or_else(|p| p.into_inner());
-        let log = log.as_mut().ok_or(VmError::Request { op: "sync_dirty_log", message: "logging is off".into() })?;
+        let log = log.as_mut().ok_or(VmError::Request {
+            op: "sync_dirty_log",
+            message: "logging is off".into(),
+        })?;
         for (o, w) in bitmap.iter_mut().zip(log.words_mut().iter_mut()) {
             *o |= std::mem::take(w);
         }
@@ -140,7 +163,10 @@ impl SourceVm for MemSourceVm {
     fn pause(&mut self) -> Result<VmState, VmError> {
         self.stop_guest();
         let progress = self.progress();
-        Ok(VmState { blob: progress.to_le_bytes().to_vec(), progress })
+        Ok(VmState {
+            blob: progress.to_le_bytes().to_vec(),
+            progress,
+        })
     }
 
     fn resume(&mut self) -> Result<(), VmError> {
@@ -181,7 +207,10 @@ impl MemTargetVm {
     pub fn new(mem: &GuestMem, log: Arc<Mutex<TargetLog>>) -> Self {
         let fd = mem.memfd().try_clone_to_owned().expect("dup memfd");
         let mem2 = GuestMem::from_memfd(fd, &mem.region_specs()).expect("map memfd");
-        MemTargetVm { mem_crc: Box::new(move || mem_crc(&mem2)), log }
+        MemTargetVm {
+            mem_crc: Box::new(move || mem_crc(&mem2)),
+            log,
+        }
     }
 }
 
@@ -190,7 +219,10 @@ pub fn mem_crc(mem: &GuestMem) -> u32 {
     let mut crc = 0;
     let mut buf = vec![0u8; PAGE_SIZE];
     for p in 0..mem.pages() {
-        mem.page(PageIndex(p)).expect("in range").read_slice(&mut buf, 0).expect("page read");
+        mem.page(PageIndex(p))
+            .expect("in range")
+            .read_slice(&mut buf, 0)
+            .expect("page read");
         crc = crc32c::crc32c_append(crc, &buf);
     }
     crc
@@ -202,7 +234,12 @@ impl TargetVm for MemTargetVm {
         let start = Instant::now();
         let mem_hash = format!("{:08x}", (self.mem_crc)());
         let verify_ms = start.elapsed().as_millis() as u64;
-        Ok(VerifyReport { checked: true, mem_hash, verify_ms, ..VerifyReport::default() })
+        Ok(VerifyReport {
+            checked: true,
+            mem_hash,
+            verify_ms,
+            ..VerifyReport::default()
+        })
     }
 
     fn run(&mut self, epoch: u64) -> Result<(), VmError> {

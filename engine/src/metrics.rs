@@ -211,19 +211,40 @@ impl Metrics {
 
 impl std::fmt::Display for Snapshot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "migration {} ({} of {}, peer {})", self.id, self.role, self.vm, self.peer)?;
+        writeln!(
+            f,
+            "migration {} ({} of {}, peer {})",
+            self.id, self.role, self.vm, self.peer
+        )?;
         let status = serde_json::to_value(self.status).ok();
         let status = status.as_ref().and_then(|v| v.as_str()).unwrap_or("?");
         writeln!(f, "  status:            {status}")?;
         if let Some(e) = &self.error {
             writeln!(f, "  error:             {e}")?;
         }
-        writeln!(f, "  transport:         {} x{} streams, {} / {}", self.transport, self.streams, self.mode, self.policy)?;
-        writeln!(f, "  total time:        {} ms (setup {} ms)", self.total_time_ms, self.setup_time_ms)?;
-        writeln!(f, "  downtime:          {} ms (expected {} ms)", self.downtime_ms, self.expected_downtime_ms)?;
+        writeln!(
+            f,
+            "  transport:         {} x{} streams, {} / {}",
+            self.transport, self.streams, self.mode, self.policy
+        )?;
+        writeln!(
+            f,
+            "  total time:        {} ms (setup {} ms)",
+            self.total_time_ms, self.setup_time_ms
+        )?;
+        writeln!(
+            f,
+            "  downtime:          {} ms (expected {} ms)",
+            self.downtime_ms, self.expected_downtime_ms
+        )?;
         writeln!(f, "  rounds:            {}", self.iterations)?;
         writeln!(f, "  guest memory:      {} MiB", self.mem_bytes >> 20)?;
-        writeln!(f, "  transferred:       {} MiB ({:.0} MiB/s)", self.transferred_bytes >> 20, self.throughput_mib_s)?;
+        writeln!(
+            f,
+            "  transferred:       {} MiB ({:.0} MiB/s)",
+            self.transferred_bytes >> 20,
+            self.throughput_mib_s
+        )?;
         writeln!(
             f,
             "  pages:             {} zero, {} compressed ({} KiB), {} raw",
@@ -232,6 +253,10 @@ impl std::fmt::Display for Snapshot {
             self.compressed_bytes >> 10,
             self.pages_raw
         )?;
-        write!(f, "  remaining:         {} pages, dirty rate {} pages/s", self.remaining_pages, self.dirty_pages_rate)
+        write!(
+            f,
+            "  remaining:         {} pages, dirty rate {} pages/s",
+            self.remaining_pages, self.dirty_pages_rate
+        )
     }
 }

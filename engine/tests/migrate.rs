@@ -20,8 +20,16 @@ fn spec(mib: u64) -> VmSpec {
     VmSpec {
         name: "vm0".into(),
         regions: vec![
-            RegionSpec { gpa: 0, size: (mib / 2) << 20, memfd_offset: 0 },
-            RegionSpec { gpa: 1 << 32, size: (mib / 2) << 20, memfd_offset: (mib / 2) << 20 },
+            RegionSpec {
+                gpa: 0,
+                size: (mib / 2) << 20,
+                memfd_offset: 0,
+            },
+            RegionSpec {
+                gpa: 1 << 32,
+                size: (mib / 2) << 20,
+                memfd_offset: (mib / 2) << 20,
+            },
         ],
         vcpus: 1,
         vmm_config: serde_json::json!({}),
@@ -45,7 +53,10 @@ fn populate(mem: &GuestMem) {
                     })
                     .collect();
                 use vm_memory::Bytes;
-                mem.page(ferry_engine::PageIndex(p)).unwrap().write_slice(&bytes, 0).unwrap();
+                mem.page(ferry_engine::PageIndex(p))
+                    .unwrap()
+                    .write_slice(&bytes, 0)
+                    .unwrap();
             }
         }
     }
@@ -61,7 +72,15 @@ struct Run {
     snapshot: ferry_engine::Snapshot,
 }
 
-fn migrate(t: &InProcTransport, mib: u64, rate: u64, cfg: SourceConfig, key_src: Key, key_dst: Key, cancel: Cancel) -> Run {
+fn migrate(
+    t: &InProcTransport,
+    mib: u64,
+    rate: u64,
+    cfg: SourceConfig,
+    key_src: Key,
+    key_dst: Key,
+    cancel: Cancel,
+) -> Run {
     let spec = spec(mib);
     let mem = Arc::new(GuestMem::create(&spec).unwrap());
     populate(&mem);
@@ -79,10 +98,21 @@ fn migrate(t: &InProcTransport, mib: u64, rate: u64, cfg: SourceConfig, key_src:
             };
             match acceptor.admit(conn) {
                 Ok(Some(session)) => {
-                    let metrics = Arc::new(Metrics::new(session.id(), session.vm_name(), "target", session.peer()));
-                    let cfg = TargetConfig { io_timeout: Duration::from_secs(5), prefault: false, reserve: None };
-                    let out = migrate_in(session, &cfg, metrics, |_, mem| Ok(MemTargetVm::new(mem, tlog.clone())))
-                        .map_err(|e| e.to_string())?;
+                    let metrics = Arc::new(Metrics::new(
+                        session.id(),
+                        session.vm_name(),
+                        "target",
+                        session.peer(),
+                    ));
+                    let cfg = TargetConfig {
+                        io_timeout: Duration::from_secs(5),
+                        prefault: false,
+                        reserve: None,
+                    };
+                    let out = migrate_in(session, &cfg, metrics, |_, mem| {
+                        Ok(MemTargetVm::new(mem, tlog.clone()))
+                    })
+                    .map_err(|e| e.to_string())?;
                     return Ok((out.epoch, mem_crc(&out.mem)));
                 }
                 Ok(None) => {}
@@ -91,8 +121,19 @@ fn migrate(t: &InProcTransport, mib: u64, rate: u64, cfg: SourceConfig, key_src:
         }
     });
     let metrics = Arc::new(Metrics::new("m1", "vm0", "source", "target"));
-    let result = migrate_out(t, "target", &key_src, &spec, 7, mem.clone(), &mut vm, &cfg, metrics.clone(), &cancel)
-        .map(|o| o.epoch);
+    let result = migrate_out(
+        t,
+        "target",
+        &key_src,
+        &spec,
+        7,
+        mem.clone(),
+        &mut vm,
+        &cfg,
+        metrics.clone(),
+        &cancel,
+    )
+    .map(|o| o.epoch);
     let target = target.join().unwrap();
     Run {
         result,
@@ -122,14 +163,23 @@ fn check_invariant(r: &Run) {
             assert_eq!(r.source_vm.handed_off, Some(8));
             assert!(!r.source_vm.running(), "source still runs after hand-off");
             assert_eq!(r.target.as_ref().ok(), Some(&8), "target did not run it");
-            assert_eq!(r.target_crc, Some(mem_crc(&r.source_mem)), "target memory differs from the source at pause");
+            assert_eq!(
+                r.target_crc,
+                Some(mem_crc(&r.source_mem)),
+                "target memory differs from the source at pause"
+            );
             assert_eq!(r.snapshot.status, Status::Completed);
         }
-        Err(MigrationError::CommitUnknown(_)) => panic!("commit unknown is not expected with these faults"),
+        Err(MigrationError::CommitUnknown(_)) => {
+            panic!("commit unknown is not expected with these faults")
+        }
         Err(e) => {
             assert!(r.source_vm.running(), "source VM not resumed after {e}");
             assert!(r.source_vm.handed_off.is_none());
-            assert!(r.target.is_err(), "target ran the VM although the source failed: {e}");
+            assert!(
+                r.target.is_err(),
+                "target ran the VM although the source failed: {e}"
+            );
             assert!(r.target_log.lock().unwrap().running.is_none());
             assert!(r.snapshot.status.is_final());
         }
@@ -145,8 +195,14 @@ fn idle_guest_moves_intact_over_four_streams() {
     check_invariant(&r);
     let s = &r.snapshot;
     assert_eq!(s.iterations, 2, "bulk round then the final round");
-    assert!(s.pages_zero > 0 && s.pages_compressed > 0 && s.pages_raw > 0, "{s:?}");
-    assert!(s.compressed_bytes < s.pages_compressed * 4096 / 4, "repetitive pages compress");
+    assert!(
+        s.pages_zero > 0 && s.pages_compressed > 0 && s.pages_raw > 0,
+        "{s:?}"
+    );
+    assert!(
+        s.compressed_bytes < s.pages_compressed * 4096 / 4,
+        "repetitive pages compress"
+    );
 }
 
 #[test]
@@ -157,7 +213,16 @@ fn dirtying_guest_converges_and_keeps_every_write() {
     assert!(r.result.is_ok(), "{:?}", r.result);
     check_invariant(&r);
     assert!(r.source_vm.progress() > 0);
-    assert_eq!(r.target_log.lock().unwrap().restored.as_ref().unwrap().progress, r.source_vm.progress());
+    assert_eq!(
+        r.target_log
+            .lock()
+            .unwrap()
+            .restored
+            .as_ref()
+            .unwrap()
+            .progress,
+        r.source_vm.progress()
+    );
 }
 
 #[test]
@@ -169,15 +234,31 @@ fn never_converging_guest_stays_on_the_source() {
     c.rounds_max = 3;
     c.bandwidth_mib_s = Some(20);
     let r = migrate(&t, 8, 20000, c, k.clone(), k, Cancel::new());
-    assert!(matches!(r.result, Err(MigrationError::NotConverged(_))), "{:?}", r.result);
+    assert!(
+        matches!(r.result, Err(MigrationError::NotConverged(_))),
+        "{:?}",
+        r.result
+    );
     check_invariant(&r);
 }
 
 #[test]
 fn wrong_key_is_refused_before_any_page() {
     let t = InProcTransport::new();
-    let r = migrate(&t, 8, 0, cfg(2), Key::generate().unwrap(), Key::generate().unwrap(), Cancel::new());
-    assert!(matches!(r.result, Err(MigrationError::Auth(_))), "{:?}", r.result);
+    let r = migrate(
+        &t,
+        8,
+        0,
+        cfg(2),
+        Key::generate().unwrap(),
+        Key::generate().unwrap(),
+        Cancel::new(),
+    );
+    assert!(
+        matches!(r.result, Err(MigrationError::Auth(_))),
+        "{:?}",
+        r.result
+    );
     assert!(r.target_log.lock().unwrap().restored.is_none());
     check_invariant(&r);
 }
@@ -189,7 +270,11 @@ fn cancel_keeps_the_vm_on_the_source() {
     let cancel = Cancel::new();
     cancel.cancel();
     let r = migrate(&t, 8, 1000, cfg(2), k.clone(), k, cancel);
-    assert!(matches!(r.result, Err(MigrationError::Cancelled)), "{:?}", r.result);
+    assert!(
+        matches!(r.result, Err(MigrationError::Cancelled)),
+        "{:?}",
+        r.result
+    );
     assert_eq!(r.snapshot.status, Status::Cancelled);
     check_invariant(&r);
 }
@@ -198,7 +283,10 @@ fn cancel_keeps_the_vm_on_the_source() {
 /// invariant holds. A failing seed is printed and can be replayed alone.
 #[test]
 fn seeded_faults_never_split_the_vm() {
-    let seeds: u64 = std::env::var("FERRY_FAULT_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(40);
+    let seeds: u64 = std::env::var("FERRY_FAULT_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
     let streams = 3u32;
     for seed in 0..seeds {
         let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -210,20 +298,40 @@ fn seeded_faults_never_split_the_vm() {
         };
         let t = InProcTransport::new();
         let conn = ConnIndex((next() % (streams as u64 + 1)) as u32);
-        let dir = if next() % 4 == 0 { Dir::ListenerToConnector } else { Dir::ConnectorToListener };
-        // Inside the traffic: the control stream carries KiBs, a data stream ~1 MiB.
-        let offset = if conn.0 == 0 { next() % 4096 } else { next() % (1 << 20) };
-        let fault = if next() % 2 == 0 {
-            Fault::CutAfter { conn, dir, bytes: offset }
+        let dir = if next() % 4 == 0 {
+            Dir::ListenerToConnector
         } else {
-            Fault::FlipBit { conn, dir, offset, bit: (next() % 8) as u8 }
+            Dir::ConnectorToListener
+        };
+        // Inside the traffic: the control stream carries KiBs, a data stream ~1 MiB.
+        let offset = if conn.0 == 0 {
+            next() % 4096
+        } else {
+            next() % (1 << 20)
+        };
+        let fault = if next() % 2 == 0 {
+            Fault::CutAfter {
+                conn,
+                dir,
+                bytes: offset,
+            }
+        } else {
+            Fault::FlipBit {
+                conn,
+                dir,
+                offset,
+                bit: (next() % 8) as u8,
+            }
         };
         t.fault_plan([fault]);
         let k = Key::generate().unwrap();
         let rate = [0, 2000][(seed % 2) as usize];
         eprintln!("seed {seed}: {fault:?}, guest rate {rate} pages/s");
         let r = migrate(&t, 8, rate, cfg(streams), k.clone(), k, Cancel::new());
-        eprintln!("seed {seed}: {:?}", r.result.as_ref().map_err(|e| e.to_string()));
+        eprintln!(
+            "seed {seed}: {:?}",
+            r.result.as_ref().map_err(|e| e.to_string())
+        );
         check_invariant(&r);
     }
 }
@@ -239,27 +347,60 @@ fn acceptor_refuses_claims_on_a_running_session_and_bad_hellos() {
     let server = std::thread::spawn(move || {
         let mut results = Vec::new();
         for _ in 0..4 {
-            let conn = listener.accept(Some(Duration::from_secs(5))).unwrap().unwrap();
-            results.push(a2.admit(conn).map(|s| s.map(|s| s.id().to_string())).map_err(|e| e.to_string()));
+            let conn = listener
+                .accept(Some(Duration::from_secs(5)))
+                .unwrap()
+                .unwrap();
+            results.push(
+                a2.admit(conn)
+                    .map(|s| s.map(|s| s.id().to_string()))
+                    .map_err(|e| e.to_string()),
+            );
         }
         results
     });
-    let hello = |stream| Hello { session: [7; 16], stream, streams: 1, vm: "vm0".into() };
+    let hello = |stream| Hello {
+        session: [7; 16],
+        stream,
+        streams: 1,
+        vm: "vm0".into(),
+    };
     let mut conns = Vec::new();
     for (stream, k) in [(0, &key), (1, &key), (1, &key)] {
         let mut c = t.connect("acc", Duration::from_secs(1)).unwrap();
-        conns.push((connect(&mut *c, k, &hello(stream)).map_err(|e| e.to_string()), c));
+        conns.push((
+            connect(&mut *c, k, &hello(stream)).map_err(|e| e.to_string()),
+            c,
+        ));
     }
     // A different session with another key never gets in.
     let mut c = t.connect("acc", Duration::from_secs(1)).unwrap();
     let other = Key::generate().unwrap();
-    let wrong = connect(&mut *c, &other, &Hello { session: [8; 16], ..hello(0) });
+    let wrong = connect(
+        &mut *c,
+        &other,
+        &Hello {
+            session: [8; 16],
+            ..hello(0)
+        },
+    );
     let results = server.join().unwrap();
     assert!(conns[0].0.is_ok() && conns[1].0.is_ok());
     assert_eq!(results[0], Ok(None));
     assert_eq!(results[1], Ok(Some("07".repeat(16))));
-    assert!(conns[2].0.as_ref().unwrap_err().contains("already running"), "{:?}", conns[2].0);
+    assert!(
+        conns[2].0.as_ref().unwrap_err().contains("already running"),
+        "{:?}",
+        conns[2].0
+    );
     assert!(results[2].as_ref().unwrap_err().contains("already running"));
     assert!(wrong.is_err());
-    assert!(results[3].as_ref().unwrap_err().contains("authentication failed"), "{:?}", results[3]);
+    assert!(
+        results[3]
+            .as_ref()
+            .unwrap_err()
+            .contains("authentication failed"),
+        "{:?}",
+        results[3]
+    );
 }

@@ -79,7 +79,7 @@ impl Layout {
     /// The layout of `mem_bytes` of RAM.
     pub fn new(mem_bytes: u64) -> Result<Self, LayoutError> {
         if !(MEM_BYTES_MIN..=MEM_BYTES_MAX).contains(&mem_bytes)
-            || mem_bytes % LARGE_PAGE_BYTES != 0
+            || !mem_bytes.is_multiple_of(LARGE_PAGE_BYTES)
         {
             return Err(LayoutError::Size { mem_bytes });
         }

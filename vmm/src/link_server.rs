@@ -311,7 +311,9 @@ impl LinkServer {
 
     /// Takes the hash noted by [`Self::start_hash`], if any, and reports it.
     fn wait_hash(&mut self) {
-        let (Some((progress, pause_us)), Some(report)) = (self.pending_hash.take(), self.report.clone()) else {
+        let (Some((progress, pause_us)), Some(report)) =
+            (self.pending_hash.take(), self.report.clone())
+        else {
             return;
         };
         let t0 = Instant::now();

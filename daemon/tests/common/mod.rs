@@ -75,6 +75,8 @@ pub struct Opts {
     pub vmm_command: Option<PathBuf>,
     /// Extra flags.
     pub args: Vec<String>,
+    /// `--listen` (default: `127.0.0.1:0`).
+    pub listen: Option<String>,
 }
 
 impl Ferryd {
@@ -91,12 +93,13 @@ impl Ferryd {
         let vmm = opts
             .vmm_command
             .unwrap_or_else(|| PathBuf::from("/bin/false"));
+        let listen = opts.listen.unwrap_or_else(|| "127.0.0.1:0".into());
         let child = Command::new(FERRYD)
             .arg("--state-dir")
             .arg(dir.path())
             .arg("--key-file")
             .arg(&key)
-            .args(["--listen", "127.0.0.1:0", "--log-level", "debug"])
+            .args(["--listen", &listen, "--log-level", "debug"])
             .arg("--vmm-command")
             .arg(&vmm)
             .args(&opts.args)
@@ -178,6 +181,19 @@ impl Ferryd {
         let mut all = vec!["--socket", self.socket.to_str().expect("utf-8 path")];
         all.extend_from_slice(args);
         ferry(&all)
+    }
+
+    /// ferryd's process id (`None` once stopped or killed).
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    /// SIGKILL (a crash: no shutdown path runs) and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// SIGTERM and wait; returns the exit status.

@@ -98,12 +98,17 @@ pub fn migrate_out(
     cancel: &Cancel,
 ) -> Result<Outcome, MigrationError> {
     if spec.name.len() > handshake::VM_NAME_BYTES_MAX {
-        return Err(MigrationError::Invalid(format!("VM name over {} bytes", handshake::VM_NAME_BYTES_MAX)));
+        return Err(MigrationError::Invalid(format!(
+            "VM name over {} bytes",
+            handshake::VM_NAME_BYTES_MAX
+        )));
     }
     let streams = u16::try_from(cfg.streams.get())
         .ok()
         .filter(|&s| s <= wire::STREAMS_MAX)
-        .ok_or_else(|| MigrationError::Invalid(format!("streams must be 1..={}", wire::STREAMS_MAX)))?;
+        .ok_or_else(|| {
+            MigrationError::Invalid(format!("streams must be 1..={}", wire::STREAMS_MAX))
+        })?;
     metrics.update(|s| {
         s.status = Status::Setup;
         s.transport = transport.name().into();
@@ -191,24 +196,51 @@ impl Migration<'_> {
         self.check_cancel()?;
         // SPEC: the target creates memory and starts its VMM.
         self.control_seq += 1;
-        let msg = wire::encode_control(&ControlMsg::Spec { spec: spec.clone(), epoch });
-        wire::send_frame(&mut *control, FrameKind::Control, 0, self.control_seq, &msg)
-            .map_err(|source| MigrationError::Protocol { phase: "sending the spec", source })?;
+        let msg = wire::encode_control(&ControlMsg::Spec {
+            spec: spec.clone(),
+            epoch,
+        });
+        wire::send_frame(&mut *control, FrameKind::Control, 0, self.control_seq, &msg).map_err(
+            |source| MigrationError::Protocol {
+                phase: "sending the spec",
+                source,
+            },
+        )?;
         control
             .set_timeout(Some(SLOW_STEP_TIMEOUT))
-            .map_err(|source| MigrationError::Transport { phase: "setup", source })?;
-        let mut reader = ControlReader { conn: control.try_clone().map_err(|source| MigrationError::Transport { phase: "setup", source })?, seq: 0 };
-        match reader.next().map_err(|source| MigrationError::Protocol { phase: "waiting for the target", source })? {
+            .map_err(|source| MigrationError::Transport {
+                phase: "setup",
+                source,
+            })?;
+        let mut reader = ControlReader {
+            conn: control
+                .try_clone()
+                .map_err(|source| MigrationError::Transport {
+                    phase: "setup",
+                    source,
+                })?,
+            seq: 0,
+        };
+        match reader.next().map_err(|source| MigrationError::Protocol {
+            phase: "waiting for the target",
+            source,
+        })? {
             Incoming::Control(ControlMsg::SpecAck) => {}
-            Incoming::Control(ControlMsg::Abort { reason }) => return Err(MigrationError::PeerAborted(reason)),
+            Incoming::Control(ControlMsg::Abort { reason }) => {
+                return Err(MigrationError::PeerAborted(reason))
+            }
             other => return Err(unexpected("waiting for the target", other)),
         }
         reader
             .conn
             .set_timeout(None)
-            .map_err(|source| MigrationError::Transport { phase: "setup", source })?;
+            .map_err(|source| MigrationError::Transport {
+                phase: "setup",
+                source,
+            })?;
         self.control = Some(control);
-        let acked: Arc<Vec<AtomicU64>> = Arc::new((0..self.streams).map(|_| AtomicU64::new(0)).collect());
+        let acked: Arc<Vec<AtomicU64>> =
+            Arc::new((0..self.streams).map(|_| AtomicU64::new(0)).collect());
         self.events = Some(spawn_control_reader(reader, acked));
         let setup_ms = self.metrics.elapsed_ms();
         self.metrics.update(|s| {
@@ -220,8 +252,12 @@ impl Migration<'_> {
         self.logging = true;
         let throttle = self.cfg.bandwidth_mib_s.map(|b| Arc::new(Throttle::new(b)));
         self.pipeline = Some(
-            Pipeline::start(self.mem.clone(), data, self.metrics.clone(), throttle)
-                .map_err(|source| MigrationError::Transport { phase: "starting streams", source })?,
+            Pipeline::start(self.mem.clone(), data, self.metrics.clone(), throttle).map_err(
+                |source| MigrationError::Transport {
+                    phase: "starting streams",
+                    source,
+                },
+            )?,
         );
 
         // Pre-copy: the bulk round sends everything, then dirty rounds.
@@ -244,20 +280,37 @@ impl Migration<'_> {
             let over_rounds = round >= self.cfg.rounds_max;
             let over_time = started.elapsed() >= self.cfg.time_max;
             let decision = if fits {
-                format!("stop-and-copy: {remaining} pages in ~{est_ms} ms fit the {} ms budget", self.cfg.downtime_ms)
+                format!(
+                    "stop-and-copy: {remaining} pages in ~{est_ms} ms fit the {} ms budget",
+                    self.cfg.downtime_ms
+                )
             } else if over_rounds || over_time {
-                format!("give up: ~{est_ms} ms still over the {} ms budget after {round} rounds", self.cfg.downtime_ms)
+                format!(
+                    "give up: ~{est_ms} ms still over the {} ms budget after {round} rounds",
+                    self.cfg.downtime_ms
+                )
             } else {
-                format!("iterate: ~{est_ms} ms over the {} ms budget", self.cfg.downtime_ms)
+                format!(
+                    "iterate: ~{est_ms} ms over the {} ms budget",
+                    self.cfg.downtime_ms
+                )
             };
             tracing::info!(round, sent, ms, remaining, est_ms, "{decision}");
-            let rate_mib_s = sent as f64 * PAGE_SIZE as f64 / 1048576.0 / t.elapsed().as_secs_f64().max(1e-6);
+            let rate_mib_s =
+                sent as f64 * PAGE_SIZE as f64 / 1048576.0 / t.elapsed().as_secs_f64().max(1e-6);
             self.metrics.update(|s| {
                 s.iterations = round;
                 s.remaining_pages = remaining;
                 s.dirty_pages_rate = dirty_rate;
                 s.expected_downtime_ms = est_ms;
-                s.rounds.push(RoundLog { round, pages: sent, ms, dirty_after: remaining, rate_mib_s, decision: decision.clone() });
+                s.rounds.push(RoundLog {
+                    round,
+                    pages: sent,
+                    ms,
+                    dirty_after: remaining,
+                    rate_mib_s,
+                    decision: decision.clone(),
+                });
             });
             if fits {
                 break est_ms;
@@ -320,7 +373,9 @@ impl Migration<'_> {
             // An explicit ABORT means the target did not run the VM: it is ours again.
             Err(e @ MigrationError::PeerAborted(_)) => return Err(e),
             Ok(other) => {
-                return Err(MigrationError::CommitUnknown(format!("the target answered COMMIT with {other:?}")))
+                return Err(MigrationError::CommitUnknown(format!(
+                    "the target answered COMMIT with {other:?}"
+                )))
             }
             Err(e) => return Err(MigrationError::CommitUnknown(e.to_string())),
         }
@@ -335,7 +390,8 @@ impl Migration<'_> {
         });
         self.metrics.finish(Status::Completed, None);
         // The oracle's pass is a test instrument, not part of the migration.
-        self.metrics.update(|s| s.total_time_ms = s.total_time_ms.saturating_sub(verify_ms));
+        self.metrics
+            .update(|s| s.total_time_ms = s.total_time_ms.saturating_sub(verify_ms));
         if let Err(e) = vm.hand_off(new_epoch) {
             // The VM runs on the target; the local VMM failing to stop is the
             // operator's to clean up, never a reason to run the guest here.
@@ -362,7 +418,12 @@ impl Migration<'_> {
             .map_err(|source| MigrationError::Transport { phase, source })?;
         conn.set_timeout(Some(self.cfg.connect_timeout))
             .map_err(|source| MigrationError::Transport { phase, source })?;
-        let hello = Hello { session: *session, stream, streams: self.streams, vm: vm.into() };
+        let hello = Hello {
+            session: *session,
+            stream,
+            streams: self.streams,
+            vm: vm.into(),
+        };
         handshake::connect(&mut *conn, key, &hello).map_err(|e| match e {
             WireError::Transport(source) => MigrationError::Transport { phase, source },
             WireError::Refused(r) | WireError::Refusing(r) => MigrationError::Auth(r),
@@ -396,7 +457,9 @@ impl Migration<'_> {
             while p < first + count {
                 let n = (first + count - p).min(4096);
                 let pipeline = self.pipeline.as_ref().expect("pipeline running");
-                pipeline.send_run(&self.mem, p, n).map_err(|e| self.stage_error(e))?;
+                pipeline
+                    .send_run(&self.mem, p, n)
+                    .map_err(|e| self.stage_error(e))?;
                 p += n;
                 sent += n;
                 self.check_cancel()?;
@@ -410,12 +473,17 @@ impl Migration<'_> {
     }
 
     fn stage_error(&self, e: String) -> MigrationError {
-        if let Some(Event::Failed(peer) | Event::Aborted(peer)) = self.events.as_ref().and_then(|r| r.try_recv().ok()) {
+        if let Some(Event::Failed(peer) | Event::Aborted(peer)) =
+            self.events.as_ref().and_then(|r| r.try_recv().ok())
+        {
             return MigrationError::PeerAborted(peer);
         }
         MigrationError::Transport {
             phase: "sending pages",
-            source: ferry_transport::TransportError::Io { op: "data stream", source: std::io::Error::other(e) },
+            source: ferry_transport::TransportError::Io {
+                op: "data stream",
+                source: std::io::Error::other(e),
+            },
         }
     }
 
@@ -432,43 +500,77 @@ impl Migration<'_> {
     fn send_control(&mut self, msg: &ControlMsg) -> Result<(), WireError> {
         let control = self.control.as_mut().expect("control stream open");
         self.control_seq += 1;
-        wire::send_frame(&mut **control, FrameKind::Control, 0, self.control_seq, &wire::encode_control(msg))
+        wire::send_frame(
+            &mut **control,
+            FrameKind::Control,
+            0,
+            self.control_seq,
+            &wire::encode_control(msg),
+        )
     }
 
-    fn send_state_and_prepare(&mut self, state: &VmState, streams: Vec<StreamTotals>) -> Result<(), MigrationError> {
+    fn send_state_and_prepare(
+        &mut self,
+        state: &VmState,
+        streams: Vec<StreamTotals>,
+    ) -> Result<(), MigrationError> {
         let phase = "sending the state";
         if state.blob.len() > crate::vm::STATE_BYTES_MAX {
-            return Err(MigrationError::Invalid(format!("the VMM's state blob is {} bytes, over the cap", state.blob.len())));
+            return Err(MigrationError::Invalid(format!(
+                "the VMM's state blob is {} bytes, over the cap",
+                state.blob.len()
+            )));
         }
         let control = self.control.as_mut().expect("control stream open");
         self.control_seq += 1;
-        wire::send_frame(&mut **control, FrameKind::State, 0, self.control_seq, &state.blob)
-            .map_err(|source| MigrationError::Protocol { phase, source })?;
-        self.metrics.wire_bytes.fetch_add(state.blob.len() as u64 + 24, Ordering::Relaxed);
+        wire::send_frame(
+            &mut **control,
+            FrameKind::State,
+            0,
+            self.control_seq,
+            &state.blob,
+        )
+        .map_err(|source| MigrationError::Protocol { phase, source })?;
+        self.metrics
+            .wire_bytes
+            .fetch_add(state.blob.len() as u64 + 24, Ordering::Relaxed);
         let prepare = ControlMsg::Prepare {
             streams,
             state_len: state.blob.len() as u64,
             state_crc: crc32c::crc32c(&state.blob),
             progress: state.progress,
         };
-        self.send_control(&prepare).map_err(|source| MigrationError::Protocol { phase, source })
+        self.send_control(&prepare)
+            .map_err(|source| MigrationError::Protocol { phase, source })
     }
 
-    fn wait_control(&self, phase: &'static str, timeout: Duration) -> Result<ControlMsg, MigrationError> {
+    fn wait_control(
+        &self,
+        phase: &'static str,
+        timeout: Duration,
+    ) -> Result<ControlMsg, MigrationError> {
         let events = self.events.as_ref().expect("control reader running");
         let deadline = Instant::now() + timeout;
         loop {
             match events.recv_timeout(Duration::from_millis(50)) {
                 Ok(Event::Control(m)) => return Ok(m),
                 Ok(Event::Aborted(e)) => return Err(MigrationError::PeerAborted(e)),
-                Ok(Event::Failed(e)) => return Err(MigrationError::Transport {
-                    phase,
-                    source: ferry_transport::TransportError::Io { op: "control stream", source: std::io::Error::other(e) },
-                }),
+                Ok(Event::Failed(e)) => {
+                    return Err(MigrationError::Transport {
+                        phase,
+                        source: ferry_transport::TransportError::Io {
+                            op: "control stream",
+                            source: std::io::Error::other(e),
+                        },
+                    })
+                }
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
                     return Err(MigrationError::Transport {
                         phase,
-                        source: ferry_transport::TransportError::Io { op: "control stream", source: std::io::Error::other("closed") },
+                        source: ferry_transport::TransportError::Io {
+                            op: "control stream",
+                            source: std::io::Error::other("closed"),
+                        },
                     })
                 }
                 Err(_) if Instant::now() > deadline => {
@@ -501,7 +603,9 @@ impl Migration<'_> {
             return;
         }
         if self.control.is_some() {
-            let _ = self.send_control(&ControlMsg::Abort { reason: e.to_string() });
+            let _ = self.send_control(&ControlMsg::Abort {
+                reason: e.to_string(),
+            });
         }
         if let Some(c) = self.control.take() {
             c.shutdown();
@@ -509,7 +613,9 @@ impl Migration<'_> {
         if self.paused {
             match vm.resume() {
                 Ok(()) => self.paused = false,
-                Err(re) => tracing::error!("could not resume the VM on the source after a failed migration: {re}"),
+                Err(re) => tracing::error!(
+                    "could not resume the VM on the source after a failed migration: {re}"
+                ),
             }
         }
         if self.logging {
@@ -544,16 +650,26 @@ impl ControlReader {
     fn next(&mut self) -> Result<Incoming, WireError> {
         let (h, p) = wire::recv_frame(&mut *self.conn)?;
         if h.stream != 0 {
-            return Err(WireError::Unexpected { kind: h.kind, context: "control stream, wrong stream id" });
+            return Err(WireError::Unexpected {
+                kind: h.kind,
+                context: "control stream, wrong stream id",
+            });
         }
         if h.seq != self.seq + 1 {
-            return Err(WireError::Sequence { stream: 0, expected: self.seq + 1, got: h.seq });
+            return Err(WireError::Sequence {
+                stream: 0,
+                expected: self.seq + 1,
+                got: h.seq,
+            });
         }
         self.seq = h.seq;
         match h.kind {
             FrameKind::Control => Ok(Incoming::Control(wire::decode_control(&p)?)),
             FrameKind::Ack => Ok(Incoming::Ack(wire::Ack::decode(&p)?)),
-            kind => Err(WireError::Unexpected { kind, context: "control stream from the target" }),
+            kind => Err(WireError::Unexpected {
+                kind,
+                context: "control stream from the target",
+            }),
         }
     }
 }
@@ -568,7 +684,10 @@ fn spawn_control_reader(mut reader: ControlReader, acked: Arc<Vec<AtomicU64>>) -
                     if let Some(slot) = acked.get((a.stream as usize).wrapping_sub(1)) {
                         slot.fetch_max(a.seq, Ordering::Relaxed);
                     } else {
-                        let _ = tx.send(Event::Failed(format!("ack for unknown stream {}", a.stream)));
+                        let _ = tx.send(Event::Failed(format!(
+                            "ack for unknown stream {}",
+                            a.stream
+                        )));
                         return;
                     }
                 }
@@ -590,4 +709,3 @@ fn spawn_control_reader(mut reader: ControlReader, acked: Arc<Vec<AtomicU64>>) -
         .expect("spawning a thread");
     rx
 }
-

@@ -123,7 +123,10 @@ impl Throttle {
     /// A bucket refilled at `mib_s` MiB/s, holding at most 10 ms of tokens
     /// (so bursts stay short).
     pub fn new(mib_s: u64) -> Self {
-        Throttle { bytes_per_s: mib_s as f64 * 1048576.0, state: Mutex::new((Instant::now(), 0.0)) }
+        Throttle {
+            bytes_per_s: mib_s as f64 * 1048576.0,
+            state: Mutex::new((Instant::now(), 0.0)),
+        }
     }
 
     /// Takes `bytes` tokens, sleeping until they exist.
@@ -196,13 +199,27 @@ impl Pipeline {
             let stream = i as u16 + 1;
             let conn = conn.try_clone()?;
             clones.push(conn.try_clone()?);
-            let (mem, metrics, failure, pool_tx, round_tx, throttle) =
-                (mem.clone(), metrics.clone(), failure.clone(), pool_tx.clone(), round_tx.clone(), throttle.clone());
+            let (mem, metrics, failure, pool_tx, round_tx, throttle) = (
+                mem.clone(),
+                metrics.clone(),
+                failure.clone(),
+                pool_tx.clone(),
+                round_tx.clone(),
+                throttle.clone(),
+            );
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("ferry-send-{stream}"))
                     .spawn(move || {
-                        let mut s = SendStage { stream, conn, mem, metrics, throttle, seq: 0, pages: 0 };
+                        let mut s = SendStage {
+                            stream,
+                            conn,
+                            mem,
+                            metrics,
+                            throttle,
+                            seq: 0,
+                            pages: 0,
+                        };
                         if let Err(e) = s.run(rx, pool_tx, round_tx) {
                             failure.fail(format!("stream {stream}: {e}"));
                             s.conn.shutdown();
@@ -221,7 +238,12 @@ impl Pipeline {
                 .enumerate()
                 .map(|(i, tx)| (i % encoders == w).then(|| tx.clone()))
                 .collect();
-            let (mem, metrics, failure, pool_rx) = (mem.clone(), metrics.clone(), failure.clone(), pool_rx.clone());
+            let (mem, metrics, failure, pool_rx) = (
+                mem.clone(),
+                metrics.clone(),
+                failure.clone(),
+                pool_rx.clone(),
+            );
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("ferry-encode-{w}"))
@@ -233,15 +255,35 @@ impl Pipeline {
                     .expect("spawning a thread"),
             );
         }
-        let last = (1..=streams).map(|stream| RoundSent { stream, round: 0, seq: 0, pages: 0 }).collect();
-        Ok(Pipeline { streams, encoders, work, round_rx, threads, failure, conns: clones, last })
+        let last = (1..=streams)
+            .map(|stream| RoundSent {
+                stream,
+                round: 0,
+                seq: 0,
+                pages: 0,
+            })
+            .collect();
+        Ok(Pipeline {
+            streams,
+            encoders,
+            work,
+            round_rx,
+            threads,
+            failure,
+            conns: clones,
+            last,
+        })
     }
 
     /// Queues `count` pages from `first` (all owned by one stream, inside one
     /// region). Blocks when the stages are full. Err when a stage failed.
     fn push(&self, w: Work, stream: u16) -> Result<(), String> {
         let tx = &self.work[(stream as usize - 1) % self.encoders];
-        tx.send(w).map_err(|_| self.failure.message().unwrap_or_else(|| "pipeline stopped".into()))
+        tx.send(w).map_err(|_| {
+            self.failure
+                .message()
+                .unwrap_or_else(|| "pipeline stopped".into())
+        })
     }
 
     /// Queues every page of `first..first + count`, split by owner stream,
@@ -255,7 +297,14 @@ impl Pipeline {
             let n = (end.min(chunk_end).min(region_end) - p).min(PAGES_PER_FRAME_MAX as u64);
             assert!(n > 0, "page {p} outside guest memory");
             let stream = owner_stream(p, self.streams);
-            self.push(Work::Pages { stream, first: p, count: n as u32 }, stream)?;
+            self.push(
+                Work::Pages {
+                    stream,
+                    first: p,
+                    count: n as u32,
+                },
+                stream,
+            )?;
             p += n;
         }
         Ok(())
@@ -288,7 +337,13 @@ impl Pipeline {
 
     /// What each stream sent up to its last RoundEnd, index 0 = stream 1.
     pub fn totals(&self) -> Vec<crate::wire::StreamTotals> {
-        self.last.iter().map(|r| crate::wire::StreamTotals { last_seq: r.seq, pages: r.pages }).collect()
+        self.last
+            .iter()
+            .map(|r| crate::wire::StreamTotals {
+                last_seq: r.seq,
+                pages: r.pages,
+            })
+            .collect()
     }
 
     /// Stops all stages. With `abort`, unblocks senders stuck on a dead peer.
@@ -316,7 +371,11 @@ fn encode_stage(
     let mut enc = PageEncoder::default();
     let mut stage = vec![0u8; PAGE_SIZE];
     let mut lz = Vec::with_capacity(PAGE_SIZE);
-    let out_for = |s: u16| outs[s as usize - 1].as_ref().expect("work routed to the stream's encoder");
+    let out_for = |s: u16| {
+        outs[s as usize - 1]
+            .as_ref()
+            .expect("work routed to the stream's encoder")
+    };
     for w in rx {
         match w {
             Work::RoundEnd { stream, round } => {
@@ -324,15 +383,23 @@ fn encode_stage(
                     return Ok(()); // the sender failed and reported why
                 }
             }
-            Work::Pages { stream, first, count } => {
-                let Ok(mut e) = pool.recv() else { return Ok(()) };
+            Work::Pages {
+                stream,
+                first,
+                count,
+            } => {
+                let Ok(mut e) = pool.recv() else {
+                    return Ok(());
+                };
                 e.table.clear();
                 e.payload.clear();
                 e.parts.clear();
                 e.entries = count as u64;
                 let (mut zero, mut lz4, mut lz4_bytes, mut raw) = (0, 0, 0, 0);
                 for page in first..first + count as u64 {
-                    let slice = mem.page(PageIndex(page)).ok_or_else(|| format!("page {page} out of range"))?;
+                    let slice = mem
+                        .page(PageIndex(page))
+                        .ok_or_else(|| format!("page {page} out of range"))?;
                     let (codec, len, crc);
                     if is_zero_guest(&slice) {
                         (codec, len, crc) = (Codec::Zero, 0, 0);
@@ -356,15 +423,28 @@ fn encode_stage(
                         (codec, len, crc) = (Codec::Raw, PAGE_SIZE, crc32c_guest(&slice));
                         raw += 1;
                         match e.parts.last_mut() {
-                            Some(Part::Guest { first, count }) if *first + *count == page => *count += 1,
-                            _ => e.parts.push(Part::Guest { first: page, count: 1 }),
+                            Some(Part::Guest { first, count }) if *first + *count == page => {
+                                *count += 1
+                            }
+                            _ => e.parts.push(Part::Guest {
+                                first: page,
+                                count: 1,
+                            }),
                         }
                     }
-                    PageEntry { page, codec, len: len as u16, crc }.encode_into(&mut e.table);
+                    PageEntry {
+                        page,
+                        codec,
+                        len: len as u16,
+                        crc,
+                    }
+                    .encode_into(&mut e.table);
                 }
                 metrics.pages_zero.fetch_add(zero, Ordering::Relaxed);
                 metrics.pages_compressed.fetch_add(lz4, Ordering::Relaxed);
-                metrics.compressed_bytes.fetch_add(lz4_bytes, Ordering::Relaxed);
+                metrics
+                    .compressed_bytes
+                    .fetch_add(lz4_bytes, Ordering::Relaxed);
                 metrics.pages_raw.fetch_add(raw, Ordering::Relaxed);
                 if out_for(stream).send(Out::Frame(e)).is_err() {
                     return Ok(());
@@ -400,10 +480,21 @@ impl SendStage {
                 }
                 Out::RoundEnd(round) => {
                     self.seq += 1;
-                    crate::wire::send_frame(&mut *self.conn, FrameKind::RoundEnd, self.stream, self.seq, &round.to_le_bytes())
-                        .map_err(|e| e.to_string())?;
+                    crate::wire::send_frame(
+                        &mut *self.conn,
+                        FrameKind::RoundEnd,
+                        self.stream,
+                        self.seq,
+                        &round.to_le_bytes(),
+                    )
+                    .map_err(|e| e.to_string())?;
                     self.metrics.wire_bytes.fetch_add(28, Ordering::Relaxed);
-                    let sent = RoundSent { stream: self.stream, round, seq: self.seq, pages: self.pages };
+                    let sent = RoundSent {
+                        stream: self.stream,
+                        round,
+                        seq: self.seq,
+                        pages: self.pages,
+                    };
                     if rounds.send(sent).is_err() {
                         return Ok(());
                     }
@@ -417,7 +508,14 @@ impl SendStage {
         self.seq += 1;
         let len = e.table.len() as u32;
         let crc = frame_crc(FrameKind::Pages, self.stream, len, self.seq, &e.table);
-        let header = FrameHeader { kind: FrameKind::Pages, stream: self.stream, len, seq: self.seq, crc }.encode();
+        let header = FrameHeader {
+            kind: FrameKind::Pages,
+            stream: self.stream,
+            len,
+            seq: self.seq,
+            crc,
+        }
+        .encode();
         let mut segs = Vec::with_capacity(2 + e.parts.len());
         segs.push(Seg::Bytes(&header));
         segs.push(Seg::Bytes(&e.table));
@@ -425,7 +523,9 @@ impl SendStage {
             segs.push(match *part {
                 Part::Payload { off, len } => Seg::Bytes(&e.payload[off..off + len]),
                 Part::Guest { first, count } => Seg::Guest(
-                    self.mem.pages_slice(PageIndex(first), count).expect("range checked by the encoder"),
+                    self.mem
+                        .pages_slice(PageIndex(first), count)
+                        .expect("range checked by the encoder"),
                 ),
             });
         }
@@ -435,7 +535,9 @@ impl SendStage {
         }
         self.conn.send(&segs).map_err(|e| e.to_string())?;
         self.pages += e.entries;
-        self.metrics.wire_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.metrics
+            .wire_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -464,6 +566,10 @@ mod tests {
             t.take(1 << 20);
         }
         // 20 MiB at 100 MiB/s is 200 ms, minus the 10 ms burst allowance.
-        assert!(start.elapsed() >= Duration::from_millis(180), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() >= Duration::from_millis(180),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }

@@ -89,7 +89,10 @@ impl IncomingSession {
 impl Acceptor {
     /// An acceptor for peers holding `key`.
     pub fn new(key: Key) -> Self {
-        Acceptor { key, state: Mutex::new(AcceptorState::default()) }
+        Acceptor {
+            key,
+            state: Mutex::new(AcceptorState::default()),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, AcceptorState> {
@@ -100,16 +103,29 @@ impl Acceptor {
     /// under its session. Returns the session once its last connection
     /// arrived. Errors (bad key, garbage, a claim on a running session) leave
     /// every other session untouched.
-    pub fn admit(&self, mut conn: Box<dyn Conn>) -> Result<Option<IncomingSession>, MigrationError> {
+    pub fn admit(
+        &self,
+        mut conn: Box<dyn Conn>,
+    ) -> Result<Option<IncomingSession>, MigrationError> {
         let peer = conn.peer();
-        let hello = handshake::accept(&mut *conn, &self.key, |h| self.reserve(h)).map_err(|e| match e {
-            WireError::Refusing(r) => MigrationError::Auth(format!("refused {peer}: {r}")),
-            WireError::Transport(source) => MigrationError::Transport { phase: "handshake", source },
-            source => MigrationError::Protocol { phase: "handshake", source },
-        })?;
+        let hello =
+            handshake::accept(&mut *conn, &self.key, |h| self.reserve(h)).map_err(|e| match e {
+                WireError::Refusing(r) => MigrationError::Auth(format!("refused {peer}: {r}")),
+                WireError::Transport(source) => MigrationError::Transport {
+                    phase: "handshake",
+                    source,
+                },
+                source => MigrationError::Protocol {
+                    phase: "handshake",
+                    source,
+                },
+            })?;
         let mut st = self.lock();
         let Some(p) = st.pending.get_mut(&hello.session) else {
-            return Err(MigrationError::Auth(format!("session {} expired while {peer} joined", hello.session_hex())));
+            return Err(MigrationError::Auth(format!(
+                "session {} expired while {peer} joined",
+                hello.session_hex()
+            )));
         };
         p.slots[hello.stream as usize] = Slot::Ready(conn);
         if !p.slots.iter().all(|s| matches!(s, Slot::Ready(_))) {
@@ -122,7 +138,13 @@ impl Acceptor {
             _ => unreachable!("all slots ready"),
         });
         let control = conns.next().expect("slot 0 is control");
-        Ok(Some(IncomingSession { id: hello.session_hex(), vm: p.vm, peer, control, data: conns.collect() }))
+        Ok(Some(IncomingSession {
+            id: hello.session_hex(),
+            vm: p.vm,
+            peer,
+            control,
+            data: conns.collect(),
+        }))
     }
 
     /// Checks a hello against the sessions we know and reserves its slot.
@@ -130,7 +152,10 @@ impl Acceptor {
         let mut st = self.lock();
         st.pending.retain(|_, p| p.created.elapsed() < PENDING_TTL);
         if st.claimed.contains(&h.session) {
-            return Err(format!("session {} is already running; a second connection cannot join it", h.session_hex()));
+            return Err(format!(
+                "session {} is already running; a second connection cannot join it",
+                h.session_hex()
+            ));
         }
         let p = st.pending.entry(h.session).or_insert_with(|| Pending {
             vm: h.vm.clone(),
@@ -139,11 +164,18 @@ impl Acceptor {
             created: Instant::now(),
         });
         if p.streams != h.streams || p.vm != h.vm {
-            return Err(format!("connection disagrees with session {} (VM or stream count)", h.session_hex()));
+            return Err(format!(
+                "connection disagrees with session {} (VM or stream count)",
+                h.session_hex()
+            ));
         }
         let slot = &mut p.slots[h.stream as usize];
         if !matches!(slot, Slot::Empty) {
-            return Err(format!("stream {} of session {} is already connected", h.stream, h.session_hex()));
+            return Err(format!(
+                "stream {} of session {} is already connected",
+                h.stream,
+                h.session_hex()
+            ));
         }
         *slot = Slot::Reserved;
         Ok(())
@@ -164,7 +196,11 @@ pub struct TargetConfig {
 
 impl Default for TargetConfig {
     fn default() -> Self {
-        TargetConfig { io_timeout: Duration::from_secs(30), prefault: true, reserve: None }
+        TargetConfig {
+            io_timeout: Duration::from_secs(30),
+            prefault: true,
+            reserve: None,
+        }
     }
 }
 
@@ -188,7 +224,12 @@ pub fn migrate_in<V: TargetVm>(
     metrics: Arc<Metrics>,
     create_vm: impl FnOnce(&VmSpec, &GuestMem) -> Result<V, MigrationError>,
 ) -> Result<TargetOutcome<V>, MigrationError> {
-    let IncomingSession { vm: vm_name, mut control, data, .. } = session;
+    let IncomingSession {
+        vm: vm_name,
+        mut control,
+        data,
+        ..
+    } = session;
     let streams = data.len();
     metrics.update(|s| {
         s.status = Status::Setup;
@@ -196,32 +237,79 @@ pub fn migrate_in<V: TargetVm>(
         s.vm = vm_name.clone();
     });
     let fail = |metrics: &Metrics, e: MigrationError| {
-        metrics.finish(if matches!(e, MigrationError::Cancelled) { Status::Cancelled } else { Status::Failed }, Some(e.to_string()));
+        metrics.finish(
+            if matches!(e, MigrationError::Cancelled) {
+                Status::Cancelled
+            } else {
+                Status::Failed
+            },
+            Some(e.to_string()),
+        );
         e
     };
-    let tx_transport = |source| MigrationError::Transport { phase: "setup", source };
-    control.set_timeout(Some(cfg.io_timeout)).map_err(tx_transport)?;
+    let tx_transport = |source| MigrationError::Transport {
+        phase: "setup",
+        source,
+    };
+    control
+        .set_timeout(Some(cfg.io_timeout))
+        .map_err(tx_transport)?;
     for d in &data {
         let mut d = d.try_clone().map_err(tx_transport)?;
         d.set_timeout(Some(cfg.io_timeout)).map_err(tx_transport)?;
     }
     // SPEC
-    let (h, p) = wire::recv_frame(&mut *control).map_err(|source| MigrationError::Protocol { phase: "receiving the spec", source })?;
+    let (h, p) = wire::recv_frame(&mut *control).map_err(|source| MigrationError::Protocol {
+        phase: "receiving the spec",
+        source,
+    })?;
     let (spec, epoch) = match (h.kind, h.seq) {
         (FrameKind::Control, 1) => match wire::decode_control(&p) {
             Ok(ControlMsg::Spec { spec, epoch }) => (spec, epoch),
-            Ok(other) => return Err(fail(&metrics, protocol("receiving the spec", format!("got {other:?}")))),
-            Err(source) => return Err(fail(&metrics, MigrationError::Protocol { phase: "receiving the spec", source })),
+            Ok(other) => {
+                return Err(fail(
+                    &metrics,
+                    protocol("receiving the spec", format!("got {other:?}")),
+                ))
+            }
+            Err(source) => {
+                return Err(fail(
+                    &metrics,
+                    MigrationError::Protocol {
+                        phase: "receiving the spec",
+                        source,
+                    },
+                ))
+            }
         },
-        _ => return Err(fail(&metrics, protocol("receiving the spec", format!("got a {:?} frame, seq {}", h.kind, h.seq)))),
+        _ => {
+            return Err(fail(
+                &metrics,
+                protocol(
+                    "receiving the spec",
+                    format!("got a {:?} frame, seq {}", h.kind, h.seq),
+                ),
+            ))
+        }
     };
     let mut ctl_tx = control.try_clone().map_err(tx_transport)?;
     let abort_early = |ctl: &mut Box<dyn Conn>, e: MigrationError| {
-        let _ = wire::send_frame(&mut **ctl, FrameKind::Control, 0, 1, &wire::encode_control(&ControlMsg::Abort { reason: e.to_string() }));
+        let _ = wire::send_frame(
+            &mut **ctl,
+            FrameKind::Control,
+            0,
+            1,
+            &wire::encode_control(&ControlMsg::Abort {
+                reason: e.to_string(),
+            }),
+        );
         e
     };
     if spec.name != vm_name {
-        let e = MigrationError::Invalid(format!("spec names VM {:?}, the handshake {:?}", spec.name, vm_name));
+        let e = MigrationError::Invalid(format!(
+            "spec names VM {:?}, the handshake {:?}",
+            spec.name, vm_name
+        ));
         return Err(fail(&metrics, abort_early(&mut ctl_tx, e)));
     }
     let reserved = cfg.reserve.as_ref().and_then(|r| r.take(&spec));
@@ -233,7 +321,11 @@ pub fn migrate_in<V: TargetVm>(
         Err(e) => return Err(fail(&metrics, abort_early(&mut ctl_tx, e.into()))),
     };
     metrics.update(|s| s.mem_bytes = mem.bytes());
-    tracing::info!(from_reserve, "guest memory ready ({} MiB)", mem.bytes() >> 20);
+    tracing::info!(
+        from_reserve,
+        "guest memory ready ({} MiB)",
+        mem.bytes() >> 20
+    );
     if cfg.prefault && !from_reserve {
         mem.prefault();
     }
@@ -254,7 +346,12 @@ pub fn migrate_in<V: TargetVm>(
     });
     let result = (|| {
         let receivers = Receivers::start(shared.clone(), data).map_err(tx_transport)?;
-        let mut session = Session { shared: &shared, receivers: Some(receivers), events: None, cfg };
+        let mut session = Session {
+            shared: &shared,
+            receivers: Some(receivers),
+            events: None,
+            cfg,
+        };
         let r = session.run(&mut vm, control, epoch);
         if let Some(rx) = session.receivers.take() {
             rx.stop();
@@ -265,10 +362,20 @@ pub fn migrate_in<V: TargetVm>(
         Ok(epoch) => {
             metrics.update(|s| s.epoch = epoch);
             metrics.finish(Status::Completed, None);
-            Ok(TargetOutcome { epoch, spec, mem, vm })
+            Ok(TargetOutcome {
+                epoch,
+                spec,
+                mem,
+                vm,
+            })
         }
         Err(e) => {
-            let _ = shared.send_control(FrameKind::Control, &wire::encode_control(&ControlMsg::Abort { reason: e.to_string() }));
+            let _ = shared.send_control(
+                FrameKind::Control,
+                &wire::encode_control(&ControlMsg::Abort {
+                    reason: e.to_string(),
+                }),
+            );
             vm.abort(&e.to_string());
             Err(fail(&metrics, e))
         }
@@ -286,7 +393,10 @@ impl Drop for RefillOnDrop {
 }
 
 fn protocol(phase: &'static str, detail: String) -> MigrationError {
-    MigrationError::Protocol { phase, source: WireError::Violation(detail) }
+    MigrationError::Protocol {
+        phase,
+        source: WireError::Violation(detail),
+    }
 }
 
 enum Event {
@@ -302,81 +412,137 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    fn run<V: TargetVm>(&mut self, vm: &mut V, control: Box<dyn Conn>, epoch: u64) -> Result<u64, MigrationError> {
+    fn run<V: TargetVm>(
+        &mut self,
+        vm: &mut V,
+        control: Box<dyn Conn>,
+        epoch: u64,
+    ) -> Result<u64, MigrationError> {
         let mut control = control;
         // Liveness comes from the data streams while pages flow, and from the
         // source's EOF; the control stream may be quiet for a long pre-copy.
-        control.set_timeout(None).map_err(|source| MigrationError::Transport { phase: "setup", source })?;
+        control
+            .set_timeout(None)
+            .map_err(|source| MigrationError::Transport {
+                phase: "setup",
+                source,
+            })?;
         self.events = Some(spawn_reader(control));
         self.send(&ControlMsg::SpecAck)?;
         self.shared.metrics.update(|s| s.status = Status::Active);
         let mut state: Option<Vec<u8>> = None;
         let mut prepared = false;
         loop {
-            let ev = match self.events.as_ref().expect("reader running").recv_timeout(Duration::from_millis(200)) {
+            let ev = match self
+                .events
+                .as_ref()
+                .expect("reader running")
+                .recv_timeout(Duration::from_millis(200))
+            {
                 Ok(ev) => ev,
                 Err(RecvTimeoutError::Timeout) => {
                     if !prepared && self.shared.failure.is_set() {
-                        return Err(protocol("receiving pages", self.shared.failure.message().unwrap_or_default()));
+                        return Err(protocol(
+                            "receiving pages",
+                            self.shared.failure.message().unwrap_or_default(),
+                        ));
                     }
                     continue;
                 }
-                Err(RecvTimeoutError::Disconnected) => return Err(protocol("control stream", "reader stopped".into())),
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(protocol("control stream", "reader stopped".into()))
+                }
             };
             match ev {
-                Event::Failed(source) => return Err(MigrationError::Protocol { phase: "control stream", source }),
+                Event::Failed(source) => {
+                    return Err(MigrationError::Protocol {
+                        phase: "control stream",
+                        source,
+                    })
+                }
                 Event::Frame(FrameKind::State, blob) => {
                     if state.is_some() || prepared {
                         return Err(protocol("switchover", "a second state blob".into()));
                     }
-                    self.shared.metrics.update(|s| s.status = Status::Switchover);
+                    self.shared
+                        .metrics
+                        .update(|s| s.status = Status::Switchover);
                     state = Some(blob);
                 }
-                Event::Frame(FrameKind::Control, p) => match wire::decode_control(&p)
-                    .map_err(|source| MigrationError::Protocol { phase: "control stream", source })?
-                {
-                    ControlMsg::Prepare { streams, state_len, state_crc, progress } => {
-                        if prepared {
-                            return Err(protocol("switchover", "a second PREPARE".into()));
+                Event::Frame(FrameKind::Control, p) => {
+                    match wire::decode_control(&p).map_err(|source| MigrationError::Protocol {
+                        phase: "control stream",
+                        source,
+                    })? {
+                        ControlMsg::Prepare {
+                            streams,
+                            state_len,
+                            state_crc,
+                            progress,
+                        } => {
+                            if prepared {
+                                return Err(protocol("switchover", "a second PREPARE".into()));
+                            }
+                            let blob = state.take().ok_or_else(|| {
+                                protocol("switchover", "PREPARE before the state".into())
+                            })?;
+                            if blob.len() as u64 != state_len || crc32c::crc32c(&blob) != state_crc
+                            {
+                                return Err(protocol(
+                                    "switchover",
+                                    "the state blob does not match PREPARE's length/CRC".into(),
+                                ));
+                            }
+                            self.check_totals(&streams)?;
+                            self.shared.metrics.update(|s| {
+                                s.status = Status::Committing;
+                                s.guest_progress_at_pause = progress;
+                            });
+                            let verify = vm.restore(&VmState { blob, progress })?;
+                            self.shared.metrics.update(|s| {
+                                s.verify_ms = verify.verify_ms;
+                                s.verify = Some(verify.clone());
+                            });
+                            self.send(&ControlMsg::Prepared { verify })?;
+                            prepared = true;
                         }
-                        let blob = state.take().ok_or_else(|| protocol("switchover", "PREPARE before the state".into()))?;
-                        if blob.len() as u64 != state_len || crc32c::crc32c(&blob) != state_crc {
-                            return Err(protocol("switchover", "the state blob does not match PREPARE's length/CRC".into()));
+                        ControlMsg::Commit { epoch: new_epoch } => {
+                            if !prepared {
+                                return Err(protocol(
+                                    "switchover",
+                                    "COMMIT before PREPARED".into(),
+                                ));
+                            }
+                            if new_epoch <= epoch {
+                                return Err(protocol(
+                                    "switchover",
+                                    format!("COMMIT epoch {new_epoch} is not past {epoch}"),
+                                ));
+                            }
+                            vm.run(new_epoch)?;
+                            // From here on the VM runs here: nothing may undo it.
+                            if let Err(e) = self.send(&ControlMsg::Committed) {
+                                tracing::warn!(
+                                    "the VM runs here, but COMMITTED could not be sent: {e}"
+                                );
+                            }
+                            return Ok(new_epoch);
                         }
-                        self.check_totals(&streams)?;
-                        self.shared.metrics.update(|s| {
-                            s.status = Status::Committing;
-                            s.guest_progress_at_pause = progress;
-                        });
-                        let verify = vm.restore(&VmState { blob, progress })?;
-                        self.shared.metrics.update(|s| {
-                            s.verify_ms = verify.verify_ms;
-                            s.verify = Some(verify.clone());
-                        });
-                        self.send(&ControlMsg::Prepared { verify })?;
-                        prepared = true;
+                        ControlMsg::Abort { reason } => {
+                            return Err(MigrationError::PeerAborted(reason))
+                        }
+                        other => {
+                            return Err(protocol("control stream", format!("unexpected {other:?}")))
+                        }
                     }
-                    ControlMsg::Commit { epoch: new_epoch } => {
-                        if !prepared {
-                            return Err(protocol("switchover", "COMMIT before PREPARED".into()));
-                        }
-                        if new_epoch <= epoch {
-                            return Err(protocol("switchover", format!("COMMIT epoch {new_epoch} is not past {epoch}")));
-                        }
-                        vm.run(new_epoch)?;
-                        // From here on the VM runs here: nothing may undo it.
-                        if let Err(e) = self.send(&ControlMsg::Committed) {
-                            tracing::warn!("the VM runs here, but COMMITTED could not be sent: {e}");
-                        }
-                        return Ok(new_epoch);
-                    }
-                    ControlMsg::Abort { reason } => return Err(MigrationError::PeerAborted(reason)),
-                    other => return Err(protocol("control stream", format!("unexpected {other:?}"))),
-                },
+                }
                 Event::Frame(kind, _) => {
                     return Err(MigrationError::Protocol {
                         phase: "control stream",
-                        source: WireError::Unexpected { kind, context: "control stream from the source" },
+                        source: WireError::Unexpected {
+                            kind,
+                            context: "control stream from the source",
+                        },
                     })
                 }
             }
@@ -386,7 +552,10 @@ impl Session<'_> {
     fn send(&self, msg: &ControlMsg) -> Result<(), MigrationError> {
         self.shared
             .send_control(FrameKind::Control, &wire::encode_control(msg))
-            .map_err(|source| MigrationError::Protocol { phase: "control stream", source })
+            .map_err(|source| MigrationError::Protocol {
+                phase: "control stream",
+                source,
+            })
     }
 
     /// Waits until every stream applied up to its announced last frame, then
@@ -394,29 +563,50 @@ impl Session<'_> {
     fn check_totals(&self, totals: &[StreamTotals]) -> Result<(), MigrationError> {
         let s = self.shared;
         if totals.len() != s.applied.len() {
-            return Err(protocol("prepare", format!("{} stream totals for {} streams", totals.len(), s.applied.len())));
+            return Err(protocol(
+                "prepare",
+                format!(
+                    "{} stream totals for {} streams",
+                    totals.len(),
+                    s.applied.len()
+                ),
+            ));
         }
         let deadline = Instant::now() + self.cfg.io_timeout;
         for (i, t) in totals.iter().enumerate() {
             while s.applied[i].load(Ordering::Acquire) < t.last_seq {
                 if s.failure.is_set() {
-                    return Err(MigrationError::Incomplete(s.failure.message().unwrap_or_default()));
+                    return Err(MigrationError::Incomplete(
+                        s.failure.message().unwrap_or_default(),
+                    ));
                 }
                 if Instant::now() > deadline {
-                    return Err(MigrationError::Incomplete(format!("stream {} did not reach seq {} in time", i + 1, t.last_seq)));
+                    return Err(MigrationError::Incomplete(format!(
+                        "stream {} did not reach seq {} in time",
+                        i + 1,
+                        t.last_seq
+                    )));
                 }
                 std::thread::sleep(Duration::from_millis(1));
             }
-            let (applied, got) = (s.applied[i].load(Ordering::Acquire), s.pages[i].load(Ordering::Acquire));
+            let (applied, got) = (
+                s.applied[i].load(Ordering::Acquire),
+                s.pages[i].load(Ordering::Acquire),
+            );
             if applied != t.last_seq || got != t.pages {
-                return Err(MigrationError::Incomplete(
-                    format!("stream {}: applied seq {applied} / {got} pages, source sent seq {} / {} pages", i + 1, t.last_seq, t.pages),
-                ));
+                return Err(MigrationError::Incomplete(format!(
+                    "stream {}: applied seq {applied} / {got} pages, source sent seq {} / {} pages",
+                    i + 1,
+                    t.last_seq,
+                    t.pages
+                )));
             }
         }
         let suspect = s.suspect.count();
         if suspect > 0 {
-            return Err(MigrationError::Incomplete(format!("{suspect} pages failed their CRC and were never sent again")));
+            return Err(MigrationError::Incomplete(format!(
+                "{suspect} pages failed their CRC and were never sent again"
+            )));
         }
         Ok(())
     }
@@ -430,10 +620,15 @@ fn spawn_reader(mut conn: Box<dyn Conn>) -> Receiver<Event> {
             let mut seq = 1; // the spec was frame 1
             loop {
                 let ev = match wire::recv_frame(&mut *conn) {
-                    Ok((h, _)) if h.stream != 0 => {
-                        Event::Failed(WireError::Unexpected { kind: h.kind, context: "control stream, wrong stream id" })
-                    }
-                    Ok((h, _)) if h.seq != seq + 1 => Event::Failed(WireError::Sequence { stream: 0, expected: seq + 1, got: h.seq }),
+                    Ok((h, _)) if h.stream != 0 => Event::Failed(WireError::Unexpected {
+                        kind: h.kind,
+                        context: "control stream, wrong stream id",
+                    }),
+                    Ok((h, _)) if h.seq != seq + 1 => Event::Failed(WireError::Sequence {
+                        stream: 0,
+                        expected: seq + 1,
+                        got: h.seq,
+                    }),
                     Ok((h, p)) => {
                         seq = h.seq;
                         Event::Frame(h.kind, p)

@@ -33,7 +33,9 @@ use crate::memory::{GuestMem, PageIndex};
 use crate::metrics::Metrics;
 use crate::source::pipeline::{owner_stream, Failure};
 use crate::wire::crc::crc32c_guest;
-use crate::wire::{self, frame_crc, Ack, FrameHeader, FrameKind, PageEntry, WireError, HEADER_BYTES};
+use crate::wire::{
+    self, frame_crc, Ack, FrameHeader, FrameKind, PageEntry, WireError, HEADER_BYTES,
+};
 
 static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 
@@ -91,13 +93,21 @@ pub struct Receivers {
 
 impl Receivers {
     /// Starts the stages over the data connections (index i = stream i + 1).
-    pub fn start(shared: Arc<Shared>, conns: Vec<Box<dyn Conn>>) -> Result<Self, ferry_transport::TransportError> {
+    pub fn start(
+        shared: Arc<Shared>,
+        conns: Vec<Box<dyn Conn>>,
+    ) -> Result<Self, ferry_transport::TransportError> {
         let streams = conns.len() as u16;
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let decoders = (streams as usize).min(cores).max(1);
         let (pool_tx, pool_rx) = bounded::<Vec<u8>>(decoders * DECODE_DEPTH + streams as usize);
         let progress: Arc<Vec<Progress>> = Arc::new(
-            (0..streams).map(|_| Progress { queued: AtomicU64::new(0), done: AtomicU64::new(0) }).collect(),
+            (0..streams)
+                .map(|_| Progress {
+                    queued: AtomicU64::new(0),
+                    done: AtomicU64::new(0),
+                })
+                .collect(),
         );
         let mut threads = Vec::new();
         let mut job_txs = Vec::new();
@@ -145,7 +155,10 @@ impl Receivers {
                     .expect("spawning a thread"),
             );
         }
-        Ok(Receivers { threads, conns: clones })
+        Ok(Receivers {
+            threads,
+            conns: clones,
+        })
     }
 
     /// Stops the stages (shutting the streams down) and waits for them.
@@ -167,18 +180,26 @@ fn decode_stage(
 ) -> Result<(), String> {
     let mut page_buf = vec![0u8; PAGE_SIZE];
     for job in rx {
-        let slice = shared.mem.page(PageIndex(job.page)).expect("page checked by the receiver");
+        let slice = shared
+            .mem
+            .page(PageIndex(job.page))
+            .expect("page checked by the receiver");
         if crc32c::crc32c(&job.buf) != job.crc {
             // Compressed payloads come from a private copy on the source: a
             // bad CRC is corruption, not a torn page.
-            return Err(format!("stream {}: CRC mismatch on compressed page {}", job.stream, job.page));
+            return Err(format!(
+                "stream {}: CRC mismatch on compressed page {}",
+                job.stream, job.page
+            ));
         }
         decode(Codec::Lz4, &job.buf, &mut page_buf)
             .map_err(|e| format!("stream {}: page {}: {e}", job.stream, job.page))?;
         slice.copy_from(&page_buf[..]);
         shared.written.set(job.page);
         shared.suspect.clear(job.page);
-        progress[job.stream as usize - 1].done.fetch_add(1, Ordering::Release);
+        progress[job.stream as usize - 1]
+            .done
+            .fetch_add(1, Ordering::Release);
         let _ = pool.try_send(job.buf);
     }
     Ok(())
@@ -207,10 +228,17 @@ impl RecvStage {
             self.conn.recv_exact(&mut hb)?;
             let h = FrameHeader::decode(&hb)?;
             if h.stream != self.stream {
-                return Err(WireError::Unexpected { kind: h.kind, context: "frame for another stream" });
+                return Err(WireError::Unexpected {
+                    kind: h.kind,
+                    context: "frame for another stream",
+                });
             }
             if h.seq != self.seq + 1 {
-                return Err(WireError::Sequence { stream: self.stream, expected: self.seq + 1, got: h.seq });
+                return Err(WireError::Sequence {
+                    stream: self.stream,
+                    expected: self.seq + 1,
+                    got: h.seq,
+                });
             }
             self.seq = h.seq;
             table.resize(h.len as usize, 0);
@@ -218,20 +246,34 @@ impl RecvStage {
             if frame_crc(h.kind, h.stream, h.len, h.seq, &table) != h.crc {
                 return Err(WireError::Crc(h.kind));
             }
-            self.shared.metrics.wire_bytes.fetch_add(HEADER_BYTES as u64 + h.len as u64, Ordering::Relaxed);
+            self.shared
+                .metrics
+                .wire_bytes
+                .fetch_add(HEADER_BYTES as u64 + h.len as u64, Ordering::Relaxed);
             match h.kind {
                 FrameKind::Pages => self.pages(&table)?,
                 FrameKind::RoundEnd => {
-                    let round = u32::from_le_bytes(table[..].try_into().map_err(|_| WireError::Malformed {
-                        what: "round end",
-                        detail: format!("{} bytes", table.len()),
+                    let round = u32::from_le_bytes(table[..].try_into().map_err(|_| {
+                        WireError::Malformed {
+                            what: "round end",
+                            detail: format!("{} bytes", table.len()),
+                        }
                     })?);
                     self.drain()?;
                     self.shared.applied[self.stream as usize - 1].store(h.seq, Ordering::Release);
-                    let ack = Ack { stream: self.stream, round, seq: h.seq };
+                    let ack = Ack {
+                        stream: self.stream,
+                        round,
+                        seq: h.seq,
+                    };
                     self.shared.send_control(FrameKind::Ack, &ack.encode())?;
                 }
-                kind => return Err(WireError::Unexpected { kind, context: "data stream" }),
+                kind => {
+                    return Err(WireError::Unexpected {
+                        kind,
+                        context: "data stream",
+                    })
+                }
             }
         }
     }
@@ -260,7 +302,10 @@ impl RecvStage {
 
     fn pages(&mut self, table: &[u8]) -> Result<(), WireError> {
         if table.is_empty() || !table.len().is_multiple_of(PageEntry::BYTES) {
-            return Err(WireError::Malformed { what: "page table", detail: format!("{} bytes", table.len()) });
+            return Err(WireError::Malformed {
+                what: "page table",
+                detail: format!("{} bytes", table.len()),
+            });
         }
         let mem = self.shared.mem.clone();
         let total_pages = mem.pages();
@@ -268,14 +313,27 @@ impl RecvStage {
         self.entries.clear();
         for raw_entry in table.chunks_exact(PageEntry::BYTES) {
             let e = PageEntry::decode(raw_entry)?;
-            let bad = |detail: String| WireError::Malformed { what: "page entry", detail };
+            let bad = |detail: String| WireError::Malformed {
+                what: "page entry",
+                detail,
+            };
             if e.page >= total_pages {
-                return Err(bad(format!("page {} past the end of guest memory ({total_pages} pages)", e.page)));
+                return Err(bad(format!(
+                    "page {} past the end of guest memory ({total_pages} pages)",
+                    e.page
+                )));
             }
             if owner_stream(e.page, self.streams) != self.stream {
-                return Err(bad(format!("page {} does not belong to stream {}", e.page, self.stream)));
+                return Err(bad(format!(
+                    "page {} does not belong to stream {}",
+                    e.page, self.stream
+                )));
             }
-            if self.entries.last().is_some_and(|prev: &PageEntry| prev.page >= e.page) {
+            if self
+                .entries
+                .last()
+                .is_some_and(|prev: &PageEntry| prev.page >= e.page)
+            {
                 return Err(bad(format!("page {} out of order in its frame", e.page)));
             }
             self.entries.push(e);
@@ -306,10 +364,14 @@ impl RecvStage {
                     {
                         n += 1;
                     }
-                    let run = mem.pages_slice(PageIndex(e.page), n as u64).expect("run inside one region");
+                    let run = mem
+                        .pages_slice(PageIndex(e.page), n as u64)
+                        .expect("run inside one region");
                     self.conn.recv_exact_volatile(&run)?;
                     for (k, re) in entries[i..i + n].iter().enumerate() {
-                        let page = run.subslice(k * PAGE_SIZE, PAGE_SIZE).expect("inside the run");
+                        let page = run
+                            .subslice(k * PAGE_SIZE, PAGE_SIZE)
+                            .expect("inside the run");
                         self.shared.written.set(re.page);
                         if crc32c_guest(&page) == re.crc {
                             self.shared.suspect.clear(re.page);
@@ -322,15 +384,29 @@ impl RecvStage {
                     i += n;
                 }
                 Codec::Lz4 => {
-                    let mut buf = self.pool.try_recv().unwrap_or_else(|_| Vec::with_capacity(PAYLOAD_BYTES_MAX));
+                    let mut buf = self
+                        .pool
+                        .try_recv()
+                        .unwrap_or_else(|_| Vec::with_capacity(PAYLOAD_BYTES_MAX));
                     buf.resize(e.len as usize, 0);
                     self.conn.recv_exact(&mut buf)?;
-                    self.progress[self.stream as usize - 1].queued.fetch_add(1, Ordering::Relaxed);
-                    let job = DecodeJob { stream: self.stream, page: e.page, crc: e.crc, buf };
+                    self.progress[self.stream as usize - 1]
+                        .queued
+                        .fetch_add(1, Ordering::Relaxed);
+                    let job = DecodeJob {
+                        stream: self.stream,
+                        page: e.page,
+                        crc: e.crc,
+                        buf,
+                    };
                     if self.jobs.send(job).is_err() {
                         return Err(WireError::Malformed {
                             what: "decode stage",
-                            detail: self.shared.failure.message().unwrap_or_else(|| "stopped".into()),
+                            detail: self
+                                .shared
+                                .failure
+                                .message()
+                                .unwrap_or_else(|| "stopped".into()),
                         });
                     }
                     lz4 += 1;

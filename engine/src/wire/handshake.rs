@@ -56,15 +56,26 @@ impl Hello {
 }
 
 fn welcome_mac(key: &Key, hello: &Hello, nonce_a: &[u8], nonce_c: &[u8]) -> [u8; 32] {
-    key.mac(&[b"ferry-welcome-v1", nonce_c, nonce_a, &hello.session, &hello.stream.to_le_bytes()])
+    key.mac(&[
+        b"ferry-welcome-v1",
+        nonce_c,
+        nonce_a,
+        &hello.session,
+        &hello.stream.to_le_bytes(),
+    ])
 }
 
 fn expect_kind(got: FrameKind, want: FrameKind, payload: &[u8]) -> Result<(), WireError> {
     if got == FrameKind::Refuse {
-        return Err(WireError::Refused(String::from_utf8_lossy(payload).into_owned()));
+        return Err(WireError::Refused(
+            String::from_utf8_lossy(payload).into_owned(),
+        ));
     }
     if got != want {
-        return Err(WireError::Unexpected { kind: got, context: "handshake" });
+        return Err(WireError::Unexpected {
+            kind: got,
+            context: "handshake",
+        });
     }
     Ok(())
 }
@@ -75,7 +86,10 @@ pub fn connect(conn: &mut dyn Conn, key: &Key, hello: &Hello) -> Result<(), Wire
     let (h, p) = recv_frame(conn)?;
     expect_kind(h.kind, FrameKind::Challenge, &p)?;
     if p.len() != 4 + NONCE_BYTES {
-        return Err(WireError::Malformed { what: "challenge", detail: format!("{} bytes", p.len()) });
+        return Err(WireError::Malformed {
+            what: "challenge",
+            detail: format!("{} bytes", p.len()),
+        });
     }
     let version = u16::from_le_bytes([p[0], p[1]]);
     if version != PROTOCOL_VERSION {
@@ -98,7 +112,9 @@ pub fn connect(conn: &mut dyn Conn, key: &Key, hello: &Hello) -> Result<(), Wire
     let (h, p) = recv_frame(conn)?;
     expect_kind(h.kind, FrameKind::Welcome, &p)?;
     if p.len() != 32 || welcome_mac(key, hello, nonce_a, &nonce_c)[..] != p[..] {
-        return Err(WireError::Refusing("the peer could not prove it holds the key".into()));
+        return Err(WireError::Refusing(
+            "the peer could not prove it holds the key".into(),
+        ));
     }
     Ok(())
 }
@@ -125,7 +141,13 @@ pub fn accept(
     });
     match result {
         Ok((hello, nonce_c)) => {
-            send_frame(conn, FrameKind::Welcome, hello.stream, 0, &welcome_mac(key, &hello, &nonce_a, &nonce_c))?;
+            send_frame(
+                conn,
+                FrameKind::Welcome,
+                hello.stream,
+                0,
+                &welcome_mac(key, &hello, &nonce_a, &nonce_c),
+            )?;
             Ok(hello)
         }
         Err(reason) => {
@@ -143,16 +165,26 @@ fn parse_hello(p: &[u8], key: &Key, nonce_a: &[u8]) -> Result<(Hello, Vec<u8>), 
     let u16_at = |i: usize| u16::from_le_bytes([p[i], p[i + 1]]);
     let (version, stream, streams, vm_len) = (u16_at(0), u16_at(2), u16_at(4), u16_at(6) as usize);
     if version != PROTOCOL_VERSION {
-        return Err(format!("protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION})"));
+        return Err(format!(
+            "protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION})"
+        ));
     }
     if p.len() != FIXED + vm_len || vm_len > VM_NAME_BYTES_MAX {
-        return Err(format!("malformed hello ({} bytes for a {vm_len}-byte name)", p.len()));
+        return Err(format!(
+            "malformed hello ({} bytes for a {vm_len}-byte name)",
+            p.len()
+        ));
     }
     let session: [u8; 16] = p[8..24].try_into().expect("16 bytes");
     let nonce_c = &p[24..24 + NONCE_BYTES];
     let mac = &p[24 + NONCE_BYTES..FIXED];
     let vm = std::str::from_utf8(&p[FIXED..]).map_err(|_| "VM name is not UTF-8".to_string())?;
-    let hello = Hello { session, stream, streams, vm: vm.to_string() };
+    let hello = Hello {
+        session,
+        stream,
+        streams,
+        vm: vm.to_string(),
+    };
     // Check the MAC before believing any field.
     if !key.verify(
         &[
@@ -169,7 +201,9 @@ fn parse_hello(p: &[u8], key: &Key, nonce_a: &[u8]) -> Result<(Hello, Vec<u8>), 
         return Err("authentication failed: the peer does not hold this ferryd's key".into());
     }
     if streams == 0 || streams > STREAMS_MAX || stream > streams {
-        return Err(format!("stream {stream} of {streams} is out of range (1..={STREAMS_MAX} streams)"));
+        return Err(format!(
+            "stream {stream} of {streams} is out of range (1..={STREAMS_MAX} streams)"
+        ));
     }
     Ok((hello, nonce_c.to_vec()))
 }

@@ -2,7 +2,7 @@
 //!
 //! A session is one control stream (index 0) and N data streams (1..=N),
 //! each a transport connection. Every connection starts with the handshake
-//! of [`handshake`]; after it, everything is a [`Frame`]:
+//! of [`handshake`]; after it, everything is a frame:
 //!
 //! ```text
 //!  0      2     3      4        6          8          12               20      24
@@ -235,7 +235,11 @@ impl FrameHeader {
         }
         let len = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
         if len as usize > kind.payload_cap() {
-            return Err(WireError::Oversized { kind, len, cap: kind.payload_cap() });
+            return Err(WireError::Oversized {
+                kind,
+                len,
+                cap: kind.payload_cap(),
+            });
         }
         Ok(FrameHeader {
             kind,
@@ -249,7 +253,14 @@ impl FrameHeader {
 
 /// CRC32C of a header (bytes 0..20 of its encoding, crc field excluded) and payload.
 pub fn frame_crc(kind: FrameKind, stream: u16, len: u32, seq: u64, payload: &[u8]) -> u32 {
-    let h = FrameHeader { kind, stream, len, seq, crc: 0 }.encode();
+    let h = FrameHeader {
+        kind,
+        stream,
+        len,
+        seq,
+        crc: 0,
+    }
+    .encode();
     crc32c::crc32c_append(crc32c::crc32c(&h[..20]), payload)
 }
 
@@ -282,7 +293,10 @@ impl PageEntry {
     /// Decodes and checks one entry: known codec, reserved byte zero, and a
     /// length the codec allows.
     pub fn decode(b: &[u8]) -> Result<Self, WireError> {
-        let bad = |detail: String| WireError::Malformed { what: "page entry", detail };
+        let bad = |detail: String| WireError::Malformed {
+            what: "page entry",
+            detail,
+        };
         if b.len() != Self::BYTES {
             return Err(bad(format!("{} bytes", b.len())));
         }
@@ -302,7 +316,10 @@ impl PageEntry {
             Codec::Lz4 => e.len > 0 && (e.len as usize) <= PAYLOAD_BYTES_MAX,
         };
         if !ok {
-            return Err(bad(format!("{} payload bytes for codec {:?}", e.len, codec)));
+            return Err(bad(format!(
+                "{} payload bytes for codec {:?}",
+                e.len, codec
+            )));
         }
         Ok(e)
     }
@@ -336,7 +353,10 @@ impl Ack {
     /// Decodes a payload.
     pub fn decode(b: &[u8]) -> Result<Self, WireError> {
         if b.len() != ACK_BYTES || b[2] != 0 || b[3] != 0 {
-            return Err(WireError::Malformed { what: "ack", detail: format!("{} bytes", b.len()) });
+            return Err(WireError::Malformed {
+                what: "ack",
+                detail: format!("{} bytes", b.len()),
+            });
         }
         Ok(Ack {
             stream: u16::from_le_bytes([b[0], b[1]]),
@@ -407,9 +427,19 @@ pub fn send_frame(
     payload: &[u8],
 ) -> Result<(), WireError> {
     let len = u32::try_from(payload.len()).expect("payload under the kind cap");
-    assert!(payload.len() <= kind.payload_cap(), "our own frame over its cap");
+    assert!(
+        payload.len() <= kind.payload_cap(),
+        "our own frame over its cap"
+    );
     let crc = frame_crc(kind, stream, len, seq, payload);
-    let header = FrameHeader { kind, stream, len, seq, crc }.encode();
+    let header = FrameHeader {
+        kind,
+        stream,
+        len,
+        seq,
+        crc,
+    }
+    .encode();
     conn.send(&[Seg::Bytes(&header), Seg::Bytes(payload)])?;
     Ok(())
 }
@@ -431,14 +461,19 @@ pub fn recv_frame(conn: &mut dyn Conn) -> Result<(FrameHeader, Vec<u8>), WireErr
 /// Encodes a control message.
 pub fn encode_control(msg: &ControlMsg) -> Vec<u8> {
     let v = serde_json::to_vec(msg).expect("control messages always serialise");
-    assert!(v.len() <= CONTROL_BYTES_MAX, "our own control message over its cap");
+    assert!(
+        v.len() <= CONTROL_BYTES_MAX,
+        "our own control message over its cap"
+    );
     v
 }
 
 /// Decodes a control message.
 pub fn decode_control(payload: &[u8]) -> Result<ControlMsg, WireError> {
-    serde_json::from_slice(payload)
-        .map_err(|e| WireError::Malformed { what: "control message", detail: e.to_string() })
+    serde_json::from_slice(payload).map_err(|e| WireError::Malformed {
+        what: "control message",
+        detail: e.to_string(),
+    })
 }
 
 #[cfg(test)]

@@ -18,7 +18,10 @@ pub struct Parsed {
 }
 
 fn short(what: &'static str, need: usize, have: usize) -> WireError {
-    WireError::Malformed { what, detail: format!("need {need} bytes, have {have}") }
+    WireError::Malformed {
+        what,
+        detail: format!("need {need} bytes, have {have}"),
+    }
 }
 
 /// Parses and fully checks the frame at the start of `buf`: header, CRC,
@@ -31,7 +34,9 @@ pub fn parse_frame(buf: &[u8], pages: u64) -> Result<Parsed, WireError> {
         .ok_or_else(|| short("frame header", HEADER_BYTES, buf.len()))?;
     let header = FrameHeader::decode(hb)?;
     let end = HEADER_BYTES + header.len as usize;
-    let payload = buf.get(HEADER_BYTES..end).ok_or_else(|| short("frame payload", end, buf.len()))?;
+    let payload = buf
+        .get(HEADER_BYTES..end)
+        .ok_or_else(|| short("frame payload", end, buf.len()))?;
     if frame_crc(header.kind, header.stream, header.len, header.seq, payload) != header.crc {
         return Err(WireError::Crc(header.kind));
     }
@@ -39,25 +44,42 @@ pub fn parse_frame(buf: &[u8], pages: u64) -> Result<Parsed, WireError> {
     let mut at = end;
     if header.kind == FrameKind::Pages {
         if payload.is_empty() || !payload.len().is_multiple_of(PageEntry::BYTES) {
-            return Err(WireError::Malformed { what: "page table", detail: format!("{} bytes", payload.len()) });
+            return Err(WireError::Malformed {
+                what: "page table",
+                detail: format!("{} bytes", payload.len()),
+            });
         }
         let mut page = [0u8; PAGE_SIZE];
         for raw in payload.chunks_exact(PageEntry::BYTES) {
             let e = PageEntry::decode(raw)?;
             if e.page >= pages {
-                return Err(WireError::Malformed { what: "page entry", detail: format!("page {} out of range", e.page) });
+                return Err(WireError::Malformed {
+                    what: "page entry",
+                    detail: format!("page {} out of range", e.page),
+                });
             }
-            let data = buf.get(at..at + e.len as usize).ok_or_else(|| short("page data", at + e.len as usize, buf.len()))?;
+            let data = buf
+                .get(at..at + e.len as usize)
+                .ok_or_else(|| short("page data", at + e.len as usize, buf.len()))?;
             if crc32c::crc32c(data) != e.crc && e.codec != Codec::Zero {
-                return Err(WireError::Malformed { what: "page data", detail: format!("CRC mismatch on page {}", e.page) });
+                return Err(WireError::Malformed {
+                    what: "page data",
+                    detail: format!("CRC mismatch on page {}", e.page),
+                });
             }
-            decode(e.codec, data, &mut page)
-                .map_err(|err| WireError::Malformed { what: "page data", detail: err.to_string() })?;
+            decode(e.codec, data, &mut page).map_err(|err| WireError::Malformed {
+                what: "page data",
+                detail: err.to_string(),
+            })?;
             at += e.len as usize;
             entries.push(e);
         }
     }
-    Ok(Parsed { header, entries, consumed: at })
+    Ok(Parsed {
+        header,
+        entries,
+        consumed: at,
+    })
 }
 
 #[cfg(test)]
@@ -70,7 +92,13 @@ mod tests {
             e.encode_into(&mut table);
         }
         let crc = frame_crc(FrameKind::Pages, 1, table.len() as u32, 1, &table);
-        let h = FrameHeader { kind: FrameKind::Pages, stream: 1, len: table.len() as u32, seq: 1, crc };
+        let h = FrameHeader {
+            kind: FrameKind::Pages,
+            stream: 1,
+            len: table.len() as u32,
+            seq: 1,
+            crc,
+        };
         let mut out = h.encode().to_vec();
         out.extend_from_slice(&table);
         for (_, d) in entries {
@@ -84,9 +112,33 @@ mod tests {
         let raw = vec![7u8; PAGE_SIZE];
         let lz = lz4_page();
         let f = pages_frame(&[
-            (PageEntry { page: 0, codec: Codec::Zero, len: 0, crc: 0 }, vec![]),
-            (PageEntry { page: 1, codec: Codec::Raw, len: PAGE_SIZE as u16, crc: crc32c::crc32c(&raw) }, raw),
-            (PageEntry { page: 2, codec: Codec::Lz4, len: lz.len() as u16, crc: crc32c::crc32c(&lz) }, lz),
+            (
+                PageEntry {
+                    page: 0,
+                    codec: Codec::Zero,
+                    len: 0,
+                    crc: 0,
+                },
+                vec![],
+            ),
+            (
+                PageEntry {
+                    page: 1,
+                    codec: Codec::Raw,
+                    len: PAGE_SIZE as u16,
+                    crc: crc32c::crc32c(&raw),
+                },
+                raw,
+            ),
+            (
+                PageEntry {
+                    page: 2,
+                    codec: Codec::Lz4,
+                    len: lz.len() as u16,
+                    crc: crc32c::crc32c(&lz),
+                },
+                lz,
+            ),
         ]);
         let p = parse_frame(&f, 10).unwrap();
         assert_eq!(p.entries.len(), 3);

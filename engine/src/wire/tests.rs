@@ -5,15 +5,36 @@ use proptest::prelude::*;
 fn header_round_trip_and_crc() {
     let payload = b"hello";
     let crc = frame_crc(FrameKind::Control, 0, 5, 7, payload);
-    let h = FrameHeader { kind: FrameKind::Control, stream: 0, len: 5, seq: 7, crc };
+    let h = FrameHeader {
+        kind: FrameKind::Control,
+        stream: 0,
+        len: 5,
+        seq: 7,
+        crc,
+    };
     assert_eq!(FrameHeader::decode(&h.encode()).unwrap(), h);
-    assert_ne!(crc, frame_crc(FrameKind::Control, 0, 5, 8, payload), "seq is covered");
-    assert_ne!(crc, frame_crc(FrameKind::Control, 0, 5, 7, b"hellp"), "payload is covered");
+    assert_ne!(
+        crc,
+        frame_crc(FrameKind::Control, 0, 5, 8, payload),
+        "seq is covered"
+    );
+    assert_ne!(
+        crc,
+        frame_crc(FrameKind::Control, 0, 5, 7, b"hellp"),
+        "payload is covered"
+    );
 }
 
 #[test]
 fn header_rejects_bad_values() {
-    let good = FrameHeader { kind: FrameKind::Ack, stream: 1, len: ACK_BYTES as u32, seq: 1, crc: 0 }.encode();
+    let good = FrameHeader {
+        kind: FrameKind::Ack,
+        stream: 1,
+        len: ACK_BYTES as u32,
+        seq: 1,
+        crc: 0,
+    }
+    .encode();
     let mut b = good;
     b[0] = 0;
     assert!(matches!(FrameHeader::decode(&b), Err(WireError::Magic(_))));
@@ -24,20 +45,35 @@ fn header_rejects_bad_values() {
     }
     let mut b = good;
     b[3] = 1;
-    assert!(matches!(FrameHeader::decode(&b), Err(WireError::Reserved { .. })));
+    assert!(matches!(
+        FrameHeader::decode(&b),
+        Err(WireError::Reserved { .. })
+    ));
     let mut b = good;
     b[8..12].copy_from_slice(&(ACK_BYTES as u32 + 1).to_le_bytes());
-    assert!(matches!(FrameHeader::decode(&b), Err(WireError::Oversized { .. })));
+    assert!(matches!(
+        FrameHeader::decode(&b),
+        Err(WireError::Oversized { .. })
+    ));
     let mut b = good;
     b[2] = FrameKind::Pages as u8;
     b[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-    assert!(matches!(FrameHeader::decode(&b), Err(WireError::Oversized { .. })));
+    assert!(matches!(
+        FrameHeader::decode(&b),
+        Err(WireError::Oversized { .. })
+    ));
 }
 
 #[test]
 fn page_entry_checks_codec_lengths() {
     let mut v = Vec::new();
-    PageEntry { page: 9, codec: Codec::Raw, len: 4096, crc: 5 }.encode_into(&mut v);
+    PageEntry {
+        page: 9,
+        codec: Codec::Raw,
+        len: 4096,
+        crc: 5,
+    }
+    .encode_into(&mut v);
     assert_eq!(PageEntry::decode(&v).unwrap().page, 9);
     for (codec, len, ok) in [
         (Codec::Zero, 0, true),
@@ -48,11 +84,23 @@ fn page_entry_checks_codec_lengths() {
         (Codec::Lz4, 4097, false),
     ] {
         let mut v = Vec::new();
-        PageEntry { page: 1, codec, len, crc: 0 }.encode_into(&mut v);
+        PageEntry {
+            page: 1,
+            codec,
+            len,
+            crc: 0,
+        }
+        .encode_into(&mut v);
         assert_eq!(PageEntry::decode(&v).is_ok(), ok, "{codec:?} {len}");
     }
     let mut v = Vec::new();
-    PageEntry { page: 1, codec: Codec::Zero, len: 0, crc: 0 }.encode_into(&mut v);
+    PageEntry {
+        page: 1,
+        codec: Codec::Zero,
+        len: 0,
+        crc: 0,
+    }
+    .encode_into(&mut v);
     v[8] = 0;
     assert!(PageEntry::decode(&v).is_err());
     v[8] = 200;
@@ -62,7 +110,10 @@ fn page_entry_checks_codec_lengths() {
 #[test]
 fn control_messages_round_trip() {
     let m = ControlMsg::Prepare {
-        streams: vec![StreamTotals { last_seq: 3, pages: 100 }],
+        streams: vec![StreamTotals {
+            last_seq: 3,
+            pages: 100,
+        }],
         state_len: 10,
         state_crc: 1,
         progress: 5,

@@ -1,0 +1,20 @@
+//! ferry-bench: whole-migration benchmarks on this machine.
+//!
+//! `ferry-bench migrate` starts a target and a source ferryd (on loopback, or
+//! in two network namespaces joined by a veth pair), a source ferry-vmm with
+//! a chosen guest workload, measures the raw link, migrates the VM over the
+//! daemons' API, and checks the result without trusting the migration code.
+//!
+//! - [`api`]: a client for ferryd's HTTP-over-unix-socket control API.
+//! - [`blast`]: the raw TCP baseline (hidden `blast-send` / `blast-recv`).
+//! - [`netns`]: the namespace pair.
+//! - [`migrate`]: the scenario, its checks and its report.
+//! - [`procs`]: child processes, scratch directory, Ctrl-C; all Drop guards.
+
+pub mod api;
+pub mod blast;
+pub mod migrate;
+pub mod netns;
+pub mod procs;
+pub mod ui;
+pub mod workload;

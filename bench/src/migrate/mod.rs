@@ -1,0 +1,608 @@
+//! `ferry-bench migrate`: one whole migration between two real ferryds, with
+//! a link baseline and checks that do not trust the migration code.
+//!
+//! ```text
+//!  scratch dir + key ─▶ [netns pair] ─▶ target ferryd ─▶ source ferryd
+//!    ─▶ source ferry-vmm (--verify --report) ─▶ wait until the guest is warm
+//!    ─▶ link blast (guest-size bytes, same path, same streams)
+//!    ─▶ POST /migrations ─▶ poll until final
+//!    ─▶ checks: memory hash, page stamps, guest progress, source stopped
+//! ```
+//!
+//! The link baseline is measured right before the migration, with the guest
+//! already running its workload, by sending as many bytes as the guest has
+//! memory over the same path and the same number of TCP streams. For a
+//! dirtying guest the migration moves more than that; rates stay comparable
+//! because both are bytes over time.
+
+pub mod report;
+pub mod testbed;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use clap::{Args, ValueEnum};
+
+use crate::procs::{self, read_json_lines, POLL};
+use crate::ui::Ui;
+use crate::workload::{warmup, Warmup, Workload};
+use ferry_daemon::api::MigrateRequest;
+use ferry_daemon::api::VmState;
+use report::{mib_s, round2, BenchResult, Check, Checks, Link};
+use testbed::{Programs, Testbed, VM_NAME};
+
+/// Cap on streams; matches the blast's cap.
+const STREAMS_MAX: u32 = crate::blast::STREAMS_MAX;
+/// Period of migration status polls: 5 per second is smooth for a person
+/// and nothing for the daemon.
+const STATUS_POLL: Duration = Duration::from_millis(200);
+/// How long the guest's counter on the target may take to move.
+const PROGRESS_WAIT: Duration = Duration::from_secs(3);
+/// How long the source VMM may take to exit after the hand-off: it hashes
+/// guest memory at the pause (xxh3, well over 1 GiB/s even on a loaded core)
+/// and finishes that before it quits; 10 s plus 1 s per GiB.
+fn source_exit_wait(mem_bytes: u64) -> Duration {
+    Duration::from_secs(10 + (mem_bytes >> 30))
+}
+/// After a cancel (timeout or Ctrl-C), how long to wait for a final status.
+const CANCEL_WAIT: Duration = Duration::from_secs(30);
+/// Idle guests have nothing to warm: a short settle after registration.
+const IDLE_SETTLE: Duration = Duration::from_secs(1);
+
+/// Transports ferry-bench can ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Transport {
+    /// TCP, N data streams plus a control stream.
+    Tcp,
+}
+
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
+/// `--mem-mib`: a size ferry-vmm's memory layout accepts.
+fn parse_mem_mib(s: &str) -> Result<u64, String> {
+    let mib: u64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a whole number of MiB"))?;
+    let bytes = mib.checked_mul(1 << 20).ok_or("too large")?;
+    ferry_vmm::layout::Layout::new(bytes).map_err(|e| e.to_string())?;
+    Ok(mib)
+}
+
+/// Options of `ferry-bench migrate`.
+#[derive(Clone, Debug, Args)]
+pub struct MigrateArgs {
+    /// Guest memory in MiB (a multiple of 2, at least 4, within ferry-vmm's limit).
+    #[arg(long, value_parser = parse_mem_mib)]
+    pub mem_mib: u64,
+    /// Guest workload: `idle`, `fill`, `mixed`, or `dirty:<MiB/s>[:hot=<pct>]`.
+    #[arg(long)]
+    pub workload: Workload,
+    /// Transport between the two ferryds.
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub transport: Transport,
+    /// Data streams.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=STREAMS_MAX as i64))]
+    pub streams: u32,
+    /// Downtime budget for the switchover (default: ferryd's).
+    #[arg(long)]
+    pub downtime_ms: Option<u64>,
+    /// Cap on the migration's bandwidth (default: none).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub bandwidth_mib_s: Option<u64>,
+    /// For dirty workloads: seconds of dirtying before the measurement.
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup_s: f64,
+    /// Run each ferryd in its own network namespace, joined by a veth pair (root only).
+    #[arg(long)]
+    pub netns: bool,
+    /// With --netns: shape the veth pair to this rate with tc tbf.
+    #[arg(long, requires = "netns", value_parser = clap::value_parser!(u64).range(1..))]
+    pub link_rate_mib_s: Option<u64>,
+    /// Give up (cancel the migration) after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout_s: u64,
+    /// Print exactly one JSON object on stdout instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Keep the scratch directory with the daemons' and VMM's logs.
+    #[arg(long)]
+    pub keep_logs: bool,
+    /// Where ferryd and ferry-vmm are (default: next to ferry-bench).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+}
+
+/// Runs one migration benchmark. `Ok` carries the result whether or not the
+/// migration completed and verified; `Err` means the run itself broke.
+pub fn run(args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResult> {
+    if !(0.0..=3600.0).contains(&args.warmup_s) {
+        bail!(
+            "--warmup-s must be between 0 and 3600, not {}",
+            args.warmup_s
+        );
+    }
+    let programs = Programs::find(args.bin_dir.as_deref())?;
+    let mut tb = Testbed::start(programs, args.netns, args.link_rate_mib_s, ui)?;
+    if args.keep_logs {
+        tb.keep_logs();
+    }
+    let r = run_on(&mut tb, args, ui);
+    if r.as_ref().map_or(true, |r| !r.verified) && !args.keep_logs {
+        ui.step("rerun with --keep-logs to keep the daemons' and VMM's logs");
+    }
+    r
+}
+
+fn run_on(tb: &mut Testbed, args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResult> {
+    let workload = args.workload.to_string();
+    tb.start_vmm(args.mem_mib, &workload, ui)?;
+    warm_up(tb, args, ui)?;
+
+    let mem_bytes = args.mem_mib << 20;
+    ui.step(&format!(
+        "measuring the link: {} MiB of raw TCP over {} streams",
+        args.mem_mib, args.streams
+    ));
+    let blast = tb.blast(mem_bytes, args.streams)?;
+    ui.step(&format!("link: {:.0} MiB/s", blast.mib_s));
+    tb.ensure_running()?;
+
+    let req = MigrateRequest {
+        vm: VM_NAME.into(),
+        to: tb.tgt.listen.to_string(),
+        streams: Some(args.streams),
+        downtime_ms: args.downtime_ms,
+        bandwidth_mib_s: args.bandwidth_mib_s,
+        ..MigrateRequest::default()
+    };
+    let id = tb.src.api.start_migration(&req)?;
+    ui.step(&format!("migration {id}: {VM_NAME} to {}", req.to));
+    let snap = follow(tb, &id, args, ui)?;
+
+    let mut r = BenchResult {
+        status: status_name(snap.status),
+        error: snap.error.clone(),
+        migration_id: id,
+        workload,
+        path: if args.netns { "netns" } else { "loopback" }.into(),
+        transport: if snap.transport.is_empty() {
+            args.transport.name().into()
+        } else {
+            snap.transport.clone()
+        },
+        streams: snap.streams,
+        mode: snap.mode.clone(),
+        policy: snap.policy.clone(),
+        mem_bytes: if snap.mem_bytes > 0 {
+            snap.mem_bytes
+        } else {
+            mem_bytes
+        },
+        total_time_ms: snap.total_time_ms,
+        setup_time_ms: snap.setup_time_ms,
+        downtime_ms: snap.downtime_ms,
+        expected_downtime_ms: snap.expected_downtime_ms,
+        verify_ms: snap.verify_ms,
+        iterations: snap.iterations,
+        transferred_bytes: snap.transferred_bytes,
+        guest_bytes: snap.guest_bytes,
+        pages_zero: snap.pages_zero,
+        pages_compressed: snap.pages_compressed,
+        compressed_bytes: snap.compressed_bytes,
+        pages_raw: snap.pages_raw,
+        link_mib_s: round2(blast.mib_s),
+        link: Link {
+            bytes: blast.bytes,
+            streams: blast.streams,
+            ms: blast.ms,
+        },
+        downtime_budget_ms: args.downtime_ms,
+        bandwidth_mib_s: args.bandwidth_mib_s,
+        ..BenchResult::default()
+    };
+    // Rates from the raw counters, not the engine's own rate field.
+    r.throughput_mib_s = round2(mib_s(r.transferred_bytes, r.total_time_ms));
+    r.effective_mib_s = round2(mib_s(r.mem_bytes, r.total_time_ms));
+    r.link_ratio = if blast.mib_s > 0.0 {
+        round2(mib_s(r.transferred_bytes, r.total_time_ms) / blast.mib_s)
+    } else {
+        0.0
+    };
+
+    if snap.status == ferry_engine::Status::Completed {
+        check(tb, &snap, &mut r)?;
+    } else {
+        r.checks = Checks::none(&format!("the migration ended {}", r.status));
+    }
+    r.verified = snap.status == ferry_engine::Status::Completed && r.checks.all_ok();
+    Ok(r)
+}
+
+fn status_name(s: ferry_engine::Status) -> String {
+    serde_json::to_value(s)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("{s:?}").to_lowercase())
+}
+
+/// Waits until the guest is warm: its phase says its first pass is done
+/// (plus `--warmup-s` of dirtying), or a short settle for an idle guest.
+fn warm_up(tb: &mut Testbed, args: &MigrateArgs, ui: &mut Ui) -> Result<()> {
+    let (phase, extra) = match warmup(args.workload) {
+        Warmup::Settle => {
+            procs::sleep(IDLE_SETTLE)?;
+            return tb.ensure_running();
+        }
+        Warmup::Phase(p) => (p, Duration::ZERO),
+        Warmup::PhaseThenDelay(p) => (p, Duration::from_secs_f64(args.warmup_s)),
+    };
+    // The first pass writes all of memory; 32 MiB/s is far below any
+    // machine's memory bandwidth, so this only catches a stuck guest.
+    let timeout = Duration::from_secs(60 + args.mem_mib / 32);
+    let start = Instant::now();
+    let mut last = String::new();
+    loop {
+        tb.ensure_running()?;
+        // The phase is null while ferryd is busy with the VMM: ask again.
+        let now = tb.source_vm()?.phase.unwrap_or_default();
+        if now == phase {
+            break;
+        }
+        if now != last && !now.is_empty() {
+            ui.live(&format!("guest phase: {now} (waiting for {phase})"));
+            last = now;
+        }
+        if start.elapsed() > timeout {
+            ui.end_live();
+            bail!(
+                "the guest did not reach phase {phase:?} within {} s (it is in {last:?})",
+                timeout.as_secs()
+            );
+        }
+        procs::sleep(POLL)?;
+    }
+    ui.end_live();
+    ui.step(&format!(
+        "guest warm (phase {phase}) after {:.1} s",
+        start.elapsed().as_secs_f64()
+    ));
+    if !extra.is_zero() {
+        procs::sleep(extra)?;
+        tb.ensure_running()?;
+    }
+    Ok(())
+}
+
+/// Polls the migration until it is final; cancels it on timeout or Ctrl-C.
+fn follow(
+    tb: &mut Testbed,
+    id: &str,
+    args: &MigrateArgs,
+    ui: &mut Ui,
+) -> Result<ferry_engine::Snapshot> {
+    let start = Instant::now();
+    let timeout = Duration::from_secs(args.timeout_s);
+    let mut cancelled_at: Option<Instant> = None;
+    loop {
+        let snap = tb.src.api.migration(id);
+        let snap = match snap {
+            Ok(s) => s,
+            Err(e) => {
+                ui.end_live();
+                // A dead daemon explains itself better than a refused connection.
+                tb.src.ensure_running()?;
+                return Err(e);
+            }
+        };
+        if snap.status.is_final() {
+            ui.end_live();
+            return Ok(snap);
+        }
+        ui.live(&progress_line(&snap));
+        let interrupted = procs::interrupted();
+        if cancelled_at.is_none() && (interrupted || start.elapsed() > timeout) {
+            ui.end_live();
+            ui.step(if interrupted {
+                "interrupted: cancelling the migration"
+            } else {
+                "timed out: cancelling the migration"
+            });
+            if let Err(e) = tb.src.api.cancel(id) {
+                ui.step(&format!("cancel failed: {e:#}"));
+            }
+            cancelled_at = Some(Instant::now());
+        }
+        if let Some(t) = cancelled_at {
+            if t.elapsed() > CANCEL_WAIT {
+                bail!(
+                    "migration {id} did not stop within {} s of its cancel",
+                    CANCEL_WAIT.as_secs()
+                );
+            }
+        }
+        std::thread::sleep(STATUS_POLL);
+    }
+}
+
+fn progress_line(s: &ferry_engine::Snapshot) -> String {
+    format!(
+        "{:?}: round {}, {} MiB sent ({:.0} MiB/s), {} pages left, {:.1} s",
+        s.status,
+        s.iterations,
+        s.transferred_bytes >> 20,
+        s.throughput_mib_s,
+        s.remaining_pages,
+        s.total_time_ms as f64 / 1000.0
+    )
+}
+
+/// The guest's memory hash and progress at the pause, from the source VMM's
+/// own report (the last "paused" event).
+fn paused_event(tb: &Testbed) -> Result<Option<(String, Option<u64>)>> {
+    let events = read_json_lines(&tb.report)?;
+    Ok(events
+        .iter()
+        .rev()
+        .find(|e| e["event"] == "paused")
+        .map(|e| {
+            let hash = e["mem_hash"].as_str().unwrap_or_default().to_owned();
+            (hash, e["progress"].as_u64())
+        }))
+}
+
+/// The four checks, each from a source the migration code does not control.
+/// Order matters: the guest's progress is checked first (it must move
+/// within seconds of completion), then the source VMM's exit, and only then
+/// its report, whose pause hash may be written just before it quits.
+fn check(tb: &mut Testbed, snap: &ferry_engine::Snapshot, r: &mut BenchResult) -> Result<()> {
+    let verify = snap.verify.clone().unwrap_or_default();
+
+    // Page stamps: the guest stamps every page it writes; the target VMM
+    // checked them before running the VM.
+    r.pages_checked = verify.pages_checked;
+    r.pages_bad = verify.pages_bad;
+    r.checks.page_stamps = Check::new(
+        verify.checked && verify.pages_checked > 0 && verify.pages_bad == 0,
+        if verify.checked {
+            format!(
+                "{} pages checked, {} bad",
+                verify.pages_checked, verify.pages_bad
+            )
+        } else {
+            "the target VMM did not verify".to_string()
+        },
+    );
+
+    // Guest progress: the guest runs on the target, so its counter moves past
+    // its value at the pause. The baseline is the engine's; it is replaced by
+    // the source VMM's own figure below when its report has one.
+    let base = snap.guest_progress_at_pause;
+    let start = Instant::now();
+    let (progress_after, target_state) = loop {
+        let now = tb.tgt.api.vm(VM_NAME)?;
+        let progress = now.as_ref().and_then(|v| v.progress);
+        if progress.is_some_and(|p| p > base) || start.elapsed() > PROGRESS_WAIT {
+            break (progress, now.map(|v| v.state));
+        }
+        procs::sleep(POLL)?;
+    };
+    let progress_ms = start.elapsed().as_millis();
+
+    // Source stopped: the source VMM exited cleanly after the hand-off and
+    // the source ferryd no longer runs the VM.
+    let wait = source_exit_wait(r.mem_bytes);
+    let exit = tb.vmm_mut()?.wait_timeout(wait)?;
+    let listed = tb.src.api.vm(VM_NAME)?;
+    let still_running = listed.as_ref().is_some_and(|v| v.state == VmState::Running);
+    let listing = match &listed {
+        None => "the source ferryd no longer lists it".to_string(),
+        Some(v) => format!("the source ferryd lists it as {}", state_name(v.state)),
+    };
+    r.checks.source_stopped = match exit {
+        None => Check::new(
+            false,
+            format!(
+                "ferry-vmm still runs {} s after completion; {listing}",
+                wait.as_secs()
+            ),
+        ),
+        Some(st) => Check::new(
+            st.success() && !still_running,
+            format!("ferry-vmm exited ({st}); {listing}"),
+        ),
+    };
+
+    // Memory hash: the source VMM hashed all guest memory at the pause; the
+    // target VMM hashed what it received, before running it.
+    let paused = paused_event(tb)?;
+    r.source_mem_hash = paused.as_ref().map(|p| p.0.clone()).unwrap_or_default();
+    r.target_mem_hash = verify.mem_hash.clone();
+    r.checks.mem_hash = match &paused {
+        None => Check::new(false, "the source VMM reported no pause"),
+        Some(_) if !verify.checked => Check::new(false, "the target VMM did not verify"),
+        Some((src, _)) if src.is_empty() || verify.mem_hash.is_empty() => Check::new(
+            false,
+            format!(
+                "a hash is missing (source {src:?}, target {:?})",
+                verify.mem_hash
+            ),
+        ),
+        Some((src, _)) if src.eq_ignore_ascii_case(&verify.mem_hash) => {
+            Check::new(true, format!("source == target == {}", short(src)))
+        }
+        Some((src, _)) => Check::new(
+            false,
+            format!(
+                "source {} != target {}",
+                short(src),
+                short(&verify.mem_hash)
+            ),
+        ),
+    };
+
+    // Now judge the progress against the source VMM's own pause figure.
+    let base = paused.as_ref().and_then(|p| p.1).unwrap_or(base);
+    r.progress_at_pause = base;
+    r.progress_after = progress_after.unwrap_or(0);
+    r.checks.guest_progress = match (progress_after, target_state) {
+        (Some(p), _) if p > base => Check::new(
+            true,
+            format!("{base} at the pause, {p} on the target {progress_ms} ms later"),
+        ),
+        (_, None) => Check::new(false, format!("the target ferryd does not list {VM_NAME}")),
+        (p, Some(st)) => Check::new(
+            false,
+            format!(
+                "{base} at the pause, {} on the target ({}) after {} s",
+                p.map_or("no figure".to_string(), |p| p.to_string()),
+                state_name(st),
+                PROGRESS_WAIT.as_secs()
+            ),
+        ),
+    };
+    Ok(())
+}
+
+/// A VM state as the API spells it.
+fn state_name(s: VmState) -> String {
+    serde_json::to_value(s)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("{s:?}"))
+}
+
+/// The first 16 hex digits of a hash, for the table.
+fn short(h: &str) -> &str {
+    h.get(..16).unwrap_or(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        m: MigrateArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<MigrateArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("ferry-bench").chain(args.iter().copied())).map(|c| c.m)
+    }
+
+    #[test]
+    fn defaults_and_full_set() {
+        let a = parse(&["--mem-mib", "256", "--workload", "idle"]).unwrap();
+        assert_eq!(
+            (a.mem_mib, a.streams, a.transport),
+            (256, 4, Transport::Tcp)
+        );
+        assert_eq!(
+            (a.downtime_ms, a.bandwidth_mib_s, a.warmup_s),
+            (None, None, 2.0)
+        );
+        assert!(!a.netns && !a.json && !a.keep_logs);
+        let a = parse(&[
+            "--mem-mib",
+            "1024",
+            "--workload",
+            "dirty:50:hot=10",
+            "--transport",
+            "tcp",
+            "--streams",
+            "8",
+            "--downtime-ms",
+            "300",
+            "--bandwidth-mib-s",
+            "500",
+            "--warmup-s",
+            "0.5",
+            "--netns",
+            "--link-rate-mib-s",
+            "200",
+            "--json",
+            "--keep-logs",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.workload,
+            Workload::Dirty {
+                mib_per_s: 50,
+                hot_pct: 10
+            }
+        );
+        assert_eq!(
+            (a.streams, a.downtime_ms, a.bandwidth_mib_s),
+            (8, Some(300), Some(500))
+        );
+        assert_eq!(
+            (a.netns, a.link_rate_mib_s, a.json, a.keep_logs),
+            (true, Some(200), true, true)
+        );
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        for bad in [
+            &["--workload", "idle"][..],
+            &["--mem-mib", "256"],
+            &["--mem-mib", "0", "--workload", "idle"],
+            &["--mem-mib", "3", "--workload", "idle"],
+            &["--mem-mib", "256", "--workload", "spin"],
+            &["--mem-mib", "256", "--workload", "idle", "--streams", "0"],
+            &["--mem-mib", "256", "--workload", "idle", "--streams", "65"],
+            &[
+                "--mem-mib",
+                "256",
+                "--workload",
+                "idle",
+                "--transport",
+                "carrier-pigeon",
+            ],
+            &[
+                "--mem-mib",
+                "256",
+                "--workload",
+                "idle",
+                "--link-rate-mib-s",
+                "100",
+            ],
+            &[
+                "--mem-mib",
+                "256",
+                "--workload",
+                "idle",
+                "--bandwidth-mib-s",
+                "0",
+            ],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn progress_line_reads() {
+        let s = ferry_engine::Snapshot {
+            status: ferry_engine::Status::Active,
+            iterations: 2,
+            transferred_bytes: 300 << 20,
+            throughput_mib_s: 150.0,
+            remaining_pages: 1234,
+            total_time_ms: 2000,
+            ..Default::default()
+        };
+        assert_eq!(
+            progress_line(&s),
+            "Active: round 2, 300 MiB sent (150 MiB/s), 1234 pages left, 2.0 s"
+        );
+        assert_eq!(status_name(ferry_engine::Status::Completed), "completed");
+    }
+}

@@ -1,0 +1,308 @@
+//! The result of one `ferry-bench migrate`: one JSON object, or a table.
+
+use std::fmt;
+
+use serde::Serialize;
+
+/// One independent check of the migrated VM.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Check {
+    /// Whether it passed.
+    pub ok: bool,
+    /// What was compared, in words.
+    pub detail: String,
+}
+
+impl Check {
+    /// A passed or failed check.
+    pub fn new(ok: bool, detail: impl Into<String>) -> Self {
+        Check {
+            ok,
+            detail: detail.into(),
+        }
+    }
+
+    /// A check that could not run.
+    pub fn not_run(why: &str) -> Self {
+        Check {
+            ok: false,
+            detail: format!("not run: {why}"),
+        }
+    }
+}
+
+/// The four checks that do not trust the migration code.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Checks {
+    /// The source VMM's hash of guest memory at the pause equals the target
+    /// VMM's hash of what it received.
+    pub mem_hash: Check,
+    /// The target VMM checked the guest's page stamps: some pages, none bad.
+    pub page_stamps: Check,
+    /// The guest's progress counter on the target moved past its value at
+    /// the pause soon after completion: the guest really runs there.
+    pub guest_progress: Check,
+    /// The source VMM exited and the source ferryd no longer runs the VM.
+    pub source_stopped: Check,
+}
+
+impl Checks {
+    /// All four passed.
+    pub fn all_ok(&self) -> bool {
+        self.list().iter().all(|(_, c)| c.ok)
+    }
+
+    /// The checks with their table labels.
+    pub fn list(&self) -> [(&'static str, &Check); 4] {
+        [
+            ("memory hash", &self.mem_hash),
+            ("page stamps", &self.page_stamps),
+            ("guest progress", &self.guest_progress),
+            ("source stopped", &self.source_stopped),
+        ]
+    }
+
+    /// Every check failed with the same reason.
+    pub fn none(why: &str) -> Self {
+        Checks {
+            mem_hash: Check::not_run(why),
+            page_stamps: Check::not_run(why),
+            guest_progress: Check::not_run(why),
+            source_stopped: Check::not_run(why),
+        }
+    }
+}
+
+/// The link baseline measured in the same run.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Link {
+    /// Bytes blasted (the guest's memory size).
+    pub bytes: u64,
+    /// Streams used (the migration's stream count).
+    pub streams: u32,
+    /// Blast time.
+    pub ms: u64,
+}
+
+/// Everything `ferry-bench migrate` reports.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct BenchResult {
+    /// The migration's final status ("completed", "failed", "cancelled").
+    pub status: String,
+    /// The migration's error, when it did not complete.
+    pub error: Option<String>,
+    /// The migration's id on the source ferryd.
+    pub migration_id: String,
+    /// The guest workload.
+    pub workload: String,
+    /// "loopback" or "netns" (two namespaces joined by a veth pair).
+    pub path: String,
+    /// Transport as the engine reports it.
+    pub transport: String,
+    /// Data streams.
+    pub streams: u32,
+    /// "precopy", ...
+    pub mode: String,
+    /// Convergence policy.
+    pub policy: String,
+    /// Guest RAM.
+    pub mem_bytes: u64,
+    /// Start of the migration to completion.
+    pub total_time_ms: u64,
+    /// Connect + handshake.
+    pub setup_time_ms: u64,
+    /// Guest paused to running on the target.
+    pub downtime_ms: u64,
+    /// The downtime the policy expected.
+    pub expected_downtime_ms: u64,
+    /// The target VMM's verification time (excluded from downtime).
+    pub verify_ms: u64,
+    /// Rounds (the bulk round is 1).
+    pub iterations: u32,
+    /// Bytes on the wire.
+    pub transferred_bytes: u64,
+    /// Guest bytes moved (pages sent x page size).
+    pub guest_bytes: u64,
+    /// Zero pages.
+    pub pages_zero: u64,
+    /// lz4 pages.
+    pub pages_compressed: u64,
+    /// Their payload bytes.
+    pub compressed_bytes: u64,
+    /// Raw pages.
+    pub pages_raw: u64,
+    /// Wire bytes / total time, MiB/s.
+    pub throughput_mib_s: f64,
+    /// Guest memory bytes / total time, MiB/s.
+    pub effective_mib_s: f64,
+    /// Raw TCP over the same path with the same streams, MiB/s.
+    pub link_mib_s: f64,
+    /// throughput_mib_s / link_mib_s.
+    pub link_ratio: f64,
+    /// The link blast.
+    pub link: Link,
+    /// Completed and all four checks passed.
+    pub verified: bool,
+    /// The checks.
+    pub checks: Checks,
+    /// The source VMM's memory hash at the pause.
+    pub source_mem_hash: String,
+    /// The target VMM's memory hash before it ran.
+    pub target_mem_hash: String,
+    /// Pages whose stamps the target VMM checked.
+    pub pages_checked: u64,
+    /// Pages that failed that check.
+    pub pages_bad: u64,
+    /// The guest's progress counter at the pause, as the source VMM reported it.
+    pub progress_at_pause: u64,
+    /// The counter on the target after completion.
+    pub progress_after: u64,
+    /// Requested downtime budget.
+    pub downtime_budget_ms: Option<u64>,
+    /// Requested bandwidth cap.
+    pub bandwidth_mib_s: Option<u64>,
+}
+
+/// MiB/s of `bytes` over `ms`; 0 when no time passed.
+pub fn mib_s(bytes: u64, ms: u64) -> f64 {
+    if ms == 0 {
+        return 0.0;
+    }
+    bytes as f64 / (1024.0 * 1024.0) / (ms as f64 / 1000.0)
+}
+
+/// Rounds to two decimals, so the JSON does not carry float noise.
+pub fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+impl fmt::Display for BenchResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const MIB: u64 = 1 << 20;
+        writeln!(
+            f,
+            "ferry-bench migrate: {} MiB {} guest, {} x{} streams over {} ({} / {})",
+            self.mem_bytes / MIB,
+            self.workload,
+            self.transport,
+            self.streams,
+            self.path,
+            self.mode,
+            self.policy
+        )?;
+        writeln!(f, "  status          {}", self.status)?;
+        if let Some(e) = &self.error {
+            writeln!(f, "  error           {e}")?;
+        }
+        writeln!(
+            f,
+            "  total time      {} ms (setup {} ms; target-side verification {} ms)",
+            self.total_time_ms, self.setup_time_ms, self.verify_ms
+        )?;
+        writeln!(
+            f,
+            "  downtime        {} ms (policy expected {} ms)",
+            self.downtime_ms, self.expected_downtime_ms
+        )?;
+        writeln!(f, "  rounds          {}", self.iterations)?;
+        writeln!(
+            f,
+            "  transferred     {:.1} MiB on the wire for {:.1} MiB of guest pages",
+            self.transferred_bytes as f64 / MIB as f64,
+            self.guest_bytes as f64 / MIB as f64
+        )?;
+        writeln!(
+            f,
+            "  pages           {} zero, {} lz4 ({} KiB), {} raw",
+            self.pages_zero,
+            self.pages_compressed,
+            self.compressed_bytes >> 10,
+            self.pages_raw
+        )?;
+        writeln!(
+            f,
+            "  throughput      {:.1} MiB/s on the wire, {:.1} MiB/s of guest memory",
+            self.throughput_mib_s, self.effective_mib_s
+        )?;
+        writeln!(
+            f,
+            "  link            {:.1} MiB/s raw TCP x{} ({} MiB in {} ms); migration at {:.0}% of it",
+            self.link_mib_s,
+            self.link.streams,
+            self.link.bytes / MIB,
+            self.link.ms,
+            self.link_ratio * 100.0
+        )?;
+        writeln!(f, "  checks")?;
+        for (label, c) in self.checks.list() {
+            writeln!(
+                f,
+                "    {:6} {label:<15} {}",
+                if c.ok { "[ok]" } else { "[FAIL]" },
+                c.detail
+            )?;
+        }
+        write!(
+            f,
+            "  verified        {}",
+            if self.verified { "yes" } else { "NO" }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_and_rounding() {
+        assert_eq!(mib_s(1 << 30, 1000), 1024.0);
+        assert_eq!(mib_s(5, 0), 0.0);
+        assert_eq!(round2(1.23456), 1.23);
+    }
+
+    #[test]
+    fn json_has_the_documented_fields() {
+        let r = BenchResult {
+            checks: Checks::none("test"),
+            ..BenchResult::default()
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        for k in [
+            "status",
+            "transport",
+            "streams",
+            "mode",
+            "policy",
+            "mem_bytes",
+            "total_time_ms",
+            "setup_time_ms",
+            "downtime_ms",
+            "transferred_bytes",
+            "pages_zero",
+            "pages_compressed",
+            "compressed_bytes",
+            "pages_raw",
+            "iterations",
+            "throughput_mib_s",
+            "effective_mib_s",
+            "link_mib_s",
+            "link_ratio",
+            "verified",
+        ] {
+            assert!(v.get(k).is_some(), "missing {k}");
+        }
+        for k in [
+            "mem_hash",
+            "page_stamps",
+            "guest_progress",
+            "source_stopped",
+        ] {
+            assert_eq!(v["checks"][k]["ok"], false, "{k}");
+        }
+        assert!(!r.checks.all_ok());
+        let table = r.to_string();
+        assert!(table.contains("[FAIL] memory hash"), "{table}");
+        assert!(table.ends_with("verified        NO"), "{table}");
+    }
+}

@@ -1,0 +1,311 @@
+//! `cargo xtask ci`: every check the project runs, stage by stage.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{deps, kvm_unavailable, sh};
+
+/// One end-to-end migration of the CI run.
+struct E2eRun {
+    mem_mib: u32,
+    workload: &'static str,
+    netns: bool,
+}
+
+/// Small guests, so the stage takes about a minute on 2 cores: an idle
+/// guest (zero pages), a mixed one (zero, lz4 and raw pages), a dirtying
+/// one (several rounds), and the mixed one again across two network
+/// namespaces (root only).
+const E2E_RUNS: &[E2eRun] = &[
+    E2eRun {
+        mem_mib: 256,
+        workload: "idle",
+        netns: false,
+    },
+    E2eRun {
+        mem_mib: 512,
+        workload: "mixed",
+        netns: false,
+    },
+    E2eRun {
+        mem_mib: 256,
+        workload: "dirty:50",
+        netns: false,
+    },
+    E2eRun {
+        mem_mib: 256,
+        workload: "mixed",
+        netns: true,
+    },
+];
+/// ferry-bench's own deadline for a migration in CI; a 512 MiB guest
+/// migrates in seconds, so minutes mean a hang.
+const E2E_MIGRATION_TIMEOUT_S: u64 = 180;
+/// xtask's deadline for a whole ferry-bench run (start-up, warm-up, link
+/// blast, migration, checks).
+const E2E_RUN_TIMEOUT: Duration = Duration::from_secs(300);
+
+enum Outcome {
+    Ok(String),
+    Skipped(String),
+    Failed(String),
+}
+
+struct Stage {
+    name: &'static str,
+    took: Duration,
+    outcome: Outcome,
+}
+
+/// The target directory cargo uses (honours CARGO_TARGET_DIR and config).
+pub fn target_dir() -> Result<PathBuf> {
+    let out = sh::output(sh::cargo().args(["metadata", "--format-version", "1", "--no-deps"]))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&out).context("cargo metadata printed invalid JSON")?;
+    let dir = v["target_directory"]
+        .as_str()
+        .context("cargo metadata has no target_directory")?;
+    Ok(PathBuf::from(dir))
+}
+
+fn stage(stages: &mut Vec<Stage>, name: &'static str, f: impl FnOnce() -> Result<Outcome>) {
+    println!("\n==> [{}] {name}", stages.len() + 1);
+    let start = Instant::now();
+    let outcome = f().unwrap_or_else(|e| Outcome::Failed(format!("{e:#}")));
+    let took = start.elapsed();
+    let (word, note) = match &outcome {
+        Outcome::Ok(n) => ("ok", n.as_str()),
+        Outcome::Skipped(n) => ("skipped", n.as_str()),
+        Outcome::Failed(n) => ("FAILED", n.as_str()),
+    };
+    let note = if note.is_empty() {
+        String::new()
+    } else {
+        format!(": {note}")
+    };
+    println!("<== {name} {word} in {}{note}", sh::secs(took));
+    stages.push(Stage {
+        name,
+        took,
+        outcome,
+    });
+}
+
+fn ok(r: Result<()>) -> Result<Outcome> {
+    r.map(|()| Outcome::Ok(String::new()))
+}
+
+/// Runs every stage (a failure does not stop the later ones, so one run
+/// shows every problem), then prints a summary line.
+pub fn run() -> Result<()> {
+    let start = Instant::now();
+    let mut stages = Vec::new();
+    stage(&mut stages, "system packages", || {
+        deps::ensure().map(Outcome::Ok)
+    });
+    stage(&mut stages, "fmt", || {
+        ok(sh::run(sh::cargo().args(["fmt", "--all", "--", "--check"])))
+    });
+    stage(&mut stages, "clippy", || {
+        ok(sh::run(sh::cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])))
+    });
+    stage(&mut stages, "docs", || {
+        ok(sh::run(
+            sh::cargo()
+                .args(["doc", "--workspace", "--no-deps"])
+                .env("RUSTDOCFLAGS", "-Dwarnings"),
+        ))
+    });
+    stage(&mut stages, "tests", tests);
+    let kvm = kvm_unavailable();
+    stage(&mut stages, "release build", || match &kvm {
+        Some(why) => Ok(Outcome::Skipped(format!(
+            "only the end-to-end stage needs it, and {why}"
+        ))),
+        None => ok(sh::run(sh::cargo().args(["build", "--release", "--bins"]))),
+    });
+    let built = stages
+        .last()
+        .is_some_and(|s| matches!(s.outcome, Outcome::Ok(_)));
+    stage(&mut stages, "end-to-end", || match &kvm {
+        Some(why) => Ok(Outcome::Skipped(why.clone())),
+        None if !built => Ok(Outcome::Failed("not run: the release build failed".into())),
+        None => end_to_end(),
+    });
+
+    let parts: Vec<String> = stages
+        .iter()
+        .map(|s| {
+            let word = match s.outcome {
+                Outcome::Ok(_) => "ok",
+                Outcome::Skipped(_) => "skipped",
+                Outcome::Failed(_) => "FAILED",
+            };
+            format!("{} {word} {}", s.name, sh::secs(s.took))
+        })
+        .collect();
+    let failed: Vec<&Stage> = stages
+        .iter()
+        .filter(|s| matches!(s.outcome, Outcome::Failed(_)))
+        .collect();
+    println!();
+    for s in &failed {
+        if let Outcome::Failed(why) = &s.outcome {
+            println!("xtask ci: {} failed: {why}", s.name);
+        }
+    }
+    let verdict = if failed.is_empty() { "ok" } else { "FAILED" };
+    println!(
+        "xtask ci: {verdict} in {} ({})",
+        sh::secs(start.elapsed()),
+        parts.join(", ")
+    );
+    if !failed.is_empty() {
+        bail!("{} of {} stages failed", failed.len(), stages.len());
+    }
+    Ok(())
+}
+
+/// Unit, integration and doc tests: nextest when installed (then doc tests
+/// with cargo test, which nextest does not run), else cargo test.
+fn tests() -> Result<Outcome> {
+    if sh::succeeds(sh::cargo().args(["nextest", "--version"])) {
+        sh::run(sh::cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]))?;
+        sh::run(sh::cargo().args(["test", "--workspace", "--doc"]))?;
+        Ok(Outcome::Ok("cargo-nextest, then doc tests".into()))
+    } else {
+        sh::run(sh::cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
+        Ok(Outcome::Ok(
+            "cargo test (cargo-nextest not installed)".into(),
+        ))
+    }
+}
+
+/// Why namespaces cannot be used here, if they cannot.
+fn netns_unavailable() -> Option<String> {
+    // SAFETY: geteuid(2) has no preconditions and touches no memory.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not root".into());
+    }
+    if !sh::succeeds(Command::new("ip").args(["netns", "list"])) {
+        return Some("`ip netns` does not work here".into());
+    }
+    None
+}
+
+fn end_to_end() -> Result<Outcome> {
+    let bench = target_dir()?.join("release").join("ferry-bench");
+    let netns = netns_unavailable();
+    let mut done = 0;
+    let mut failures = Vec::new();
+    let mut notes = Vec::new();
+    for run in E2E_RUNS {
+        let name = format!(
+            "{} MiB {}{}",
+            run.mem_mib,
+            run.workload,
+            if run.netns { " across namespaces" } else { "" }
+        );
+        if run.netns {
+            if let Some(why) = &netns {
+                println!("e2e {name}: skipped ({why})");
+                notes.push(format!("{name} skipped: {why}"));
+                continue;
+            }
+        }
+        let mut c = Command::new(&bench);
+        c.arg("migrate")
+            .args([
+                "--mem-mib",
+                &run.mem_mib.to_string(),
+                "--workload",
+                run.workload,
+            ])
+            .args([
+                "--timeout-s",
+                &E2E_MIGRATION_TIMEOUT_S.to_string(),
+                "--json",
+            ]);
+        if run.netns {
+            c.arg("--netns");
+        }
+        match e2e_one(&mut c) {
+            Ok(line) => {
+                println!("e2e {name}: {line}");
+                done += 1;
+            }
+            Err(e) => {
+                println!("e2e {name}: FAILED: {e:#}");
+                failures.push(name);
+            }
+        }
+    }
+    if !failures.is_empty() {
+        bail!(
+            "{} of {} migrations failed: {}",
+            failures.len(),
+            done + failures.len(),
+            failures.join(", ")
+        );
+    }
+    notes.insert(0, format!("{done} migrations verified"));
+    Ok(Outcome::Ok(notes.join("; ")))
+}
+
+/// Runs one `ferry-bench migrate --json`; returns its summary line.
+fn e2e_one(c: &mut Command) -> Result<String> {
+    let (status, out) = sh::output_with_timeout(c, E2E_RUN_TIMEOUT)?;
+    let v: serde_json::Value = serde_json::from_str(out.trim()).with_context(|| {
+        format!(
+            "ferry-bench ({status}) printed no JSON result: {:?}",
+            out.trim()
+        )
+    })?;
+    let verified = v["verified"].as_bool() == Some(true);
+    let completed = v["status"] == "completed";
+    if !(verified && completed && status.success()) {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        let failed_checks: Vec<String> = v["checks"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, c)| c["ok"] != true)
+                    .map(|(k, c)| format!("{k} ({})", c["detail"].as_str().unwrap_or("?")))
+                    .collect()
+            })
+            .unwrap_or_default();
+        bail!(
+            "status {}, verified {verified}{}{}",
+            v["status"],
+            v["error"]
+                .as_str()
+                .map(|e| format!(", error: {e}"))
+                .unwrap_or_default(),
+            if failed_checks.is_empty() {
+                String::new()
+            } else {
+                format!(", failed checks: {}", failed_checks.join(", "))
+            }
+        );
+    }
+    let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
+    Ok(format!(
+        "verified; {:.0} ms total, {:.0} ms downtime, {} rounds, {:.0} MiB/s wire ({:.0}% of the {:.0} MiB/s link)",
+        f("total_time_ms"),
+        f("downtime_ms"),
+        v["iterations"],
+        f("throughput_mib_s"),
+        f("link_ratio") * 100.0,
+        f("link_mib_s")
+    ))
+}
