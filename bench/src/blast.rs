@@ -10,7 +10,14 @@
 //!
 //! The clock runs from before the first connect until the last stream's
 //! acknowledgement, so the result counts bytes the receiver really got, not
-//! bytes parked in socket buffers. Both ends are hidden subcommands of
+//! bytes parked in socket buffers.
+//!
+//! Two modes. `memory` (the link baseline of `migrate`): every byte is read
+//! from its own place in a buffer as large as the transfer and written to its
+//! own place in an equally large buffer on the receiver, both touched before
+//! the clock starts, which is what moving guest memory costs at the least.
+//! `hot`: one 256 KiB buffer on each side, reused; on loopback that stays in
+//! the CPU caches and shows the path's peak, not a memory-to-memory rate. Both ends are hidden subcommands of
 //! ferry-bench so that, with `--netns`, each runs inside its own namespace.
 
 use std::io::{BufRead, Read, Write};
@@ -34,9 +41,36 @@ const ACK: u8 = b'K';
 /// First line blast-recv prints: `LISTENING <addr>`.
 const READY_PREFIX: &str = "LISTENING ";
 
+/// How the blast uses memory; see the module docs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Buffers as large as the transfer on both sides.
+    Memory,
+    /// One reused 256 KiB buffer on each side.
+    Hot,
+}
+
+/// One buffer per stream share, every page written once so that the clock
+/// never pays a first-touch page fault.
+fn touched_buffers(bytes: u64, streams: u32) -> Vec<Vec<u8>> {
+    shares(bytes, streams)
+        .into_iter()
+        .map(|n| {
+            let mut v = vec![0u8; n as usize];
+            for (i, b) in v.iter_mut().enumerate().step_by(4096) {
+                *b = (i >> 12) as u8 | 1;
+            }
+            v
+        })
+        .collect()
+}
+
 /// What blast-send measured.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct BlastResult {
+    /// The mode.
+    pub mode: Mode,
     /// Bytes moved and acknowledged.
     pub bytes: u64,
     /// Streams used.
@@ -56,10 +90,14 @@ fn shares(bytes: u64, streams: u32) -> Vec<u64> {
 }
 
 /// Sends `bytes` to a blast receiver at `to` over `streams` connections.
-pub fn send(to: SocketAddr, bytes: u64, streams: u32) -> Result<BlastResult> {
+pub fn send(to: SocketAddr, bytes: u64, streams: u32, mode: Mode) -> Result<BlastResult> {
     if streams == 0 || streams > STREAMS_MAX {
         bail!("streams must be 1..={STREAMS_MAX}, not {streams}");
     }
+    let mut bufs = match mode {
+        Mode::Memory => touched_buffers(bytes, streams),
+        Mode::Hot => Vec::new(),
+    };
     let start = Instant::now();
     let mut conns = Vec::new();
     for _ in 0..streams {
@@ -74,14 +112,18 @@ pub fn send(to: SocketAddr, bytes: u64, streams: u32) -> Result<BlastResult> {
         .into_iter()
         .zip(shares(bytes, streams))
         .map(|(mut s, n)| {
+            let big = bufs.pop();
             std::thread::spawn(move || -> Result<()> {
-                let buf = vec![0u8; CHUNK_BYTES];
+                let hot = vec![0x5au8; CHUNK_BYTES];
                 s.write_all(&n.to_le_bytes())?;
-                let mut left = n;
-                while left > 0 {
-                    let k = left.min(CHUNK_BYTES as u64) as usize;
-                    s.write_all(&buf[..k])?;
-                    left -= k as u64;
+                let mut off = 0u64;
+                while off < n {
+                    let k = (n - off).min(CHUNK_BYTES as u64) as usize;
+                    match &big {
+                        Some(b) => s.write_all(&b[off as usize..off as usize + k])?,
+                        None => s.write_all(&hot[..k])?,
+                    }
+                    off += k as u64;
                 }
                 let mut ack = [0u8; 1];
                 s.read_exact(&mut ack)?;
@@ -103,6 +145,7 @@ pub fn send(to: SocketAddr, bytes: u64, streams: u32) -> Result<BlastResult> {
     }
     let ms = start.elapsed().as_secs_f64() * 1000.0;
     Ok(BlastResult {
+        mode,
         bytes,
         streams,
         ms: ms.round() as u64,
@@ -112,12 +155,14 @@ pub fn send(to: SocketAddr, bytes: u64, streams: u32) -> Result<BlastResult> {
 
 /// Accepts `streams` connections on `listener`, swallows what each
 /// announces, acknowledges each, and returns the total bytes received.
-pub fn receive(listener: TcpListener, streams: u32) -> Result<u64> {
+/// `bufs` (memory mode) are the destination buffers, one per stream.
+pub fn receive(listener: TcpListener, streams: u32, mut bufs: Vec<Vec<u8>>) -> Result<u64> {
     if streams == 0 || streams > STREAMS_MAX {
         bail!("streams must be 1..={STREAMS_MAX}, not {streams}");
     }
     let mut workers = Vec::new();
     for _ in 0..streams {
+        let mut big = bufs.pop();
         let (mut s, peer) = listener.accept().context("blast: accept failed")?;
         s.set_read_timeout(Some(IO_TIMEOUT))?;
         s.set_write_timeout(Some(IO_TIMEOUT))?;
@@ -128,7 +173,13 @@ pub fn receive(listener: TcpListener, streams: u32) -> Result<u64> {
             if len > STREAM_BYTES_MAX {
                 bail!("blast: {peer} announced {len} bytes, over the {STREAM_BYTES_MAX}-byte cap");
             }
-            let got = std::io::copy(&mut (&mut s).take(len), &mut std::io::sink())?;
+            let got = match big.as_mut().filter(|b| b.len() as u64 >= len) {
+                Some(b) => {
+                    s.read_exact(&mut b[..len as usize])?;
+                    len
+                }
+                None => std::io::copy(&mut (&mut s).take(len), &mut std::io::sink())?,
+            };
             if got != len {
                 bail!("blast: {peer} closed after {got} of {len} bytes");
             }
@@ -146,22 +197,28 @@ pub fn receive(listener: TcpListener, streams: u32) -> Result<u64> {
     Ok(total)
 }
 
-/// `ferry-bench blast-recv`: binds, prints `LISTENING <addr>`, receives.
-pub fn recv_main(listen: SocketAddr, streams: u32) -> Result<()> {
+/// `ferry-bench blast-recv`: prepares its buffers (memory mode: `bytes`
+/// in all), binds, prints `LISTENING <addr>`, receives.
+pub fn recv_main(listen: SocketAddr, streams: u32, bytes: Option<u64>) -> Result<()> {
+    let bufs = match bytes {
+        Some(b) if b > STREAM_BYTES_MAX => bail!("blast: {b} bytes is over the cap"),
+        Some(b) => touched_buffers(b, streams),
+        None => Vec::new(),
+    };
     let l =
         TcpListener::bind(listen).with_context(|| format!("blast: cannot listen on {listen}"))?;
     let addr = l.local_addr()?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{READY_PREFIX}{addr}")?;
     out.flush()?;
-    let bytes = receive(l, streams)?;
+    let bytes = receive(l, streams, bufs)?;
     writeln!(out, "{}", serde_json::json!({ "bytes": bytes }))?;
     Ok(())
 }
 
 /// `ferry-bench blast-send`: prints one [`BlastResult`] as JSON.
-pub fn send_main(to: SocketAddr, bytes: u64, streams: u32) -> Result<()> {
-    let r = send(to, bytes, streams)?;
+pub fn send_main(to: SocketAddr, bytes: u64, streams: u32, mode: Mode) -> Result<()> {
+    let r = send(to, bytes, streams, mode)?;
     println!("{}", serde_json::to_string(&r)?);
     Ok(())
 }
@@ -186,7 +243,10 @@ pub fn parse_ready(r: &mut impl BufRead) -> Result<SocketAddr> {
 fn spawn_local_receiver(streams: u32) -> (SocketAddr, std::thread::JoinHandle<Result<u64>>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
-    (addr, std::thread::spawn(move || receive(l, streams)))
+    (
+        addr,
+        std::thread::spawn(move || receive(l, streams, Vec::new())),
+    )
 }
 
 #[cfg(test)]
@@ -203,10 +263,20 @@ mod tests {
     #[test]
     fn blast_over_loopback_counts_every_byte() {
         let (addr, h) = spawn_local_receiver(3);
-        let r = send(addr, 10 << 20 | 7, 3).unwrap();
+        let r = send(addr, 10 << 20 | 7, 3, Mode::Hot).unwrap();
         assert_eq!(h.join().unwrap().unwrap(), 10 << 20 | 7);
         assert_eq!((r.bytes, r.streams), (10 << 20 | 7, 3));
         assert!(r.mib_s > 0.0);
+    }
+
+    #[test]
+    fn memory_mode_lands_every_byte_in_its_place() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let h = std::thread::spawn(move || receive(l, 2, touched_buffers(3 << 20, 2)));
+        let r = send(addr, 3 << 20, 2, Mode::Memory).unwrap();
+        assert_eq!(h.join().unwrap().unwrap(), 3 << 20);
+        assert_eq!(r.mode, Mode::Memory);
     }
 
     #[test]

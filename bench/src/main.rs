@@ -39,6 +39,10 @@ enum Cmd {
         /// Connections to accept.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=blast::STREAMS_MAX as i64))]
         streams: u32,
+        /// Memory mode: receive into buffers of this many bytes in all,
+        /// prepared before listening.
+        #[arg(long)]
+        bytes: Option<u64>,
     },
     /// Send a link blast and print its result as JSON (used by `migrate`).
     #[command(hide = true)]
@@ -52,6 +56,9 @@ enum Cmd {
         /// Streams.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=blast::STREAMS_MAX as i64))]
         streams: u32,
+        /// Where the bytes come from.
+        #[arg(long, value_enum, default_value = "memory")]
+        mode: blast::Mode,
     },
 }
 
@@ -62,8 +69,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Migrate(args) => migrate_main(&args),
-        Cmd::BlastRecv { listen, streams } => report(blast::recv_main(listen, streams)),
-        Cmd::BlastSend { to, bytes, streams } => report(blast::send_main(to, bytes, streams)),
+        Cmd::BlastRecv {
+            listen,
+            streams,
+            bytes,
+        } => report(blast::recv_main(listen, streams, bytes)),
+        Cmd::BlastSend {
+            to,
+            bytes,
+            streams,
+            mode,
+        } => report(blast::send_main(to, bytes, streams, mode)),
     }
 }
 

@@ -54,6 +54,25 @@ impl DirtyBitmap {
         self.words[(i / 64) as usize] |= 1 << (i % 64);
     }
 
+    /// Sets pages `first..first + count`.
+    pub fn set_range(&mut self, first: u64, count: u64) {
+        assert!(
+            first + count <= self.pages,
+            "pages {first}+{count} out of range"
+        );
+        let mut i = first;
+        let end = first + count;
+        while i < end {
+            if i % 64 == 0 && end - i >= 64 {
+                self.words[(i / 64) as usize] = !0;
+                i += 64;
+            } else {
+                self.set(i);
+                i += 1;
+            }
+        }
+    }
+
     /// Whether page `i` is set.
     pub fn get(&self, i: u64) -> bool {
         i < self.pages && self.words[(i / 64) as usize] & (1 << (i % 64)) != 0
@@ -183,7 +202,10 @@ mod tests {
                     want.push((s as u64, (i - s) as u64));
                 } else { i += 1; }
             }
-            prop_assert_eq!(b.runs().collect::<Vec<_>>(), want);
+            prop_assert_eq!(b.runs().collect::<Vec<_>>(), want.clone());
+            let mut c = DirtyBitmap::new(bits.len() as u64);
+            for &(f, n) in &want { c.set_range(f, n); }
+            prop_assert_eq!(c.runs().collect::<Vec<_>>(), want);
             prop_assert_eq!(b.count(), bits.iter().filter(|&&x| x).count() as u64);
         }
     }

@@ -191,6 +191,47 @@ impl GuestMem {
             .find(|r| index.0 >= r.first_page && index.0 < r.first_page + r.pages)
     }
 
+    /// Runs of pages (first, count) that have memory behind them in the
+    /// memfd, ascending. Every other page is a hole: zero, never written, and
+    /// reading it through a mapping would allocate it. Found with
+    /// SEEK_DATA/SEEK_HOLE; on failure (a file system without them) the
+    /// whole of each region is reported as data.
+    pub fn data_runs(&self) -> Vec<(u64, u64)> {
+        let fd = self.file.as_raw_fd();
+        let page = PAGE_SIZE as i64;
+        let mut runs = Vec::new();
+        for r in &self.regions {
+            let start = r.spec.memfd_offset as i64;
+            let end = start + r.spec.size as i64;
+            let mut off = start;
+            while off < end {
+                // SAFETY: lseek on a descriptor we own; it only moves the file
+                // offset, which nothing else in ferry uses.
+                let data = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
+                if data < 0 {
+                    if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                        break; // no data past `off`
+                    }
+                    runs.push((
+                        r.first_page + ((off - start) / page) as u64,
+                        ((end - off) / page) as u64,
+                    ));
+                    break;
+                }
+                if data >= end {
+                    break;
+                }
+                // SAFETY: as above.
+                let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) }.clamp(data, end);
+                let first = (data - start) / page;
+                let last = (hole - start + page - 1) / page; // exclusive, rounded up
+                runs.push((r.first_page + first as u64, (last - first) as u64));
+                off = hole.max(data + 1);
+            }
+        }
+        runs
+    }
+
     /// Gives physical memory for every page up front (MADV_POPULATE_WRITE), so
     /// receiving the first copy of a page does not take a page fault. Best
     /// effort: a kernel without it just faults later.
@@ -335,6 +376,28 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
+    }
+
+    #[test]
+    fn data_runs_find_written_pages_only() {
+        let s = spec(vec![
+            RegionSpec {
+                gpa: 0,
+                size: 64 * 4096,
+                memfd_offset: 0,
+            },
+            RegionSpec {
+                gpa: 1 << 32,
+                size: 64 * 4096,
+                memfd_offset: 64 * 4096,
+            },
+        ]);
+        let m = GuestMem::create(&s).unwrap();
+        assert_eq!(m.data_runs(), vec![]);
+        for p in [3u64, 4, 5, 40, 64, 127] {
+            m.page(PageIndex(p)).unwrap().write_obj(1u8, 7).unwrap();
+        }
+        assert_eq!(m.data_runs(), vec![(3, 3), (40, 1), (64, 1), (127, 1)]);
     }
 
     #[test]

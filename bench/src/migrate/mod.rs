@@ -102,6 +102,10 @@ pub struct MigrateArgs {
     /// Run each ferryd in its own network namespace, joined by a veth pair (root only).
     #[arg(long)]
     pub netns: bool,
+    /// Do not keep pre-faulted memory on the target ferryd (`--reserve-mib`);
+    /// the migration then pays first-touch page faults on the target.
+    #[arg(long)]
+    pub no_reserve: bool,
     /// With --netns: shape the veth pair to this rate with tc tbf.
     #[arg(long, requires = "netns", value_parser = clap::value_parser!(u64).range(1..))]
     pub link_rate_mib_s: Option<u64>,
@@ -129,7 +133,8 @@ pub fn run(args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResult> {
         );
     }
     let programs = Programs::find(args.bin_dir.as_deref())?;
-    let mut tb = Testbed::start(programs, args.netns, args.link_rate_mib_s, ui)?;
+    let reserve = (!args.no_reserve).then_some(args.mem_mib);
+    let mut tb = Testbed::start(programs, args.netns, args.link_rate_mib_s, reserve, ui)?;
     if args.keep_logs {
         tb.keep_logs();
     }
@@ -150,9 +155,16 @@ fn run_on(tb: &mut Testbed, args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResu
         "measuring the link: {} MiB of raw TCP over {} streams",
         args.mem_mib, args.streams
     ));
-    let blast = tb.blast(mem_bytes, args.streams)?;
-    ui.step(&format!("link: {:.0} MiB/s", blast.mib_s));
+    let blast = tb.blast(mem_bytes, args.streams, crate::blast::Mode::Memory)?;
+    let hot = tb.blast(mem_bytes, args.streams, crate::blast::Mode::Hot)?;
+    ui.step(&format!(
+        "link: {:.0} MiB/s memory to memory ({:.0} MiB/s cache-hot)",
+        blast.mib_s, hot.mib_s
+    ));
     tb.ensure_running()?;
+    if !args.no_reserve {
+        tb.wait_target_reserve(ui)?;
+    }
 
     let req = MigrateRequest {
         vm: VM_NAME.into(),
@@ -198,6 +210,9 @@ fn run_on(tb: &mut Testbed, args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResu
         compressed_bytes: snap.compressed_bytes,
         pages_raw: snap.pages_raw,
         link_mib_s: round2(blast.mib_s),
+        link_hot_mib_s: round2(hot.mib_s),
+        rounds: snap.rounds.clone(),
+        target_reserve_mib: if args.no_reserve { 0 } else { args.mem_mib },
         link: Link {
             bytes: blast.bytes,
             streams: blast.streams,

@@ -135,8 +135,16 @@ pub struct BenchResult {
     pub throughput_mib_s: f64,
     /// Guest memory bytes / total time, MiB/s.
     pub effective_mib_s: f64,
-    /// Raw TCP over the same path with the same streams, MiB/s.
+    /// Raw TCP over the same path with the same streams, memory to memory
+    /// (buffers as large as the guest on both sides), MiB/s.
     pub link_mib_s: f64,
+    /// The same blast from and into one reused 256 KiB buffer (cache-hot on
+    /// loopback: the path's peak, not a memory-to-memory rate), MiB/s.
+    pub link_hot_mib_s: f64,
+    /// Pre-faulted memory the target ferryd kept for the VM (0 = none), MiB.
+    pub target_reserve_mib: u64,
+    /// Every pre-copy round: pages, time, rate and the policy's decision.
+    pub rounds: Vec<ferry_engine::metrics::RoundLog>,
     /// throughput_mib_s / link_mib_s.
     pub link_ratio: f64,
     /// The link blast.

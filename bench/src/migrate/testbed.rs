@@ -26,7 +26,9 @@ const NETNS_PORT: u16 = 7070;
 /// The VM's name on both hosts.
 pub const VM_NAME: &str = "vm0";
 /// Deadline for blast-recv to report its address.
-const BLAST_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Memory mode touches every page of its buffers first: up to ~11 µs a page
+/// on memory this machine never had, so 6 s per 2 GiB; allow ten times that.
+const BLAST_READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Slowest link the blast deadline allows for: 1 MiB/s, plus a fixed 30 s.
 const BLAST_MIB_S_MIN: u64 = 1;
 
@@ -141,6 +143,7 @@ impl Testbed {
         programs: Programs,
         use_netns: bool,
         link_rate_mib_s: Option<u64>,
+        target_reserve_mib: Option<u64>,
         ui: &Ui,
     ) -> Result<Self> {
         let dir = TempDir::new()?;
@@ -177,9 +180,14 @@ impl Testbed {
                 (any_port, any_port, None, None)
             }
         };
-        let tgt = start_daemon(&programs, &dir, "target", tgt_addr, tgt_ns, &key_file)?;
+        let reserve: Vec<String> = target_reserve_mib
+            .map(|m| vec!["--reserve-mib".to_string(), m.to_string()])
+            .unwrap_or_default();
+        let tgt = start_daemon(
+            &programs, &dir, "target", tgt_addr, tgt_ns, &key_file, &reserve,
+        )?;
         ui.step(&format!("target ferryd listening on {}", tgt.listen));
-        let src = start_daemon(&programs, &dir, "source", src_addr, src_ns, &key_file)?;
+        let src = start_daemon(&programs, &dir, "source", src_addr, src_ns, &key_file, &[])?;
         ui.step(&format!("source ferryd listening on {}", src.listen));
         let report = dir.path().join("vmm-report.jsonl");
         Ok(Testbed {
@@ -264,9 +272,32 @@ impl Testbed {
             .context("the source VMM was never started")
     }
 
+    /// Waits until the target ferryd's memory reserve is filled.
+    pub fn wait_target_reserve(&self, ui: &Ui) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let p = self.tgt.api.ping()?;
+            if p.reserve_ready || p.reserve_mib == 0 {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(120) {
+                bail!(
+                    "the target ferryd did not fill its {} MiB memory reserve within 120 s",
+                    p.reserve_mib
+                );
+            }
+            if start.elapsed() > Duration::from_secs(1)
+                && start.elapsed() < Duration::from_millis(1100)
+            {
+                ui.step("waiting for the target's memory reserve");
+            }
+            procs::sleep(POLL)?;
+        }
+    }
+
     /// A raw TCP blast of `bytes` over `streams` from the source host to the
     /// target host: the link baseline.
-    pub fn blast(&self, bytes: u64, streams: u32) -> Result<BlastResult> {
+    pub fn blast(&self, bytes: u64, streams: u32, mode: blast::Mode) -> Result<BlastResult> {
         let listen_ip = self.tgt.listen.ip();
         let mut recv_cmd = command_in(self.tgt.netns.as_deref(), &self.programs.bench);
         recv_cmd
@@ -277,6 +308,9 @@ impl Testbed {
             .arg(streams.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
+        if mode == blast::Mode::Memory {
+            recv_cmd.arg("--bytes").arg(bytes.to_string());
+        }
         let mut recv = ChildGuard::spawn("blast receiver", recv_cmd, None)?;
         let out = recv
             .take_stdout()
@@ -301,6 +335,11 @@ impl Testbed {
             .arg(bytes.to_string())
             .arg("--streams")
             .arg(streams.to_string())
+            .arg("--mode")
+            .arg(match mode {
+                blast::Mode::Memory => "memory",
+                blast::Mode::Hot => "hot",
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         let mut send = ChildGuard::spawn("blast sender", send_cmd, None)?;
@@ -359,6 +398,7 @@ fn start_daemon(
     listen: SocketAddr,
     netns: Option<String>,
     key_file: &Path,
+    extra: &[String],
 ) -> Result<Daemon> {
     let dir = scratch.path().join(role);
     let state = dir.join("state");
@@ -377,7 +417,8 @@ fn start_daemon(
         .arg("--key-file")
         .arg(key_file)
         .arg("--vmm-command")
-        .arg(&programs.vmm);
+        .arg(&programs.vmm)
+        .args(extra);
     let log = dir.join("ferryd.log");
     let child = ChildGuard::spawn(&format!("{role} ferryd"), cmd, Some(&log))?;
     let mut d = Daemon {

@@ -262,7 +262,18 @@ impl Migration<'_> {
 
         // Pre-copy: the bulk round sends everything, then dirty rounds.
         let started = Instant::now();
-        let mut dirty = DirtyBitmap::full(self.mem.pages());
+        // The bulk round sends the pages with memory behind them in the memfd.
+        // Holes are zero, and so is every page of the target's fresh memory:
+        // they cost nothing (a hole written from now on is in the dirty log).
+        let mut dirty = DirtyBitmap::new(self.mem.pages());
+        let mut data_pages = 0;
+        for (first, count) in self.mem.data_runs() {
+            dirty.set_range(first, count);
+            data_pages += count;
+        }
+        self.metrics
+            .pages_zero
+            .fetch_add(self.mem.pages() - data_pages, Ordering::Relaxed);
         let mut round = 0u32;
         let expected_ms = loop {
             round += 1;
