@@ -63,7 +63,7 @@ impl DirtyBitmap {
         let mut i = first;
         let end = first + count;
         while i < end {
-            if i % 64 == 0 && end - i >= 64 {
+            if i.is_multiple_of(64) && end - i >= 64 {
                 self.words[(i / 64) as usize] = !0;
                 i += 64;
             } else {
