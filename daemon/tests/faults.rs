@@ -1,0 +1,980 @@
+//! Fault injection end to end: two real ferryds on loopback with a shared
+//! key, a real ferry-vmm guest under KVM, and faults from outside: kill -9 of
+//! the target ferryd or of the VMM it spawned, a cancel, a cut link
+//! (nftables), hostile connections on the target's data port, a peer without
+//! the key.
+//!
+//! After every fault the test checks, without asking the migration code, that
+//! the VM still runs on exactly one host:
+//!
+//! ```text
+//!  source: its ferry-vmm process lives, `ferry vm list` shows it running,
+//!          and its guest's progress counter advances over ~1 s
+//!  target: no live process names the target's link socket (so no ferry-vmm
+//!          it spawned is left, stopped or not), the ones it spawned are
+//!          reaped, and its `ferry vm list` holds no such VM
+//! ```
+//!
+//! Timing comes from states, never from sleeps: a pre-copy that cannot end
+//! (`--downtime-ms 1` never fits: the estimate includes a 5 ms switchover
+//! cost) holds the source in `active`; a target VMM stopped with SIGSTOP once
+//! registered holds the source in `committing` (paused guest, PREPARE sent,
+//! waiting for PREPARED); a target VMM command that sleeps 2 s before exec
+//! holds the source in `setup`.
+//!
+//! Skips with a printed reason when /dev/kvm or ferry-vmm is missing (and the
+//! link-cut test when `nft` or 127.0.0.2 is unusable).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Ferryd, Opts, TempDir};
+use ferry_daemon::api::{VmInfo, VmState};
+use ferry_engine::source::SourceConfig;
+use ferry_engine::wire::handshake::{self, Hello};
+use ferry_engine::wire::{frame_crc, FrameHeader, FrameKind, WireError, HEADER_BYTES};
+use ferry_engine::{Key, Snapshot, Status};
+use ferry_transport::tcp::TcpTransport;
+use ferry_transport::Transport;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// The VM's name on both hosts.
+const VM: &str = "guest";
+/// Pre-copy that stays `active` until cancelled or broken: the guest dirties
+/// 32 MiB/s, the link is capped at 16 MiB/s, and no estimate fits 1 ms.
+const ENDLESS: &[&str] = &[
+    "--bandwidth-mib-s",
+    "16",
+    "--downtime-ms",
+    "1",
+    "--rounds-max",
+    "1000",
+    "--time-max-s",
+    "120",
+];
+const ENDLESS_WORKLOAD: &str = "dirty:32";
+/// Pre-copy that converges after ~2 s: ~50 MiB of non-zero pages at 24 MiB/s,
+/// then an idle guest.
+const CONVERGING: &[&str] = &["--bandwidth-mib-s", "24"];
+const CONVERGING_WORKLOAD: &str = "mixed";
+/// How often state is polled: transitions are caught within a few ms.
+const POLL: Duration = Duration::from_millis(5);
+
+fn probe() -> Option<PathBuf> {
+    let vmm = std::env::var_os("FERRY_VMM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(common::FERRYD).with_file_name("ferry-vmm"));
+    if !vmm.exists() {
+        eprintln!(
+            "SKIP: no ferry-vmm at {} (build the workspace, or set FERRY_VMM)",
+            vmm.display()
+        );
+        return None;
+    }
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        eprintln!("SKIP: /dev/kvm is not usable here: {e}");
+        return None;
+    }
+    Some(vmm)
+}
+
+// ---------------------------------------------------------------- processes
+
+/// Live (not zombie) processes whose command line contains `needle`.
+fn procs_with(needle: &str) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+                && proc_stat(pid).is_some_and(|(state, _)| state != 'Z')
+        })
+        .collect()
+}
+
+/// State letter and parent pid from /proc/PID/stat (None once reaped).
+fn proc_stat(pid: i32) -> Option<(char, i32)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) S ppid ...": comm may hold spaces and parentheses.
+    let mut rest = s.rsplit_once(')')?.1.split_whitespace();
+    let state = rest.next()?.chars().next()?;
+    Some((state, rest.next()?.parse().ok()?))
+}
+
+fn signal(pid: i32, sig: Signal) {
+    kill(Pid::from_raw(pid), sig).unwrap_or_else(|e| panic!("{sig} to {pid}: {e}"));
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what()` past `limit`.
+fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>, what: impl Fn() -> String) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out: {}", what());
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Kills on drop, even when a test fails: the source VMM, and every process
+/// whose command line names one of the pair's link sockets (the target VMMs
+/// ferryd spawned: stopped, orphaned or not).
+struct Guard {
+    source: Option<Child>,
+    needles: Vec<String>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        for needle in &self.needles {
+            for pid in procs_with(needle) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        if let Some(c) = &mut self.source {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Deletes an nftables table on drop.
+struct NftTable(String);
+
+impl NftTable {
+    /// Drops every packet to `addr` (`127.0.0.2:port`) at input: to the
+    /// sender it looks like a dead link, not a refused one.
+    fn drop_to(addr: &str, dir: &Path) -> Result<Self, String> {
+        let (ip, port) = addr.rsplit_once(':').ok_or("no port")?;
+        let name = format!("ferry_faults_{}", ferry_daemon::util::random_hex(6));
+        let rules = format!(
+            "table inet {name} {{\n chain input {{\n  type filter hook input priority -100; policy accept;\n  \
+             ip daddr {ip} tcp dport {port} drop\n }}\n}}\n"
+        );
+        let file = dir.join(format!("{name}.nft"));
+        std::fs::write(&file, rules).map_err(|e| e.to_string())?;
+        let o = Command::new("nft")
+            .arg("-f")
+            .arg(&file)
+            .output()
+            .map_err(|e| format!("cannot run nft: {e}"))?;
+        if !o.status.success() {
+            return Err(format!(
+                "nft -f failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+        }
+        Ok(NftTable(name))
+    }
+}
+
+impl Drop for NftTable {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.0])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+// -------------------------------------------------------------------- world
+
+/// What a test needs besides the defaults.
+#[derive(Default)]
+struct Setup {
+    mem_mib: u64,
+    workload: &'static str,
+    /// The target ferryd's `--listen` (default 127.0.0.1:0).
+    target_listen: Option<String>,
+    /// The target VMM command sleeps this long before exec'ing ferry-vmm.
+    target_vmm_delay_s: Option<u32>,
+    /// The source ferryd gets a key of its own instead of the shared one.
+    source_wrong_key: bool,
+}
+
+/// Two ferryds and a guest registered with the source one. Fields drop in
+/// order: the guard first, so no VMM outlives a failed test.
+struct World {
+    guard: Guard,
+    src: Ferryd,
+    dst: Ferryd,
+    dir: TempDir,
+    key: PathBuf,
+    started: Instant,
+}
+
+impl World {
+    fn start(vmm: &Path, s: Setup) -> World {
+        let started = Instant::now();
+        let dir = TempDir::new("faults");
+        let key = common::write_key(dir.path());
+        let report = dir.path().join("target-report.jsonl");
+        let mut dst_args = Vec::new();
+        let dst_vmm = match s.target_vmm_delay_s {
+            Some(secs) => {
+                dst_args.extend([
+                    "--vmm-arg".to_string(),
+                    "-c".into(),
+                    "--vmm-arg".into(),
+                    format!("sleep {secs}; exec \"$0\" \"$@\""),
+                    "--vmm-arg".into(),
+                    vmm.display().to_string(),
+                ]);
+                PathBuf::from("/bin/sh")
+            }
+            None => vmm.to_path_buf(),
+        };
+        dst_args.extend([
+            "--vmm-arg".to_string(),
+            "--report".into(),
+            "--vmm-arg".into(),
+            report.display().to_string(),
+        ]);
+        let dst = Ferryd::start_with(Opts {
+            key: Some(key.clone()),
+            vmm_command: Some(dst_vmm),
+            args: dst_args,
+            listen: s.target_listen,
+        });
+        let src = Ferryd::start_with(Opts {
+            key: (!s.source_wrong_key).then(|| key.clone()),
+            vmm_command: Some(vmm.to_path_buf()),
+            ..Opts::default()
+        });
+        let needles = [&dst.link_socket, &src.link_socket]
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        let mut w = World {
+            guard: Guard {
+                source: None,
+                needles,
+            },
+            src,
+            dst,
+            dir,
+            key,
+            started,
+        };
+        let child = Command::new(vmm)
+            .arg("--link")
+            .arg(&w.src.link_socket)
+            .args(["--name", VM, "--mem-mib", &s.mem_mib.to_string()])
+            .args(["--workload", s.workload])
+            .arg("--report")
+            .arg(w.dir.path().join("source-report.jsonl"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(w.dir.path().join("source-vmm.log")).expect("log"))
+            .spawn()
+            .expect("start ferry-vmm");
+        w.guard.source = Some(child);
+        wait_for(
+            common::DEADLINE,
+            || vm(&w.src, VM).filter(|v| v.state == VmState::Running),
+            || format!("{VM} never registered; source log:\n{}", w.src.log_text()),
+        );
+        w
+    }
+
+    /// `ferry migrate VM --to dst --streams 2 --detach extra...`; the id.
+    fn migrate(&self, extra: &[&str]) -> String {
+        let mut args = vec![
+            "migrate",
+            VM,
+            "--to",
+            self.dst.listen(),
+            "--streams",
+            "2",
+            "--detach",
+        ];
+        args.extend_from_slice(extra);
+        let o = self.src.ferry(&args);
+        assert!(o.status.success(), "{}", common::stderr(&o));
+        common::stdout(&o).trim().to_string()
+    }
+
+    /// Waits until the source's migration `id` satisfies `ok`.
+    fn wait_source(&self, id: &str, what: &str, ok: impl Fn(&Snapshot) -> bool) -> Snapshot {
+        self.wait_source_for(id, what, common::DEADLINE, ok)
+    }
+
+    fn wait_source_for(
+        &self,
+        id: &str,
+        what: &str,
+        limit: Duration,
+        ok: impl Fn(&Snapshot) -> bool,
+    ) -> Snapshot {
+        wait_for(
+            limit,
+            || snapshot(&self.src, id).filter(|s| ok(s)),
+            || {
+                format!(
+                    "migration {id} never {what}: {:?}\nsource log:\n{}\ntarget log:\n{}",
+                    snapshot(&self.src, id),
+                    self.src.log_text(),
+                    self.dst.log_text()
+                )
+            },
+        )
+    }
+
+    /// Waits for the target's side of the migration to be `active` (the
+    /// target VMM registered and SPEC_ACK went out); returns the live
+    /// processes it spawned.
+    fn wait_target_active(&self) -> Vec<i32> {
+        wait_for(
+            common::DEADLINE,
+            || incoming(&self.dst).filter(|s| s.status == Status::Active),
+            || format!("target never active; log:\n{}", self.dst.log_text()),
+        );
+        let pids = self.target_vmms();
+        assert_eq!(pids.len(), 1, "one target VMM: {pids:?}");
+        pids
+    }
+
+    /// Live processes naming the target's link socket: the VMMs it spawned.
+    fn target_vmms(&self) -> Vec<i32> {
+        procs_with(&self.dst.link_socket.display().to_string())
+    }
+
+    fn source_vmm_alive(&mut self) -> bool {
+        let c = self.guard.source.as_mut().expect("source VMM started");
+        c.try_wait().expect("wait").is_none()
+    }
+
+    /// The VM runs on the source, by three witnesses that are not the
+    /// migration code: its VMM process, `ferry vm list`, its progress counter.
+    fn assert_runs_on_source(&mut self) {
+        assert!(self.source_vmm_alive(), "the source VMM died");
+        let listed = vm_list(&self.src);
+        let v = listed
+            .iter()
+            .find(|v| v.name == VM)
+            .unwrap_or_else(|| panic!("{VM} not listed on the source: {listed:?}"));
+        assert_eq!(v.state, VmState::Running, "{v:?}");
+        assert_progresses(&self.src);
+        assert!(self.source_vmm_alive(), "the source VMM died");
+    }
+
+    /// The target holds no VM: no live process it spawned is left, the ones
+    /// it spawned (`spawned`) were reaped if it still runs, and its VM list
+    /// has no such VM.
+    fn assert_target_clean(&self, spawned: &[i32]) {
+        wait_for(
+            common::DEADLINE,
+            || self.target_vmms().is_empty().then_some(()),
+            || format!("target VMMs left: {:?}", self.target_vmms()),
+        );
+        let Some(ferryd) = self.dst.pid() else {
+            return; // killed: its orphans are init's to reap
+        };
+        for &pid in spawned {
+            wait_for(
+                common::DEADLINE,
+                || (proc_stat(pid).map(|(_, ppid)| ppid) != Some(ferryd)).then_some(()),
+                || format!("target VMM {pid} is not reaped: {:?}", proc_stat(pid)),
+            );
+        }
+        wait_for(
+            common::DEADLINE,
+            || {
+                vm_list(&self.dst)
+                    .iter()
+                    .all(|v| v.name != VM)
+                    .then_some(())
+            },
+            || format!("the target still lists {VM}: {:?}", vm_list(&self.dst)),
+        );
+        let s = incoming(&self.dst).expect("the target saw the migration");
+        assert!(
+            matches!(s.status, Status::Failed | Status::Cancelled),
+            "{s:?}"
+        );
+    }
+
+    fn report(&self, which: &str, event: &str) -> serde_json::Value {
+        let path = self.dir.path().join(format!("{which}-report.jsonl"));
+        wait_for(
+            common::DEADLINE,
+            || {
+                let text = std::fs::read_to_string(&path).ok()?;
+                text.lines()
+                    .rev()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .find(|v| v["event"] == event)
+            },
+            || format!("no {event:?} event in {}", path.display()),
+        )
+    }
+
+    /// Pause and resume events in the source VMM's own report, in order.
+    /// (It writes "paused", with the memory hash, when it resumes or quits.)
+    fn source_pauses(&self) -> Vec<String> {
+        let path = self.dir.path().join("source-report.jsonl");
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["event"].as_str().map(String::from))
+            .filter(|e| e == "paused" || e == "resumed")
+            .collect()
+    }
+
+    /// The source VMM says it paused (the switchover) and resumed.
+    fn assert_paused_then_resumed(&self) {
+        self.report("source", "resumed");
+        assert_eq!(self.source_pauses(), ["paused", "resumed"]);
+    }
+
+    /// The source VMM says its guest was never paused.
+    fn assert_never_paused(&self) {
+        assert_eq!(self.source_pauses(), Vec::<String>::new());
+    }
+
+    fn done(&self, test: &str) {
+        eprintln!("{test}: {:.1} s", self.started.elapsed().as_secs_f64());
+    }
+}
+
+fn snapshot(d: &Ferryd, id: &str) -> Option<Snapshot> {
+    d.client().get(&format!("/api/v1/migrations/{id}")).ok()
+}
+
+/// The target side of the (only) incoming migration.
+fn incoming(d: &Ferryd) -> Option<Snapshot> {
+    let all: Vec<Snapshot> = d.client().get("/api/v1/migrations").ok()?;
+    all.into_iter().find(|s| s.role == "target")
+}
+
+fn vm(d: &Ferryd, name: &str) -> Option<VmInfo> {
+    d.client().get(&format!("/api/v1/vms/{name}")).ok()
+}
+
+/// `ferry vm list --json`.
+fn vm_list(d: &Ferryd) -> Vec<VmInfo> {
+    let o = d.ferry(&["vm", "list", "--json"]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    serde_json::from_slice(&o.stdout).expect("vm list JSON")
+}
+
+/// The guest's progress counter (null while ferryd talks to the VMM).
+fn progress(d: &Ferryd) -> u64 {
+    wait_for(
+        common::DEADLINE,
+        || vm(d, VM)?.progress,
+        || format!("no progress for {VM}: {:?}", vm(d, VM)),
+    )
+}
+
+fn assert_progresses(d: &Ferryd) {
+    let before = progress(d);
+    std::thread::sleep(Duration::from_secs(1));
+    let after = progress(d);
+    assert!(after > before, "the guest is stuck at {before} -> {after}");
+}
+
+fn running(s: &Snapshot) -> bool {
+    !s.status.is_final() && s.status != Status::Unknown
+}
+
+// -------------------------------------------------------------------- tests
+
+/// kill -9 of the target ferryd in pre-copy: the source sees its streams
+/// break and resumes; the orphaned target VMM exits on its link's EOF.
+#[test]
+fn target_ferryd_killed_during_precopy() {
+    let Some(vmm) = probe() else { return };
+    let mut w = World::start(
+        &vmm,
+        Setup {
+            mem_mib: 128,
+            workload: ENDLESS_WORKLOAD,
+            ..Setup::default()
+        },
+    );
+    let id = w.migrate(ENDLESS);
+    w.wait_source(&id, "copied pages", |s| {
+        s.status == Status::Active && s.guest_bytes > 0
+    });
+    let spawned = w.wait_target_active();
+    w.dst.kill9();
+    let s = w.wait_source(&id, "failed", |s| s.status == Status::Failed);
+    eprintln!("source: {:?}", s.error);
+    assert_eq!(s.epoch, 0, "no hand-off was recorded");
+    w.src.wait_log(&[&id, "keeps running here"]);
+    w.assert_runs_on_source();
+    w.assert_target_clean(&spawned);
+    w.assert_never_paused();
+    w.done("target_ferryd_killed_during_precopy");
+}
+
+/// kill -9 of the target VMM in pre-copy: the target finds out at PREPARE
+/// (restore fails), aborts, reaps the VMM; the source resumes.
+#[test]
+fn target_vmm_killed_during_precopy() {
+    let Some(vmm) = probe() else { return };
+    let mut w = World::start(
+        &vmm,
+        Setup {
+            mem_mib: 128,
+            workload: CONVERGING_WORKLOAD,
+            ..Setup::default()
+        },
+    );
+    let id = w.migrate(CONVERGING);
+    let spawned = w.wait_target_active();
+    w.wait_source(&id, "copied pages", |s| {
+        s.status == Status::Active && s.guest_bytes > 0
+    });
+    signal(spawned[0], Signal::SIGKILL);
+    let s = snapshot(&w.src, &id).expect("snapshot");
+    assert_eq!(s.status, Status::Active, "killed during pre-copy: {s:?}");
+    let s = w.wait_source(&id, "failed", |s| s.status == Status::Failed);
+    eprintln!("source: {:?}", s.error);
+    let error = s.error.unwrap_or_default();
+    assert!(error.contains("aborted"), "{error}");
+    // Today the target notices at PREPARE, after the source paused; noticing
+    // the dead VMM earlier (before any pause) would be fine too.
+    let pauses = w.source_pauses();
+    assert!(
+        pauses.is_empty() || pauses == ["paused", "resumed"],
+        "{pauses:?}"
+    );
+    w.assert_runs_on_source();
+    w.assert_target_clean(&spawned);
+    w.dst
+        .wait_log(&["target VMM of", &spawned[0].to_string(), "exited"]);
+    w.done("target_vmm_killed_during_precopy");
+}
+
+/// kill -9 of the target ferryd in the switchover, before COMMIT: the target
+/// VMM is stopped once registered, so the target ferryd hangs in its restore
+/// and the source sits in `committing` (guest paused, PREPARE sent, waiting
+/// for PREPARED). The kill comes there; the source must resume the guest.
+#[test]
+fn target_ferryd_killed_in_switchover_before_commit() {
+    let Some(vmm) = probe() else { return };
+    let mut w = World::start(
+        &vmm,
+        Setup {
+            mem_mib: 128,
+            workload: CONVERGING_WORKLOAD,
+            ..Setup::default()
+        },
+    );
+    let id = w.migrate(CONVERGING);
+    let spawned = w.wait_target_active();
+    signal(spawned[0], Signal::SIGSTOP);
+    w.wait_source(&id, "committing", |s| s.status == Status::Committing);
+    assert_eq!(vm(&w.src, VM).expect("vm").state, VmState::Migrating);
+    w.dst.kill9();
+    let s = w.wait_source(&id, "failed", |s| s.status == Status::Failed);
+    eprintln!("source: {:?}", s.error);
+    assert_eq!(s.epoch, 0, "no hand-off was recorded");
+    // The stopped VMM now finds its ferryd gone and must exit by itself.
+    signal(spawned[0], Signal::SIGCONT);
+    w.assert_paused_then_resumed();
+    w.assert_runs_on_source();
+    w.assert_target_clean(&spawned);
+    w.done("target_ferryd_killed_in_switchover_before_commit");
+}
+
+/// `ferry cancel` while the source waits for the target's SPEC_ACK (the
+/// target VMM command sleeps 2 s before starting): honoured once setup ends.
+#[test]
+fn cancel_during_setup() {
+    let Some(vmm) = probe() else { return };
+    let mut w = World::start(
+        &vmm,
+        Setup {
+            mem_mib: 128,
+            workload: ENDLESS_WORKLOAD,
+            target_vmm_delay_s: Some(2),
+            ..Setup::default()
+        },
+    );
+    let id = w.migrate(ENDLESS);
+    // The target's VMM command is sleeping: the source is still in setup.
+    wait_for(
+        common::DEADLINE,
+        || (!w.target_vmms().is_empty()).then_some(()),
+        || "the target never started its VMM command".into(),
+    );
+    let spawned = w.target_vmms();
+    let s = snapshot(&w.src, &id).expect("snapshot");
+    assert_eq!(s.status, Status::Setup, "{s:?}");
+    let t = Instant::now();
+    let o = w.src.ferry(&["cancel", &id]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let s = w.wait_source(&id, "cancelled", |s| s.status.is_final());
+    eprintln!("cancel in setup took effect after {:?}", t.elapsed());
+    assert_eq!(s.status, Status::Cancelled, "{s:?}");
+    w.assert_runs_on_source();
+    w.assert_target_clean(&spawned);
+    w.assert_never_paused();
+    w.done("cancel_during_setup");
+}
+
+/// `ferry cancel` in pre-copy.
+#[test]
+fn cancel_during_precopy() {
+    let Some(vmm) = probe() else { return };
+    let mut w = World::start(
+        &vmm,
+        Setup {
+            mem_mib: 128,
+            workload: ENDLESS_WORKLOAD,
+            ..Setup::default()
+        },
+    );
+    let id = w.migrate(ENDLESS);
+    let spawned = w.wait_target_active();
+    w.wait_source(&id, "copied pages", |s| {
+        s.status == Status::Active && s.guest_bytes > 0
+    });
+    let o = w.src.ferry(&["cancel", &id]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let s = w.wait_source(&id, "cancelled", |s| s.status.is_final());
+    assert_eq!(s.status, Status::Cancelled, "{s:?}");
+    w.assert_runs_on_source();
+    w.assert_target_clean(&spawned);
+    w.assert_never_paused();
+    w.done("cancel_during_precopy");
+}
+
+/// `ferry cancel` in the switchover: the guest is paused on the source and
+/// PREPARE is out (the stopped target VMM holds the target in its restore).
+/// The source must resume the guest; the target, once its VMM runs again,
+/// reads the ABORT and throws the VM away.
+#[test]
+fn cancel_during_switchover() {
+    let Some(vmm) = probe() else { return };
+    let mut w = World::start(
+        &vmm,
+        Setup {
+            mem_mib: 128,
+            workload: CONVERGING_WORKLOAD,
+            ..Setup::default()
+        },
+    );
+    let id = w.migrate(CONVERGING);
+    let spawned = w.wait_target_active();
+    signal(spawned[0], Signal::SIGSTOP);
+    w.wait_source(&id, "committing", |s| s.status == Status::Committing);
+    let o = w.src.ferry(&["cancel", &id]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let s = w.wait_source(&id, "cancelled", |s| s.status.is_final());
+    assert_eq!(s.status, Status::Cancelled, "{s:?}");
+    assert_eq!(s.epoch, 0, "no hand-off was recorded");
+    signal(spawned[0], Signal::SIGCONT);
+    w.assert_paused_then_resumed();
+    w.assert_runs_on_source();
+    w.assert_target_clean(&spawned);
+    w.done("cancel_during_switchover");
+}
+
+/// Every packet to the target's data port is dropped mid pre-copy: the
+/// source must give up within its io timeout and resume. Once the rule is
+/// gone, the target gets the source's ABORT and throws the VM away.
+#[test]
+fn cut_link_fails_within_the_io_timeout() {
+    let Some(vmm) = probe() else { return };
+    if let Err(e) = std::net::TcpListener::bind("127.0.0.2:0") {
+        eprintln!("SKIP: cannot bind 127.0.0.2: {e}");
+        return;
+    }
+    let probe_dir = TempDir::new("faults-nft");
+    match NftTable::drop_to("127.0.0.2:9", probe_dir.path()) {
+        Ok(t) => drop(t),
+        Err(e) => {
+            eprintln!("SKIP: nftables unusable here: {e}");
+            return;
+        }
+    }
+    let mut w = World::start(
+        &vmm,
+        Setup {
+            mem_mib: 128,
+            workload: ENDLESS_WORKLOAD,
+            target_listen: Some("127.0.0.2:0".into()),
+            ..Setup::default()
+        },
+    );
+    let id = w.migrate(ENDLESS);
+    let spawned = w.wait_target_active();
+    w.wait_source(&id, "copied pages", |s| {
+        s.status == Status::Active && s.guest_bytes > 0
+    });
+    let rule = NftTable::drop_to(w.dst.listen(), w.dir.path()).expect("nft rule");
+    let cut = Instant::now();
+    let io_timeout = SourceConfig::default().io_timeout;
+    let s = w.wait_source_for(&id, "failed", io_timeout * 3, |s| s.status.is_final());
+    let took = cut.elapsed();
+    drop(rule);
+    eprintln!("link cut: source failed after {took:?}: {:?}", s.error);
+    assert_eq!(s.status, Status::Failed, "{s:?}");
+    w.assert_runs_on_source();
+    w.assert_never_paused();
+    let t = Instant::now();
+    w.assert_target_clean(&spawned);
+    eprintln!("link restored: target clean after {:?}", t.elapsed());
+    // The send deadline starts once the socket buffers are full (< 1 s here).
+    assert!(
+        took <= io_timeout + Duration::from_secs(5),
+        "the source noticed the dead link after {took:?}, io timeout {io_timeout:?}"
+    );
+    w.done("cut_link_fails_within_the_io_timeout");
+}
+
+// ------------------------------------------------------- hostile connections
+
+/// One frame with a valid CRC, built by hand.
+fn raw_frame(kind: FrameKind, stream: u16, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let crc = frame_crc(kind, stream, len, 0, payload);
+    let mut b = FrameHeader {
+        kind,
+        stream,
+        len,
+        seq: 0,
+        crc,
+    }
+    .encode()
+    .to_vec();
+    b.extend_from_slice(payload);
+    b
+}
+
+/// A frame header announcing `len` bytes (the CRC is not checked first).
+fn raw_header(kind: u8, len: u32) -> Vec<u8> {
+    let mut h = vec![0xE1, 0xF7, kind, 0, 0, 0, 0, 0];
+    h.extend_from_slice(&len.to_le_bytes());
+    h.extend_from_slice(&[0; 12]);
+    h
+}
+
+fn read_frame(s: &mut TcpStream) -> (FrameHeader, Vec<u8>) {
+    let mut hb = [0u8; HEADER_BYTES];
+    s.read_exact(&mut hb).expect("frame header");
+    let h = FrameHeader::decode(&hb).expect("valid header");
+    let mut p = vec![0u8; h.len as usize];
+    s.read_exact(&mut p).expect("frame payload");
+    assert_eq!(frame_crc(h.kind, h.stream, h.len, h.seq, &p), h.crc);
+    (h, p)
+}
+
+fn data_conn(d: &Ferryd) -> (TcpStream, String) {
+    let s = TcpStream::connect(d.listen()).expect("connect to the data port");
+    s.set_read_timeout(Some(common::DEADLINE)).expect("timeout");
+    let me = s.local_addr().expect("local address").to_string();
+    (s, me)
+}
+
+/// A hello speaking protocol `version`, correctly authenticated.
+fn hello_v(version: u16, key: &Key, nonce_a: &[u8], h: &Hello) -> Vec<u8> {
+    let nonce_c: [u8; 32] = ferry_engine::key::random_bytes();
+    let mac = key.mac(&[
+        b"ferry-hello-v1",
+        nonce_a,
+        &nonce_c,
+        &h.session,
+        &h.stream.to_le_bytes(),
+        &h.streams.to_le_bytes(),
+        h.vm.as_bytes(),
+    ]);
+    let mut p = Vec::new();
+    for v in [version, h.stream, h.streams, h.vm.len() as u16] {
+        p.extend_from_slice(&v.to_le_bytes());
+    }
+    p.extend_from_slice(&h.session);
+    p.extend_from_slice(&nonce_c);
+    p.extend_from_slice(&mac);
+    p.extend_from_slice(h.vm.as_bytes());
+    p
+}
+
+/// Garbage, truncated, oversized, unknown-kind and wrong-version frames and a
+/// second claim on the running session, all sent to the target's data port
+/// while a real migration runs (held open by a stopped target VMM): each is
+/// refused with its own WARN, and the migration still completes, verified by
+/// the VMMs' own reports.
+#[test]
+fn hostile_connections_do_not_disturb_a_migration() {
+    let Some(vmm) = probe() else { return };
+    let mut w = World::start(
+        &vmm,
+        Setup {
+            mem_mib: 128,
+            workload: CONVERGING_WORKLOAD,
+            ..Setup::default()
+        },
+    );
+    let key = Key::from_file(&w.key).expect("key");
+    let id = w.migrate(CONVERGING);
+    let spawned = w.wait_target_active();
+    // The session cannot finish while its VMM is stopped: every probe below
+    // lands while it runs, whatever the machine's speed.
+    signal(spawned[0], Signal::SIGSTOP);
+    let at = snapshot(&w.src, &id).expect("snapshot").status;
+    let dst = &w.dst;
+
+    let mut garbage = vec![0u8; 4096];
+    getrandom::fill(&mut garbage).expect("random");
+    garbage[..2].copy_from_slice(b"GE");
+    let hello = raw_frame(FrameKind::Hello, 0, &[7; 100]);
+    let raw_cases: [(&str, Vec<u8>, &str); 4] = [
+        ("garbage", garbage, "bad frame magic"),
+        (
+            "truncated",
+            hello[..HEADER_BYTES + 40].to_vec(),
+            "transport failed during handshake",
+        ),
+        ("oversized", raw_header(2, 1 << 20), "over its cap of 512"),
+        ("unknown kind", raw_header(99, 0), "unknown frame kind 99"),
+    ];
+    for (what, bytes, reason) in raw_cases {
+        let (mut s, me) = data_conn(dst);
+        let _ = s.write_all(&bytes);
+        let _ = s.shutdown(Shutdown::Write);
+        let line = dst.wait_log(&["WARN", "refused", &me, reason]);
+        eprintln!("{what}: {line}");
+    }
+
+    // Wrong version: a well-formed, authenticated hello saying version 2.
+    let (mut s, me) = data_conn(dst);
+    let (h, challenge) = read_frame(&mut s);
+    assert_eq!(h.kind, FrameKind::Challenge);
+    let hello = Hello {
+        session: ferry_engine::key::random_bytes(),
+        stream: 0,
+        streams: 2,
+        vm: VM.into(),
+    };
+    let payload = hello_v(2, &key, &challenge[4..], &hello);
+    s.write_all(&raw_frame(FrameKind::Hello, 0, &payload))
+        .expect("send hello");
+    let (h, reason) = read_frame(&mut s);
+    let reason = String::from_utf8_lossy(&reason).into_owned();
+    assert_eq!(h.kind, FrameKind::Refuse, "{reason}");
+    assert!(reason.contains("protocol version 2"), "{reason}");
+    let line = dst.wait_log(&["WARN", "refused", &me, "protocol version 2"]);
+    eprintln!("wrong version: {line}");
+
+    // A second connection claiming stream 1 of the running session, with the key.
+    let session: [u8; 16] = hex::decode(&id)
+        .expect("the migration id is the session id in hex")
+        .try_into()
+        .expect("16 bytes");
+    let claim = Hello {
+        session,
+        stream: 1,
+        streams: 2,
+        vm: VM.into(),
+    };
+    let mut conn = TcpTransport::new()
+        .connect(dst.listen(), common::DEADLINE)
+        .expect("connect");
+    conn.set_timeout(Some(common::DEADLINE)).expect("timeout");
+    match handshake::connect(&mut *conn, &key, &claim) {
+        Err(WireError::Refused(r)) => assert!(r.contains("already running"), "{r}"),
+        other => panic!("a second claim on session {id} got {other:?}"),
+    }
+    drop(conn);
+    let line = dst.wait_log(&["WARN", "refused", &id, "already running"]);
+    eprintln!("second claim: {line}");
+
+    let still = snapshot(&w.src, &id).expect("snapshot");
+    assert!(running(&still), "probes started in {at:?}, then {still:?}");
+    eprintln!(
+        "probes landed while the source was {at:?} .. {:?}",
+        still.status
+    );
+    signal(spawned[0], Signal::SIGCONT);
+    let s = w.wait_source(&id, "completed", |s| s.status.is_final());
+    assert_eq!(s.status, Status::Completed, "{s:?}\n{}", w.dst.log_text());
+    assert_eq!(s.epoch, 1);
+
+    // The VMMs' own word: the target's memory is the source's at the pause.
+    let paused = w.report("source", "paused");
+    let restored = w.report("target", "restored");
+    assert_eq!(restored["pages_bad"], 0, "{restored}");
+    assert!(restored["pages_checked"].as_u64() > Some(0), "{restored}");
+    assert_eq!(
+        restored["mem_hash"], paused["mem_hash"],
+        "{restored} vs {paused}"
+    );
+    // And the VM now runs on the target only.
+    let listed = vm_list(&w.dst);
+    let on_dst = listed.iter().find(|v| v.name == VM).expect("listed");
+    assert_eq!((on_dst.state, on_dst.epoch), (VmState::Running, 1));
+    assert_progresses(&w.dst);
+    assert_eq!(w.target_vmms(), spawned, "the target VMM runs the guest");
+    wait_for(
+        common::DEADLINE,
+        || (!w.source_vmm_alive()).then_some(()),
+        || "the source VMM did not quit".into(),
+    );
+    assert_eq!(vm(&w.src, VM).expect("record").state, VmState::MigratedAway);
+    let incoming: Vec<Snapshot> = w.dst.client().get("/api/v1/migrations").expect("list");
+    assert_eq!(incoming.len(), 1, "{incoming:?}");
+    w.done("hostile_connections_do_not_disturb_a_migration");
+}
+
+/// A source ferryd without the pair's key: refused at the handshake, before
+/// any page moves; the target never starts a VMM.
+#[test]
+fn peer_without_the_key_is_refused_before_any_page() {
+    let Some(vmm) = probe() else { return };
+    let mut w = World::start(
+        &vmm,
+        Setup {
+            mem_mib: 128,
+            workload: CONVERGING_WORKLOAD,
+            source_wrong_key: true,
+            ..Setup::default()
+        },
+    );
+    let o = w.src.ferry(&[
+        "migrate",
+        VM,
+        "--to",
+        w.dst.listen(),
+        "--streams",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", common::stderr(&o));
+    let s: Snapshot = serde_json::from_slice(&o.stdout).expect("snapshot JSON");
+    assert_eq!(s.status, Status::Failed, "{s:?}");
+    let error = s.error.clone().unwrap_or_default();
+    assert!(error.contains("authentication failed"), "{error}");
+    assert_eq!((s.guest_bytes, s.transferred_bytes), (0, 0), "{s:?}");
+    let line = w
+        .dst
+        .wait_log(&["WARN", "refused", "does not hold this ferryd's key"]);
+    eprintln!("target: {line}");
+    w.assert_runs_on_source();
+    assert!(w.target_vmms().is_empty());
+    let log = w.dst.log_text();
+    assert!(!log.contains("target VMM for"), "{log}");
+    assert!(vm_list(&w.dst).is_empty());
+    let incoming: Vec<Snapshot> = w.dst.client().get("/api/v1/migrations").expect("list");
+    assert!(incoming.is_empty(), "{incoming:?}");
+    w.assert_never_paused();
+    w.done("peer_without_the_key_is_refused_before_any_page");
+}
