@@ -137,6 +137,16 @@ impl TargetVm for LinkVm {
         self.simple("run", LinkMsg::Run)
     }
 
+    fn check(&mut self) -> Result<(), VmError> {
+        if self.link.peer_gone() {
+            return Err(VmError::Link {
+                op: "check",
+                source: LinkError::Closed,
+            });
+        }
+        Ok(())
+    }
+
     fn abort(&mut self, reason: &str) {
         let _ = self.link.send(
             &LinkMsg::Quit {

@@ -247,6 +247,10 @@ impl TargetVm for MemTargetVm {
         Ok(())
     }
 
+    fn check(&mut self) -> Result<(), VmError> {
+        Ok(())
+    }
+
     fn abort(&mut self, reason: &str) {
         self.log.lock().unwrap_or_else(|p| p.into_inner()).aborted = Some(reason.into());
     }

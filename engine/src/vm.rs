@@ -66,6 +66,10 @@ pub trait TargetVm: Send {
     fn restore(&mut self, state: &VmState) -> Result<VerifyReport, VmError>;
     /// COMMIT arrived: run the VM.
     fn run(&mut self, epoch: u64) -> Result<(), VmError>;
+    /// Cheap liveness check while pages flow: an error when the VMM is gone,
+    /// so the target aborts at once instead of receiving a whole pre-copy
+    /// for a VM that can never run.
+    fn check(&mut self) -> Result<(), VmError>;
     /// The migration failed before COMMIT: throw the VM away.
     fn abort(&mut self, reason: &str);
 }

@@ -257,6 +257,34 @@ impl TcpConn {
         }
     }
 
+    /// Waits until the socket has room, at most the send timeout: each wait
+    /// for progress is bounded, and any progress starts a new wait.
+    fn wait_writable(&self) -> Result<()> {
+        let timeout = self.stream.write_timeout().map_err(|e| self.send_err(e))?;
+        let ms = timeout.map_or(-1, |t| t.as_millis().clamp(1, i32::MAX as u128) as i32);
+        let mut pfd = libc::pollfd {
+            fd: self.stream.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        loop {
+            // SAFETY: `pfd` is one live pollfd and the count passed is 1.
+            let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if rc > 0 {
+                return Ok(()); // room, or an error the next sendmsg reports
+            }
+            if rc == 0 {
+                return Err(TransportError::Timeout {
+                    peer: self.peer.clone(),
+                });
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != ErrorKind::Interrupted {
+                return Err(self.send_err(e));
+            }
+        }
+    }
+
     fn send_err(&self, e: io::Error) -> TransportError {
         if is_timeout(&e) {
             TransportError::Timeout {
@@ -366,6 +394,10 @@ impl Conn for TcpConn {
             let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
             msg.msg_iov = iov.as_mut_ptr().cast();
             msg.msg_iovlen = count as _;
+            // MSG_DONTWAIT + poll: with a blocking sendmsg, Linux counts
+            // SO_SNDTIMEO over the whole call and returns the bytes it queued
+            // before the deadline as a short count, so the next call waits a
+            // whole timeout again (a dead peer took up to 2x the timeout).
             // SAFETY:
             // - the first `count` entries of `iov` were initialised above and
             //   `msg` points at exactly those;
@@ -377,13 +409,17 @@ impl Conn for TcpConn {
             //   guest writing its memory concurrently is a benign race on raw bytes,
             //   never a Rust reference;
             // - `fd` is open: `self.stream` owns it for the whole call.
-            let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+            let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
             if n < 0 {
                 let e = io::Error::last_os_error();
-                if e.kind() == ErrorKind::Interrupted {
-                    continue;
+                match e.kind() {
+                    ErrorKind::Interrupted => continue,
+                    ErrorKind::WouldBlock => {
+                        self.wait_writable()?;
+                        continue;
+                    }
+                    _ => return Err(self.send_err(e)),
                 }
-                return Err(self.send_err(e));
             }
             let mut sent = n as usize;
             if sent == 0 {

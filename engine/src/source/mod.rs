@@ -206,42 +206,33 @@ impl Migration<'_> {
                 source,
             },
         )?;
-        control
-            .set_timeout(Some(SLOW_STEP_TIMEOUT))
-            .map_err(|source| MigrationError::Transport {
-                phase: "setup",
-                source,
-            })?;
-        let mut reader = ControlReader {
-            conn: control
-                .try_clone()
-                .map_err(|source| MigrationError::Transport {
-                    phase: "setup",
-                    source,
-                })?,
-            seq: 0,
-        };
-        match reader.next().map_err(|source| MigrationError::Protocol {
-            phase: "waiting for the target",
+        // The reader thread owns receiving from here on; waits below poll its
+        // channel, so a cancel is seen within 50 ms whatever the target does.
+        let setup_err = |source| MigrationError::Transport {
+            phase: "setup",
             source,
-        })? {
-            Incoming::Control(ControlMsg::SpecAck) => {}
-            Incoming::Control(ControlMsg::Abort { reason }) => {
-                return Err(MigrationError::PeerAborted(reason))
-            }
-            other => return Err(unexpected("waiting for the target", other)),
-        }
-        reader
-            .conn
-            .set_timeout(None)
-            .map_err(|source| MigrationError::Transport {
-                phase: "setup",
-                source,
-            })?;
+        };
+        let mut reader_conn = control.try_clone().map_err(setup_err)?;
+        reader_conn.set_timeout(None).map_err(setup_err)?;
         self.control = Some(control);
         let acked: Arc<Vec<AtomicU64>> =
             Arc::new((0..self.streams).map(|_| AtomicU64::new(0)).collect());
-        self.events = Some(spawn_control_reader(reader, acked));
+        self.events = Some(spawn_control_reader(
+            ControlReader {
+                conn: reader_conn,
+                seq: 0,
+            },
+            acked,
+        ));
+        match self.wait_control("waiting for the target", SLOW_STEP_TIMEOUT)? {
+            ControlMsg::SpecAck => {}
+            other => {
+                return Err(unexpected(
+                    "waiting for the target",
+                    Incoming::Control(other),
+                ))
+            }
+        }
         let setup_ms = self.metrics.elapsed_ms();
         self.metrics.update(|s| {
             s.setup_time_ms = setup_ms;
@@ -451,7 +442,7 @@ impl Migration<'_> {
         }
         match self.events.as_ref().and_then(|r| r.try_recv().ok()) {
             None => Ok(()),
-            Some(Event::Failed(e)) => Err(MigrationError::PeerAborted(e)),
+            Some(Event::Failed(e)) => Err(control_broken("pre-copy", e)),
             Some(Event::Aborted(e)) => Err(MigrationError::PeerAborted(e)),
             Some(Event::Control(m)) => Err(unexpected("pre-copy", Incoming::Control(m))),
         }
@@ -484,10 +475,10 @@ impl Migration<'_> {
     }
 
     fn stage_error(&self, e: String) -> MigrationError {
-        if let Some(Event::Failed(peer) | Event::Aborted(peer)) =
-            self.events.as_ref().and_then(|r| r.try_recv().ok())
-        {
-            return MigrationError::PeerAborted(peer);
+        match self.events.as_ref().and_then(|r| r.try_recv().ok()) {
+            Some(Event::Aborted(reason)) => return MigrationError::PeerAborted(reason),
+            Some(Event::Failed(e)) => return control_broken("sending pages", e),
+            _ => {}
         }
         MigrationError::Transport {
             phase: "sending pages",
@@ -566,15 +557,7 @@ impl Migration<'_> {
             match events.recv_timeout(Duration::from_millis(50)) {
                 Ok(Event::Control(m)) => return Ok(m),
                 Ok(Event::Aborted(e)) => return Err(MigrationError::PeerAborted(e)),
-                Ok(Event::Failed(e)) => {
-                    return Err(MigrationError::Transport {
-                        phase,
-                        source: ferry_transport::TransportError::Io {
-                            op: "control stream",
-                            source: std::io::Error::other(e),
-                        },
-                    })
-                }
+                Ok(Event::Failed(e)) => return Err(control_broken(phase, e)),
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
                     return Err(MigrationError::Transport {
                         phase,
@@ -635,6 +618,16 @@ impl Migration<'_> {
             }
             self.logging = false;
         }
+    }
+}
+
+fn control_broken(phase: &'static str, e: String) -> MigrationError {
+    MigrationError::Transport {
+        phase,
+        source: ferry_transport::TransportError::Io {
+            op: "control stream",
+            source: std::io::Error::other(e),
+        },
     }
 }
 

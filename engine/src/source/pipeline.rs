@@ -220,10 +220,13 @@ impl Pipeline {
                             seq: 0,
                             pages: 0,
                         };
-                        if let Err(e) = s.run(rx, pool_tx, round_tx) {
+                        // `rx` lives until the failure is recorded, so the
+                        // encoder finding the channel closed also finds why.
+                        if let Err(e) = s.run(&rx, pool_tx, round_tx) {
                             failure.fail(format!("stream {stream}: {e}"));
                             s.conn.shutdown();
                         }
+                        drop(rx);
                     })
                     .expect("spawning a thread"),
             );
@@ -248,9 +251,10 @@ impl Pipeline {
                 std::thread::Builder::new()
                     .name(format!("ferry-encode-{w}"))
                     .spawn(move || {
-                        if let Err(e) = encode_stage(rx, outs, pool_rx, &mem, &metrics) {
+                        if let Err(e) = encode_stage(&rx, outs, pool_rx, &mem, &metrics) {
                             failure.fail(e);
                         }
+                        drop(rx);
                     })
                     .expect("spawning a thread"),
             );
@@ -362,7 +366,7 @@ impl Pipeline {
 }
 
 fn encode_stage(
-    rx: Receiver<Work>,
+    rx: &Receiver<Work>,
     outs: Vec<Option<Sender<Out>>>,
     pool: Receiver<Box<Encoded>>,
     mem: &GuestMem,
@@ -468,7 +472,7 @@ struct SendStage {
 impl SendStage {
     fn run(
         &mut self,
-        rx: Receiver<Out>,
+        rx: &Receiver<Out>,
         pool: Sender<Box<Encoded>>,
         rounds: Sender<RoundSent>,
     ) -> Result<(), String> {

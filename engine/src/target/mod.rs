@@ -441,6 +441,7 @@ impl Session<'_> {
             {
                 Ok(ev) => ev,
                 Err(RecvTimeoutError::Timeout) => {
+                    vm.check()?;
                     if !prepared && self.shared.failure.is_set() {
                         return Err(protocol(
                             "receiving pages",
