@@ -60,7 +60,13 @@ fn main() {
             }
         }
     }
-    let t = TcpTransport::default();
+    let t = match std::env::var("FERRY_SOCKBUF_KIB")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+    {
+        Some(k) => TcpTransport::with_socket_buffer_bytes(std::num::NonZeroU32::new(k << 10)),
+        None => TcpTransport::default(),
+    };
     let mut listener = t.listen("127.0.0.1:0").unwrap();
     let addr = listener.local_addr();
     let key = Key::generate().unwrap();
