@@ -458,10 +458,9 @@ impl Migration<'_> {
             let mut p = first;
             while p < first + count {
                 let n = (first + count - p).min(4096);
-                let pipeline = self.pipeline.as_ref().expect("pipeline running");
-                pipeline
-                    .send_run(&self.mem, p, n)
-                    .map_err(|e| self.stage_error(e))?;
+                let pipeline = self.pipeline.as_mut().expect("pipeline running");
+                let queued = pipeline.send_run(&self.mem, p, n);
+                queued.map_err(|e| self.stage_error(e))?;
                 p += n;
                 sent += n;
                 self.check_cancel()?;

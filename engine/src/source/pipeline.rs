@@ -48,8 +48,15 @@ const POOL_PER_STREAM: usize = OUT_DEPTH + 2;
 
 /// What the caller hands an encoder.
 enum Work {
-    Pages { stream: u16, first: u64, count: u32 },
-    RoundEnd { stream: u16, round: u32 },
+    /// Ascending pages of one stream, at most a frame's worth.
+    Pages {
+        stream: u16,
+        pages: Vec<u64>,
+    },
+    RoundEnd {
+        stream: u16,
+        round: u32,
+    },
 }
 
 /// What follows a `Pages` frame's table, in order.
@@ -161,6 +168,8 @@ pub struct Pipeline {
     pub failure: Arc<Failure>,
     conns: Vec<Box<dyn Conn>>,
     last: Vec<RoundSent>,
+    /// Pages gathered per stream for its next frame.
+    pending: Vec<Vec<u64>>,
 }
 
 /// Encoder workers: at most one per stream, and no more than the cores can
@@ -276,11 +285,14 @@ impl Pipeline {
             failure,
             conns: clones,
             last,
+            pending: (0..streams)
+                .map(|_| Vec::with_capacity(PAGES_PER_FRAME_MAX))
+                .collect(),
         })
     }
 
-    /// Queues `count` pages from `first` (all owned by one stream, inside one
-    /// region). Blocks when the stages are full. Err when a stage failed.
+    /// Queues one item for `stream`'s encoder. Blocks when the stages are
+    /// full. Err when a stage failed.
     fn push(&self, w: Work, stream: u16) -> Result<(), String> {
         let tx = &self.work[(stream as usize - 1) % self.encoders];
         tx.send(w).map_err(|_| {
@@ -292,32 +304,45 @@ impl Pipeline {
 
     /// Queues every page of `first..first + count`, split by owner stream,
     /// region boundaries and frame size.
-    pub fn send_run(&self, mem: &GuestMem, first: u64, count: u64) -> Result<(), String> {
+    pub fn send_run(&mut self, mem: &GuestMem, first: u64, count: u64) -> Result<(), String> {
         let mut p = first;
         let end = first + count;
         while p < end {
-            let chunk_end = (p / CHUNK_PAGES + 1) * CHUNK_PAGES;
-            let region_end = p + mem.pages_left_in_region(PageIndex(p));
-            let n = (end.min(chunk_end).min(region_end) - p).min(PAGES_PER_FRAME_MAX as u64);
-            assert!(n > 0, "page {p} outside guest memory");
+            // A stretch owned by one stream: to the end of the chunk or run.
+            let chunk_end = ((p / CHUNK_PAGES + 1) * CHUNK_PAGES).min(end);
             let stream = owner_stream(p, self.streams);
-            self.push(
-                Work::Pages {
-                    stream,
-                    first: p,
-                    count: n as u32,
-                },
-                stream,
-            )?;
-            p += n;
+            assert!(
+                mem.pages_left_in_region(PageIndex(p)) > 0,
+                "page {p} outside guest memory"
+            );
+            for page in p..chunk_end {
+                let pending = &mut self.pending[stream as usize - 1];
+                pending.push(page);
+                if pending.len() == PAGES_PER_FRAME_MAX {
+                    self.flush(stream)?;
+                }
+            }
+            p = chunk_end;
         }
         Ok(())
+    }
+
+    /// Queues the pages gathered for `stream` as one frame. Scattered dirty
+    /// pages of a stream share frames this way, instead of a frame each.
+    fn flush(&mut self, stream: u16) -> Result<(), String> {
+        let pending = &mut self.pending[stream as usize - 1];
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let pages = std::mem::replace(pending, Vec::with_capacity(PAGES_PER_FRAME_MAX));
+        self.push(Work::Pages { stream, pages }, stream)
     }
 
     /// Ends `round` on every stream and waits until each sent its RoundEnd.
     /// Returns per-stream results, index 0 = stream 1.
     pub fn end_round(&mut self, round: u32, timeout: Duration) -> Result<(), String> {
         for s in 1..=self.streams {
+            self.flush(s)?;
             self.push(Work::RoundEnd { stream: s, round }, s)?;
         }
         let mut got: Vec<Option<RoundSent>> = vec![None; self.streams as usize];
@@ -387,20 +412,16 @@ fn encode_stage(
                     return Ok(()); // the sender failed and reported why
                 }
             }
-            Work::Pages {
-                stream,
-                first,
-                count,
-            } => {
+            Work::Pages { stream, pages } => {
                 let Ok(mut e) = pool.recv() else {
                     return Ok(());
                 };
                 e.table.clear();
                 e.payload.clear();
                 e.parts.clear();
-                e.entries = count as u64;
+                e.entries = pages.len() as u64;
                 let (mut zero, mut lz4, mut lz4_bytes, mut raw) = (0, 0, 0, 0);
-                for page in first..first + count as u64 {
+                for &page in &pages {
                     let slice = mem
                         .page(PageIndex(page))
                         .ok_or_else(|| format!("page {page} out of range"))?;
@@ -427,7 +448,10 @@ fn encode_stage(
                         (codec, len, crc) = (Codec::Raw, PAGE_SIZE, crc32c_guest(&slice));
                         raw += 1;
                         match e.parts.last_mut() {
-                            Some(Part::Guest { first, count }) if *first + *count == page => {
+                            Some(Part::Guest { first, count })
+                                if *first + *count == page
+                                    && mem.pages_left_in_region(PageIndex(*first)) > *count =>
+                            {
                                 *count += 1
                             }
                             _ => e.parts.push(Part::Guest {
