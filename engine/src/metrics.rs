@@ -99,6 +99,9 @@ pub struct Snapshot {
     pub dirty_pages_rate: u64,
     /// Wire throughput so far, MiB/s.
     pub throughput_mib_s: f64,
+    /// Source: per data stream, the last frame the target acknowledged as
+    /// applied to guest memory (updated every round).
+    pub acked_seq: Vec<u64>,
     /// Hand-off epoch (source: recorded; target: running with).
     pub epoch: u64,
     /// Progress counter of the guest at the pause.

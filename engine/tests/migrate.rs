@@ -195,6 +195,7 @@ fn idle_guest_moves_intact_over_four_streams() {
     check_invariant(&r);
     let s = &r.snapshot;
     assert_eq!(s.iterations, 2, "bulk round then the final round");
+    assert_eq!(s.acked_seq.len(), 4, "one acknowledged seq per stream");
     assert!(
         s.pages_zero > 0 && s.pages_compressed > 0 && s.pages_raw > 0,
         "{s:?}"

@@ -129,6 +129,7 @@ pub fn migrate_out(
         paused: false,
         logging: false,
         commit_sent: false,
+        acked: Arc::default(),
     };
     let result = m.run(transport, to, key, spec, epoch, vm);
     match result {
@@ -175,6 +176,8 @@ struct Migration<'a> {
     paused: bool,
     logging: bool,
     commit_sent: bool,
+    /// Per stream: the last frame the target acknowledged as applied.
+    acked: Arc<Vec<AtomicU64>>,
 }
 
 impl Migration<'_> {
@@ -217,6 +220,7 @@ impl Migration<'_> {
         self.control = Some(control);
         let acked: Arc<Vec<AtomicU64>> =
             Arc::new((0..self.streams).map(|_| AtomicU64::new(0)).collect());
+        self.acked = acked.clone();
         self.events = Some(spawn_control_reader(
             ControlReader {
                 conn: reader_conn,
@@ -300,7 +304,13 @@ impl Migration<'_> {
             tracing::info!(round, sent, ms, remaining, est_ms, "{decision}");
             let rate_mib_s =
                 sent as f64 * PAGE_SIZE as f64 / 1048576.0 / t.elapsed().as_secs_f64().max(1e-6);
+            let acked: Vec<u64> = self
+                .acked
+                .iter()
+                .map(|a| a.load(Ordering::Relaxed))
+                .collect();
             self.metrics.update(|s| {
+                s.acked_seq = acked;
                 s.iterations = round;
                 s.remaining_pages = remaining;
                 s.dirty_pages_rate = dirty_rate;
@@ -340,7 +350,7 @@ impl Migration<'_> {
         round += 1;
         let final_pages = dirty.count();
         self.send_round(&mut dirty, round)?;
-        let totals = self.finish_pipeline(round)?;
+        let totals = self.finish_pipeline();
         self.metrics.update(|s| {
             s.iterations = round;
             s.remaining_pages = 0;
@@ -489,13 +499,12 @@ impl Migration<'_> {
     }
 
     /// Ends the last round and stops the stages; returns per-stream totals.
-    fn finish_pipeline(&mut self, round: u32) -> Result<Vec<StreamTotals>, MigrationError> {
+    /// Stops the stages after the final round; returns what each stream sent.
+    fn finish_pipeline(&mut self) -> Vec<StreamTotals> {
         let pipeline = self.pipeline.take().expect("pipeline running");
-        // send_round already ended `round`; collect what each stream sent.
-        let _ = round;
         let totals = pipeline.totals();
         pipeline.stop(false);
-        Ok(totals)
+        totals
     }
 
     fn send_control(&mut self, msg: &ControlMsg) -> Result<(), WireError> {

@@ -12,7 +12,7 @@
 //! in order. So a newer copy of a page can never overtake an older one, with
 //! no global ordering between streams.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -569,9 +569,6 @@ impl SendStage {
         Ok(())
     }
 }
-
-/// Seq counter per stream that the control reader updates from acks.
-pub type Acked = Arc<Vec<AtomicU64>>;
 
 #[cfg(test)]
 mod tests {
