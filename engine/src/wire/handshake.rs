@@ -55,6 +55,11 @@ impl Hello {
     }
 }
 
+/// Compares two MACs in time independent of where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 fn welcome_mac(key: &Key, hello: &Hello, nonce_a: &[u8], nonce_c: &[u8]) -> [u8; 32] {
     key.mac(&[
         b"ferry-welcome-v1",
@@ -111,7 +116,7 @@ pub fn connect(conn: &mut dyn Conn, key: &Key, hello: &Hello) -> Result<(), Wire
     send_frame(conn, FrameKind::Hello, hello.stream, 0, &out)?;
     let (h, p) = recv_frame(conn)?;
     expect_kind(h.kind, FrameKind::Welcome, &p)?;
-    if p.len() != 32 || welcome_mac(key, hello, nonce_a, &nonce_c)[..] != p[..] {
+    if !constant_time_eq(&welcome_mac(key, hello, nonce_a, &nonce_c), &p) {
         return Err(WireError::Refusing(
             "the peer could not prove it holds the key".into(),
         ));
@@ -186,18 +191,7 @@ fn parse_hello(p: &[u8], key: &Key, nonce_a: &[u8]) -> Result<(Hello, Vec<u8>), 
         vm: vm.to_string(),
     };
     // Check the MAC before believing any field.
-    if !key.verify(
-        &[
-            b"ferry-hello-v1",
-            nonce_a,
-            nonce_c,
-            &hello.session,
-            &hello.stream.to_le_bytes(),
-            &hello.streams.to_le_bytes(),
-            hello.vm.as_bytes(),
-        ],
-        mac,
-    ) {
+    if !constant_time_eq(&hello.mac(key, nonce_a, nonce_c), mac) {
         return Err("authentication failed: the peer does not hold this ferryd's key".into());
     }
     if streams == 0 || streams > STREAMS_MAX || stream > streams {
