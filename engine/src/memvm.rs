@@ -200,6 +200,8 @@ pub struct MemTargetVm {
     mem_crc: Box<dyn Fn() -> u32 + Send>,
     /// The shared log.
     pub log: Arc<Mutex<TargetLog>>,
+    /// How long `run` takes (a slow VMM start, for tests of the COMMIT window).
+    pub run_delay: Duration,
 }
 
 impl MemTargetVm {
@@ -210,6 +212,7 @@ impl MemTargetVm {
         MemTargetVm {
             mem_crc: Box::new(move || mem_crc(&mem2)),
             log,
+            run_delay: Duration::ZERO,
         }
     }
 }
@@ -243,6 +246,7 @@ impl TargetVm for MemTargetVm {
     }
 
     fn run(&mut self, epoch: u64) -> Result<(), VmError> {
+        std::thread::sleep(self.run_delay);
         self.log.lock().unwrap_or_else(|p| p.into_inner()).running = Some(epoch);
         Ok(())
     }

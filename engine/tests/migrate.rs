@@ -81,6 +81,21 @@ fn migrate(
     key_dst: Key,
     cancel: Cancel,
 ) -> Run {
+    migrate_slow_target(t, mib, rate, cfg, key_src, key_dst, cancel, Duration::ZERO)
+}
+
+/// [`migrate`], with a target VMM whose `run` takes `run_delay`.
+#[allow(clippy::too_many_arguments)]
+fn migrate_slow_target(
+    t: &InProcTransport,
+    mib: u64,
+    rate: u64,
+    cfg: SourceConfig,
+    key_src: Key,
+    key_dst: Key,
+    cancel: Cancel,
+    run_delay: Duration,
+) -> Run {
     let spec = spec(mib);
     let mem = Arc::new(GuestMem::create(&spec).unwrap());
     populate(&mem);
@@ -110,7 +125,9 @@ fn migrate(
                         reserve: None,
                     };
                     let out = migrate_in(session, &cfg, metrics, |_, mem| {
-                        Ok(MemTargetVm::new(mem, tlog.clone()))
+                        let mut vm = MemTargetVm::new(mem, tlog.clone());
+                        vm.run_delay = run_delay;
+                        Ok(vm)
                     })
                     .map_err(|e| e.to_string())?;
                     return Ok((out.epoch, mem_crc(&out.mem)));
@@ -403,5 +420,47 @@ fn acceptor_refuses_claims_on_a_running_session_and_bad_hellos() {
             .contains("authentication failed"),
         "{:?}",
         results[3]
+    );
+}
+
+/// COMMIT reaches the target but COMMITTED never comes back in time: the
+/// source must not resume (the target may run the VM, and here does), so it
+/// reports the outcome unknown and keeps the guest paused.
+#[test]
+fn lost_committed_keeps_the_source_paused() {
+    let t = InProcTransport::new();
+    let k = Key::generate().unwrap();
+    let mut c = cfg(2);
+    c.io_timeout = Duration::from_millis(500);
+    let r = migrate_slow_target(
+        &t,
+        8,
+        1000,
+        c,
+        k.clone(),
+        k,
+        Cancel::new(),
+        Duration::from_millis(1500),
+    );
+    assert!(
+        matches!(r.result, Err(MigrationError::CommitUnknown(_))),
+        "{:?}",
+        r.result
+    );
+    assert_eq!(r.snapshot.status, Status::Unknown);
+    assert!(
+        !r.source_vm.running(),
+        "the source resumed a VM the target may run"
+    );
+    assert_eq!(r.source_vm.resumes, 0);
+    assert_eq!(
+        r.target.as_ref().ok(),
+        Some(&8),
+        "the target ran it with the new epoch"
+    );
+    assert_eq!(
+        r.target_crc,
+        Some(mem_crc(&r.source_mem)),
+        "with the memory of the pause"
     );
 }
