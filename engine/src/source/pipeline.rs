@@ -23,7 +23,7 @@ use ferry_transport::{Conn, Seg};
 
 use crate::memory::{GuestMem, PageIndex};
 use crate::metrics::Metrics;
-use crate::wire::crc::crc32c_guest;
+use crate::wire::crc::{crc32c_guest, prefetch};
 use crate::wire::{frame_crc, FrameHeader, FrameKind, PageEntry, PAGES_PER_FRAME_MAX};
 
 /// Pages per ownership chunk: 512 x 4 KiB = 2 MiB, a huge page, so one
@@ -421,7 +421,10 @@ fn encode_stage(
                 e.parts.clear();
                 e.entries = pages.len() as u64;
                 let (mut zero, mut lz4, mut lz4_bytes, mut raw) = (0, 0, 0, 0);
-                for &page in &pages {
+                for (k, &page) in pages.iter().enumerate() {
+                    if let Some(next) = pages.get(k + 1).and_then(|&n| mem.page(PageIndex(n))) {
+                        prefetch(&next);
+                    }
                     let slice = mem
                         .page(PageIndex(page))
                         .ok_or_else(|| format!("page {page} out of range"))?;
