@@ -41,6 +41,8 @@ pub const DEPARTED_MAX: usize = 256;
 /// Deadline for a VMM to answer a stats query. A VMM's request loop answers
 /// in microseconds; 2 s only trips when it hangs.
 pub const STATS_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a query waits for a running VM's link that is out for a moment.
+const LINK_WAIT: Duration = Duration::from_secs(1);
 /// How often a watcher checks its VMM's link for a hang-up.
 const WATCH_INTERVAL_MS: u16 = 500;
 
@@ -407,20 +409,35 @@ impl VmTable {
 
     /// One VM: the live one of that name, else its migrated-away record.
     pub fn get(&self, name: &str) -> Option<VmInfo> {
+        // A running VM's link may be out for a moment (being attached right
+        // after registration, or answering another query): wait for it
+        // briefly rather than report no numbers.
+        let deadline = Instant::now() + LINK_WAIT;
         let (mut info, lent) = {
             let mut t = lock(&self.inner);
-            match t.live.get_mut(name) {
-                Some(e) => {
-                    let info = e.info();
-                    let idle = matches!(e.state, VmState::Running | VmState::Paused);
-                    let lent = if idle {
-                        e.link.take().map(|l| (l, e.desync))
-                    } else {
-                        None
-                    };
-                    (info, lent)
+            loop {
+                match t.live.get_mut(name) {
+                    Some(e) => {
+                        let info = e.info();
+                        let idle = matches!(e.state, VmState::Running | VmState::Paused);
+                        let lent = if idle {
+                            e.link.take().map(|l| (l, e.desync))
+                        } else {
+                            None
+                        };
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        if lent.is_some() || !idle || left.is_zero() {
+                            break (info, lent);
+                        }
+                    }
+                    None => return t.departed.iter().rev().find(|d| d.name == name).cloned(),
                 }
-                None => return t.departed.iter().rev().find(|d| d.name == name).cloned(),
+                let left = deadline.saturating_duration_since(Instant::now());
+                t = self
+                    .link_back
+                    .wait_timeout(t, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
             }
         };
         if let Some((mut link, mut desync)) = lent {

@@ -14,25 +14,7 @@ use ferry_daemon::api::VmInfo;
 use ferry_engine::{Snapshot, Status};
 
 fn probe() -> Option<PathBuf> {
-    let vmm = std::env::var_os("FERRY_VMM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(common::FERRYD).with_file_name("ferry-vmm"));
-    if !vmm.exists() {
-        eprintln!(
-            "SKIP: no ferry-vmm at {} (build the workspace, or set FERRY_VMM)",
-            vmm.display()
-        );
-        return None;
-    }
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        eprintln!("SKIP: /dev/kvm is not usable here: {e}");
-        return None;
-    }
-    Some(vmm)
+    common::kvm_vmm()
 }
 
 /// Kills processes on drop: the source VMM we start, and the target VMMs the

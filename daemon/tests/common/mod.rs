@@ -358,3 +358,27 @@ fn serve(link: &mut Link) {
         }
     }
 }
+
+/// The ferry-vmm to test with and a usable /dev/kvm, or `None` after printing
+/// why the test skips.
+pub fn kvm_vmm() -> Option<PathBuf> {
+    let vmm = std::env::var_os("FERRY_VMM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(FERRYD).with_file_name("ferry-vmm"));
+    if !vmm.exists() {
+        eprintln!(
+            "SKIP: no ferry-vmm at {} (build the workspace, or set FERRY_VMM)",
+            vmm.display()
+        );
+        return None;
+    }
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        eprintln!("SKIP: /dev/kvm is not usable here: {e}");
+        return None;
+    }
+    Some(vmm)
+}
