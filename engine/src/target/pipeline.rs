@@ -261,7 +261,9 @@ impl RecvStage {
                     })?);
                     self.drain()?;
                     self.shared.applied[self.stream as usize - 1].store(h.seq, Ordering::Release);
-                    self.shared.metrics.update(|s| s.iterations = s.iterations.max(round));
+                    self.shared
+                        .metrics
+                        .update(|s| s.iterations = s.iterations.max(round));
                     let ack = Ack {
                         stream: self.stream,
                         round,
