@@ -119,10 +119,13 @@ fn receive(d: &Arc<Daemon>, session: IncomingSession) {
     let peer = session.peer().to_string();
     let metrics = Arc::new(Metrics::new(&id, &name, "target", &peer));
     metrics.update(|s| s.transport = d.transport.name().into());
+    // Cancelling an incoming migration (API or shutdown) aborts it before
+    // COMMIT: the source resumes the VM.
+    let cancel = ferry_engine::Cancel::new();
     d.migrations.insert(Migration {
         id: id.clone(),
         metrics: Arc::clone(&metrics),
-        cancel: None,
+        cancel: Some(cancel.clone()),
     });
     tracing::info!("migration {id}: receiving VM {name} from {peer}");
     let reserved = d.vms.reserve_incoming(&name, &id);
@@ -132,6 +135,7 @@ fn receive(d: &Arc<Daemon>, session: IncomingSession) {
             session,
             &TargetConfig {
                 reserve: d.reserve.clone(),
+                cancel,
                 ..TargetConfig::default()
             },
             Arc::clone(&metrics),

@@ -100,11 +100,10 @@ impl MigrationTable {
                 "migration {id} sent COMMIT and its outcome is unknown; it cannot be cancelled"
             )));
         }
-        let cancel = m.cancel.as_ref().ok_or_else(|| {
-            ApiError::conflict(format!(
-                "migration {id} is incoming; cancel it on the source host"
-            ))
-        })?;
+        let cancel = m
+            .cancel
+            .as_ref()
+            .ok_or_else(|| ApiError::conflict(format!("migration {id} cannot be cancelled")))?;
         cancel.cancel();
         tracing::info!("migration {id}: cancel requested");
         Ok(())

@@ -81,7 +81,17 @@ fn migrate(
     key_dst: Key,
     cancel: Cancel,
 ) -> Run {
-    migrate_slow_target(t, mib, rate, cfg, key_src, key_dst, cancel, Duration::ZERO)
+    migrate_slow_target(
+        t,
+        mib,
+        rate,
+        cfg,
+        key_src,
+        key_dst,
+        cancel,
+        Duration::ZERO,
+        Cancel::new(),
+    )
 }
 
 /// [`migrate`], with a target VMM whose `run` takes `run_delay`.
@@ -95,6 +105,7 @@ fn migrate_slow_target(
     key_dst: Key,
     cancel: Cancel,
     run_delay: Duration,
+    target_cancel: Cancel,
 ) -> Run {
     let spec = spec(mib);
     let mem = Arc::new(GuestMem::create(&spec).unwrap());
@@ -122,7 +133,8 @@ fn migrate_slow_target(
                     let cfg = TargetConfig {
                         io_timeout: Duration::from_secs(5),
                         prefault: false,
-                        reserve: None,
+                        cancel: target_cancel,
+                        ..TargetConfig::default()
                     };
                     let out = migrate_in(session, &cfg, metrics, |_, mem| {
                         let mut vm = MemTargetVm::new(mem, tlog.clone());
@@ -441,6 +453,7 @@ fn lost_committed_keeps_the_source_paused() {
         k,
         Cancel::new(),
         Duration::from_millis(1500),
+        Cancel::new(),
     );
     assert!(
         matches!(r.result, Err(MigrationError::CommitUnknown(_))),
@@ -463,4 +476,38 @@ fn lost_committed_keeps_the_source_paused() {
         Some(mem_crc(&r.source_mem)),
         "with the memory of the pause"
     );
+}
+
+/// Cancelling on the target (before COMMIT) aborts the migration; the source
+/// resumes the VM.
+#[test]
+fn target_side_cancel_keeps_the_vm_on_the_source() {
+    let t = InProcTransport::new();
+    let k = Key::generate().unwrap();
+    let target_cancel = Cancel::new();
+    target_cancel.cancel();
+    let mut c = cfg(2);
+    c.bandwidth_mib_s = Some(20);
+    let r = migrate_slow_target(
+        &t,
+        8,
+        0,
+        c,
+        k.clone(),
+        k,
+        Cancel::new(),
+        Duration::ZERO,
+        target_cancel,
+    );
+    assert!(
+        matches!(r.result, Err(MigrationError::PeerAborted(_))),
+        "{:?}",
+        r.result
+    );
+    assert!(
+        r.target.as_ref().unwrap_err().contains("cancelled"),
+        "{:?}",
+        r.target
+    );
+    check_invariant(&r);
 }

@@ -192,6 +192,9 @@ pub struct TargetConfig {
     pub prefault: bool,
     /// Pre-faulted memory to use when it fits.
     pub reserve: Option<Arc<crate::memory::Reserve>>,
+    /// Set to abort the migration before COMMIT (the source then resumes
+    /// the VM); seen within 200 ms.
+    pub cancel: crate::Cancel,
 }
 
 impl Default for TargetConfig {
@@ -200,6 +203,7 @@ impl Default for TargetConfig {
             io_timeout: Duration::from_secs(30),
             prefault: true,
             reserve: None,
+            cancel: crate::Cancel::new(),
         }
     }
 }
@@ -433,6 +437,9 @@ impl Session<'_> {
         let mut state: Option<Vec<u8>> = None;
         let mut prepared = false;
         loop {
+            if self.cfg.cancel.is_cancelled() {
+                return Err(MigrationError::Cancelled);
+            }
             let ev = match self
                 .events
                 .as_ref()
