@@ -461,21 +461,29 @@ impl Migration<'_> {
     /// Queues every page of `dirty` and ends the round on all streams.
     /// Returns the pages sent.
     fn send_round(&mut self, dirty: &mut DirtyBitmap, round: u32) -> Result<u64, MigrationError> {
+        /// Pages queued between two looks at cancel and the control stream:
+        /// 4096 x 4 KiB = 16 MiB, so a cancel is seen quickly without a look
+        /// per run (a dirty round of scattered pages is a run per page).
+        const CHECK_PAGES: u64 = 4096;
         let mut sent = 0;
+        let mut next_check = CHECK_PAGES;
         let runs: Vec<(u64, u64)> = dirty.runs().collect();
         for (first, count) in runs {
-            // Cut long runs so cancel is seen within ~16 MiB.
             let mut p = first;
             while p < first + count {
-                let n = (first + count - p).min(4096);
+                let n = (first + count - p).min(CHECK_PAGES);
                 let pipeline = self.pipeline.as_mut().expect("pipeline running");
                 let queued = pipeline.send_run(&self.mem, p, n);
                 queued.map_err(|e| self.stage_error(e))?;
                 p += n;
                 sent += n;
-                self.check_cancel()?;
+                if sent >= next_check {
+                    next_check = sent + CHECK_PAGES;
+                    self.check_cancel()?;
+                }
             }
         }
+        self.check_cancel()?;
         let timeout = self.cfg.io_timeout.max(Duration::from_secs(30));
         let pipeline = self.pipeline.as_mut().expect("pipeline running");
         let ended = pipeline.end_round(round, timeout);

@@ -42,8 +42,9 @@ impl Hello {
         self.session.iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    fn mac(&self, key: &Key, nonce_a: &[u8], nonce_c: &[u8]) -> [u8; 32] {
-        key.mac(&[
+    /// Runs `f` over the bytes the connector's MAC covers, in order.
+    fn hello_parts<R>(&self, nonce_a: &[u8], nonce_c: &[u8], f: impl FnOnce(&[&[u8]]) -> R) -> R {
+        f(&[
             b"ferry-hello-v1",
             nonce_a,
             nonce_c,
@@ -53,21 +54,17 @@ impl Hello {
             self.vm.as_bytes(),
         ])
     }
-}
 
-/// Compares two MACs in time independent of where they differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn welcome_mac(key: &Key, hello: &Hello, nonce_a: &[u8], nonce_c: &[u8]) -> [u8; 32] {
-    key.mac(&[
-        b"ferry-welcome-v1",
-        nonce_c,
-        nonce_a,
-        &hello.session,
-        &hello.stream.to_le_bytes(),
-    ])
+    /// Runs `f` over the bytes the acceptor's MAC covers, in order.
+    fn welcome_parts<R>(&self, nonce_a: &[u8], nonce_c: &[u8], f: impl FnOnce(&[&[u8]]) -> R) -> R {
+        f(&[
+            b"ferry-welcome-v1",
+            nonce_c,
+            nonce_a,
+            &self.session,
+            &self.stream.to_le_bytes(),
+        ])
+    }
 }
 
 fn expect_kind(got: FrameKind, want: FrameKind, payload: &[u8]) -> Result<(), WireError> {
@@ -111,12 +108,12 @@ pub fn connect(conn: &mut dyn Conn, key: &Key, hello: &Hello) -> Result<(), Wire
     out.extend_from_slice(&(hello.vm.len() as u16).to_le_bytes());
     out.extend_from_slice(&hello.session);
     out.extend_from_slice(&nonce_c);
-    out.extend_from_slice(&hello.mac(key, nonce_a, &nonce_c));
+    out.extend_from_slice(&hello.hello_parts(nonce_a, &nonce_c, |parts| key.mac(parts)));
     out.extend_from_slice(hello.vm.as_bytes());
     send_frame(conn, FrameKind::Hello, hello.stream, 0, &out)?;
     let (h, p) = recv_frame(conn)?;
     expect_kind(h.kind, FrameKind::Welcome, &p)?;
-    if !constant_time_eq(&welcome_mac(key, hello, nonce_a, &nonce_c), &p) {
+    if !hello.welcome_parts(nonce_a, &nonce_c, |parts| key.verify(parts, &p)) {
         return Err(WireError::Refusing(
             "the peer could not prove it holds the key".into(),
         ));
@@ -151,7 +148,7 @@ pub fn accept(
                 FrameKind::Welcome,
                 hello.stream,
                 0,
-                &welcome_mac(key, &hello, &nonce_a, &nonce_c),
+                &hello.welcome_parts(&nonce_a, &nonce_c, |parts| key.mac(parts)),
             )?;
             Ok(hello)
         }
@@ -191,7 +188,7 @@ fn parse_hello(p: &[u8], key: &Key, nonce_a: &[u8]) -> Result<(Hello, Vec<u8>), 
         vm: vm.to_string(),
     };
     // Check the MAC before believing any field.
-    if !constant_time_eq(&hello.mac(key, nonce_a, nonce_c), mac) {
+    if !hello.hello_parts(nonce_a, nonce_c, |parts| key.verify(parts, mac)) {
         return Err("authentication failed: the peer does not hold this ferryd's key".into());
     }
     if streams == 0 || streams > STREAMS_MAX || stream > streams {
