@@ -66,6 +66,18 @@ pub struct MigrateRequest {
     /// Give up after this many seconds, 1..=86400 (default 300).
     #[serde(default)]
     pub time_max_s: Option<u64>,
+    /// Convergence policy: `baseline`, `mp`, `hot-defer`, `fragment`,
+    /// `auto-converge` or `adaptive` (default `adaptive`).
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// Downtime a policy may spend to force convergence of a guest that
+    /// dirties memory faster than the link carries it, ms (default 2000).
+    #[serde(default)]
+    pub downtime_max_ms: Option<u64>,
+    /// Size of the XOR-delta cache of last-sent pages in MiB; 0 turns
+    /// XOR-delta off (default: 1/8 of guest memory, at least 16 MiB).
+    #[serde(default)]
+    pub xor_cache_mib: Option<u64>,
 }
 
 /// The id of a created (or cancelled) migration.

@@ -245,6 +245,7 @@ fn migrate(client: &Client, a: &MigrateArgs) -> Result<u8, Fail> {
         bandwidth_mib_s: a.bandwidth_mib_s,
         rounds_max: a.rounds_max,
         time_max_s: a.time_max_s,
+        ..MigrateRequest::default()
     };
     let created: Created = client.call("POST", "/api/v1/migrations", Some(&req))?;
     if a.detach {
