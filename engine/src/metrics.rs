@@ -110,6 +110,41 @@ pub struct Snapshot {
     pub verify: Option<crate::link::VerifyReport>,
     /// One line per round: what the policy saw and decided.
     pub rounds: Vec<RoundLog>,
+    /// Downtime the policy may spend to force convergence.
+    #[serde(default)]
+    pub downtime_max_ms: u64,
+    /// vCPU throttle the policy asked of the VMM, percent (0 = none).
+    #[serde(default)]
+    pub throttle_pct: u8,
+    /// Pages sent again after the bulk round, and their payload bytes on
+    /// the wire (what XOR-delta shrinks).
+    #[serde(default)]
+    pub resent_pages: u64,
+    /// Payload bytes of the re-sent pages.
+    #[serde(default)]
+    pub resent_bytes: u64,
+    /// The XOR-delta cache (source side).
+    #[serde(default)]
+    pub xor: XorStats,
+}
+
+/// XOR-delta counters, like QEMU's xbzrle section of query-migrate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XorStats {
+    /// Cache size in bytes (0 = XOR-delta off).
+    pub cache_bytes: u64,
+    /// Pages sent as deltas.
+    pub pages: u64,
+    /// Their payload bytes.
+    pub bytes: u64,
+    /// Re-sent pages found in the cache.
+    pub cache_hits: u64,
+    /// Re-sent pages not in the cache (sent lz4 or raw, then cached).
+    pub cache_misses: u64,
+    /// Hits whose delta did not pay (sent lz4 or raw).
+    pub overflows: u64,
+    /// Pages evicted from the cache.
+    pub evictions: u64,
 }
 
 /// What one pre-copy round did and why the policy went on or stopped.
@@ -127,6 +162,16 @@ pub struct RoundLog {
     pub rate_mib_s: f64,
     /// The policy's decision.
     pub decision: String,
+    /// Dirty rate measured over the round, pages/s.
+    #[serde(default)]
+    pub dirty_rate: u64,
+    /// Dirty pages held back for a later round (hot pages, converged
+    /// fragments).
+    #[serde(default)]
+    pub deferred: u64,
+    /// vCPU throttle during the round, percent.
+    #[serde(default)]
+    pub throttle_pct: u8,
 }
 
 /// Live metrics of one migration.

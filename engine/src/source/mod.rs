@@ -322,6 +322,8 @@ impl Migration<'_> {
                     dirty_after: remaining,
                     rate_mib_s,
                     decision: decision.clone(),
+                    dirty_rate,
+                    ..RoundLog::default()
                 });
             });
             if fits {
@@ -362,6 +364,7 @@ impl Migration<'_> {
                 dirty_after: 0,
                 rate_mib_s: 0.0,
                 decision: "final round (guest paused)".into(),
+                ..RoundLog::default()
             });
         });
         self.send_state_and_prepare(&state, totals)?;
