@@ -9,6 +9,7 @@
 //!  Register{Source,spec}+fd ─▶
 //!                         ◀─ Registered{vm_id}
 //!                         ◀─ StartDirtyLog / SyncDirtyLog ...   (pre-copy rounds)
+//!                         ◀─ Throttle{percent}  (optional: auto-converge slows the vCPUs)
 //!                         ◀─ Pause  ─▶ Paused (state blob)
 //!                                                      spawns ─▶ Register{Target{token}}
 //!                                                             ◀─ Registered{vm_id, spec} + memfd
@@ -26,6 +27,10 @@
 //! |  u32   |   u32    |   u32   | json_len bytes   | bin_len bytes   |
 //! +--------+----------+---------+------------------+-----------------+
 //! ```
+//!
+//! Throttling (`Throttle`) is the VMM's state, not the guest's: it is not in
+//! the state blob, so a target VM starts at full speed, and a source VMM
+//! drops it to 0 on `Resume` (the migration failed; the VM stays here).
 //!
 //! File descriptors ride as `SCM_RIGHTS` on the first bytes of a message. The
 //! binary payload carries dirty bitmaps (u64 words, little-endian,
@@ -48,6 +53,9 @@ pub const LINK_JSON_BYTES_MAX: u32 = 1 << 20;
 pub const LINK_BIN_BYTES_MAX: u32 = 32 << 20;
 /// Cap on descriptors passed with one message (the memfd, maybe a uffd later).
 pub const LINK_FDS_MAX: usize = 4;
+/// Largest `Throttle` percentage: a vCPU throttled at 99% still runs 1% of
+/// the time, so the guest always makes progress.
+pub const THROTTLE_PCT_MAX: u8 = 99;
 
 /// Errors of the link.
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +159,10 @@ pub struct VmStats {
     pub running: bool,
     /// Workload phase as the guest reports it (VMM-specific).
     pub phase: String,
+    /// vCPU throttle in effect, percent (0: full speed; absent from VMMs
+    /// that predate `Throttle`).
+    #[serde(default)]
+    pub throttle_pct: u8,
 }
 
 /// Every message of the link protocol.
@@ -186,7 +198,8 @@ pub enum LinkMsg {
         /// The guest's progress counter at the pause.
         progress: u64,
     },
-    /// ferryd -> VMM: run the vCPUs again (a failed or cancelled migration).
+    /// ferryd -> VMM: run the vCPUs again (a failed or cancelled migration),
+    /// at full speed: any `Throttle` ends here.
     Resume,
     /// ferryd -> VMM: the VM now belongs to another host; stop for good.
     Quit {
@@ -205,6 +218,14 @@ pub enum LinkMsg {
     Run,
     /// ferryd -> VMM: report live numbers. Reply: `Stats`.
     GetStats,
+    /// ferryd -> source VMM: let each vCPU run only `100 - percent`% of wall
+    /// time (auto-converge, like QEMU's cpu-throttle); 0 runs at full speed.
+    /// Reply: `Ok`, or `Error` when `percent` exceeds [`THROTTLE_PCT_MAX`].
+    /// `Resume` resets it to 0.
+    Throttle {
+        /// Share of wall time the vCPUs sleep, 0..=[`THROTTLE_PCT_MAX`].
+        percent: u8,
+    },
     /// VMM -> ferryd: live numbers.
     Stats(VmStats),
     /// Either way: done, nothing to report.
@@ -234,6 +255,7 @@ impl LinkMsg {
             LinkMsg::Restored { .. } => "restored",
             LinkMsg::Run => "run",
             LinkMsg::GetStats => "get_stats",
+            LinkMsg::Throttle { .. } => "throttle",
             LinkMsg::Stats(_) => "stats",
             LinkMsg::Ok => "ok",
             LinkMsg::Error { .. } => "error",
@@ -495,6 +517,40 @@ mod tests {
         assert_eq!(r.msg, msg);
         assert_eq!(r.bin, b"bits");
         assert_eq!(r.fds.len(), 1);
+    }
+
+    #[test]
+    fn throttle_and_stats_round_trip() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (mut a, mut b) = (Link::new(a), Link::new(b));
+        let stats = LinkMsg::Stats(VmStats {
+            progress: 7,
+            running: true,
+            phase: "dirty".into(),
+            throttle_pct: 40,
+        });
+        for msg in [
+            LinkMsg::Throttle { percent: 0 },
+            LinkMsg::Throttle {
+                percent: THROTTLE_PCT_MAX,
+            },
+            stats,
+        ] {
+            a.send(&msg, &[], &[]).unwrap();
+            assert_eq!(b.recv().unwrap().msg, msg);
+        }
+        assert_eq!(LinkMsg::Throttle { percent: 1 }.kind(), "throttle");
+        let json = serde_json::to_value(LinkMsg::Throttle { percent: 75 }).unwrap();
+        assert_eq!(json, serde_json::json!({"type": "throttle", "percent": 75}));
+        // Stats from a VMM that predates throttling still parse.
+        let old = r#"{"type":"stats","progress":3,"running":false,"phase":"idle"}"#;
+        let LinkMsg::Stats(s) = serde_json::from_str(old).unwrap() else {
+            panic!("not stats")
+        };
+        assert_eq!(s.throttle_pct, 0);
+        // A percentage that is not a u8 is malformed, not truncated.
+        assert!(serde_json::from_str::<LinkMsg>(r#"{"type":"throttle","percent":300}"#).is_err());
+        assert!(serde_json::from_str::<LinkMsg>(r#"{"type":"throttle"}"#).is_err());
     }
 
     #[test]

@@ -119,6 +119,12 @@ impl SourceVm for LinkVm {
             },
         )
     }
+
+    /// Sends `Throttle`; the VMM refuses a percentage over
+    /// [`THROTTLE_PCT_MAX`](crate::link::THROTTLE_PCT_MAX).
+    fn set_throttle(&mut self, percent: u8) -> Result<(), VmError> {
+        self.simple("throttle", LinkMsg::Throttle { percent })
+    }
 }
 
 impl TargetVm for LinkVm {
@@ -157,5 +163,57 @@ impl TargetVm for LinkVm {
         );
         let _ = self.link.recv();
         self.link.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+    use crate::link::THROTTLE_PCT_MAX;
+
+    /// A VMM that answers `Throttle` as ferry-vmm does and records it.
+    fn fake_vmm(link: Link) -> std::thread::JoinHandle<Vec<u8>> {
+        let mut link = link;
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while let Ok(r) = link.recv() {
+                let reply = match r.msg {
+                    LinkMsg::Throttle { percent } if percent <= THROTTLE_PCT_MAX => {
+                        seen.push(percent);
+                        LinkMsg::Ok
+                    }
+                    LinkMsg::Throttle { percent } => LinkMsg::Error {
+                        message: format!("throttle of {percent}% is out of range"),
+                    },
+                    _ => LinkMsg::Error {
+                        message: "unexpected".into(),
+                    },
+                };
+                if link.send(&reply, &[], &[]).is_err() {
+                    break;
+                }
+            }
+            seen
+        })
+    }
+
+    #[test]
+    fn set_throttle_sends_the_request() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let vmm = fake_vmm(Link::new(b));
+        let mut vm = LinkVm::new(Link::new(a));
+        vm.set_throttle(30).unwrap();
+        vm.set_throttle(0).unwrap();
+        match vm.set_throttle(100) {
+            Err(VmError::Request { op, message }) => {
+                assert_eq!(op, "throttle");
+                assert!(message.contains("100%"), "{message}");
+            }
+            other => panic!("out-of-range throttle: {other:?}"),
+        }
+        drop(vm);
+        assert_eq!(vmm.join().unwrap(), [30, 0]);
     }
 }

@@ -3,8 +3,11 @@
 //! and a target that records what it was asked to do. They let the protocol
 //! and the pipelines be tested in one process, with any transport, without
 //! KVM. Each written page holds its (page, version) stamp in every u64 word.
+//!
+//! [`MemSourceVm`] honours `set_throttle` as ferry-vmm does: at p% its guest
+//! runs (100 - p)% of the time, so it writes (100 - p)% of its rate.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -12,7 +15,7 @@ use std::time::{Duration, Instant};
 use vm_memory::Bytes;
 
 use crate::bitmap::DirtyBitmap;
-use crate::link::VerifyReport;
+use crate::link::{VerifyReport, THROTTLE_PCT_MAX};
 use crate::vm::{SourceVm, TargetVm, VmError, VmState};
 use crate::{GuestMem, PageIndex, PAGE_SIZE};
 
@@ -38,6 +41,7 @@ struct Shared {
     log: Mutex<Option<DirtyBitmap>>,
     stop: AtomicBool,
     progress: AtomicU64,
+    throttle_pct: AtomicU8,
 }
 
 /// A source VM whose guest is a thread writing stamped pages.
@@ -50,6 +54,8 @@ pub struct MemSourceVm {
     pub handed_off: Option<u64>,
     /// How many times `resume` was called.
     pub resumes: u32,
+    /// Every percentage `set_throttle` accepted, in order.
+    pub throttles: Vec<u8>,
 }
 
 impl MemSourceVm {
@@ -61,6 +67,7 @@ impl MemSourceVm {
             log: Mutex::new(None),
             stop: AtomicBool::new(false),
             progress: AtomicU64::new(0),
+            throttle_pct: AtomicU8::new(0),
         });
         let mut vm = MemSourceVm {
             shared,
@@ -69,6 +76,7 @@ impl MemSourceVm {
             writer: None,
             handed_off: None,
             resumes: 0,
+            throttles: Vec::new(),
         };
         vm.start_guest();
         vm
@@ -84,6 +92,11 @@ impl MemSourceVm {
         self.shared.progress.load(Ordering::SeqCst)
     }
 
+    /// The throttle in effect, percent (0: full speed).
+    pub fn throttle_pct(&self) -> u8 {
+        self.shared.throttle_pct.load(Ordering::SeqCst)
+    }
+
     fn start_guest(&mut self) {
         if self.rate_pages_s == 0 {
             self.writer = Some(std::thread::spawn(|| 0));
@@ -92,7 +105,8 @@ impl MemSourceVm {
         self.shared.stop.store(false, Ordering::SeqCst);
         let (shared, rate, mut x) = (self.shared.clone(), self.rate_pages_s, self.seed | 1);
         self.writer = Some(std::thread::spawn(move || {
-            let start = Instant::now();
+            let batch_time = Duration::from_secs_f64(BATCH_PAGES as f64 / rate as f64);
+            let mut deadline = Instant::now();
             let pages = shared.mem.pages();
             let mut written = 0u64;
             while !shared.stop.load(Ordering::SeqCst) {
@@ -113,8 +127,12 @@ impl MemSourceVm {
                     }
                 }
                 written += BATCH_PAGES;
-                let due = Duration::from_secs_f64(written as f64 / rate as f64);
-                if let Some(wait) = due.checked_sub(start.elapsed()) {
+                // Throttled at p%, the guest runs (100 - p)% of the time: a
+                // batch takes 100 / (100 - p) times as long.
+                let p = u32::from(shared.throttle_pct.load(Ordering::SeqCst));
+                debug_assert!(p <= u32::from(THROTTLE_PCT_MAX));
+                deadline += batch_time * 100 / (100 - p);
+                if let Some(wait) = deadline.checked_duration_since(Instant::now()) {
                     std::thread::sleep(wait);
                 }
             }
@@ -171,6 +189,8 @@ impl SourceVm for MemSourceVm {
 
     fn resume(&mut self) -> Result<(), VmError> {
         self.resumes += 1;
+        // As ferry-vmm: a VM that stays here runs at full speed again.
+        self.shared.throttle_pct.store(0, Ordering::SeqCst);
         if self.writer.is_none() {
             self.start_guest();
         }
@@ -180,6 +200,18 @@ impl SourceVm for MemSourceVm {
     fn hand_off(&mut self, epoch: u64) -> Result<(), VmError> {
         self.stop_guest();
         self.handed_off = Some(epoch);
+        Ok(())
+    }
+
+    fn set_throttle(&mut self, percent: u8) -> Result<(), VmError> {
+        if percent > THROTTLE_PCT_MAX {
+            return Err(VmError::Request {
+                op: "throttle",
+                message: format!("throttle of {percent}% is over {THROTTLE_PCT_MAX}%"),
+            });
+        }
+        self.shared.throttle_pct.store(percent, Ordering::SeqCst);
+        self.throttles.push(percent);
         Ok(())
     }
 }
@@ -257,5 +289,55 @@ impl TargetVm for MemTargetVm {
 
     fn abort(&mut self, reason: &str) {
         self.log.lock().unwrap_or_else(|p| p.into_inner()).aborted = Some(reason.into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::link::{RegionSpec, VmSpec};
+
+    fn mem(mib: u64) -> Arc<GuestMem> {
+        let spec = VmSpec {
+            name: "t".into(),
+            regions: vec![RegionSpec {
+                gpa: 0,
+                size: mib << 20,
+                memfd_offset: 0,
+            }],
+            vcpus: 1,
+            vmm_config: serde_json::Value::Null,
+        };
+        Arc::new(GuestMem::create(&spec).expect("memfd"))
+    }
+
+    /// Pages the guest writes in `window`.
+    fn rate(vm: &MemSourceVm, window: Duration) -> u64 {
+        let p0 = vm.progress();
+        std::thread::sleep(window);
+        vm.progress() - p0
+    }
+
+    #[test]
+    fn throttle_slows_the_guest_and_resume_ends_it() {
+        let mut vm = MemSourceVm::new(mem(4), 20_000, 1);
+        let window = Duration::from_millis(500);
+        std::thread::sleep(Duration::from_millis(50));
+        let full = rate(&vm, window);
+        vm.set_throttle(75).unwrap();
+        assert_eq!(vm.throttle_pct(), 75);
+        std::thread::sleep(Duration::from_millis(20));
+        let slow = rate(&vm, window);
+        // 10000 pages at full speed, 2500 at 75%: generous margins.
+        assert!(full > 5_000, "full speed wrote {full} pages");
+        assert!(slow * 10 < full * 5, "75% throttle: {slow} vs {full} pages");
+        assert!(vm.set_throttle(100).is_err());
+        assert_eq!(vm.throttle_pct(), 75, "a refused value changes nothing");
+        vm.pause().unwrap();
+        vm.resume().unwrap();
+        assert_eq!(vm.throttle_pct(), 0, "resume runs at full speed");
+        assert_eq!(vm.throttles, [75]);
+        vm.set_throttle(0).unwrap();
+        assert_eq!(vm.throttles, [75, 0]);
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! A VMM that links the library implements these directly; ferryd implements
 //! them over the link protocol ([`crate::link`]) for VMMs in other processes
-//! ([`crate::linkvm`]). Required methods have no default bodies.
+//! ([`crate::linkvm`]). Required methods have no default bodies; optional
+//! capabilities (throttling) default to [`VmError::Unsupported`].
 
 use crate::link::VerifyReport;
 
@@ -25,6 +26,12 @@ pub enum VmError {
         /// The cause.
         #[source]
         source: crate::link::LinkError,
+    },
+    /// The VM does not implement an optional capability.
+    #[error("the VM does not support {op}")]
+    Unsupported {
+        /// The request.
+        op: &'static str,
     },
 }
 
@@ -58,6 +65,18 @@ pub trait SourceVm: Send {
     fn resume(&mut self) -> Result<(), VmError>;
     /// The hand-off is committed: the VM now runs elsewhere; stop for good.
     fn hand_off(&mut self, epoch: u64) -> Result<(), VmError>;
+    /// Lets the vCPUs run only `100 - percent`% of wall time, so that a guest
+    /// that dirties memory faster than it can be sent slows down
+    /// (auto-converge); 0 is full speed, at most
+    /// [`THROTTLE_PCT_MAX`](crate::link::THROTTLE_PCT_MAX). `resume` ends any
+    /// throttle: a VM that stays after a failed migration runs at full speed.
+    ///
+    /// Optional: the default refuses with [`VmError::Unsupported`], so a
+    /// policy must cope with VMs that cannot be throttled.
+    fn set_throttle(&mut self, percent: u8) -> Result<(), VmError> {
+        let _ = percent;
+        Err(VmError::Unsupported { op: "set_throttle" })
+    }
 }
 
 /// The target side: a VM being received.
@@ -72,4 +91,40 @@ pub trait TargetVm: Send {
     fn check(&mut self) -> Result<(), VmError>;
     /// The migration failed before COMMIT: throw the VM away.
     fn abort(&mut self, reason: &str);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A VM that implements only the required methods.
+    struct Minimal;
+
+    impl SourceVm for Minimal {
+        fn start_dirty_log(&mut self) -> Result<(), VmError> {
+            Ok(())
+        }
+        fn sync_dirty_log(&mut self, _: &mut [u64]) -> Result<(), VmError> {
+            Ok(())
+        }
+        fn stop_dirty_log(&mut self) -> Result<(), VmError> {
+            Ok(())
+        }
+        fn pause(&mut self) -> Result<VmState, VmError> {
+            Ok(VmState::default())
+        }
+        fn resume(&mut self) -> Result<(), VmError> {
+            Ok(())
+        }
+        fn hand_off(&mut self, _: u64) -> Result<(), VmError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn throttling_is_optional() {
+        let e = Minimal.set_throttle(50).unwrap_err();
+        assert!(matches!(e, VmError::Unsupported { op: "set_throttle" }));
+        assert_eq!(e.to_string(), "the VM does not support set_throttle");
+    }
 }

@@ -93,6 +93,8 @@ idle:
         jmp     .Lidle_loop
 
 # ---- dirty: batches of random page rewrites, paced by the VMM -------------
+# Each rewrite changes the header and one 256-byte slot of the page (see
+# write_page); the VMM paces whole batches of CB_BATCH_PAGES rewrites.
 dirty:
         mov     qword ptr [rbx + CB_PHASE], PHASE_DIRTY
 .Ldirty_batch:
@@ -172,7 +174,13 @@ class_of:
         mov     eax, KIND_RANDOM
 1:      ret
 
-# Stamp data page rdi with kind esi at its next version.
+# Stamp data page rdi with kind esi at its next version v (see src/oracle.rs
+# for the layout). v == 1, a page's first write: the header and the whole
+# body from the seed of v. v >= 2, a rewrite: the header and only body slot
+# v % BODY_SLOTS, which gets the window of v's stream that a full write of v
+# would put there (a zero-kind rewrite changes the header only). A rewrite
+# thus changes ~16 bytes of header and one 256-byte slot, like a real guest
+# touching a few cache lines of a page.
 # Clobbers rax, rcx, rdx, rsi, rdi, r8-r11.
 write_page:
         mov     r8, [rbx + CB_TABLE_GPA]
@@ -190,7 +198,7 @@ write_page:
         imul    rax, r12
         xor     rax, rcx
         call    mix
-        mov     r11, rax                        # seed
+        mov     r11, rax                        # seed = stream state before word 0
         movabs  rax, PAGE_MAGIC
         mov     [r10], rax
         mov     [r10 + 8], rdi
@@ -203,21 +211,48 @@ write_page:
         mov     [r10 + 56], rax
         inc     qword ptr [rbx + CB_PAGES_WRITTEN]
         lea     rdi, [r10 + HEADER_BYTES]
+        cmp     r9d, 1
+        jne     .Lwp_rewrite
         cmp     esi, KIND_RANDOM
-        je      .Lwp_random
+        je      .Lwp_full_random
         cmp     esi, KIND_TEXT
-        je      .Lwp_text
+        je      .Lwp_full_text
         mov     ecx, BODY_WORDS                 # KIND_ZERO
         xor     eax, eax
         rep     stosq
         ret
-.Lwp_random:
-        # word i = mix(seed + (i + 1) * GOLDEN)
-        mov     rcx, r11
+.Lwp_full_random:
         mov     r8d, BODY_WORDS
-.Lwp_random_word:
-        add     rcx, r12
-        mov     rax, rcx
+        jmp     .Lwp_random
+.Lwp_full_text:
+        mov     r8d, BODY_LINES
+        jmp     .Lwp_text
+.Lwp_rewrite:
+        cmp     esi, KIND_ZERO
+        je      .Lwp_done
+        mov     eax, r9d
+        xor     edx, edx
+        mov     ecx, BODY_SLOTS
+        div     ecx                             # edx = slot
+        imul    eax, edx, SLOT_BYTES
+        add     rdi, rax                        # slot address
+        cmp     esi, KIND_TEXT
+        je      .Lwp_slot_text
+        imul    rdx, rdx, SLOT_WORDS            # first word of the slot
+        imul    rdx, r12
+        add     r11, rdx                        # state before that word
+        mov     r8d, SLOT_WORDS
+        jmp     .Lwp_random
+.Lwp_slot_text:
+        imul    rdx, rdx, SLOT_LINES            # first line of the slot
+        imul    rdx, r12
+        add     r11, rdx                        # state before that line
+        mov     r8d, SLOT_LINES
+        jmp     .Lwp_text
+.Lwp_random:
+        # r8d words from rdi on; word i = mix(state + (i + 1) * GOLDEN)
+        add     r11, r12
+        mov     rax, r11
         mov     rdx, rax
         shr     rdx, 30
         xor     rax, rdx
@@ -232,16 +267,15 @@ write_page:
         mov     [rdi], rax
         add     rdi, 8
         dec     r8d
-        jnz     .Lwp_random_word
+        jnz     .Lwp_random
+.Lwp_done:
         ret
 .Lwp_text:
-        # line j = text_table[mix(seed + (j + 1) * GOLDEN) & 7]
-        mov     r9, r11
-        mov     r8d, BODY_LINES
+        # r8d lines from rdi on; line j = text_table[mix(state + (j + 1) * GOLDEN) & 7]
         lea     r10, [rip + text_table]
 .Lwp_text_line:
-        add     r9, r12
-        mov     rax, r9
+        add     r11, r12
+        mov     rax, r11
         call    mix
         and     eax, 7
         shl     eax, 6

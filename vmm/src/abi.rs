@@ -51,7 +51,7 @@ pub const CB_PHASE: u64 = 0x48;
 pub const CB_CURSOR: u64 = 0x50;
 /// Control block: state of the guest's page-choosing PRNG.
 pub const CB_PRNG: u64 = 0x58;
-/// Control block: pages written since boot.
+/// Control block: page writes since boot (a full write or a rewrite: 1 each).
 pub const CB_PAGES_WRITTEN: u64 = 0x60;
 
 /// Magic of the control block: "FERRYCB1" little-endian.
@@ -63,7 +63,8 @@ pub const WORKLOAD_IDLE: u64 = 1;
 pub const WORKLOAD_FILL: u64 = 2;
 /// Workload: stamp pages by class (zero / text / random), then idle.
 pub const WORKLOAD_MIXED: u64 = 3;
-/// Workload: mixed, then keep rewriting random pages at a paced rate.
+/// Workload: mixed, then keep rewriting random pages (header + one slot
+/// each) at a paced rate of pages.
 pub const WORKLOAD_DIRTY: u64 = 4;
 
 /// Phase: the guest has not reached its first loop yet.
@@ -92,6 +93,16 @@ pub const HEADER_BYTES: u64 = 64;
 pub const BODY_WORDS: u64 = 504;
 /// 64-byte text lines of the body: (4096 - 64) / 64.
 pub const BODY_LINES: u64 = 63;
+/// Bytes of one body slot, the unit a dirty-phase rewrite changes.
+pub const SLOT_BYTES: u64 = 256;
+/// u64 words of a slot: 256 / 8.
+pub const SLOT_WORDS: u64 = 32;
+/// 64-byte text lines of a slot: 256 / 64.
+pub const SLOT_LINES: u64 = 4;
+/// Slots in the body: 15 x 256 = 3840 of its 4032 bytes; the last 192 bytes
+/// (the tail) are written only by a page's first, full write. A rewrite at
+/// version v changes slot v % 15.
+pub const BODY_SLOTS: u64 = 15;
 
 /// splitmix64 increment (the golden ratio).
 pub const GOLDEN: u64 = 0x9E3779B97F4A7C15;

@@ -48,10 +48,14 @@ pub enum Workload {
     Fill,
     /// Stamps pages by class (40% zero, 30% text, 30% random); then idles.
     Mixed,
-    /// Mixed, then rewrites random pages at `mib_per_s`; `hot_pct`% of the
-    /// writes go to the first 10% of data pages (0: uniform).
+    /// Mixed, then rewrites random pages: `mib_per_s` MiB/s means
+    /// `mib_per_s * 256` page rewrites per second (pages x 4 KiB), the rate
+    /// of pages the dirty log reports. A rewrite changes only the page's
+    /// header and one 256-byte slot of it (see [`crate::oracle`]), so the
+    /// bytes that change are ~8% of that. `hot_pct`% of the rewrites go to the
+    /// first 10% of data pages (0: uniform).
     Dirty {
-        /// Write rate in MiB/s.
+        /// Rewrite rate in MiB/s of whole pages (4 KiB per rewritten page).
         mib_per_s: u32,
         /// Percentage of writes into the hot set (0: uniform).
         hot_pct: u8,
@@ -69,7 +73,8 @@ impl Workload {
         }
     }
 
-    /// Bytes per second the dirty phase writes (None: no pacing).
+    /// Bytes per second of rewritten pages in the dirty phase, 4 KiB per
+    /// page (None: no pacing).
     pub fn dirty_bytes_per_s(&self) -> Option<u64> {
         match self {
             Workload::Dirty { mib_per_s, .. } => Some(u64::from(*mib_per_s) << 20),

@@ -11,10 +11,12 @@
 //! SyncDirtyLog     DirtyLog + bitmap        u64 LE words, bit per 4 KiB page
 //! StopDirtyLog     Ok
 //! Pause            Paused{progress} + blob  parks at the guest's next exit
-//! Resume           Ok                       hashes paused memory (--report) first
+//! Resume           Ok                       hashes paused memory (--report) first;
+//!                                           ends any throttle (full speed again)
 //! Restore + blob   Restored{verify}         target, before Run
 //! Run              Ok                       target: the VM runs from here on
-//! GetStats         Stats{progress,running,phase}
+//! GetStats         Stats{progress,running,phase,throttle_pct}
+//! Throttle{p}      Ok (Error if p > 99)     vCPU runs (100-p)% of wall time; 0 = full
 //! Quit             Ok, then exit 0          hashes paused memory (--report) first
 //! anything else    Error{message}
 //! ```
@@ -22,8 +24,10 @@
 //! When the link reaches EOF (ferryd died) the VMM does not guess: a running
 //! guest keeps running, and a paused guest stays paused, because ferryd may
 //! already have handed it to another host and resuming could run it twice.
-//! The operator decides (kill the VMM to discard it). A target that has not
-//! run yet exits with an error: the source still owns the VM.
+//! The operator decides (kill the VMM to discard it). A running guest that
+//! was throttled runs at full speed again: nobody is left to lift it. A
+//! target that has not run yet exits with an error: the source still owns
+//! the VM.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -283,6 +287,16 @@ impl LinkServer {
                 (LinkMsg::Ok, vec![])
             }
             LinkMsg::GetStats => (LinkMsg::Stats(m.stats()?), vec![]),
+            LinkMsg::Throttle { percent } => {
+                m.set_throttle(percent)?;
+                let progress = m.counters()?.progress;
+                tracing::info!("throttled to {percent}% at progress {progress}");
+                self.event(
+                    "throttled",
+                    json!({"percent": percent, "progress": progress}),
+                );
+                (LinkMsg::Ok, vec![])
+            }
             other => {
                 return Err(LinkServerError::Protocol(format!(
                     "unexpected request {}",
@@ -359,6 +373,13 @@ impl LinkServer {
 
     fn link_closed(&mut self) -> Outcome {
         let state = self.machine.lifecycle();
+        let throttle_pct = self.machine.throttle_pct();
+        if throttle_pct > 0 {
+            match self.machine.set_throttle(0) {
+                Ok(()) => tracing::warn!("ferryd link closed; throttle of {throttle_pct}% lifted"),
+                Err(e) => tracing::warn!("ferryd link closed; cannot lift the throttle: {e}"),
+            }
+        }
         match state {
             Lifecycle::Running => tracing::warn!("ferryd link closed; the guest keeps running"),
             Lifecycle::Paused => tracing::warn!(

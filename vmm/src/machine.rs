@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_engine::link::VmStats;
+use ferry_engine::link::{VmStats, THROTTLE_PCT_MAX};
 use kvm_bindings::kvm_fpu;
 
 use crate::config::{ConfigError, VmmConfig, Workload};
@@ -57,6 +57,12 @@ pub enum MachineError {
     /// Starting the vCPU thread failed.
     #[error("cannot start the vCPU thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// A throttle percentage over the cap.
+    #[error("cannot throttle the vCPU by {percent}%: the range is 0..={THROTTLE_PCT_MAX}")]
+    Throttle {
+        /// The requested percentage.
+        percent: u8,
+    },
 }
 
 /// Where a VM is in its life.
@@ -223,11 +229,32 @@ impl Machine {
     }
 
     /// Resumes a paused guest (a failed migration); no-op when running.
+    /// Either way the guest runs at full speed again: the throttle that
+    /// helped the migration converge ends with it.
     pub fn resume(&mut self) -> Result<(), MachineError> {
         match self.lifecycle {
-            Lifecycle::Paused | Lifecycle::Running => self.run(),
+            Lifecycle::Paused | Lifecycle::Running => {
+                self.vcpu.set_throttle(0);
+                self.run()
+            }
             _ => Err(self.lifecycle_err("resume")),
         }
+    }
+
+    /// Lets the vCPU run only `100 - percent`% of wall time (0: full
+    /// speed); see [`crate::vcpu`]. Not part of the state blob: a restored
+    /// VM starts at full speed.
+    pub fn set_throttle(&mut self, percent: u8) -> Result<(), MachineError> {
+        if percent > THROTTLE_PCT_MAX {
+            return Err(MachineError::Throttle { percent });
+        }
+        self.vcpu.set_throttle(percent);
+        Ok(())
+    }
+
+    /// The throttle in effect, percent.
+    pub fn throttle_pct(&self) -> u8 {
+        self.vcpu.throttle_pct()
     }
 
     /// Parks the vCPU at the guest's next exit and returns the state. A
@@ -294,6 +321,7 @@ impl Machine {
             progress: c.progress,
             running: self.vcpu.running(),
             phase,
+            throttle_pct: self.vcpu.throttle_pct(),
         })
     }
 

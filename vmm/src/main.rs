@@ -22,7 +22,10 @@ struct Args {
     /// Guest RAM in MiB (a multiple of 2, 4..=8192).
     #[arg(long, default_value_t = 256)]
     mem_mib: u64,
-    /// idle | fill | mixed | dirty:<MiB/s>[:hot=<pct>]
+    /// idle | fill | mixed | dirty:<MiB/s>[:hot=<pct>]. dirty: after the
+    /// mixed pass, rewrite <MiB/s> / 4 KiB random pages per second (each
+    /// rewrite changes a page's header and one 256-byte slot); <pct>% of
+    /// them go to a hot set of 10% of the pages.
     #[arg(long, default_value = "idle")]
     workload: Workload,
     /// Dirty workload: pages written per guest exit (pacing granularity).

@@ -6,6 +6,13 @@
 //! waits the VMM adds at exits (1 ms per idle loop, the dirty-rate pacing)
 //! are `recv_timeout`s on the same queue, so a pause also cuts them short.
 //!
+//! Throttling (auto-converge) works like QEMU's cpu-throttle, measured at
+//! exits: once the vCPU has run for [`THROTTLE_SLICE`] of wall time since its
+//! last throttle sleep, it sleeps `ran * p / (100 - p)`, so at p% it runs
+//! (100 - p)% of the time. The sleep also moves the pacing deadline: a paced
+//! dirty guest throttled at p% writes (100 - p)% of its configured rate (it
+//! does not catch up afterwards), like a guest whose writes need CPU time.
+//!
 //! ```text
 //!            Run                 exit: Pause
 //!   Parked ───────▶ Running ──────────────────▶ Parked (state returned)
@@ -13,13 +20,15 @@
 //!     └─────────────────────────────┴──────────▶ Failed (parked; Run refused)
 //! ```
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use ferry_engine::link::THROTTLE_PCT_MAX;
 
 use crate::abi;
 use crate::layout::PAGE_BYTES;
@@ -33,6 +42,12 @@ pub const IDLE_SLEEP: Duration = Duration::from_millis(5);
 /// When pacing falls this far behind (a pause, a slow host), it forgets the
 /// debt instead of bursting to catch up.
 pub const PACING_SLACK_MAX: Duration = Duration::from_millis(20);
+/// Run time between two throttle sleeps, QEMU's cpu-throttle timeslice: at
+/// 99% the vCPU runs 10 ms and sleeps 990 ms. Slices are measured at exits,
+/// which come far more often (a dirty batch of 64 KiB is ~64 µs at 1 GiB/s;
+/// idle exits every 5 ms). Pause latency does not grow: the sleep is a
+/// `recv_timeout` that a pause cuts short.
+pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 
 /// Errors of the vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +111,8 @@ enum Cmd {
 struct Shared {
     running: AtomicBool,
     failure: Mutex<Option<String>>,
+    /// Throttle percentage, 0..=THROTTLE_PCT_MAX; read at every exit.
+    throttle_pct: AtomicU8,
 }
 
 /// The handle of a vCPU thread.
@@ -118,6 +135,7 @@ impl VcpuHandle {
             shared: shared.clone(),
             pacing,
             deadline: Instant::now(),
+            slice_start: Instant::now(),
         };
         let join = std::thread::Builder::new()
             .name("vcpu0".into())
@@ -150,6 +168,22 @@ impl VcpuHandle {
         self.call(|r| Cmd::Restore(Box::new(state), pacing, r))
     }
 
+    /// Throttles the vCPU to `100 - percent`% of wall time from its next
+    /// exit on (0: full speed). `percent` is at most [`THROTTLE_PCT_MAX`]; the
+    /// caller checks values from outside.
+    pub fn set_throttle(&self, percent: u8) {
+        assert!(
+            percent <= THROTTLE_PCT_MAX,
+            "throttle {percent}% over the cap"
+        );
+        self.shared.throttle_pct.store(percent, Ordering::SeqCst);
+    }
+
+    /// The throttle in effect, percent.
+    pub fn throttle_pct(&self) -> u8 {
+        self.shared.throttle_pct.load(Ordering::SeqCst)
+    }
+
     /// Whether the guest is running now.
     pub fn running(&self) -> bool {
         self.shared.running.load(Ordering::SeqCst)
@@ -176,6 +210,8 @@ struct Thread {
     shared: Arc<Shared>,
     pacing: Pacing,
     deadline: Instant,
+    /// End of the last throttle sleep (or of the last exit when unthrottled).
+    slice_start: Instant,
 }
 
 enum Flow {
@@ -230,6 +266,7 @@ impl Thread {
                     Some(why) => Err(VcpuError::Guest(why)),
                     None => {
                         self.deadline = Instant::now();
+                        self.slice_start = self.deadline;
                         self.set_running(true);
                         Ok(())
                     }
@@ -283,14 +320,44 @@ impl Thread {
                 None
             }
         };
-        match wait {
-            Some(d) if !d.is_zero() => match self.rx.recv_timeout(d) {
-                Ok(cmd) => self.handle(cmd),
-                Err(RecvTimeoutError::Timeout) => Flow::Continue,
-                Err(RecvTimeoutError::Disconnected) => Flow::Quit,
-            },
-            _ => Flow::Continue,
+        let throttle = match self.is_running() {
+            true => self.throttle(),
+            false => None,
+        };
+        let wait = wait.unwrap_or_default() + throttle.unwrap_or_default();
+        if wait.is_zero() {
+            return Flow::Continue;
         }
+        match self.rx.recv_timeout(wait) {
+            Ok(cmd) => self.handle(cmd),
+            Err(RecvTimeoutError::Timeout) => {
+                if throttle.is_some() {
+                    self.slice_start = Instant::now();
+                }
+                Flow::Continue
+            }
+            Err(RecvTimeoutError::Disconnected) => Flow::Quit,
+        }
+    }
+
+    /// The throttle sleep due at this exit, if the vCPU has run a whole
+    /// slice. Moves the pacing deadline by the same amount.
+    fn throttle(&mut self) -> Option<Duration> {
+        let now = Instant::now();
+        let p = u32::from(self.shared.throttle_pct.load(Ordering::SeqCst));
+        assert!(p <= u32::from(THROTTLE_PCT_MAX));
+        if p == 0 {
+            self.slice_start = now;
+            return None;
+        }
+        let ran = now - self.slice_start;
+        if ran < THROTTLE_SLICE {
+            return None;
+        }
+        // ran / (ran + sleep) = (100 - p) / 100.
+        let sleep = ran * p / (100 - p);
+        self.deadline += sleep;
+        Some(sleep)
     }
 
     /// Time to wait after a dirty batch so the long-run rate holds.

@@ -107,10 +107,25 @@ fn migrate_through_a_fake_ferryd() {
         panic!()
     };
     assert!(st.running && st.progress > 0);
+    assert_eq!(st.throttle_pct, 0);
     assert!(
         s.call(&LinkMsg::Ok, &[]).is_err(),
         "a reply is not a request"
     );
+
+    // Auto-converge: throttle the source; out-of-range values are refused.
+    assert_eq!(
+        s.call(&LinkMsg::Throttle { percent: 50 }, &[]).unwrap().msg,
+        LinkMsg::Ok
+    );
+    let e = s
+        .call(&LinkMsg::Throttle { percent: 100 }, &[])
+        .unwrap_err();
+    assert!(e.to_string().contains("100%"), "{e}");
+    let LinkMsg::Stats(st) = s.call(&LinkMsg::GetStats, &[]).unwrap().msg else {
+        panic!()
+    };
+    assert_eq!(st.throttle_pct, 50);
 
     // Pause: state blob; the source hashes memory in the background.
     let paused = s.call(&LinkMsg::Pause, &[]).unwrap();
@@ -181,13 +196,14 @@ fn migrate_through_a_fake_ferryd() {
     assert_eq!(wait_exit(src), 0);
     let ev = events(&src_report);
     let kinds: Vec<&str> = ev.iter().map(|e| e["event"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["registered", "paused", "quit"]);
+    assert_eq!(kinds, ["registered", "throttled", "paused", "quit"]);
+    assert_eq!(ev[1]["percent"], 50);
     assert_eq!(
-        ev[1]["mem_hash"],
+        ev[2]["mem_hash"],
         verify.mem_hash.as_str(),
         "target memory differs from the source's"
     );
-    assert_eq!(ev[1]["progress"], progress);
+    assert_eq!(ev[2]["progress"], progress);
 
     // The target runs and can be migrated again on the same link.
     assert_eq!(t.call(&LinkMsg::Run, &[]).unwrap().msg, LinkMsg::Ok);
@@ -206,8 +222,16 @@ fn migrate_through_a_fake_ferryd() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    let LinkMsg::Stats(st) = t.call(&LinkMsg::GetStats, &[]).unwrap().msg else {
+        panic!()
+    };
+    assert_eq!(st.throttle_pct, 0, "the throttle does not migrate");
     assert_eq!(
         t.call(&LinkMsg::StartDirtyLog, &[]).unwrap().msg,
+        LinkMsg::Ok
+    );
+    assert_eq!(
+        t.call(&LinkMsg::Throttle { percent: 60 }, &[]).unwrap().msg,
         LinkMsg::Ok
     );
     assert_eq!(
@@ -219,6 +243,11 @@ fn migrate_through_a_fake_ferryd() {
     };
     assert!(p2 > progress);
     assert_eq!(t.call(&LinkMsg::Resume, &[]).unwrap().msg, LinkMsg::Ok);
+    let LinkMsg::Stats(st) = t.call(&LinkMsg::GetStats, &[]).unwrap().msg else {
+        panic!()
+    };
+    assert_eq!(st.throttle_pct, 0, "Resume ends the throttle");
+    assert!(st.running);
     assert_eq!(
         t.call(
             &LinkMsg::Quit {
@@ -241,6 +270,7 @@ fn migrate_through_a_fake_ferryd() {
             "registered",
             "restored",
             "running",
+            "throttled",
             "paused",
             "resumed",
             "quit"

@@ -12,7 +12,7 @@ use ferry_vmm::abi;
 use ferry_vmm::layout::PAGE_BYTES;
 use ferry_vmm::machine::{Lifecycle, Machine, MachineError};
 use ferry_vmm::mem::GuestRam;
-use ferry_vmm::oracle::{check_memory, read_versions};
+use ferry_vmm::oracle::{check_memory, class_of, read_versions, slot_of};
 use vm_memory::Bytes;
 
 #[test]
@@ -198,4 +198,160 @@ fn restore_rejects_foreign_and_damaged_blobs() {
     assert!(b.restore(&blob[..blob.len() - 3]).is_err());
     assert!(b.restore(b"").is_err());
     assert_eq!(b.lifecycle(), Lifecycle::Created);
+}
+
+/// Pages the guest rewrites per second, over `window`.
+fn pages_per_s(m: &Machine, window: Duration) -> f64 {
+    let (t0, w0) = (Instant::now(), m.counters().unwrap().pages_written);
+    std::thread::sleep(window);
+    let w1 = m.counters().unwrap().pages_written;
+    assert!(m.failure().is_none(), "guest failed: {:?}", m.failure());
+    (w1 - w0) as f64 / t0.elapsed().as_secs_f64()
+}
+
+#[test]
+fn throttle_slows_a_dirty_guest_and_resume_lifts_it() {
+    if !kvm_or_skip("throttle_slows_a_dirty_guest_and_resume_lifts_it") {
+        return;
+    }
+    // dirty:100 = 25600 page rewrites per second (1600 exits per second).
+    let mut m = boot("dirty:100", 64);
+    wait_for(&m, abi::PHASE_DIRTY, 1);
+    let window = Duration::from_secs(1);
+    let full = pages_per_s(&m, window);
+    m.set_throttle(75).unwrap();
+    assert_eq!(m.stats().unwrap().throttle_pct, 75);
+    std::thread::sleep(Duration::from_millis(50));
+    let slow = pages_per_s(&m, window);
+    eprintln!("pages/s: full {full:.0}, throttled at 75% {slow:.0}");
+    // Expected: 25600 and 6400. The margins absorb a busy 2-core host.
+    assert!(full > 5_000.0, "unthrottled guest wrote {full:.0} pages/s");
+    assert!(slow > 0.0, "a throttled guest still runs");
+    assert!(
+        slow < full * 0.7,
+        "75% throttle: {slow:.0} vs {full:.0} pages/s"
+    );
+    assert!(matches!(
+        m.set_throttle(100),
+        Err(MachineError::Throttle { percent: 100 })
+    ));
+    assert_eq!(m.throttle_pct(), 75, "a refused value changes nothing");
+
+    // A failed migration: pause, resume; the guest runs at full speed again.
+    m.pause().unwrap();
+    assert_eq!(m.throttle_pct(), 75, "pausing keeps the throttle");
+    m.resume().unwrap();
+    assert_eq!(m.stats().unwrap().throttle_pct, 0);
+    let after = pages_per_s(&m, window);
+    eprintln!("pages/s after resume {after:.0}");
+    assert!(
+        after > slow * 2.0,
+        "after resume {after:.0} vs {slow:.0} pages/s"
+    );
+    m.pause().unwrap();
+    let r = m.check();
+    assert_eq!(r.pages_bad, 0, "{:?}", r.first_faults);
+}
+
+#[test]
+fn a_throttled_idle_guest_still_pauses_at_once() {
+    if !kvm_or_skip("a_throttled_idle_guest_still_pauses_at_once") {
+        return;
+    }
+    let mut m = boot("idle", 16);
+    wait_for(&m, abi::PHASE_IDLE, 1);
+    m.set_throttle(99).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let p = m.pause().unwrap();
+    // At 99% the vCPU sleeps ~1 s per 10 ms slice; a pause cuts the sleep.
+    assert!(
+        p.latency < Duration::from_millis(200),
+        "pause took {:?}",
+        p.latency
+    );
+    m.resume().unwrap();
+    wait_for(&m, abi::PHASE_IDLE, p.progress + 5);
+}
+
+/// The guest's dirty-phase rewrites change only the header and one slot,
+/// exactly as the oracle's model says, and the pages pass the oracle after
+/// every slot was rewritten many times.
+#[test]
+fn dirty_rewrites_change_one_slot_and_pass_the_oracle() {
+    if !kvm_or_skip("dirty_rewrites_change_one_slot_and_pass_the_oracle") {
+        return;
+    }
+    // 16 MiB: ~340 hot pages at 25600 rewrites/s: ~75 versions/s per page.
+    let mut m = boot("dirty:100:hot=100", 16);
+    wait_for(&m, abi::PHASE_DIRTY, 1);
+    std::thread::sleep(Duration::from_millis(700));
+    m.pause().unwrap();
+    let l = *m.layout();
+    let r = m.check();
+    assert_eq!(r.pages_bad, 0, "{:?}", r.first_faults);
+    let before = read_versions(&m.ram().all(), &l);
+    let vmax = *before.iter().max().unwrap();
+    assert!(vmax >= 3 * abi::BODY_SLOTS as u32, "max version {vmax}");
+    let ram = m.ram().clone();
+    let read = |p: u64| {
+        let mut b = vec![0u8; PAGE_BYTES as usize];
+        ram.all()
+            .read_slice(&mut b, l.data_page_gpa(p) as usize)
+            .unwrap();
+        b
+    };
+    let old: Vec<Vec<u8>> = (0..l.hot_pages).map(read).collect();
+    // A batch or two of rewrites: resume, and pause once one batch is done.
+    let p0 = m.counters().unwrap().progress;
+    m.resume().unwrap();
+    let t0 = Instant::now();
+    while m.counters().unwrap().progress == p0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "no batch after resume"
+        );
+        std::hint::spin_loop();
+    }
+    m.pause().unwrap();
+    let after = read_versions(&m.ram().all(), &l);
+    let mut seen = [0usize; 4];
+    for p in 0..l.hot_pages {
+        let (v0, v1) = (before[p as usize], after[p as usize]);
+        if v1 != v0 + 1 || v0 == 0 {
+            continue;
+        }
+        let kind = class_of(p);
+        seen[kind as usize] += 1;
+        let slot = slot_of(v1).unwrap();
+        let slot_bytes = abi::HEADER_BYTES as usize + slot * abi::SLOT_BYTES as usize;
+        let slot_range = slot_bytes..slot_bytes + abi::SLOT_BYTES as usize;
+        let new = read(p);
+        let changed: Vec<usize> = (0..new.len())
+            .filter(|&i| new[i] != old[p as usize][i])
+            .collect();
+        assert!(
+            changed
+                .iter()
+                .all(|&i| (16..32).contains(&i) || slot_range.contains(&i)),
+            "page {p} (kind {kind}) v{v0}->v{v1}: changed outside header and slot {slot}: {:?}",
+            &changed[..changed.len().min(8)]
+        );
+        if kind == abi::KIND_RANDOM {
+            assert!(
+                changed.len() > 200,
+                "page {p}: only {} bytes",
+                changed.len()
+            );
+        }
+        if kind == abi::KIND_ZERO {
+            assert!(changed.iter().all(|&i| i < 32), "page {p}");
+        }
+    }
+    eprintln!("pages rewritten once, by kind (-, zero, text, random): {seen:?}");
+    assert!(
+        seen.iter().sum::<usize>() > 0,
+        "no page was rewritten exactly once"
+    );
+    let r = m.check();
+    assert_eq!(r.pages_bad, 0, "{:?}", r.first_faults);
 }

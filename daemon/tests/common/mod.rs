@@ -346,6 +346,7 @@ fn serve(link: &mut Link) {
                 progress: 42,
                 running: true,
                 phase: "idle".into(),
+                throttle_pct: 0,
             }),
             LinkMsg::Quit { .. } => {
                 let _ = link.send(&LinkMsg::Ok, &[], &[]);
