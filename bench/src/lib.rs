@@ -9,12 +9,15 @@
 //! - [`blast`]: the raw TCP baseline (hidden `blast-send` / `blast-recv`).
 //! - [`netns`]: the namespace pair.
 //! - [`migrate`]: the scenario, its checks and its report.
+//! - [`policies`]: `ferry-bench policies`, every (workload, policy) pair
+//!   migrated K times, with a table, a JSON file and an SVG chart.
 //! - [`procs`]: child processes, scratch directory, Ctrl-C; all Drop guards.
 
 pub mod api;
 pub mod blast;
 pub mod migrate;
 pub mod netns;
+pub mod policies;
 pub mod procs;
 pub mod ui;
 pub mod workload;

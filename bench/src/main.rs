@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use ferry_bench::migrate::{self, MigrateArgs};
+use ferry_bench::policies::{self, PoliciesArgs};
 use ferry_bench::{blast, procs, ui::Ui};
 
 /// ferry-bench: migrate a real VM between two ferryds on this machine and
@@ -27,9 +28,30 @@ enum Cmd {
     /// workload, waits until it is warm, measures the raw TCP link with the
     /// same byte count and stream count, migrates, and verifies: memory hash at
     /// the pause equals the target's, page stamps all good, the guest's
-    /// counter moves on the target, and the source VM has stopped. Exits
-    /// non-zero unless the migration completed and all checks passed.
+    /// counter moves on the target, and the source VM has stopped. A
+    /// migration that fails or is cancelled is checked too: the VM must
+    /// still run on the source (listed as running, its counter moving) and
+    /// not on the target. Exits non-zero unless the migration completed and
+    /// all checks passed.
     Migrate(MigrateArgs),
+    /// Compare convergence policies: migrate each (workload, policy) pair
+    /// --repeat times under a bandwidth cap, then print a table and write
+    /// policies.json and policies.svg into --out.
+    ///
+    /// Every run starts fresh ferryds and a fresh VM, warms it up, and
+    /// migrates it without a link blast. A run that does not complete (the
+    /// policy gave up) counts as a failure of the policy, not of the run, if
+    /// the VM stayed on the source. Rows show the share of completed runs,
+    /// medians over completed runs, and ratios of bytes and time against
+    /// `baseline` on the same workload.
+    ///
+    /// Time: a pass over a guest of N MiB at a cap of B MiB/s takes N/B s,
+    /// so the experiment takes roughly workloads x policies x repeat x
+    /// (5 s start + warm-up + N/B s x rounds), a run at most about
+    /// 5 s + N/256 s + --warmup-s + --time-max-s. ferry-bench prints its
+    /// estimate before the first run. Exits non-zero if any run broke or
+    /// did not verify.
+    Policies(PoliciesArgs),
     /// Receive a link blast (used by `migrate`).
     #[command(hide = true)]
     BlastRecv {
@@ -69,6 +91,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Migrate(args) => migrate_main(&args),
+        Cmd::Policies(args) => policies_main(&args),
         Cmd::BlastRecv {
             listen,
             streams,
@@ -93,6 +116,40 @@ fn report(r: Result<()>) -> ExitCode {
     }
 }
 
+fn policies_main(args: &PoliciesArgs) -> ExitCode {
+    let mut ui = Ui::from_env();
+    let result = procs::catch_interrupts().and_then(|()| policies::run(args, &mut ui));
+    ui.end_live();
+    match result {
+        Ok(exp) => {
+            if args.json {
+                match serde_json::to_string_pretty(&exp) {
+                    Ok(j) => println!("{j}"),
+                    Err(e) => eprintln!("ferry-bench: cannot print the result: {e}"),
+                }
+            } else {
+                println!("{}", exp.table());
+            }
+            if procs::interrupted() {
+                ExitCode::from(EXIT_INTERRUPTED)
+            } else if exp.all_verified() {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("ferry-bench: some runs broke or did not verify; see policies.json");
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("ferry-bench: {e:#}");
+            if procs::interrupted() {
+                ExitCode::from(EXIT_INTERRUPTED)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
 fn migrate_main(args: &MigrateArgs) -> ExitCode {
     let mut ui = Ui::from_env();
     let result = procs::catch_interrupts().and_then(|()| migrate::run(args, &mut ui));
@@ -107,17 +164,26 @@ fn migrate_main(args: &MigrateArgs) -> ExitCode {
             } else {
                 println!("{r}");
             }
-            if r.verified {
+            if r.verified && r.completed {
                 ExitCode::SUCCESS
+            } else if r.verified {
+                eprintln!(
+                    "ferry-bench: the migration did not complete ({}); the VM stayed on the source",
+                    r.status
+                );
+                ExitCode::FAILURE
             } else if procs::interrupted() {
                 ExitCode::from(EXIT_INTERRUPTED)
             } else {
                 eprintln!(
                     "ferry-bench: {}",
-                    if r.status == "completed" {
+                    if r.completed {
                         "the migration completed but did not verify".to_string()
                     } else {
-                        format!("the migration did not complete ({})", r.status)
+                        format!(
+                            "the migration did not complete ({}) and the VM did not verify on the source",
+                            r.status
+                        )
                     }
                 );
                 ExitCode::FAILURE

@@ -1,12 +1,14 @@
 //! Criterion benches of the per-page kernels, reported in bytes per second.
 //!
-//! Run: `cargo bench -p ferry-compress --bench codecs`
+//! Run: `cargo bench -p ferry-compress --bench codecs` (add a filter such as
+//! `-- xor` for one family).
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ferry_compress::{
-    decode, is_zero, is_zero_guest, Codec, EncoderConfig, PageEncoder, PAGE_SIZE,
+    decode, decode_delta, is_zero, is_zero_guest, xor_encode, Codec, DeltaCache, DeltaOutcome,
+    EncoderConfig, PageEncoder, PAGE_SIZE, PAYLOAD_BYTES_MAX,
 };
 use vm_memory::VolatileSlice;
 
@@ -143,5 +145,109 @@ fn bench_decode(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_is_zero, bench_compress, bench_decode);
+/// New versions of `old` shaped like the writes of ferry's test guest: a
+/// 64-byte header and one 256-byte slot at a random 256-byte boundary, filled
+/// with random bytes (~300 bytes changed, a few by chance unchanged).
+fn slot_writes(old: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let mut state = 9;
+    old.iter()
+        .map(|page| {
+            let mut new = page.clone();
+            let noise = testdata::random_page(&mut state);
+            let slot = 256 * (1 + testdata::splitmix64(&mut state) as usize % 15);
+            new[..64].copy_from_slice(&noise[..64]);
+            new[slot..slot + 256].copy_from_slice(&noise[64..320]);
+            new
+        })
+        .collect()
+}
+
+fn bench_xor(c: &mut Criterion) {
+    let old = pages(testdata::text_page);
+    let cases = [
+        ("slot_300B", slot_writes(&old)),
+        ("unchanged", old.clone()),
+        ("full_overflow", pages(testdata::random_page)),
+    ];
+    let mut g = c.benchmark_group("xor_encode");
+    g.throughput(Throughput::Bytes(BATCH_BYTES));
+    let mut out = Vec::with_capacity(PAYLOAD_BYTES_MAX);
+    for (name, new) in &cases {
+        g.bench_function(*name, |b| {
+            b.iter(|| {
+                let mut bytes = 0;
+                for (o, n) in old.iter().zip(new) {
+                    out.clear();
+                    bytes += xor_encode(black_box(o), black_box(n), &mut out, PAYLOAD_BYTES_MAX)
+                        .unwrap_or(PAGE_SIZE);
+                }
+                bytes
+            })
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("xor_decode");
+    g.throughput(Throughput::Bytes(BATCH_BYTES));
+    for (name, new) in &cases[..2] {
+        let deltas: Vec<Vec<u8>> = old
+            .iter()
+            .zip(new)
+            .map(|(o, n)| {
+                let mut delta = Vec::new();
+                xor_encode(o, n, &mut delta, PAYLOAD_BYTES_MAX).expect("fits");
+                delta
+            })
+            .collect();
+        // Applying a delta again to its result changes nothing, so the pages
+        // can be reused across iterations.
+        let mut pages = old.clone();
+        g.bench_function(*name, |b| {
+            b.iter(|| {
+                for (page, delta) in pages.iter_mut().zip(&deltas) {
+                    decode_delta(Codec::Xor, black_box(delta), page).unwrap();
+                }
+            })
+        });
+    }
+    g.finish();
+
+    // The whole sender step on a hit: lookup, delta, LZ4 attempt, cache update.
+    let mut g = c.benchmark_group("xor_cache");
+    g.throughput(Throughput::Bytes(BATCH_BYTES));
+    let new = slot_writes(&old);
+    let mut cache = DeltaCache::new(2 * BATCH_PAGES * PAGE_SIZE);
+    for (pfn, page) in old.iter().enumerate() {
+        cache.encode(pfn as u64, page, &mut out, PAYLOAD_BYTES_MAX);
+    }
+    let versions = [&new, &old];
+    let mut turn = 0;
+    g.bench_function("encode_slot_300B", |b| {
+        b.iter(|| {
+            // Alternate versions so every encode sees ~300 changed bytes.
+            turn ^= 1;
+            for (pfn, page) in versions[turn].iter().enumerate() {
+                out.clear();
+                let outcome =
+                    cache.encode(pfn as u64, black_box(page), &mut out, PAYLOAD_BYTES_MAX);
+                debug_assert!(matches!(outcome, DeltaOutcome::Delta { .. }));
+            }
+        })
+    });
+    g.finish();
+    let stats = cache.stats();
+    assert_eq!(stats.misses, BATCH_PAGES as u64, "{stats:?}");
+    eprintln!(
+        "xor_cache: {stats:?}, mean payload {} bytes",
+        stats.bytes / stats.pages.max(1)
+    );
+}
+
+criterion_group!(
+    benches,
+    bench_is_zero,
+    bench_compress,
+    bench_decode,
+    bench_xor
+);
 criterion_main!(benches);

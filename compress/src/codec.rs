@@ -13,6 +13,23 @@ pub enum Codec {
     Lz4 = 2,
     /// The page itself; the payload is exactly [`PAGE_SIZE`](crate::PAGE_SIZE) bytes.
     Raw = 3,
+    /// An XOR delta against the version of the page the receiver holds (the
+    /// format is in [`xor`](crate::xor)); at most
+    /// [`PAYLOAD_BYTES_MAX`](crate::PAYLOAD_BYTES_MAX) bytes, may be empty
+    /// (the page is unchanged). Decoded by [`decode_delta`](crate::decode_delta).
+    Xor = 4,
+    /// LZ4 block of an XOR delta, sent when shorter than the delta itself; at
+    /// most [`PAYLOAD_BYTES_MAX`](crate::PAYLOAD_BYTES_MAX) bytes both before
+    /// and after decompression. Decoded by [`decode_delta`](crate::decode_delta).
+    XorLz4 = 5,
+}
+
+impl Codec {
+    /// Whether the payload is a delta against the receiver's previous version
+    /// of the page ([`Codec::Xor`], [`Codec::XorLz4`]).
+    pub fn is_delta(self) -> bool {
+        matches!(self, Codec::Xor | Codec::XorLz4)
+    }
 }
 
 impl From<Codec> for u8 {
@@ -29,6 +46,8 @@ impl TryFrom<u8> for Codec {
             1 => Ok(Codec::Zero),
             2 => Ok(Codec::Lz4),
             3 => Ok(Codec::Raw),
+            4 => Ok(Codec::Xor),
+            5 => Ok(Codec::XorLz4),
             _ => Err(DecodeError::UnknownCodec { id }),
         }
     }
@@ -40,14 +59,36 @@ mod tests {
 
     #[test]
     fn known_ids_round_trip() {
-        for codec in [Codec::Zero, Codec::Lz4, Codec::Raw] {
+        let all = [
+            Codec::Zero,
+            Codec::Lz4,
+            Codec::Raw,
+            Codec::Xor,
+            Codec::XorLz4,
+        ];
+        for codec in all {
             assert_eq!(Codec::try_from(u8::from(codec)).unwrap(), codec);
         }
     }
 
     #[test]
+    fn wire_ids_are_stable() {
+        let ids = [
+            (Codec::Zero, 1),
+            (Codec::Lz4, 2),
+            (Codec::Raw, 3),
+            (Codec::Xor, 4),
+            (Codec::XorLz4, 5),
+        ];
+        for (codec, id) in ids {
+            assert_eq!(u8::from(codec), id);
+            assert_eq!(codec.is_delta(), id >= 4);
+        }
+    }
+
+    #[test]
     fn unknown_ids_are_rejected() {
-        for id in std::iter::once(0).chain(4..=u8::MAX) {
+        for id in std::iter::once(0).chain(6..=u8::MAX) {
             match Codec::try_from(id) {
                 Err(DecodeError::UnknownCodec { id: got }) => assert_eq!(got, id),
                 other => panic!("id {id}: expected UnknownCodec, got {other:?}"),

@@ -1,6 +1,6 @@
 //! Page decoding, the receive side.
 
-use crate::{Codec, DecodeError, PAGE_SIZE, PAYLOAD_BYTES_MAX};
+use crate::{xor_decode, Codec, DecodeError, PAGE_SIZE, PAYLOAD_BYTES_MAX};
 
 /// Decodes one page payload into `out`.
 ///
@@ -8,8 +8,10 @@ use crate::{Codec, DecodeError, PAGE_SIZE, PAYLOAD_BYTES_MAX};
 /// exactly [`PAGE_SIZE`] bytes. [`Codec::Lz4`]: `payload` is at most
 /// [`PAYLOAD_BYTES_MAX`] bytes and must decode to exactly [`PAGE_SIZE`] bytes;
 /// short, long or malformed blocks, and bytes after the page is full, are
-/// errors. Nothing is allocated and no input makes this panic. On error,
-/// `out` holds unspecified bytes.
+/// errors. The delta codecs [`Codec::Xor`] and [`Codec::XorLz4`] are
+/// rejected with [`DecodeError::DeltaNeedsBase`]: they need the page's
+/// previous version, see [`decode_delta`]. Nothing is allocated and no input
+/// makes this panic. On error, `out` holds unspecified bytes.
 ///
 /// # Panics
 ///
@@ -42,8 +44,48 @@ pub fn decode(codec: Codec, payload: &[u8], out: &mut [u8]) -> Result<(), Decode
                 return Err(DecodeError::Lz4Short { decoded_len });
             }
         }
+        Codec::Xor | Codec::XorLz4 => return Err(DecodeError::DeltaNeedsBase { codec }),
     }
     Ok(())
+}
+
+/// Applies one delta payload to `page`, which holds the page's previous
+/// version (the one the sender's [`DeltaCache`](crate::DeltaCache) held) and
+/// becomes the new version.
+///
+/// [`Codec::Xor`]: `payload` is a delta as [`xor_decode`] describes.
+/// [`Codec::XorLz4`]: `payload` is at most [`PAYLOAD_BYTES_MAX`] bytes, an
+/// LZ4 block that decodes to a delta of at most [`PAYLOAD_BYTES_MAX`] bytes
+/// and longer than `payload` (the sender uses LZ4 only when it saves bytes).
+/// Other codecs are rejected with [`DecodeError::NotADelta`]; see [`decode`].
+///
+/// The payload is checked in full before `page` is written: on error `page`
+/// is unchanged. Nothing is allocated (a 4 KiB stack buffer holds the LZ4
+/// output) and no input makes this panic.
+///
+/// # Panics
+///
+/// If `page` is not exactly [`PAGE_SIZE`] bytes (a caller bug, not peer input).
+pub fn decode_delta(codec: Codec, payload: &[u8], page: &mut [u8]) -> Result<(), DecodeError> {
+    assert_eq!(page.len(), PAGE_SIZE, "decode_delta page must be one page");
+    let len = payload.len();
+    match codec {
+        Codec::Xor => xor_decode(payload, page),
+        Codec::XorLz4 => {
+            if len > PAYLOAD_BYTES_MAX {
+                return Err(DecodeError::DeltaTooLong { codec, len });
+            }
+            let mut delta = [0u8; PAYLOAD_BYTES_MAX];
+            // As for Lz4: the safe decoder errors on any write past `delta`.
+            let delta_len = lz4_flex::block::decompress_into(payload, &mut delta)
+                .map_err(|source| DecodeError::XorLz4Malformed { len, source })?;
+            if delta_len <= len {
+                return Err(DecodeError::XorLz4NotSmaller { len, delta_len });
+            }
+            xor_decode(&delta[..delta_len], page)
+        }
+        Codec::Zero | Codec::Lz4 | Codec::Raw => Err(DecodeError::NotADelta { codec }),
+    }
 }
 
 #[cfg(test)]
@@ -177,6 +219,88 @@ mod tests {
         // Token announces 15 + 255 + 10 literals, none follow.
         let err = decode(Codec::Lz4, &[0xF0, 0xFF, 0x0A], &mut out).unwrap_err();
         assert!(matches!(err, DecodeError::Lz4Malformed { .. }));
+    }
+
+    #[test]
+    fn delta_codecs_need_decode_delta() {
+        let mut out = vec![0; PAGE_SIZE];
+        for codec in [Codec::Xor, Codec::XorLz4] {
+            let err = decode(codec, &[], &mut out).unwrap_err();
+            assert!(matches!(err, DecodeError::DeltaNeedsBase { codec: c } if c == codec));
+        }
+        for codec in [Codec::Zero, Codec::Lz4, Codec::Raw] {
+            let err = decode_delta(codec, &[], &mut out).unwrap_err();
+            assert!(matches!(err, DecodeError::NotADelta { codec: c } if c == codec));
+        }
+    }
+
+    /// A delta that writes `fill` over the whole page in 64-byte runs: long
+    /// and very compressible.
+    fn striped_delta(fill: u8) -> Vec<u8> {
+        let mut delta = Vec::new();
+        for k in 0..PAGE_SIZE / 128 {
+            delta.extend_from_slice(&[if k == 0 { 0 } else { 64 }, 64]);
+            delta.extend_from_slice(&[fill; 64]);
+        }
+        delta
+    }
+
+    #[test]
+    fn xor_lz4_round_trip() {
+        let delta = striped_delta(9);
+        let payload = lz4(&delta);
+        assert!(payload.len() < delta.len());
+        let mut page = vec![1; PAGE_SIZE];
+        decode_delta(Codec::XorLz4, &payload, &mut page).unwrap();
+        for (i, &b) in page.iter().enumerate() {
+            assert_eq!(b, if i % 128 < 64 { 9 } else { 1 }, "byte {i}");
+        }
+    }
+
+    #[test]
+    fn xor_lz4_must_be_smaller_than_its_delta() {
+        let mut page = vec![1; PAGE_SIZE];
+        for delta in [&[][..], &[0, 1, 5], &[3, 4, 1, 2, 3, 4]] {
+            let err = decode_delta(Codec::XorLz4, &lz4(delta), &mut page).unwrap_err();
+            assert!(matches!(err, DecodeError::XorLz4NotSmaller { .. }), "{err}");
+        }
+        assert!(page.iter().all(|&b| b == 1));
+    }
+
+    #[test]
+    fn xor_lz4_caps_payload_and_delta() {
+        let mut page = vec![1; PAGE_SIZE];
+        let err = decode_delta(Codec::XorLz4, &vec![0; PAYLOAD_BYTES_MAX + 1], &mut page);
+        assert!(matches!(
+            err,
+            Err(DecodeError::DeltaTooLong {
+                codec: Codec::XorLz4,
+                ..
+            })
+        ));
+        // A delta of one byte more than the cap: an LZ4 of it is rejected as
+        // malformed (it overflows the buffer) whatever the delta says.
+        let mut delta = striped_delta(9);
+        delta.resize(PAYLOAD_BYTES_MAX + 1, 0);
+        let err = decode_delta(Codec::XorLz4, &lz4(&delta), &mut page);
+        assert!(
+            matches!(err, Err(DecodeError::XorLz4Malformed { .. })),
+            "{err:?}"
+        );
+        // A bad delta inside good LZ4 is the delta's error.
+        let err = decode_delta(Codec::XorLz4, &lz4(&[0u8; 64]), &mut page);
+        assert!(
+            matches!(err, Err(DecodeError::XorMalformed { .. })),
+            "{err:?}"
+        );
+        assert!(page.iter().all(|&b| b == 1));
+    }
+
+    #[test]
+    #[should_panic(expected = "one page")]
+    fn delta_page_of_wrong_size_is_a_caller_bug() {
+        let mut page = vec![0; PAGE_SIZE + 1];
+        let _ = decode_delta(Codec::Xor, &[], &mut page);
     }
 
     #[test]

@@ -14,6 +14,13 @@
 //! and the receive path is one call to [`decode`] per page, which checks every
 //! payload against the codec's exact size and never allocates.
 //!
+//! With a [`DeltaCache`] (one per encoder thread), a staged page is first
+//! offered to [`DeltaCache::encode`]: on a hit its changes since the last send
+//! go as [`Codec::Xor`] or [`Codec::XorLz4`]; on a miss or overflow it goes
+//! on to `compress` as above, and the cache holds it either way. The receiver
+//! applies a delta to the page it holds with [`decode_delta`]. The delta
+//! format is in [`xor`].
+//!
 //! Wire codec ids are [`Codec`]; 0 is reserved invalid.
 
 mod codec;
@@ -21,20 +28,24 @@ mod decode;
 mod encoder;
 mod error;
 mod probe;
+pub mod xor;
 mod zero;
 
 pub use codec::Codec;
-pub use decode::decode;
+pub use decode::{decode, decode_delta};
 pub use encoder::{EncoderConfig, EncoderStats, PageEncoder};
-pub use error::DecodeError;
+pub use error::{DecodeError, DeltaFault};
+pub use xor::{xor_decode, xor_encode, DeltaCache, DeltaOutcome, DeltaStats};
 pub use zero::{is_zero, is_zero_guest};
 
 /// Size of one guest page, the unit of every codec.
 pub const PAGE_SIZE: usize = 4096;
 
 /// Cap on any page payload a decoder or frame parser accepts, for every codec:
-/// a raw page is exactly this long, and an LZ4 payload longer than the page it
-/// encodes is never produced (see [`EncoderConfig::lz4_bytes_max`]).
+/// a raw page is exactly this long, and an LZ4 payload or XOR delta longer
+/// than the page it encodes is never produced (see
+/// [`EncoderConfig::lz4_bytes_max`], [`xor_encode`]). An XOR+LZ4 payload is
+/// capped both before and after decompression.
 pub const PAYLOAD_BYTES_MAX: usize = PAGE_SIZE;
 
 /// Default upper bound of an LZ4 payload that [`PageEncoder::compress`] returns:

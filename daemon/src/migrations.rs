@@ -30,6 +30,8 @@ pub const MIGRATIONS_KEPT: usize = 256;
 pub const STREAMS_MAX: u32 = 64;
 /// Downtime budget cap: a minute of pause is no longer a live migration.
 pub const DOWNTIME_MS_MAX: u64 = 60_000;
+/// XOR-delta cache cap (the engine also caps it at the guest's size).
+pub const XOR_CACHE_MIB_MAX: u64 = 1 << 20;
 /// Rounds cap: convergence that needs more than 1000 rounds will not come.
 pub const ROUNDS_MAX: u32 = 1000;
 /// Time cap for one migration: a day.
@@ -173,6 +175,31 @@ pub fn source_config(req: &MigrateRequest) -> Result<SourceConfig, ApiError> {
             )));
         }
         cfg.time_max = Duration::from_secs(t);
+    }
+    if let Some(p) = &req.policy {
+        cfg.policy = p.parse().map_err(|e| bad(format!("\"policy\": {e}")))?;
+    }
+    if let Some(ms) = req.downtime_max_ms {
+        if !(1..=DOWNTIME_MS_MAX).contains(&ms) {
+            return Err(bad(format!(
+                "\"downtime_max_ms\" must be 1 to {DOWNTIME_MS_MAX}, got {ms}"
+            )));
+        }
+        if ms < cfg.downtime_ms {
+            return Err(bad(format!(
+                "\"downtime_max_ms\" ({ms}) is below \"downtime_ms\" ({})",
+                cfg.downtime_ms
+            )));
+        }
+        cfg.downtime_max_ms = ms;
+    }
+    if let Some(mib) = req.xor_cache_mib {
+        if mib > XOR_CACHE_MIB_MAX {
+            return Err(bad(format!(
+                "\"xor_cache_mib\" must be 0 to {XOR_CACHE_MIB_MAX}, got {mib}"
+            )));
+        }
+        cfg.xor_cache_bytes = Some(mib << 20);
     }
     Ok(cfg)
 }
@@ -362,6 +389,7 @@ fn resumable(mut link: LinkVm) -> LinkVm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_engine::policy::PolicyKind;
 
     fn req() -> MigrateRequest {
         MigrateRequest {
@@ -417,6 +445,22 @@ mod tests {
                 vm: String::new(),
                 ..req()
             },
+            MigrateRequest {
+                policy: Some("fastest".into()),
+                ..req()
+            },
+            MigrateRequest {
+                downtime_max_ms: Some(100),
+                ..req()
+            },
+            MigrateRequest {
+                downtime_max_ms: Some(60_001),
+                ..req()
+            },
+            MigrateRequest {
+                xor_cache_mib: Some(XOR_CACHE_MIB_MAX + 1),
+                ..req()
+            },
         ];
         for r in cases {
             assert_eq!(source_config(&r).unwrap_err().status, 400, "{r:?}");
@@ -427,5 +471,19 @@ mod tests {
             ..req()
         };
         assert_eq!(source_config(&ok).unwrap().bandwidth_mib_s, Some(1));
+        let c = source_config(&req()).unwrap();
+        assert_eq!(c.policy, PolicyKind::Adaptive);
+        assert_eq!(c.downtime_max_ms, 2000);
+        assert_eq!(c.xor_cache_bytes, None);
+        let c = source_config(&MigrateRequest {
+            policy: Some("hot-defer".into()),
+            downtime_max_ms: Some(300),
+            xor_cache_mib: Some(0),
+            ..req()
+        })
+        .unwrap();
+        assert_eq!(c.policy, PolicyKind::HotDefer);
+        assert_eq!(c.downtime_max_ms, 300);
+        assert_eq!(c.xor_cache_bytes, Some(0));
     }
 }

@@ -89,6 +89,79 @@ impl DirtyBitmap {
         self.words.iter_mut().for_each(|w| *w = 0);
     }
 
+    /// `self |= other`.
+    pub fn or_with(&mut self, other: &DirtyBitmap) {
+        self.zip_with(other, |a, b| a | b);
+    }
+
+    /// `self &= other`.
+    pub fn and_with(&mut self, other: &DirtyBitmap) {
+        self.zip_with(other, |a, b| a & b);
+    }
+
+    /// `self &= !other`.
+    pub fn and_not(&mut self, other: &DirtyBitmap) {
+        self.zip_with(other, |a, b| a & !b);
+    }
+
+    /// `self = a & b`.
+    pub fn set_and(&mut self, a: &DirtyBitmap, b: &DirtyBitmap) {
+        assert!(
+            a.pages == self.pages && b.pages == self.pages,
+            "bitmap sizes differ"
+        );
+        for ((w, x), y) in self.words.iter_mut().zip(&a.words).zip(&b.words) {
+            *w = x & y;
+        }
+        self.trim();
+    }
+
+    /// Copies `other` into `self`.
+    pub fn copy_from(&mut self, other: &DirtyBitmap) {
+        assert_eq!(self.pages, other.pages, "bitmap sizes differ");
+        self.words.copy_from_slice(&other.words);
+    }
+
+    /// Set pages per block of `block_pages` (a multiple of 64), in order.
+    pub fn count_blocks(&mut self, block_pages: u64) -> Vec<u64> {
+        assert!(
+            block_pages > 0 && block_pages.is_multiple_of(64),
+            "blocks are whole words"
+        );
+        self.trim();
+        self.words
+            .chunks((block_pages / 64) as usize)
+            .map(|c| c.iter().map(|w| w.count_ones() as u64).sum())
+            .collect()
+    }
+
+    /// Sets every page of the blocks of `block_pages` (a multiple of 64)
+    /// whose flag is true.
+    pub fn set_blocks(&mut self, block_pages: u64, flags: &[bool]) {
+        assert!(
+            block_pages > 0 && block_pages.is_multiple_of(64),
+            "blocks are whole words"
+        );
+        for (c, &on) in self
+            .words
+            .chunks_mut((block_pages / 64) as usize)
+            .zip(flags)
+        {
+            if on {
+                c.iter_mut().for_each(|w| *w = !0);
+            }
+        }
+        self.trim();
+    }
+
+    fn zip_with(&mut self, other: &DirtyBitmap, f: impl Fn(u64, u64) -> u64) {
+        assert_eq!(self.pages, other.pages, "bitmap sizes differ");
+        for (w, &o) in self.words.iter_mut().zip(&other.words) {
+            *w = f(*w, o);
+        }
+        self.trim();
+    }
+
     /// Runs of consecutive set pages as (first, count), ascending.
     pub fn runs(&mut self) -> Runs<'_> {
         self.trim();
@@ -207,6 +280,48 @@ mod tests {
             for &(f, n) in &want { c.set_range(f, n); }
             prop_assert_eq!(c.runs().collect::<Vec<_>>(), want);
             prop_assert_eq!(b.count(), bits.iter().filter(|&&x| x).count() as u64);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn set_ops_match_a_naive_model(
+            bits in proptest::collection::vec((any::<bool>(), any::<bool>()), 0..400),
+            flags in proptest::collection::vec(any::<bool>(), 7),
+        ) {
+            let n = bits.len() as u64;
+            let (mut a, mut b) = (DirtyBitmap::new(n), DirtyBitmap::new(n));
+            for (i, &(x, y)) in bits.iter().enumerate() {
+                if x { a.set(i as u64); }
+                if y { b.set(i as u64); }
+            }
+            let mut or = a.clone();
+            or.or_with(&b);
+            let mut and2 = a.clone();
+            and2.and_with(&b);
+            let mut andn = a.clone();
+            andn.and_not(&b);
+            let mut and = DirtyBitmap::new(n);
+            and.set_and(&a, &b);
+            for (i, &(x, y)) in bits.iter().enumerate() {
+                let i = i as u64;
+                prop_assert_eq!(or.get(i), x || y);
+                prop_assert_eq!(andn.get(i), x && !y);
+                prop_assert_eq!(and.get(i), x && y);
+                prop_assert_eq!(and2.get(i), x && y);
+            }
+            let blocks = a.count_blocks(64);
+            prop_assert_eq!(blocks.len() as u64, n.div_ceil(64));
+            for (k, &c) in blocks.iter().enumerate() {
+                let want = bits.iter().skip(k * 64).take(64).filter(|p| p.0).count() as u64;
+                prop_assert_eq!(c, want);
+            }
+            let mut sb = DirtyBitmap::new(n);
+            sb.set_blocks(64, &flags);
+            for i in 0..n {
+                prop_assert_eq!(sb.get(i), flags.get((i / 64) as usize).copied().unwrap_or(false));
+            }
+            prop_assert_eq!(sb.count(), (0..n).filter(|&i| flags.get((i / 64) as usize) == Some(&true)).count() as u64);
         }
     }
 

@@ -9,6 +9,7 @@
 //!   PREPARE/COMMIT).
 //! - [`source`] / [`target`]: the migration state machines and data pipelines.
 //! - [`metrics`]: a query-migrate style context per migration.
+//! - [`policy`]: when pre-copy stops, which pages a round sends, throttling.
 //!
 //! Entry points: [`source::migrate_out`] on the source, and on the target an
 //! [`target::Acceptor`] that authenticates connections into sessions plus
@@ -22,6 +23,7 @@ pub mod linkvm;
 pub mod memory;
 pub mod memvm;
 pub mod metrics;
+pub mod policy;
 pub mod source;
 pub mod target;
 pub mod vm;

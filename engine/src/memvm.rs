@@ -33,6 +33,23 @@ pub fn write_page(mem: &GuestMem, page: u64, version: u64) {
         .copy_from(&bytes[..]);
 }
 
+/// Writes `page` with incompressible bytes derived from its stamp (the
+/// first word is the stamp itself).
+pub fn write_random_page(mem: &GuestMem, page: u64, version: u64) {
+    let mut x = stamp(page, version).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut bytes = Vec::with_capacity(PAGE_SIZE);
+    bytes.extend_from_slice(&stamp(page, version).to_le_bytes());
+    while bytes.len() < PAGE_SIZE {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        bytes.extend_from_slice(&x.to_le_bytes());
+    }
+    mem.page(PageIndex(page))
+        .expect("page in range")
+        .copy_from(&bytes[..]);
+}
+
 /// Pages a guest writes per batch before checking for a pause.
 const BATCH_PAGES: u64 = 16;
 
@@ -42,9 +59,14 @@ struct Shared {
     stop: AtomicBool,
     progress: AtomicU64,
     throttle_pct: AtomicU8,
+    /// Guest writes touch this many leading pages only (0: all).
+    hot_pages: u64,
+    /// A write changes one 64-byte line of the page, not all of it.
+    partial: bool,
 }
 
-/// A source VM whose guest is a thread writing stamped pages.
+/// A source VM whose guest is a thread writing stamped, incompressible pages
+/// (or, with `partial`, one stamped line of a page per write).
 pub struct MemSourceVm {
     shared: Arc<Shared>,
     rate_pages_s: u64,
@@ -62,12 +84,27 @@ impl MemSourceVm {
     /// A VM over `mem` whose guest writes `rate_pages_s` pages per second
     /// (0: an idle guest), choosing pages from `seed`.
     pub fn new(mem: Arc<GuestMem>, rate_pages_s: u64, seed: u64) -> Self {
+        Self::with_pattern(mem, rate_pages_s, seed, 0, false)
+    }
+
+    /// Like [`Self::new`], with writes confined to the first `hot_pages`
+    /// pages (0: all of memory) and, with `partial`, changing one 64-byte
+    /// line of a page per write (what XOR-delta is for).
+    pub fn with_pattern(
+        mem: Arc<GuestMem>,
+        rate_pages_s: u64,
+        seed: u64,
+        hot_pages: u64,
+        partial: bool,
+    ) -> Self {
         let shared = Arc::new(Shared {
             mem,
             log: Mutex::new(None),
             stop: AtomicBool::new(false),
             progress: AtomicU64::new(0),
             throttle_pct: AtomicU8::new(0),
+            hot_pages,
+            partial,
         });
         let mut vm = MemSourceVm {
             shared,
@@ -107,7 +144,10 @@ impl MemSourceVm {
         self.writer = Some(std::thread::spawn(move || {
             let batch_time = Duration::from_secs_f64(BATCH_PAGES as f64 / rate as f64);
             let mut deadline = Instant::now();
-            let pages = shared.mem.pages();
+            let pages = match shared.hot_pages {
+                0 => shared.mem.pages(),
+                h => h.min(shared.mem.pages()),
+            };
             let mut written = 0u64;
             while !shared.stop.load(Ordering::SeqCst) {
                 for _ in 0..BATCH_PAGES {
@@ -116,7 +156,19 @@ impl MemSourceVm {
                     x ^= x << 17;
                     let page = x % pages;
                     let version = shared.progress.fetch_add(1, Ordering::SeqCst) + 1;
-                    write_page(&shared.mem, page, version);
+                    if shared.partial {
+                        let line = [stamp(page, version); 8];
+                        let bytes: Vec<u8> = line.iter().flat_map(|w| w.to_le_bytes()).collect();
+                        let off = (version as usize % (PAGE_SIZE / 64)) * 64;
+                        shared
+                            .mem
+                            .page(PageIndex(page))
+                            .expect("page in range")
+                            .write_slice(&bytes, off)
+                            .expect("line inside the page");
+                    } else {
+                        write_random_page(&shared.mem, page, version);
+                    }
                     if let Some(log) = shared
                         .log
                         .lock()

@@ -172,6 +172,24 @@ pub struct RoundLog {
     /// vCPU throttle during the round, percent.
     #[serde(default)]
     pub throttle_pct: u8,
+    /// Pre-copy time at the end of the round, ms.
+    #[serde(default)]
+    pub elapsed_ms: u64,
+    /// Pages dirty at this sync and the previous one.
+    #[serde(default)]
+    pub hot: u64,
+    /// Pages a stop-and-copy would have sent: dirty plus held back.
+    #[serde(default)]
+    pub pending: u64,
+    /// Transfer rate the forecast used, pages/s.
+    #[serde(default)]
+    pub rate_pages_s: u64,
+    /// The downtime forecast for a stop after this round, ms.
+    #[serde(default)]
+    pub estimate_ms: u64,
+    /// The policy's view of the guest ("converging", "memory-intensive").
+    #[serde(default)]
+    pub class: String,
 }
 
 /// Live metrics of one migration.
@@ -188,7 +206,26 @@ pub struct Metrics {
     pub compressed_bytes: AtomicU64,
     /// Raw pages.
     pub pages_raw: AtomicU64,
+    /// XOR-delta counters, summed over the encoders.
+    pub xor: XorCounters,
     snap: Mutex<Snapshot>,
+}
+
+/// The atomic side of [`XorStats`].
+#[derive(Debug, Default)]
+pub struct XorCounters {
+    /// Pages sent as deltas.
+    pub pages: AtomicU64,
+    /// Their payload bytes.
+    pub bytes: AtomicU64,
+    /// Cache hits.
+    pub cache_hits: AtomicU64,
+    /// Cache misses.
+    pub cache_misses: AtomicU64,
+    /// Deltas that did not pay.
+    pub overflows: AtomicU64,
+    /// Evictions.
+    pub evictions: AtomicU64,
 }
 
 impl Metrics {
@@ -201,13 +238,14 @@ impl Metrics {
             pages_compressed: AtomicU64::new(0),
             compressed_bytes: AtomicU64::new(0),
             pages_raw: AtomicU64::new(0),
+            xor: XorCounters::default(),
             snap: Mutex::new(Snapshot {
                 id: id.into(),
                 vm: vm.into(),
                 role: role.into(),
                 peer: peer.into(),
                 mode: "precopy".into(),
-                policy: "baseline".into(),
+                policy: "-".into(),
                 ..Snapshot::default()
             }),
         }
@@ -240,7 +278,18 @@ impl Metrics {
         s.pages_compressed = self.pages_compressed.load(Relaxed);
         s.compressed_bytes = self.compressed_bytes.load(Relaxed);
         s.pages_raw = self.pages_raw.load(Relaxed);
-        s.guest_bytes = (s.pages_zero + s.pages_compressed + s.pages_raw) * crate::PAGE_SIZE as u64;
+        let x = &self.xor;
+        s.xor = XorStats {
+            cache_bytes: s.xor.cache_bytes,
+            pages: x.pages.load(Relaxed),
+            bytes: x.bytes.load(Relaxed),
+            cache_hits: x.cache_hits.load(Relaxed),
+            cache_misses: x.cache_misses.load(Relaxed),
+            overflows: x.overflows.load(Relaxed),
+            evictions: x.evictions.load(Relaxed),
+        };
+        s.guest_bytes = (s.pages_zero + s.pages_compressed + s.pages_raw + s.xor.pages)
+            * crate::PAGE_SIZE as u64;
         let secs = s.total_time_ms.max(1) as f64 / 1000.0;
         s.throughput_mib_s = s.transferred_bytes as f64 / (1024.0 * 1024.0) / secs;
         s
@@ -301,10 +350,45 @@ impl std::fmt::Display for Snapshot {
             self.compressed_bytes >> 10,
             self.pages_raw
         )?;
+        if self.xor.cache_bytes > 0 {
+            let x = &self.xor;
+            writeln!(
+                f,
+                "  xor-delta:         {} pages ({} KiB), cache {} MiB: {} hits, {} misses, {} overflows",
+                x.pages,
+                x.bytes >> 10,
+                x.cache_bytes >> 20,
+                x.cache_hits,
+                x.cache_misses,
+                x.overflows
+            )?;
+        }
+        if self.resent_pages > 0 {
+            writeln!(
+                f,
+                "  re-sent:           {} pages in {} KiB",
+                self.resent_pages,
+                self.resent_bytes >> 10
+            )?;
+        }
+        if self.throttle_pct > 0 {
+            writeln!(f, "  guest throttle:    {}%", self.throttle_pct)?;
+        }
         write!(
             f,
             "  remaining:         {} pages, dirty rate {} pages/s",
             self.remaining_pages, self.dirty_pages_rate
-        )
+        )?;
+        if !self.rounds.is_empty() {
+            write!(f, "\n  rounds (policy {}):", self.policy)?;
+            for r in &self.rounds {
+                write!(
+                    f,
+                    "\n    {:>3}  {:>9} pages {:>6} ms  dirty {:>8}  held {:>8}  {}",
+                    r.round, r.pages, r.ms, r.dirty_after, r.deferred, r.decision
+                )?;
+            }
+        }
+        Ok(())
     }
 }

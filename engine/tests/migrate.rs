@@ -107,10 +107,35 @@ fn migrate_slow_target(
     run_delay: Duration,
     target_cancel: Cancel,
 ) -> Run {
+    migrate_pattern(
+        t,
+        mib,
+        (rate, 0, false),
+        cfg,
+        (key_src, key_dst),
+        cancel,
+        run_delay,
+        target_cancel,
+    )
+}
+
+/// The general case: the guest writes `rate` pages/s into its first `hot`
+/// pages (0: all), whole pages or (with `partial`) one line of each.
+#[allow(clippy::too_many_arguments)]
+fn migrate_pattern(
+    t: &InProcTransport,
+    mib: u64,
+    (rate, hot, partial): (u64, u64, bool),
+    cfg: SourceConfig,
+    (key_src, key_dst): (Key, Key),
+    cancel: Cancel,
+    run_delay: Duration,
+    target_cancel: Cancel,
+) -> Run {
     let spec = spec(mib);
     let mem = Arc::new(GuestMem::create(&spec).unwrap());
     populate(&mem);
-    let mut vm = MemSourceVm::new(mem.clone(), rate, 42);
+    let mut vm = MemSourceVm::with_pattern(mem.clone(), rate, 42, hot, partial);
     let mut listener = t.listen("target").unwrap();
     let acceptor = Arc::new(Acceptor::new(key_dst));
     let target_log = Arc::new(Mutex::new(TargetLog::default()));
@@ -256,10 +281,135 @@ fn dirtying_guest_converges_and_keeps_every_write() {
 }
 
 #[test]
+fn xor_delta_moves_rewritten_pages_as_small_deltas_and_keeps_every_write() {
+    let t = InProcTransport::new();
+    let k = Key::generate().unwrap();
+    // A capped link and a hot set rewritten one line at a time: pages go
+    // again and again, each time as a delta against the previous copy.
+    let mut c = cfg(3);
+    c.bandwidth_mib_s = Some(64);
+    c.downtime_ms = 30;
+    c.policy = ferry_engine::policy::PolicyKind::Baseline;
+    let r = migrate_pattern(
+        &t,
+        32,
+        (20_000, 2048, true),
+        c,
+        (k.clone(), k),
+        Cancel::new(),
+        Duration::ZERO,
+        Cancel::new(),
+    );
+    assert!(r.result.is_ok(), "{:?}", r.result);
+    check_invariant(&r);
+    let s = &r.snapshot;
+    assert!(s.iterations >= 2, "{s:?}");
+    assert!(s.xor.pages > 0, "no deltas: {:?}", s.xor);
+    assert_eq!(s.xor.cache_bytes, 16 << 20);
+    // One changed line of 64 bytes: a delta of about 70 bytes, not 4 KiB.
+    assert!(
+        s.xor.bytes < s.xor.pages * 256,
+        "deltas too large: {:?}",
+        s.xor
+    );
+    assert!(
+        s.resent_pages > 0 && s.resent_bytes < s.resent_pages * 1024,
+        "{s:?}"
+    );
+}
+
+#[test]
+fn without_xor_delta_the_same_pages_cost_their_full_size() {
+    let t = InProcTransport::new();
+    let k = Key::generate().unwrap();
+    let mut c = cfg(3);
+    c.bandwidth_mib_s = Some(64);
+    c.downtime_ms = 30;
+    c.xor_cache_bytes = Some(0);
+    let r = migrate_pattern(
+        &t,
+        32,
+        (20_000, 2048, true),
+        c,
+        (k.clone(), k),
+        Cancel::new(),
+        Duration::ZERO,
+        Cancel::new(),
+    );
+    assert!(r.result.is_ok(), "{:?}", r.result);
+    check_invariant(&r);
+    assert_eq!(r.snapshot.xor.pages, 0);
+    assert_eq!(r.snapshot.xor.cache_bytes, 0);
+}
+
+#[test]
+fn hot_pages_are_held_for_the_final_round() {
+    let t = InProcTransport::new();
+    let k = Key::generate().unwrap();
+    let mut c = cfg(2);
+    c.bandwidth_mib_s = Some(32);
+    c.downtime_ms = 10;
+    c.rounds_max = 6;
+    c.policy = ferry_engine::policy::PolicyKind::HotDefer;
+    let r = migrate_pattern(
+        &t,
+        16,
+        (50_000, 256, false),
+        c,
+        (k.clone(), k),
+        Cancel::new(),
+        Duration::ZERO,
+        Cancel::new(),
+    );
+    check_invariant(&r);
+    let rounds = &r.snapshot.rounds;
+    // The hot set is dirty at every sync: from the third round on, it waits.
+    assert!(rounds.len() >= 3, "{rounds:#?}");
+    assert!(
+        rounds[2..].iter().all(|x| x.pages == 0),
+        "hot pages sent again: {rounds:#?}"
+    );
+    assert!(
+        rounds[1..rounds.len() - 1]
+            .iter()
+            .all(|x| x.deferred == 256),
+        "{rounds:#?}"
+    );
+}
+
+#[test]
+fn adaptive_throttles_a_guest_that_outruns_the_link_and_lifts_it_afterwards() {
+    let t = InProcTransport::new();
+    let k = Key::generate().unwrap();
+    let mut c = cfg(2);
+    // 16 MiB at 8 MiB/s, the guest rewriting whole random pages at ~4x that.
+    c.bandwidth_mib_s = Some(8);
+    c.downtime_ms = 50;
+    c.downtime_max_ms = 400;
+    c.xor_cache_bytes = Some(0);
+    c.time_max = Duration::from_secs(60);
+    let r = migrate(&t, 16, 8192, c, k.clone(), k, Cancel::new());
+    check_invariant(&r);
+    assert!(r.result.is_ok(), "{:?}\n{:#?}", r.result, r.snapshot.rounds);
+    let steps = &r.source_vm.throttles;
+    assert!(!steps.is_empty() && steps[0] == 20, "{steps:?}");
+    assert!(
+        steps.windows(2).all(|w| w[1] > w[0] || w[1] == 0),
+        "{steps:?}"
+    );
+    assert!(
+        r.snapshot.downtime_ms <= 400 + 200,
+        "{}",
+        r.snapshot.downtime_ms
+    );
+}
+
+#[test]
 fn never_converging_guest_stays_on_the_source() {
     let t = InProcTransport::new();
     let k = Key::generate().unwrap();
     let mut c = cfg(2);
+    c.policy = ferry_engine::policy::PolicyKind::Baseline;
     c.downtime_ms = 1;
     c.rounds_max = 3;
     c.bandwidth_mib_s = Some(20);

@@ -20,6 +20,7 @@ fuzz_target!(|data: &[u8]| {
             Codec::Zero => assert!(payload.is_empty() && out.iter().all(|&b| b == 0)),
             Codec::Raw => assert_eq!(&out[..], payload),
             Codec::Lz4 => assert!(payload.len() <= PAYLOAD_BYTES_MAX),
+            Codec::Xor | Codec::XorLz4 => panic!("decode accepted delta codec {codec:?}"),
         }
     }
 });

@@ -35,6 +35,8 @@ _start:
         je      mixed
         cmp     rax, WORKLOAD_DIRTY
         je      mixed
+        cmp     rax, WORKLOAD_DIRTY_FILL
+        je      fill
 bad_config:
         mov     al, EV_BAD_CONFIG
         out     EXIT_PORT, al
@@ -46,7 +48,7 @@ fill:
 .Lfill_next:
         mov     rdi, [rbx + CB_CURSOR]
         cmp     rdi, [rbx + CB_DATA_PAGES]
-        jae     idle
+        jae     .Lfill_done
         mov     esi, KIND_RANDOM
         call    write_page
         mov     rdi, [rbx + CB_CURSOR]
@@ -56,6 +58,10 @@ fill:
         jnz     .Lfill_next
         call    checkpoint
         jmp     .Lfill_next
+.Lfill_done:
+        cmp     qword ptr [rbx + CB_WORKLOAD], WORKLOAD_DIRTY_FILL
+        je      dirty
+        jmp     idle
 
 # ---- mixed: each page by its class; zero-class pages stay untouched -------
 mixed:
@@ -121,11 +127,14 @@ dirty:
         xor     edx, edx
         div     r9
         mov     rdi, rdx
+        mov     esi, KIND_RANDOM
+        cmp     qword ptr [rbx + CB_WORKLOAD], WORKLOAD_DIRTY_FILL
+        je      1f
         push    rdi
         call    class_of
         pop     rdi
         mov     esi, eax
-        call    write_page
+1:      call    write_page
         dec     r15
         jnz     .Ldirty_one
         inc     qword ptr [rbx + CB_PROGRESS]

@@ -66,6 +66,9 @@ pub const WORKLOAD_MIXED: u64 = 3;
 /// Workload: mixed, then keep rewriting random pages (header + one slot
 /// each) at a paced rate of pages.
 pub const WORKLOAD_DIRTY: u64 = 4;
+/// Workload: fill, then keep rewriting random pages like `WORKLOAD_DIRTY`,
+/// every page incompressible.
+pub const WORKLOAD_DIRTY_FILL: u64 = 5;
 
 /// Phase: the guest has not reached its first loop yet.
 pub const PHASE_BOOT: u64 = 0;

@@ -30,7 +30,7 @@ pub const BATCH_PAGES_MAX: u64 = 1024;
 pub enum ConfigError {
     /// The workload string does not parse.
     #[error(
-        "invalid workload {0:?}: expected idle, fill, mixed, or dirty:<MiB/s>[:hot=<pct>] \
+        "invalid workload {0:?}: expected idle, fill, mixed, or dirty:<MiB/s>[:hot=<pct>][:fill] \
          (MiB/s > 0, 0 < pct <= 100)"
     )]
     Workload(String),
@@ -59,6 +59,10 @@ pub enum Workload {
         mib_per_s: u32,
         /// Percentage of writes into the hot set (0: uniform).
         hot_pct: u8,
+        /// `:fill`: start from `fill` instead of `mixed`, and rewrite every
+        /// page as incompressible data (a guest whose dirty pages cost
+        /// their full size on the wire without XOR-delta).
+        fill: bool,
     },
 }
 
@@ -69,7 +73,8 @@ impl Workload {
             Workload::Idle => crate::abi::WORKLOAD_IDLE,
             Workload::Fill => crate::abi::WORKLOAD_FILL,
             Workload::Mixed => crate::abi::WORKLOAD_MIXED,
-            Workload::Dirty { .. } => crate::abi::WORKLOAD_DIRTY,
+            Workload::Dirty { fill: false, .. } => crate::abi::WORKLOAD_DIRTY,
+            Workload::Dirty { fill: true, .. } => crate::abi::WORKLOAD_DIRTY_FILL,
         }
     }
 
@@ -95,23 +100,27 @@ impl FromStr for Workload {
             _ => {}
         }
         let rest = s.strip_prefix("dirty:").ok_or_else(bad)?;
-        let (rate, hot) = match rest.split_once(':') {
-            Some((rate, hot)) => (rate, Some(hot)),
-            None => (rest, None),
-        };
-        let mib_per_s: u32 = rate.parse().map_err(|_| bad())?;
-        let hot_pct: u8 = match hot {
-            None => 0,
-            Some(h) => h
-                .strip_prefix("hot=")
-                .ok_or_else(bad)?
-                .parse()
-                .map_err(|_| bad())?,
-        };
+        let mut parts = rest.split(':');
+        let mib_per_s: u32 = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
+        let (mut hot, mut fill) = (None, false);
+        for part in parts {
+            match part.strip_prefix("hot=") {
+                Some(h) if hot.is_none() && !fill => {
+                    hot = Some(h.parse::<u8>().map_err(|_| bad())?)
+                }
+                None if part == "fill" && !fill => fill = true,
+                _ => return Err(bad()),
+            }
+        }
+        let hot_pct = hot.unwrap_or(0);
         if mib_per_s == 0 || (hot.is_some() && !(1..=100).contains(&hot_pct)) {
             return Err(bad());
         }
-        Ok(Workload::Dirty { mib_per_s, hot_pct })
+        Ok(Workload::Dirty {
+            mib_per_s,
+            hot_pct,
+            fill,
+        })
     }
 }
 
@@ -123,9 +132,18 @@ impl fmt::Display for Workload {
             Workload::Mixed => f.write_str("mixed"),
             Workload::Dirty {
                 mib_per_s,
-                hot_pct: 0,
-            } => write!(f, "dirty:{mib_per_s}"),
-            Workload::Dirty { mib_per_s, hot_pct } => write!(f, "dirty:{mib_per_s}:hot={hot_pct}"),
+                hot_pct,
+                fill,
+            } => {
+                write!(f, "dirty:{mib_per_s}")?;
+                if *hot_pct > 0 {
+                    write!(f, ":hot={hot_pct}")?;
+                }
+                if *fill {
+                    f.write_str(":fill")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -266,6 +284,8 @@ mod tests {
             "dirty:64",
             "dirty:1:hot=90",
             "dirty:5:hot=100",
+            "dirty:5:fill",
+            "dirty:5:hot=10:fill",
         ] {
             assert_eq!(s.parse::<Workload>().unwrap().to_string(), s);
         }
@@ -277,6 +297,9 @@ mod tests {
             "dirty:0",
             "dirty:-1",
             "dirty:5:hot=0",
+            "dirty:5:fill:hot=3",
+            "dirty:5:fill:fill",
+            "dirty:5:hot=3:hot=4",
             "dirty:5:hot=101",
             "dirty:5:cold=3",
             "dirty:5:hot=x",

@@ -22,8 +22,9 @@ struct Args {
     /// Guest RAM in MiB (a multiple of 2, 4..=8192).
     #[arg(long, default_value_t = 256)]
     mem_mib: u64,
-    /// idle | fill | mixed | dirty:<MiB/s>[:hot=<pct>]. dirty: after the
-    /// mixed pass, rewrite <MiB/s> / 4 KiB random pages per second (each
+    /// idle | fill | mixed | dirty:<MiB/s>[:hot=<pct>][:fill]. dirty: after
+    /// the mixed pass (the fill pass with :fill, whose pages are all
+    /// incompressible), rewrite <MiB/s> / 4 KiB random pages per second (each
     /// rewrite changes a page's header and one 256-byte slot); <pct>% of
     /// them go to a hot set of 10% of the pages.
     #[arg(long, default_value = "idle")]

@@ -4,9 +4,10 @@
 //! ```text
 //!  scratch dir + key ─▶ [netns pair] ─▶ target ferryd ─▶ source ferryd
 //!    ─▶ source ferry-vmm (--verify --report) ─▶ wait until the guest is warm
-//!    ─▶ link blast (guest-size bytes, same path, same streams)
+//!    ─▶ link blast (guest-size bytes, same path, same streams; not with --no-blast)
 //!    ─▶ POST /migrations ─▶ poll until final
-//!    ─▶ checks: memory hash, page stamps, guest progress, source stopped
+//!    ─▶ completed: memory hash, page stamps, guest progress, source stopped
+//!       failed / cancelled: stayed on source (see [`checks`])
 //! ```
 //!
 //! The link baseline is measured right before the migration, with the guest
@@ -15,6 +16,8 @@
 //! dirtying guest the migration moves more than that; rates stay comparable
 //! because both are bytes over time.
 
+mod checks;
+pub mod policy;
 pub mod report;
 pub mod testbed;
 
@@ -24,12 +27,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 
-use crate::procs::{self, read_json_lines, POLL};
+use crate::blast::BlastResult;
+use crate::procs::{self, POLL};
 use crate::ui::Ui;
 use crate::workload::{warmup, Warmup, Workload};
 use ferry_daemon::api::MigrateRequest;
-use ferry_daemon::api::VmState;
-use report::{mib_s, round2, BenchResult, Check, Checks, Link};
+pub use policy::Policy;
+use report::{mib_s, round2, BenchResult, Checks, Link};
 use testbed::{Programs, Testbed, VM_NAME};
 
 /// Cap on streams; matches the blast's cap.
@@ -37,18 +41,13 @@ const STREAMS_MAX: u32 = crate::blast::STREAMS_MAX;
 /// Period of migration status polls: 5 per second is smooth for a person
 /// and nothing for the daemon.
 const STATUS_POLL: Duration = Duration::from_millis(200);
-/// How long the guest's counter on the target may take to move.
-const PROGRESS_WAIT: Duration = Duration::from_secs(3);
-/// How long the source VMM may take to exit after the hand-off: it hashes
-/// guest memory at the pause (xxh3, well over 1 GiB/s even on a loaded core)
-/// and finishes that before it quits; 10 s plus 1 s per GiB.
-fn source_exit_wait(mem_bytes: u64) -> Duration {
-    Duration::from_secs(10 + (mem_bytes >> 30))
-}
 /// After a cancel (timeout or Ctrl-C), how long to wait for a final status.
 const CANCEL_WAIT: Duration = Duration::from_secs(30);
 /// Idle guests have nothing to warm: a short settle after registration.
 const IDLE_SETTLE: Duration = Duration::from_secs(1);
+/// With --time-max-s, ferry-bench's own cancel (--timeout-s) waits at least
+/// this long past the engine's limit, so the engine gives up first.
+const TIME_MAX_GRACE_S: u64 = 30;
 
 /// Transports ferry-bench can ask for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -66,7 +65,7 @@ impl Transport {
 }
 
 /// `--mem-mib`: a size ferry-vmm's memory layout accepts.
-fn parse_mem_mib(s: &str) -> Result<u64, String> {
+pub fn parse_mem_mib(s: &str) -> Result<u64, String> {
     let mib: u64 = s
         .parse()
         .map_err(|_| format!("{s:?} is not a whole number of MiB"))?;
@@ -81,7 +80,7 @@ pub struct MigrateArgs {
     /// Guest memory in MiB (a multiple of 2, at least 4, within ferry-vmm's limit).
     #[arg(long, value_parser = parse_mem_mib)]
     pub mem_mib: u64,
-    /// Guest workload: `idle`, `fill`, `mixed`, or `dirty:<MiB/s>[:hot=<pct>]`.
+    /// Guest workload: `idle`, `fill`, `mixed`, or `dirty:<MiB/s>[:hot=<pct>][:fill]`.
     #[arg(long)]
     pub workload: Workload,
     /// Transport between the two ferryds.
@@ -96,6 +95,29 @@ pub struct MigrateArgs {
     /// Cap on the migration's bandwidth (default: none).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub bandwidth_mib_s: Option<u64>,
+    /// Convergence policy (default: ferryd's, `adaptive`).
+    #[arg(long, value_enum)]
+    pub policy: Option<Policy>,
+    /// Downtime a policy may spend to force convergence of a guest that
+    /// dirties faster than the link carries, ms (default: ferryd's).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub downtime_max_ms: Option<u64>,
+    /// XOR-delta cache of last-sent pages in MiB; 0 turns XOR-delta off
+    /// (default: ferryd's).
+    #[arg(long)]
+    pub xor_cache_mib: Option<u64>,
+    /// The engine gives up (the VM stays on the source) after this many
+    /// seconds (default: ferryd's).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub time_max_s: Option<u64>,
+    /// The engine gives up after this many pre-copy rounds (default: ferryd's).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub rounds_max: Option<u32>,
+    /// Skip the link blast (link figures and link_ratio then read 0): saves
+    /// two guest-sized transfers when --bandwidth-mib-s caps the migration
+    /// anyway.
+    #[arg(long)]
+    pub no_blast: bool,
     /// For dirty workloads: seconds of dirtying before the measurement.
     #[arg(long, default_value_t = 2.0)]
     pub warmup_s: f64,
@@ -109,7 +131,8 @@ pub struct MigrateArgs {
     /// With --netns: shape the veth pair to this rate with tc tbf.
     #[arg(long, requires = "netns", value_parser = clap::value_parser!(u64).range(1..))]
     pub link_rate_mib_s: Option<u64>,
-    /// Give up (cancel the migration) after this many seconds.
+    /// Cancel the migration after this many seconds (with --time-max-s, at
+    /// least that plus 30 s, so the engine gives up first).
     #[arg(long, default_value_t = 600)]
     pub timeout_s: u64,
     /// Print exactly one JSON object on stdout instead of a table.
@@ -151,16 +174,21 @@ fn run_on(tb: &mut Testbed, args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResu
     warm_up(tb, args, ui)?;
 
     let mem_bytes = args.mem_mib << 20;
-    ui.step(&format!(
-        "measuring the link: {} MiB of raw TCP over {} streams",
-        args.mem_mib, args.streams
-    ));
-    let blast = tb.blast(mem_bytes, args.streams, crate::blast::Mode::Memory)?;
-    let hot = tb.blast(mem_bytes, args.streams, crate::blast::Mode::Hot)?;
-    ui.step(&format!(
-        "link: {:.0} MiB/s memory to memory ({:.0} MiB/s cache-hot)",
-        blast.mib_s, hot.mib_s
-    ));
+    let (blast, hot) = if args.no_blast {
+        (no_blast(), no_blast())
+    } else {
+        ui.step(&format!(
+            "measuring the link: {} MiB of raw TCP over {} streams",
+            args.mem_mib, args.streams
+        ));
+        let blast = tb.blast(mem_bytes, args.streams, crate::blast::Mode::Memory)?;
+        let hot = tb.blast(mem_bytes, args.streams, crate::blast::Mode::Hot)?;
+        ui.step(&format!(
+            "link: {:.0} MiB/s memory to memory ({:.0} MiB/s cache-hot)",
+            blast.mib_s, hot.mib_s
+        ));
+        (blast, hot)
+    };
     tb.ensure_running()?;
     if !args.no_reserve {
         tb.wait_target_reserve(ui)?;
@@ -172,7 +200,11 @@ fn run_on(tb: &mut Testbed, args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResu
         streams: Some(args.streams),
         downtime_ms: args.downtime_ms,
         bandwidth_mib_s: args.bandwidth_mib_s,
-        ..MigrateRequest::default()
+        rounds_max: args.rounds_max,
+        time_max_s: args.time_max_s,
+        policy: args.policy.map(|p| p.name().to_string()),
+        downtime_max_ms: args.downtime_max_ms,
+        xor_cache_mib: args.xor_cache_mib,
     };
     let id = tb.src.api.start_migration(&req)?;
     ui.step(&format!("migration {id}: {VM_NAME} to {}", req.to));
@@ -209,6 +241,11 @@ fn run_on(tb: &mut Testbed, args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResu
         pages_compressed: snap.pages_compressed,
         compressed_bytes: snap.compressed_bytes,
         pages_raw: snap.pages_raw,
+        downtime_max_ms: snap.downtime_max_ms,
+        throttle_pct: snap.throttle_pct,
+        resent_pages: snap.resent_pages,
+        resent_bytes: snap.resent_bytes,
+        xor: snap.xor,
         link_mib_s: round2(blast.mib_s),
         link_hot_mib_s: round2(hot.mib_s),
         rounds: snap.rounds.clone(),
@@ -220,6 +257,11 @@ fn run_on(tb: &mut Testbed, args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResu
         },
         downtime_budget_ms: args.downtime_ms,
         bandwidth_mib_s: args.bandwidth_mib_s,
+        requested_policy: args.policy,
+        requested_downtime_max_ms: args.downtime_max_ms,
+        xor_cache_mib: args.xor_cache_mib,
+        time_max_s: args.time_max_s,
+        rounds_max: args.rounds_max,
         ..BenchResult::default()
     };
     // Rates from the raw counters, not the engine's own rate field.
@@ -231,13 +273,32 @@ fn run_on(tb: &mut Testbed, args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResu
         0.0
     };
 
-    if snap.status == ferry_engine::Status::Completed {
-        check(tb, &snap, &mut r)?;
+    r.completed = snap.status == ferry_engine::Status::Completed;
+    if r.completed {
+        checks::check_completed(tb, &snap, &mut r)?;
+    } else if procs::interrupted() {
+        r.checks = Checks::none("interrupted");
     } else {
-        r.checks = Checks::none(&format!("the migration ended {}", r.status));
+        ui.step(&format!(
+            "the migration ended {}: checking that {VM_NAME} stayed on the source",
+            r.status
+        ));
+        let stayed = checks::check_stayed(tb)?;
+        r.checks = Checks::stayed(stayed, &format!("the migration ended {}", r.status));
     }
-    r.verified = snap.status == ferry_engine::Status::Completed && r.checks.all_ok();
+    r.verified = r.checks.all_ok();
     Ok(r)
+}
+
+/// The link figures of a run without a blast: all zero.
+fn no_blast() -> BlastResult {
+    BlastResult {
+        mode: crate::blast::Mode::Memory,
+        bytes: 0,
+        streams: 0,
+        ms: 0,
+        mib_s: 0.0,
+    }
 }
 
 fn status_name(s: ferry_engine::Status) -> String {
@@ -303,7 +364,10 @@ fn follow(
     ui: &mut Ui,
 ) -> Result<ferry_engine::Snapshot> {
     let start = Instant::now();
-    let timeout = Duration::from_secs(args.timeout_s);
+    let timeout = Duration::from_secs(
+        args.time_max_s
+            .map_or(args.timeout_s, |t| args.timeout_s.max(t + TIME_MAX_GRACE_S)),
+    );
     let mut cancelled_at: Option<Instant> = None;
     loop {
         let snap = tb.src.api.migration(id);
@@ -358,146 +422,6 @@ fn progress_line(s: &ferry_engine::Snapshot) -> String {
     )
 }
 
-/// The guest's memory hash and progress at the pause, from the source VMM's
-/// own report (the last "paused" event).
-fn paused_event(tb: &Testbed) -> Result<Option<(String, Option<u64>)>> {
-    let events = read_json_lines(&tb.report)?;
-    Ok(events
-        .iter()
-        .rev()
-        .find(|e| e["event"] == "paused")
-        .map(|e| {
-            let hash = e["mem_hash"].as_str().unwrap_or_default().to_owned();
-            (hash, e["progress"].as_u64())
-        }))
-}
-
-/// The four checks, each from a source the migration code does not control.
-/// Order matters: the guest's progress is checked first (it must move
-/// within seconds of completion), then the source VMM's exit, and only then
-/// its report, whose pause hash may be written just before it quits.
-fn check(tb: &mut Testbed, snap: &ferry_engine::Snapshot, r: &mut BenchResult) -> Result<()> {
-    let verify = snap.verify.clone().unwrap_or_default();
-
-    // Page stamps: the guest stamps every page it writes; the target VMM
-    // checked them before running the VM.
-    r.pages_checked = verify.pages_checked;
-    r.pages_bad = verify.pages_bad;
-    r.checks.page_stamps = Check::new(
-        verify.checked && verify.pages_checked > 0 && verify.pages_bad == 0,
-        if verify.checked {
-            format!(
-                "{} pages checked, {} bad",
-                verify.pages_checked, verify.pages_bad
-            )
-        } else {
-            "the target VMM did not verify".to_string()
-        },
-    );
-
-    // Guest progress: the guest runs on the target, so its counter moves past
-    // its value at the pause. The baseline is the engine's; it is replaced by
-    // the source VMM's own figure below when its report has one.
-    let base = snap.guest_progress_at_pause;
-    let start = Instant::now();
-    let (progress_after, target_state) = loop {
-        let now = tb.tgt.api.vm(VM_NAME)?;
-        let progress = now.as_ref().and_then(|v| v.progress);
-        if progress.is_some_and(|p| p > base) || start.elapsed() > PROGRESS_WAIT {
-            break (progress, now.map(|v| v.state));
-        }
-        procs::sleep(POLL)?;
-    };
-    let progress_ms = start.elapsed().as_millis();
-
-    // Source stopped: the source VMM exited cleanly after the hand-off and
-    // the source ferryd no longer runs the VM.
-    let wait = source_exit_wait(r.mem_bytes);
-    let exit = tb.vmm_mut()?.wait_timeout(wait)?;
-    let listed = tb.src.api.vm(VM_NAME)?;
-    let still_running = listed.as_ref().is_some_and(|v| v.state == VmState::Running);
-    let listing = match &listed {
-        None => "the source ferryd no longer lists it".to_string(),
-        Some(v) => format!("the source ferryd lists it as {}", state_name(v.state)),
-    };
-    r.checks.source_stopped = match exit {
-        None => Check::new(
-            false,
-            format!(
-                "ferry-vmm still runs {} s after completion; {listing}",
-                wait.as_secs()
-            ),
-        ),
-        Some(st) => Check::new(
-            st.success() && !still_running,
-            format!("ferry-vmm exited ({st}); {listing}"),
-        ),
-    };
-
-    // Memory hash: the source VMM hashed all guest memory at the pause; the
-    // target VMM hashed what it received, before running it.
-    let paused = paused_event(tb)?;
-    r.source_mem_hash = paused.as_ref().map(|p| p.0.clone()).unwrap_or_default();
-    r.target_mem_hash = verify.mem_hash.clone();
-    r.checks.mem_hash = match &paused {
-        None => Check::new(false, "the source VMM reported no pause"),
-        Some(_) if !verify.checked => Check::new(false, "the target VMM did not verify"),
-        Some((src, _)) if src.is_empty() || verify.mem_hash.is_empty() => Check::new(
-            false,
-            format!(
-                "a hash is missing (source {src:?}, target {:?})",
-                verify.mem_hash
-            ),
-        ),
-        Some((src, _)) if src.eq_ignore_ascii_case(&verify.mem_hash) => {
-            Check::new(true, format!("source == target == {}", short(src)))
-        }
-        Some((src, _)) => Check::new(
-            false,
-            format!(
-                "source {} != target {}",
-                short(src),
-                short(&verify.mem_hash)
-            ),
-        ),
-    };
-
-    // Now judge the progress against the source VMM's own pause figure.
-    let base = paused.as_ref().and_then(|p| p.1).unwrap_or(base);
-    r.progress_at_pause = base;
-    r.progress_after = progress_after.unwrap_or(0);
-    r.checks.guest_progress = match (progress_after, target_state) {
-        (Some(p), _) if p > base => Check::new(
-            true,
-            format!("{base} at the pause, {p} on the target {progress_ms} ms later"),
-        ),
-        (_, None) => Check::new(false, format!("the target ferryd does not list {VM_NAME}")),
-        (p, Some(st)) => Check::new(
-            false,
-            format!(
-                "{base} at the pause, {} on the target ({}) after {} s",
-                p.map_or("no figure".to_string(), |p| p.to_string()),
-                state_name(st),
-                PROGRESS_WAIT.as_secs()
-            ),
-        ),
-    };
-    Ok(())
-}
-
-/// A VM state as the API spells it.
-fn state_name(s: VmState) -> String {
-    serde_json::to_value(s)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_else(|| format!("{s:?}"))
-}
-
-/// The first 16 hex digits of a hash, for the table.
-fn short(h: &str) -> &str {
-    h.get(..16).unwrap_or(h)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -524,7 +448,17 @@ mod tests {
             (a.downtime_ms, a.bandwidth_mib_s, a.warmup_s),
             (None, None, 2.0)
         );
-        assert!(!a.netns && !a.json && !a.keep_logs);
+        assert!(!a.netns && !a.json && !a.keep_logs && !a.no_blast);
+        assert_eq!(
+            (
+                a.policy,
+                a.downtime_max_ms,
+                a.xor_cache_mib,
+                a.time_max_s,
+                a.rounds_max
+            ),
+            (None, None, None, None, None)
+        );
         let a = parse(&[
             "--mem-mib",
             "1024",
@@ -545,13 +479,42 @@ mod tests {
             "200",
             "--json",
             "--keep-logs",
+            "--policy",
+            "auto-converge",
+            "--downtime-max-ms",
+            "1500",
+            "--xor-cache-mib",
+            "0",
+            "--time-max-s",
+            "20",
+            "--rounds-max",
+            "5",
+            "--no-blast",
         ])
         .unwrap();
+        assert_eq!(
+            (
+                a.policy,
+                a.downtime_max_ms,
+                a.xor_cache_mib,
+                a.time_max_s,
+                a.rounds_max
+            ),
+            (
+                Some(Policy::AutoConverge),
+                Some(1500),
+                Some(0),
+                Some(20),
+                Some(5)
+            )
+        );
+        assert!(a.no_blast);
         assert_eq!(
             a.workload,
             Workload::Dirty {
                 mib_per_s: 50,
-                hot_pct: 10
+                hot_pct: 10,
+                fill: false
             }
         );
         assert_eq!(
@@ -596,6 +559,38 @@ mod tests {
                 "--workload",
                 "idle",
                 "--bandwidth-mib-s",
+                "0",
+            ],
+            &[
+                "--mem-mib",
+                "256",
+                "--workload",
+                "idle",
+                "--policy",
+                "fastest",
+            ],
+            &[
+                "--mem-mib",
+                "256",
+                "--workload",
+                "idle",
+                "--time-max-s",
+                "0",
+            ],
+            &[
+                "--mem-mib",
+                "256",
+                "--workload",
+                "idle",
+                "--rounds-max",
+                "0",
+            ],
+            &[
+                "--mem-mib",
+                "256",
+                "--workload",
+                "idle",
+                "--downtime-max-ms",
                 "0",
             ],
         ] {

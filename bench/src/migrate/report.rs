@@ -31,7 +31,8 @@ impl Check {
     }
 }
 
-/// The four checks that do not trust the migration code.
+/// The checks that do not trust the migration code: four for a completed
+/// migration, one (`stayed_on_source`) for one that failed or was cancelled.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct Checks {
     /// The source VMM's hash of guest memory at the pause equals the target
@@ -44,22 +45,41 @@ pub struct Checks {
     pub guest_progress: Check,
     /// The source VMM exited and the source ferryd no longer runs the VM.
     pub source_stopped: Check,
+    /// Only for a migration that did not complete: the source VMM still
+    /// runs, the source ferryd lists the VM as running and its progress
+    /// counter moves there, no pause is left unresumed, and the target
+    /// ferryd has no such VM. The four checks above are then not run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stayed_on_source: Option<Check>,
 }
 
 impl Checks {
-    /// All four passed.
+    /// All checks that apply passed.
     pub fn all_ok(&self) -> bool {
         self.list().iter().all(|(_, c)| c.ok)
     }
 
-    /// The checks with their table labels.
-    pub fn list(&self) -> [(&'static str, &Check); 4] {
-        [
-            ("memory hash", &self.mem_hash),
-            ("page stamps", &self.page_stamps),
-            ("guest progress", &self.guest_progress),
-            ("source stopped", &self.source_stopped),
-        ]
+    /// The checks that apply, with their table labels: `stayed_on_source`
+    /// alone when it is set, else the four of a completed migration.
+    pub fn list(&self) -> Vec<(&'static str, &Check)> {
+        match &self.stayed_on_source {
+            Some(c) => vec![("stayed on source", c)],
+            None => vec![
+                ("memory hash", &self.mem_hash),
+                ("page stamps", &self.page_stamps),
+                ("guest progress", &self.guest_progress),
+                ("source stopped", &self.source_stopped),
+            ],
+        }
+    }
+
+    /// The checks of a migration that did not complete (`why` says how it
+    /// ended): the four of a completion not run, `stayed` in their place.
+    pub fn stayed(stayed: Check, why: &str) -> Self {
+        Checks {
+            stayed_on_source: Some(stayed),
+            ..Checks::none(why)
+        }
     }
 
     /// Every check failed with the same reason.
@@ -69,6 +89,7 @@ impl Checks {
             page_stamps: Check::not_run(why),
             guest_progress: Check::not_run(why),
             source_stopped: Check::not_run(why),
+            stayed_on_source: None,
         }
     }
 }
@@ -131,6 +152,16 @@ pub struct BenchResult {
     pub compressed_bytes: u64,
     /// Raw pages.
     pub pages_raw: u64,
+    /// Downtime the policy was allowed to spend to force convergence.
+    pub downtime_max_ms: u64,
+    /// vCPU throttle the policy asked of the VMM at the end, percent.
+    pub throttle_pct: u8,
+    /// Pages sent again after the bulk round.
+    pub resent_pages: u64,
+    /// Their payload bytes on the wire.
+    pub resent_bytes: u64,
+    /// The XOR-delta cache's counters.
+    pub xor: ferry_engine::metrics::XorStats,
     /// Wire bytes / total time, MiB/s.
     pub throughput_mib_s: f64,
     /// Guest memory bytes / total time, MiB/s.
@@ -149,7 +180,10 @@ pub struct BenchResult {
     pub link_ratio: f64,
     /// The link blast.
     pub link: Link,
-    /// Completed and all four checks passed.
+    /// The migration completed: the VM runs on the target.
+    pub completed: bool,
+    /// The checks that apply passed: completed with all four checks, or
+    /// did not complete and the VM stayed on the source.
     pub verified: bool,
     /// The checks.
     pub checks: Checks,
@@ -169,6 +203,16 @@ pub struct BenchResult {
     pub downtime_budget_ms: Option<u64>,
     /// Requested bandwidth cap.
     pub bandwidth_mib_s: Option<u64>,
+    /// Requested convergence policy (`policy` is what the engine ran).
+    pub requested_policy: Option<crate::migrate::Policy>,
+    /// Requested forced-convergence downtime cap.
+    pub requested_downtime_max_ms: Option<u64>,
+    /// Requested XOR-delta cache size, MiB (0 = off).
+    pub xor_cache_mib: Option<u64>,
+    /// Requested limit on the migration's time.
+    pub time_max_s: Option<u64>,
+    /// Requested limit on pre-copy rounds.
+    pub rounds_max: Option<u32>,
 }
 
 /// MiB/s of `bytes` over `ms`; 0 when no time passed.
@@ -207,12 +251,23 @@ impl fmt::Display for BenchResult {
             "  total time      {} ms (setup {} ms; excludes the target VMM's {} ms verification pass)",
             self.total_time_ms, self.setup_time_ms, self.verify_ms
         )?;
-        writeln!(
+        write!(
             f,
-            "  downtime        {} ms (policy expected {} ms)",
+            "  downtime        {} ms (policy expected {} ms",
             self.downtime_ms, self.expected_downtime_ms
         )?;
+        if self.downtime_max_ms > 0 {
+            write!(
+                f,
+                "; may spend up to {} ms to converge",
+                self.downtime_max_ms
+            )?;
+        }
+        writeln!(f, ")")?;
         writeln!(f, "  rounds          {}", self.iterations)?;
+        if self.throttle_pct > 0 {
+            writeln!(f, "  throttle        {}% of the vCPUs", self.throttle_pct)?;
+        }
         writeln!(
             f,
             "  transferred     {:.1} MiB on the wire for {:.1} MiB of guest pages",
@@ -227,25 +282,52 @@ impl fmt::Display for BenchResult {
             self.compressed_bytes >> 10,
             self.pages_raw
         )?;
+        if self.resent_pages > 0 || self.resent_bytes > 0 {
+            writeln!(
+                f,
+                "  resent          {} pages after the bulk round ({:.1} MiB on the wire)",
+                self.resent_pages,
+                self.resent_bytes as f64 / MIB as f64
+            )?;
+        }
+        let x = &self.xor;
+        if *x != ferry_engine::metrics::XorStats::default() {
+            writeln!(
+                f,
+                "  xor-delta       {} pages ({} KiB) from a {} MiB cache: {} hits, {} misses, \
+                 {} overflows, {} evictions",
+                x.pages,
+                x.bytes >> 10,
+                x.cache_bytes / MIB,
+                x.cache_hits,
+                x.cache_misses,
+                x.overflows,
+                x.evictions
+            )?;
+        }
         writeln!(
             f,
             "  throughput      {:.1} MiB/s on the wire, {:.1} MiB/s of guest memory",
             self.throughput_mib_s, self.effective_mib_s
         )?;
-        writeln!(
-            f,
-            "  link            {:.1} MiB/s raw TCP x{}, memory to memory ({} MiB in {} ms); migration at {:.0}% of it",
-            self.link_mib_s,
-            self.link.streams,
-            self.link.bytes / MIB,
-            self.link.ms,
-            self.link_ratio * 100.0
-        )?;
-        writeln!(
-            f,
-            "  link (hot)      {:.1} MiB/s through one reused 256 KiB buffer",
-            self.link_hot_mib_s
-        )?;
+        if self.link.bytes == 0 {
+            writeln!(f, "  link            not measured (--no-blast)")?;
+        } else {
+            writeln!(
+                f,
+                "  link            {:.1} MiB/s raw TCP x{}, memory to memory ({} MiB in {} ms); migration at {:.0}% of it",
+                self.link_mib_s,
+                self.link.streams,
+                self.link.bytes / MIB,
+                self.link.ms,
+                self.link_ratio * 100.0
+            )?;
+            writeln!(
+                f,
+                "  link (hot)      {:.1} MiB/s through one reused 256 KiB buffer",
+                self.link_hot_mib_s
+            )?;
+        }
         writeln!(f, "  checks")?;
         for (label, c) in self.checks.list() {
             writeln!(
@@ -258,7 +340,11 @@ impl fmt::Display for BenchResult {
         write!(
             f,
             "  verified        {}",
-            if self.verified { "yes" } else { "NO" }
+            match (self.verified, self.completed) {
+                (true, true) => "yes",
+                (true, false) => "yes (did not complete; the VM stayed on the source)",
+                (false, _) => "NO",
+            }
         )
     }
 }
@@ -301,7 +387,13 @@ mod tests {
             "effective_mib_s",
             "link_mib_s",
             "link_ratio",
+            "completed",
             "verified",
+            "downtime_max_ms",
+            "throttle_pct",
+            "resent_pages",
+            "resent_bytes",
+            "xor",
         ] {
             assert!(v.get(k).is_some(), "missing {k}");
         }
@@ -317,5 +409,65 @@ mod tests {
         let table = r.to_string();
         assert!(table.contains("[FAIL] memory hash"), "{table}");
         assert!(table.ends_with("verified        NO"), "{table}");
+        assert!(v["checks"].get("stayed_on_source").is_none());
+        // New metrics stay out of the table while they read 0.
+        for absent in ["throttle", "resent", "xor-delta", "may spend"] {
+            assert!(!table.contains(absent), "{absent} in {table}");
+        }
+    }
+
+    #[test]
+    fn not_completed_run_is_judged_by_stayed_on_source() {
+        let mut r = BenchResult {
+            status: "failed".into(),
+            checks: Checks::stayed(
+                Check::new(true, "still there"),
+                "the migration ended failed",
+            ),
+            ..BenchResult::default()
+        };
+        r.verified = r.checks.all_ok();
+        assert!(r.verified && !r.completed);
+        let labels: Vec<_> = r.checks.list().iter().map(|(l, _)| *l).collect();
+        assert_eq!(labels, ["stayed on source"]);
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["checks"]["stayed_on_source"]["ok"], true);
+        assert_eq!(v["checks"]["mem_hash"]["ok"], false);
+        let table = r.to_string();
+        assert!(
+            table.contains("[ok]   stayed on source still there"),
+            "{table}"
+        );
+        assert!(!table.contains("memory hash"), "{table}");
+        assert!(table.ends_with("the VM stayed on the source)"), "{table}");
+        r.checks.stayed_on_source = Some(Check::new(false, "gone"));
+        assert!(!r.checks.all_ok());
+    }
+
+    #[test]
+    fn new_metrics_show_when_set() {
+        let r = BenchResult {
+            downtime_max_ms: 2000,
+            throttle_pct: 30,
+            resent_pages: 10,
+            resent_bytes: 3 << 20,
+            xor: ferry_engine::metrics::XorStats {
+                cache_bytes: 16 << 20,
+                pages: 5,
+                cache_hits: 6,
+                ..Default::default()
+            },
+            ..BenchResult::default()
+        };
+        let table = r.to_string();
+        for s in [
+            "may spend up to 2000 ms",
+            "throttle        30%",
+            "resent          10 pages after the bulk round (3.0 MiB",
+            "xor-delta       5 pages (0 KiB) from a 16 MiB cache: 6 hits",
+            "not measured (--no-blast)",
+        ] {
+            assert!(table.contains(s), "{s} not in {table}");
+        }
     }
 }

@@ -115,6 +115,18 @@ pub struct MigrateArgs {
     /// Give up after S seconds (1-86400) [default: 300].
     #[arg(long, value_name = "S")]
     pub time_max_s: Option<u64>,
+    /// Convergence policy: baseline, mp, hot-defer, fragment, auto-converge
+    /// or adaptive [default: adaptive].
+    #[arg(long, value_name = "NAME")]
+    pub policy: Option<String>,
+    /// Downtime mp / adaptive may spend to force convergence of a guest that
+    /// dirties memory faster than the link carries it, ms [default: 2000].
+    #[arg(long, value_name = "MS")]
+    pub downtime_max_ms: Option<u64>,
+    /// XOR-delta cache of last-sent pages, MiB; 0 turns XOR-delta off
+    /// [default: 1/8 of guest memory, at least 16 MiB].
+    #[arg(long, value_name = "MIB")]
+    pub xor_cache_mib: Option<u64>,
     /// Print the migration id and return at once.
     #[arg(long)]
     pub detach: bool,
@@ -245,7 +257,9 @@ fn migrate(client: &Client, a: &MigrateArgs) -> Result<u8, Fail> {
         bandwidth_mib_s: a.bandwidth_mib_s,
         rounds_max: a.rounds_max,
         time_max_s: a.time_max_s,
-        ..MigrateRequest::default()
+        policy: a.policy.clone(),
+        downtime_max_ms: a.downtime_max_ms,
+        xor_cache_mib: a.xor_cache_mib,
     };
     let created: Created = client.call("POST", "/api/v1/migrations", Some(&req))?;
     if a.detach {

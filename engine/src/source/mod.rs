@@ -22,6 +22,7 @@ use self::pipeline::{Pipeline, Throttle};
 use crate::bitmap::DirtyBitmap;
 use crate::link::VmSpec;
 use crate::metrics::{RoundLog, Status};
+use crate::policy::{Action, Limits, Policy, PolicyKind, RoundStats, FRAGMENT_PAGES};
 use crate::wire::handshake::{self, Hello};
 use crate::wire::{self, ControlMsg, FrameKind, StreamTotals, WireError};
 use crate::{Cancel, GuestMem, Key, Metrics, MigrationError, SourceVm, VmState, PAGE_SIZE};
@@ -47,6 +48,21 @@ pub struct SourceConfig {
     /// picks one at random. Callers that show ids to users pass their own so
     /// both hosts show the same id.
     pub session: Option<[u8; 16]>,
+    /// Convergence policy.
+    pub policy: PolicyKind,
+    /// Downtime `mp` / `adaptive` may spend to force convergence of a guest
+    /// that dirties memory faster than the link carries it.
+    pub downtime_max_ms: u64,
+    /// XOR-delta cache size in bytes; `Some(0)` turns XOR-delta off, `None`
+    /// picks [`xor_cache_default`].
+    pub xor_cache_bytes: Option<u64>,
+}
+
+/// The XOR-delta cache for a guest of `mem_bytes`: an eighth of it, at least
+/// 16 MiB (or the whole guest when smaller), like QEMU's xbzrle cache sized
+/// for the working set rather than all of memory.
+pub fn xor_cache_default(mem_bytes: u64) -> u64 {
+    (mem_bytes / 8).max(16 << 20).min(mem_bytes)
 }
 
 impl Default for SourceConfig {
@@ -60,6 +76,9 @@ impl Default for SourceConfig {
             connect_timeout: Duration::from_secs(5),
             io_timeout: Duration::from_secs(10),
             session: None,
+            policy: PolicyKind::default(),
+            downtime_max_ms: 2000,
+            xor_cache_bytes: None,
         }
     }
 }
@@ -71,10 +90,10 @@ pub struct Outcome {
     pub epoch: u64,
 }
 
-/// Fixed cost the downtime estimate adds to the final round: pausing,
-/// sending the state, PREPARE/COMMIT round trips and starting the target's
-/// vCPUs take a few milliseconds on a LAN.
-const SWITCHOVER_OVERHEAD_MS: u64 = 5;
+/// Dirty rounds last at least this long, so that the dirty rate and the
+/// dirty set a round measures mean something even when a policy holds most
+/// pages back and the round has little to send.
+const ROUND_MIN: Duration = Duration::from_millis(50);
 /// How long the target may take to answer SPEC (it creates and pre-faults
 /// guest memory and starts its VMM: about 1 s per 4 GiB here) or PREPARE
 /// (it restores the VMM, which may verify memory in test runs).
@@ -112,6 +131,8 @@ pub fn migrate_out(
     metrics.update(|s| {
         s.status = Status::Setup;
         s.transport = transport.name().into();
+        s.policy = cfg.policy.name().into();
+        s.downtime_max_ms = cfg.downtime_max_ms.max(cfg.downtime_ms);
         s.streams = streams as u32;
         s.mem_bytes = mem.bytes();
         s.epoch = epoch;
@@ -129,6 +150,7 @@ pub fn migrate_out(
         paused: false,
         logging: false,
         commit_sent: false,
+        throttle_pct: 0,
         acked: Arc::default(),
     };
     let result = m.run(transport, to, key, spec, epoch, vm);
@@ -176,6 +198,8 @@ struct Migration<'a> {
     paused: bool,
     logging: bool,
     commit_sent: bool,
+    /// The vCPU throttle in force (0 = none).
+    throttle_pct: u8,
     /// Per stream: the last frame the target acknowledged as applied.
     acked: Arc<Vec<AtomicU64>>,
 }
@@ -245,65 +269,113 @@ impl Migration<'_> {
 
         vm.start_dirty_log()?;
         self.logging = true;
+        let xor_bytes = self
+            .cfg
+            .xor_cache_bytes
+            .unwrap_or_else(|| xor_cache_default(self.mem.bytes()))
+            .min(self.mem.bytes());
+        self.metrics.update(|s| s.xor.cache_bytes = xor_bytes);
         let throttle = self.cfg.bandwidth_mib_s.map(|b| Arc::new(Throttle::new(b)));
         self.pipeline = Some(
-            Pipeline::start(self.mem.clone(), data, self.metrics.clone(), throttle).map_err(
-                |source| MigrationError::Transport {
-                    phase: "starting streams",
-                    source,
-                },
-            )?,
+            Pipeline::start(
+                self.mem.clone(),
+                data,
+                self.metrics.clone(),
+                throttle,
+                xor_bytes,
+            )
+            .map_err(|source| MigrationError::Transport {
+                phase: "starting streams",
+                source,
+            })?,
         );
 
-        // Pre-copy: the bulk round sends everything, then dirty rounds.
-        let started = Instant::now();
-        // The bulk round sends the pages with memory behind them in the memfd.
+        // Pre-copy: the bulk round sends everything, then dirty rounds. The
+        // bulk round sends the pages with memory behind them in the memfd.
         // Holes are zero, and so is every page of the target's fresh memory:
         // they cost nothing (a hole written from now on is in the dirty log).
-        let mut dirty = DirtyBitmap::new(self.mem.pages());
+        let started = Instant::now();
+        let pages = self.mem.pages();
+        let mut send = DirtyBitmap::new(pages);
         let mut data_pages = 0;
         for (first, count) in self.mem.data_runs() {
-            dirty.set_range(first, count);
+            send.set_range(first, count);
             data_pages += count;
         }
         self.metrics
             .pages_zero
-            .fetch_add(self.mem.pages() - data_pages, Ordering::Relaxed);
+            .fetch_add(pages - data_pages, Ordering::Relaxed);
+        let limits = Limits {
+            downtime_ms: self.cfg.downtime_ms,
+            downtime_max_ms: self.cfg.downtime_max_ms.max(self.cfg.downtime_ms),
+            rounds_max: self.cfg.rounds_max,
+            time_max_ms: self.cfg.time_max.as_millis() as u64,
+        };
+        let fragments = pages.div_ceil(FRAGMENT_PAGES) as usize;
+        let mut policy = Policy::new(self.cfg.policy, limits, fragments);
+        // D_r (this sync), D_(r-1), pages held back, and everything pending.
+        let mut dirty = DirtyBitmap::new(pages);
+        let mut prev_dirty = DirtyBitmap::new(pages);
+        let mut held = DirtyBitmap::new(pages);
+        let mut pending = DirtyBitmap::new(pages);
+        let mut scratch = DirtyBitmap::new(pages);
+        let mut rate = RateMeter::default();
+        let mut throttle_pct = 0u8;
         let mut round = 0u32;
         let expected_ms = loop {
             round += 1;
             let t = Instant::now();
-            let sent = self.send_round(&mut dirty, round)?;
-            let ms = t.elapsed().as_millis() as u64;
+            let wire_before = self.metrics.wire_bytes.load(Ordering::Relaxed);
+            let sent = self.send_round(&mut send, round)?;
+            rate.add(sent, t.elapsed());
+            if round >= 2 {
+                self.note_resent(sent, wire_before);
+            }
+            if round >= 2 {
+                self.wait_round_min(t)?;
+            }
+            let round_time = t.elapsed();
             dirty.clear();
             vm.sync_dirty_log(dirty.words_mut())?;
-            let remaining = dirty.count();
-            // Pages per second this round achieved, as a rate for the estimate.
-            let pages_per_s = sent.max(1) as f64 / t.elapsed().as_secs_f64().max(1e-6);
-            let est_ms = (remaining as f64 / pages_per_s * 1000.0) as u64 + SWITCHOVER_OVERHEAD_MS;
-            let dirty_rate = (remaining as f64 / t.elapsed().as_secs_f64().max(1e-6)) as u64;
-            let fits = est_ms <= self.cfg.downtime_ms;
-            let over_rounds = round >= self.cfg.rounds_max;
-            let over_time = started.elapsed() >= self.cfg.time_max;
-            let decision = if fits {
-                format!(
-                    "stop-and-copy: {remaining} pages in ~{est_ms} ms fit the {} ms budget",
-                    self.cfg.downtime_ms
-                )
-            } else if over_rounds || over_time {
-                format!(
-                    "give up: ~{est_ms} ms still over the {} ms budget after {round} rounds",
-                    self.cfg.downtime_ms
-                )
-            } else {
-                format!(
-                    "iterate: ~{est_ms} ms over the {} ms budget",
-                    self.cfg.downtime_ms
-                )
+            let dirty_pages = dirty.count();
+            scratch.set_and(&dirty, &prev_dirty);
+            let hot_pages = scratch.count();
+            pending.copy_from(&held);
+            pending.or_with(&dirty);
+            let stats = RoundStats {
+                round,
+                elapsed_ms: started.elapsed().as_millis() as u64,
+                round_ms: round_time.as_millis() as u64,
+                sent_pages: sent,
+                rate_pages_s: rate.pages_s(),
+                dirty_pages,
+                hot_pages,
+                pending_pages: pending.count(),
+                throttle_pct,
             };
-            tracing::info!(round, sent, ms, remaining, est_ms, "{decision}");
-            let rate_mib_s =
-                sent as f64 * PAGE_SIZE as f64 / 1048576.0 / t.elapsed().as_secs_f64().max(1e-6);
+            let d = policy.decide(&stats, &dirty.count_blocks(FRAGMENT_PAGES));
+            // Next round's pages: pending minus what the policy holds back.
+            held.clear();
+            if d.action == Action::Iterate {
+                if d.defer_hot {
+                    held.copy_from(&scratch);
+                }
+                held.set_blocks(FRAGMENT_PAGES, &d.frozen);
+                held.and_with(&pending);
+            }
+            let deferred = held.count();
+            tracing::info!(
+                round,
+                sent,
+                ms = stats.round_ms,
+                dirty = dirty_pages,
+                hot = hot_pages,
+                pending = stats.pending_pages,
+                deferred,
+                est_ms = d.estimate_ms,
+                "{}",
+                d.reason
+            );
             let acked: Vec<u64> = self
                 .acked
                 .iter()
@@ -312,30 +384,50 @@ impl Migration<'_> {
             self.metrics.update(|s| {
                 s.acked_seq = acked;
                 s.iterations = round;
-                s.remaining_pages = remaining;
-                s.dirty_pages_rate = dirty_rate;
-                s.expected_downtime_ms = est_ms;
+                s.remaining_pages = stats.pending_pages;
+                s.dirty_pages_rate = stats.dirty_rate() as u64;
+                s.expected_downtime_ms = d.estimate_ms;
                 s.rounds.push(RoundLog {
                     round,
                     pages: sent,
-                    ms,
-                    dirty_after: remaining,
-                    rate_mib_s,
-                    decision: decision.clone(),
-                    dirty_rate,
-                    ..RoundLog::default()
+                    ms: stats.round_ms,
+                    dirty_after: dirty_pages,
+                    rate_mib_s: sent as f64 * PAGE_SIZE as f64
+                        / 1048576.0
+                        / round_time.as_secs_f64().max(1e-6),
+                    decision: d.reason.clone(),
+                    dirty_rate: stats.dirty_rate() as u64,
+                    deferred,
+                    throttle_pct,
+                    elapsed_ms: stats.elapsed_ms,
+                    hot: hot_pages,
+                    pending: stats.pending_pages,
+                    rate_pages_s: stats.rate_pages_s as u64,
+                    estimate_ms: d.estimate_ms,
+                    class: d.class.into(),
                 });
             });
-            if fits {
-                break est_ms;
+            match d.action {
+                Action::StopAndCopy => break d.estimate_ms,
+                Action::GiveUp => {
+                    return Err(MigrationError::NotConverged(format!(
+                        "after {round} rounds and {} ms, {} pending pages would need ~{} ms of downtime (budget {} ms, policy {})",
+                        stats.elapsed_ms,
+                        stats.pending_pages,
+                        d.estimate_ms,
+                        self.cfg.downtime_ms,
+                        self.cfg.policy
+                    )))
+                }
+                Action::Iterate => {}
             }
-            if over_rounds || over_time {
-                return Err(MigrationError::NotConverged(format!(
-                    "after {round} rounds and {} ms, {remaining} dirty pages would need ~{est_ms} ms of downtime (budget {} ms)",
-                    started.elapsed().as_millis(),
-                    self.cfg.downtime_ms
-                )));
+            if d.throttle_pct != throttle_pct {
+                self.set_throttle(vm, d.throttle_pct)?;
+                throttle_pct = d.throttle_pct;
             }
+            send.copy_from(&pending);
+            send.and_not(&held);
+            std::mem::swap(&mut prev_dirty, &mut dirty);
             self.check_cancel()?;
         };
 
@@ -348,10 +440,18 @@ impl Migration<'_> {
         let paused_at = Instant::now();
         let state = vm.pause()?;
         self.paused = true;
+        dirty.clear();
         vm.sync_dirty_log(dirty.words_mut())?;
+        pending.or_with(&dirty);
         round += 1;
-        let final_pages = dirty.count();
-        self.send_round(&mut dirty, round)?;
+        let final_pages = pending.count();
+        let wire_before = self.metrics.wire_bytes.load(Ordering::Relaxed);
+        self.send_round(&mut pending, round)?;
+        self.note_resent(final_pages, wire_before);
+        if self.throttle_pct != 0 {
+            // Paused anyway; the target's VMM starts unthrottled.
+            self.set_throttle(vm, 0)?;
+        }
         let totals = self.finish_pipeline();
         self.metrics.update(|s| {
             s.iterations = round;
@@ -461,6 +561,37 @@ impl Migration<'_> {
         }
     }
 
+    /// Counts a round after the bulk one: its pages were sent before.
+    fn note_resent(&self, pages: u64, wire_before: u64) {
+        let bytes = self
+            .metrics
+            .wire_bytes
+            .load(Ordering::Relaxed)
+            .saturating_sub(wire_before);
+        self.metrics.update(|s| {
+            s.resent_pages += pages;
+            s.resent_bytes += bytes;
+        });
+    }
+
+    /// Waits out the rest of [`ROUND_MIN`] after a round that started at
+    /// `t`, watching for cancel.
+    fn wait_round_min(&self, t: Instant) -> Result<(), MigrationError> {
+        while let Some(left) = ROUND_MIN.checked_sub(t.elapsed()) {
+            self.check_cancel()?;
+            std::thread::sleep(left.min(Duration::from_millis(10)));
+        }
+        Ok(())
+    }
+
+    /// Asks the VMM to throttle the guest's vCPUs.
+    fn set_throttle(&mut self, vm: &mut dyn SourceVm, pct: u8) -> Result<(), MigrationError> {
+        vm.set_throttle(pct)?;
+        self.throttle_pct = pct;
+        self.metrics.update(|s| s.throttle_pct = pct);
+        Ok(())
+    }
+
     /// Queues every page of `dirty` and ends the round on all streams.
     /// Returns the pages sent.
     fn send_round(&mut self, dirty: &mut DirtyBitmap, round: u32) -> Result<u64, MigrationError> {
@@ -471,6 +602,8 @@ impl Migration<'_> {
         let mut sent = 0;
         let mut next_check = CHECK_PAGES;
         let runs: Vec<(u64, u64)> = dirty.runs().collect();
+        let pipeline = self.pipeline.as_mut().expect("pipeline running");
+        pipeline.set_resend(round >= 2);
         for (first, count) in runs {
             let mut p = first;
             while p < first + count {
@@ -631,6 +764,15 @@ impl Migration<'_> {
                 ),
             }
         }
+        if self.throttle_pct != 0 {
+            match vm.set_throttle(0) {
+                Ok(()) => {
+                    self.throttle_pct = 0;
+                    self.metrics.update(|s| s.throttle_pct = 0);
+                }
+                Err(te) => tracing::error!("could not lift the guest's throttle: {te}"),
+            }
+        }
         if self.logging {
             if let Err(se) = vm.stop_dirty_log() {
                 tracing::warn!("could not stop dirty logging: {se}");
@@ -731,4 +873,31 @@ fn spawn_control_reader(mut reader: ControlReader, acked: Arc<Vec<AtomicU64>>) -
         })
         .expect("spawning a thread");
     rx
+}
+
+/// The transfer rate the downtime forecast uses, in pages/s: a moving
+/// average over rounds large enough to measure (a round of a few pages
+/// measures latency, not rate).
+#[derive(Debug, Default)]
+struct RateMeter {
+    rate: Option<f64>,
+}
+
+impl RateMeter {
+    /// Rounds smaller than this keep the previous rate.
+    const PAGES_MIN: u64 = 256;
+
+    fn add(&mut self, pages: u64, took: Duration) {
+        let secs = took.as_secs_f64().max(1e-6);
+        let now = pages as f64 / secs;
+        self.rate = Some(match self.rate {
+            None => now.max(1.0),
+            Some(r) if pages < Self::PAGES_MIN => r,
+            Some(r) => 0.5 * r + 0.5 * now,
+        });
+    }
+
+    fn pages_s(&self) -> f64 {
+        self.rate.unwrap_or(1.0)
+    }
 }

@@ -18,7 +18,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
-use ferry_compress::{is_zero_guest, Codec, PageEncoder, PAGE_SIZE};
+use ferry_compress::{
+    is_zero, is_zero_guest, Codec, DeltaCache, DeltaOutcome, DeltaStats, PageEncoder, PAGE_SIZE,
+};
 use ferry_transport::{Conn, Seg};
 
 use crate::memory::{GuestMem, PageIndex};
@@ -52,6 +54,8 @@ enum Work {
     Pages {
         stream: u16,
         pages: Vec<u64>,
+        /// Sent before (a round after the bulk one): a delta candidate.
+        resend: bool,
     },
     RoundEnd {
         stream: u16,
@@ -170,6 +174,8 @@ pub struct Pipeline {
     last: Vec<RoundSent>,
     /// Pages gathered per stream for its next frame.
     pending: Vec<Vec<u64>>,
+    /// The pages queued now were sent before (rounds after the bulk one).
+    resend: bool,
 }
 
 /// Encoder workers: at most one per stream, and no more than the cores can
@@ -186,6 +192,7 @@ impl Pipeline {
         conns: Vec<Box<dyn Conn>>,
         metrics: Arc<Metrics>,
         throttle: Option<Arc<Throttle>>,
+        xor_cache_bytes: u64,
     ) -> Result<Self, ferry_transport::TransportError> {
         let streams = u16::try_from(conns.len()).expect("stream count checked by the caller");
         assert!(streams > 0);
@@ -260,7 +267,10 @@ impl Pipeline {
                 std::thread::Builder::new()
                     .name(format!("ferry-encode-{w}"))
                     .spawn(move || {
-                        if let Err(e) = encode_stage(&rx, outs, pool_rx, &mem, &metrics) {
+                        // Pages are pinned to encoders, so each keeps its
+                        // own share of the delta cache, without locks.
+                        let cache = DeltaCache::new((xor_cache_bytes / encoders as u64) as usize);
+                        if let Err(e) = encode_stage(&rx, outs, pool_rx, &mem, &metrics, cache) {
                             failure.fail(e);
                         }
                         drop(rx);
@@ -288,6 +298,7 @@ impl Pipeline {
             pending: (0..streams)
                 .map(|_| Vec::with_capacity(PAGES_PER_FRAME_MAX))
                 .collect(),
+            resend: false,
         })
     }
 
@@ -335,7 +346,21 @@ impl Pipeline {
             return Ok(());
         }
         let pages = std::mem::replace(pending, Vec::with_capacity(PAGES_PER_FRAME_MAX));
-        self.push(Work::Pages { stream, pages }, stream)
+        let resend = self.resend;
+        self.push(
+            Work::Pages {
+                stream,
+                pages,
+                resend,
+            },
+            stream,
+        )
+    }
+
+    /// Marks the pages queued from now on as sent before (or not). Frames
+    /// never mix rounds: every round ends with [`Self::end_round`].
+    pub fn set_resend(&mut self, resend: bool) {
+        self.resend = resend;
     }
 
     /// Ends `round` on every stream and waits until each sent its RoundEnd.
@@ -396,10 +421,14 @@ fn encode_stage(
     pool: Receiver<Box<Encoded>>,
     mem: &GuestMem,
     metrics: &Metrics,
+    mut cache: DeltaCache,
 ) -> Result<(), String> {
     let mut enc = PageEncoder::default();
     let mut stage = vec![0u8; PAGE_SIZE];
     let mut lz = Vec::with_capacity(PAGE_SIZE);
+    let mut delta = Vec::with_capacity(PAGE_SIZE);
+    let xor = cache.capacity_bytes() > 0;
+    let mut published = DeltaStats::default();
     let out_for = |s: u16| {
         outs[s as usize - 1]
             .as_ref()
@@ -408,11 +437,18 @@ fn encode_stage(
     for w in rx {
         match w {
             Work::RoundEnd { stream, round } => {
+                if xor {
+                    publish(&cache.stats(), &mut published, metrics);
+                }
                 if out_for(stream).send(Out::RoundEnd(round)).is_err() {
                     return Ok(()); // the sender failed and reported why
                 }
             }
-            Work::Pages { stream, pages } => {
+            Work::Pages {
+                stream,
+                pages,
+                resend,
+            } => {
                 let Ok(mut e) = pool.recv() else {
                     return Ok(());
                 };
@@ -429,7 +465,45 @@ fn encode_stage(
                         .page(PageIndex(page))
                         .ok_or_else(|| format!("page {page} out of range"))?;
                     let (codec, len, crc);
-                    if is_zero_guest(&slice) {
+                    if xor && resend {
+                        // A page sent before: from a private copy, so that
+                        // the cache holds exactly what the target holds.
+                        slice.copy_to(&mut stage[..]);
+                        let off = e.payload.len();
+                        if is_zero(&stage) {
+                            cache.forget(page);
+                            (codec, len, crc) = (Codec::Zero, 0, 0);
+                            zero += 1;
+                        } else {
+                            delta.clear();
+                            match cache.encode(page, &stage, &mut delta, DELTA_BYTES_MAX) {
+                                DeltaOutcome::Delta { codec: c, len: n } => {
+                                    // The CRC covers the page the delta
+                                    // rebuilds, so the target also proves it
+                                    // applied it to the right base.
+                                    (codec, len, crc) = (c, n, crc32c::crc32c(&stage));
+                                    e.payload.extend_from_slice(&delta[..n]);
+                                }
+                                DeltaOutcome::Miss | DeltaOutcome::Overflow => {
+                                    if enc.should_try()
+                                        && enc.compress(&stage, &mut lz) == Codec::Lz4
+                                    {
+                                        (codec, len, crc) =
+                                            (Codec::Lz4, lz.len(), crc32c::crc32c(&lz));
+                                        e.payload.extend_from_slice(&lz);
+                                        lz4 += 1;
+                                        lz4_bytes += lz.len() as u64;
+                                    } else {
+                                        (codec, len, crc) =
+                                            (Codec::Raw, PAGE_SIZE, crc32c::crc32c(&stage));
+                                        e.payload.extend_from_slice(&stage);
+                                        raw += 1;
+                                    }
+                                }
+                            }
+                            e.parts.push(Part::Payload { off, len });
+                        }
+                    } else if is_zero_guest(&slice) {
                         (codec, len, crc) = (Codec::Zero, 0, 0);
                         zero += 1;
                     } else if enc.should_try() {
@@ -484,6 +558,25 @@ fn encode_stage(
         }
     }
     Ok(())
+}
+
+/// A delta longer than this does not pay against lz4 or raw (whose table
+/// entry costs the same): 7/8 of a page, as for lz4.
+const DELTA_BYTES_MAX: usize = ferry_compress::LZ4_BYTES_MAX_DEFAULT;
+
+/// Adds what `now` counted since `before` to the migration's XOR counters.
+fn publish(now: &DeltaStats, before: &mut DeltaStats, metrics: &Metrics) {
+    let x = &metrics.xor;
+    let add = |c: &std::sync::atomic::AtomicU64, a: u64, b: u64| {
+        c.fetch_add(a.saturating_sub(b), Ordering::Relaxed);
+    };
+    add(&x.pages, now.pages, before.pages);
+    add(&x.bytes, now.bytes, before.bytes);
+    add(&x.cache_hits, now.hits, before.hits);
+    add(&x.cache_misses, now.misses, before.misses);
+    add(&x.overflows, now.overflows, before.overflows);
+    add(&x.evictions, now.evictions, before.evictions);
+    *before = *now;
 }
 
 struct SendStage {

@@ -25,7 +25,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
-use ferry_compress::{decode, Codec, PAGE_SIZE, PAYLOAD_BYTES_MAX};
+use ferry_compress::{decode, decode_delta, Codec, PAGE_SIZE, PAYLOAD_BYTES_MAX};
 use ferry_transport::Conn;
 
 use crate::bitmap::AtomicBitmap;
@@ -75,6 +75,7 @@ impl Shared {
 struct DecodeJob {
     stream: u16,
     page: u64,
+    codec: Codec,
     crc: u32,
     buf: Vec<u8>,
 }
@@ -184,16 +185,30 @@ fn decode_stage(
             .mem
             .page(PageIndex(job.page))
             .expect("page checked by the receiver");
-        if crc32c::crc32c(&job.buf) != job.crc {
-            // Compressed payloads come from a private copy on the source: a
-            // bad CRC is corruption, not a torn page.
-            return Err(format!(
-                "stream {}: CRC mismatch on compressed page {}",
-                job.stream, job.page
-            ));
+        let fail = |e: String| format!("stream {}: page {}: {e}", job.stream, job.page);
+        if job.codec == Codec::Lz4 {
+            if crc32c::crc32c(&job.buf) != job.crc {
+                // Compressed payloads come from a private copy on the source: a
+                // bad CRC is corruption, not a torn page.
+                return Err(fail("CRC mismatch on a compressed page".into()));
+            }
+            decode(Codec::Lz4, &job.buf, &mut page_buf).map_err(|e| fail(e.to_string()))?;
+        } else {
+            // A delta against the version this side holds; the CRC covers
+            // the rebuilt page, so a delta meant for another version (or a
+            // corrupted one) cannot slip into guest memory.
+            if shared.suspect.get(job.page) {
+                return Err(fail("XOR delta for a page whose last copy was torn".into()));
+            }
+            slice.copy_to(&mut page_buf[..]);
+            decode_delta(job.codec, &job.buf, &mut page_buf).map_err(|e| fail(e.to_string()))?;
+            if crc32c::crc32c(&page_buf) != job.crc {
+                return Err(fail(
+                    "XOR delta does not rebuild the page it was made for (wrong base version)"
+                        .into(),
+                ));
+            }
         }
-        decode(Codec::Lz4, &job.buf, &mut page_buf)
-            .map_err(|e| format!("stream {}: page {}: {e}", job.stream, job.page))?;
         slice.copy_from(&page_buf[..]);
         shared.written.set(job.page);
         shared.suspect.clear(job.page);
@@ -343,6 +358,7 @@ impl RecvStage {
         }
         let entries = std::mem::take(&mut self.entries);
         let (mut zero, mut lz4, mut raw, mut data_bytes) = (0u64, 0u64, 0u64, 0u64);
+        let (mut xor, mut xor_bytes) = (0u64, 0u64);
         let mut i = 0;
         while i < entries.len() {
             let e = entries[i];
@@ -386,7 +402,7 @@ impl RecvStage {
                     raw += n as u64;
                     i += n;
                 }
-                Codec::Lz4 => {
+                Codec::Lz4 | Codec::Xor | Codec::XorLz4 => {
                     let mut buf = self
                         .pool
                         .try_recv()
@@ -399,6 +415,7 @@ impl RecvStage {
                     let job = DecodeJob {
                         stream: self.stream,
                         page: e.page,
+                        codec: e.codec,
                         crc: e.crc,
                         buf,
                     };
@@ -412,7 +429,12 @@ impl RecvStage {
                                 .unwrap_or_else(|| "stopped".into()),
                         });
                     }
-                    lz4 += 1;
+                    if e.codec == Codec::Lz4 {
+                        lz4 += 1;
+                    } else {
+                        xor += 1;
+                        xor_bytes += e.len as u64;
+                    }
                     i += 1;
                 }
             }
@@ -423,7 +445,10 @@ impl RecvStage {
         m.pages_zero.fetch_add(zero, Ordering::Relaxed);
         m.pages_compressed.fetch_add(lz4, Ordering::Relaxed);
         m.pages_raw.fetch_add(raw, Ordering::Relaxed);
-        self.shared.pages[self.stream as usize - 1].fetch_add(zero + lz4 + raw, Ordering::Relaxed);
+        m.xor.pages.fetch_add(xor, Ordering::Relaxed);
+        m.xor.bytes.fetch_add(xor_bytes, Ordering::Relaxed);
+        self.shared.pages[self.stream as usize - 1]
+            .fetch_add(zero + lz4 + raw + xor, Ordering::Relaxed);
         Ok(())
     }
 }

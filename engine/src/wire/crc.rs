@@ -10,6 +10,13 @@
 //!  reg(A || B) = shift_|B|(reg(A)) XOR reg_from_0(B)    (CRC registers are linear)
 //! ```
 //!
+//! On CPUs with AVX-512 and VPCLMULQDQ, a page is instead folded 256 bytes at
+//! a time with carry-less multiplies (four 512-bit accumulators, the method
+//! of Intel's "Fast CRC Computation for Generic Polynomials Using PCLMULQDQ"
+//! white paper), and the last 16 bytes finished with the `crc32` instruction:
+//! about 95 GB/s from cache here against 25 GB/s for three `crc32` lanes,
+//! which matters because every page is checksummed on both sides.
+//!
 //! Other lengths, and CPUs without SSE4.2, copy through a 1 KiB stack buffer
 //! into the `crc32c` crate. Either way a page a running guest writes
 //! concurrently just yields a CRC that matches no consistent version (the
@@ -27,6 +34,17 @@ const LANE_WORDS: [usize; 3] = [170, 170, 172];
 
 /// CRC32C of `mem`, which a running guest may write concurrently.
 pub fn crc32c_guest(mem: &VolatileSlice<'_>) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    if mem.len() == PAGE_SIZE && fold_supported() {
+        let guard = mem.ptr_guard();
+        let ptr = guard.as_ptr();
+        if (ptr as usize).is_multiple_of(64) {
+            // SAFETY: `ptr` points at `PAGE_SIZE` bytes of live guest memory
+            // (checked above), 64-byte aligned (checked), kept mapped by
+            // `guard` for the call; the CPU has the features (checked).
+            return unsafe { page_fold(ptr) };
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     if mem.len() == PAGE_SIZE && std::arch::is_x86_feature_detected!("sse4.2") {
         let guard = mem.ptr_guard();
@@ -158,6 +176,111 @@ unsafe fn page_sse42(words: *const u64) -> u32 {
     !reg
 }
 
+/// Whether [`page_fold`] can run here (checked once).
+#[cfg(target_arch = "x86_64")]
+fn fold_supported() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("vpclmulqdq")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+            && std::arch::is_x86_feature_detected!("sse4.2")
+    })
+}
+
+/// CRC32C's generator polynomial, with its x^32 term.
+const POLY: u64 = 0x1_1EDC_6F41;
+
+/// x^n mod P, in the polynomial's normal bit order.
+const fn xpow_mod(n: u32) -> u32 {
+    let mut r: u64 = 1;
+    let mut i = 0;
+    while i < n {
+        r <<= 1;
+        if r & (1 << 32) != 0 {
+            r ^= POLY;
+        }
+        i += 1;
+    }
+    r as u32
+}
+
+/// The folding constants for a distance of `bits`, in the bit-reflected,
+/// shifted-by-one form carry-less multiplies of reflected data need: the
+/// first (lower) 64 bits of a 128-bit block are multiplied by
+/// x^(bits+32) mod P, the second by x^(bits-32) mod P.
+const fn fold_constants(bits: u32) -> [u64; 2] {
+    [
+        (xpow_mod(bits + 32).reverse_bits() as u64) << 1,
+        (xpow_mod(bits - 32).reverse_bits() as u64) << 1,
+    ]
+}
+
+/// Folds 256 bytes ahead (each accumulator to the same lane one block on).
+const K_2048: [u64; 2] = fold_constants(2048);
+/// Folds one 512-bit accumulator into the next.
+const K_512: [u64; 2] = fold_constants(512);
+/// Folds one 128-bit lane into the next.
+const K_128: [u64; 2] = fold_constants(128);
+
+/// # Safety
+///
+/// `p` must point at `PAGE_SIZE` readable bytes, 64-byte aligned, that stay
+/// mapped for the call, and the CPU must have AVX-512F, VPCLMULQDQ,
+/// PCLMULQDQ and SSE4.2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,vpclmulqdq,pclmulqdq,sse4.2")]
+unsafe fn page_fold(p: *const u8) -> u32 {
+    use std::arch::x86_64::*;
+    let load = |off: usize| {
+        debug_assert!(off + 64 <= PAGE_SIZE);
+        // SAFETY: `off + 64 <= PAGE_SIZE` at every call below, so the 64
+        // bytes lie in the caller's page, 64-byte aligned (the page is, and
+        // `off` is a multiple of 64). A volatile read, because the guest may
+        // write the page concurrently.
+        unsafe { p.add(off).cast::<__m512i>().read_volatile() }
+    };
+    let k128 = |k: [u64; 2]| _mm_set_epi64x(k[1] as i64, k[0] as i64);
+    let k512 = |k: [u64; 2]| _mm512_broadcast_i32x4(k128(k));
+    // x * x^D folded onto the data D bits later: lo * k0 ^ hi * k1 ^ data.
+    let fold = |x: __m512i, k: __m512i, data: __m512i| {
+        let lo = _mm512_clmulepi64_epi128(x, k, 0x00);
+        let hi = _mm512_clmulepi64_epi128(x, k, 0x11);
+        _mm512_ternarylogic_epi64(lo, hi, data, 0x96)
+    };
+    let (k_2048, k_512) = (k512(K_2048), k512(K_512));
+    // The initial register !0 is the same as XORing !0 into the first four
+    // bytes and starting from 0.
+    let init = _mm512_castsi128_si512(_mm_cvtsi32_si128(-1));
+    let mut a0 = _mm512_xor_si512(load(0), init);
+    let (mut a1, mut a2, mut a3) = (load(64), load(128), load(192));
+    let mut off = 256;
+    while off < PAGE_SIZE {
+        a0 = fold(a0, k_2048, load(off));
+        a1 = fold(a1, k_2048, load(off + 64));
+        a2 = fold(a2, k_2048, load(off + 128));
+        a3 = fold(a3, k_2048, load(off + 192));
+        off += 256;
+    }
+    a1 = fold(a0, k_512, a1);
+    a2 = fold(a1, k_512, a2);
+    a3 = fold(a2, k_512, a3);
+    let k_128 = k128(K_128);
+    let fold128 = |x: __m128i, data: __m128i| {
+        let lo = _mm_clmulepi64_si128(x, k_128, 0x00);
+        let hi = _mm_clmulepi64_si128(x, k_128, 0x11);
+        _mm_xor_si128(_mm_xor_si128(lo, hi), data)
+    };
+    let mut v = _mm512_extracti32x4_epi32::<0>(a3);
+    v = fold128(v, _mm512_extracti32x4_epi32::<1>(a3));
+    v = fold128(v, _mm512_extracti32x4_epi32::<2>(a3));
+    v = fold128(v, _mm512_extracti32x4_epi32::<3>(a3));
+    // 16 bytes congruent to the whole page mod P: their CRC is the page's.
+    let crc = _mm_crc32_u64(0, _mm_cvtsi128_si64(v) as u64);
+    let crc = _mm_crc32_u64(crc, _mm_extract_epi64::<1>(v) as u64);
+    !(crc as u32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +312,14 @@ mod tests {
             let v = VolatileSlice::from(&mut p.0[..]);
             prop_assert_eq!(crc32c_guest(&v), want);
             prop_assert_eq!(crc32c_copying(&v), want);
+            if std::arch::is_x86_feature_detected!("sse4.2") {
+                // SAFETY: a whole, aligned page we own; SSE4.2 checked.
+                prop_assert_eq!(unsafe { page_sse42(p.0.as_ptr().cast()) }, want);
+            }
+            if fold_supported() {
+                // SAFETY: a whole page we own, 4096-byte aligned; features checked.
+                prop_assert_eq!(unsafe { page_fold(p.0.as_ptr()) }, want);
+            }
         }
     }
 }

@@ -313,7 +313,9 @@ impl PageEntry {
         let ok = match codec {
             Codec::Zero => e.len == 0,
             Codec::Raw => e.len as usize == PAGE_SIZE,
-            Codec::Lz4 => e.len > 0 && (e.len as usize) <= PAYLOAD_BYTES_MAX,
+            Codec::Lz4 | Codec::XorLz4 => e.len > 0 && (e.len as usize) <= PAYLOAD_BYTES_MAX,
+            // An empty delta: the page did not change.
+            Codec::Xor => (e.len as usize) <= PAYLOAD_BYTES_MAX,
         };
         if !ok {
             return Err(bad(format!(

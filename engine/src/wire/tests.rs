@@ -82,6 +82,12 @@ fn page_entry_checks_codec_lengths() {
         (Codec::Lz4, 0, false),
         (Codec::Lz4, 4096, true),
         (Codec::Lz4, 4097, false),
+        (Codec::Xor, 0, true),
+        (Codec::Xor, 4097, false),
+        (Codec::XorLz4, 0, false),
+        (Codec::Xor, 1, true),
+        (Codec::XorLz4, 4096, true),
+        (Codec::XorLz4, 4097, false),
     ] {
         let mut v = Vec::new();
         PageEntry {

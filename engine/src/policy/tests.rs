@@ -1,0 +1,259 @@
+//! Policies on traces: round statistics as the engine measures them.
+
+use super::*;
+
+fn limits() -> Limits {
+    Limits {
+        downtime_ms: 300,
+        downtime_max_ms: 2000,
+        rounds_max: 30,
+        time_max_ms: 30_000,
+    }
+}
+
+/// One round of a trace: (sent, ms, dirty, hot, pending, rate pages/s).
+type Row = (u64, u64, u64, u64, u64, f64);
+
+/// Feeds a trace to a policy; returns the decisions.
+fn run(kind: PolicyKind, rows: &[Row], frags: &[Vec<u64>]) -> Vec<Decision> {
+    let nfrag = frags.first().map_or(4, Vec::len);
+    let mut p = Policy::new(kind, limits(), nfrag);
+    let mut elapsed = 0;
+    let mut out = Vec::new();
+    for (i, &(sent, ms, dirty, hot, pending, rate)) in rows.iter().enumerate() {
+        elapsed += ms;
+        let s = RoundStats {
+            round: i as u32 + 1,
+            elapsed_ms: elapsed,
+            round_ms: ms,
+            sent_pages: sent,
+            rate_pages_s: rate,
+            dirty_pages: dirty,
+            hot_pages: hot,
+            pending_pages: pending,
+            throttle_pct: out.last().map_or(0, |d: &Decision| d.throttle_pct),
+        };
+        let f = frags.get(i).cloned().unwrap_or_else(|| vec![0; nfrag]);
+        let d = p.decide(&s, &f);
+        let stop = d.action != Action::Iterate;
+        out.push(d);
+        if stop {
+            break;
+        }
+    }
+    out
+}
+
+/// 256 MiB guest (65,536 pages) capped at 64 MiB/s (16,384 pages/s),
+/// dirtying 3x that uniformly: every round finds most of memory dirty.
+fn intensive_uniform(rounds: usize) -> Vec<Row> {
+    let mut rows = vec![(65_536, 4000, 62_000, 0, 62_000, 16_384.0)];
+    for _ in 1..rounds {
+        rows.push((62_000, 3800, 61_000, 58_000, 61_000, 16_300.0));
+    }
+    rows
+}
+
+/// The same guest dirtying 0.5x the cap: the dirty set shrinks every round.
+fn converging() -> Vec<Row> {
+    vec![
+        (65_536, 4000, 25_000, 0, 25_000, 16_384.0),
+        (25_000, 1500, 10_000, 4_000, 10_000, 16_500.0),
+        (10_000, 600, 6_000, 1_800, 6_000, 16_400.0),
+        (6_000, 370, 2_100, 900, 2_100, 16_400.0),
+    ]
+}
+
+#[test]
+fn names_round_trip_and_unknown_names_are_refused() {
+    for p in PolicyKind::ALL {
+        assert_eq!(p.name().parse::<PolicyKind>().unwrap(), p);
+        assert_eq!(
+            serde_json::to_value(p).unwrap(),
+            serde_json::json!(p.name())
+        );
+    }
+    let e = "fast".parse::<PolicyKind>().unwrap_err();
+    assert!(e.contains("adaptive"), "{e}");
+    assert_eq!(PolicyKind::default(), PolicyKind::Adaptive);
+}
+
+#[test]
+fn every_policy_stops_a_converging_guest_within_the_budget() {
+    for p in PolicyKind::ALL {
+        let d = run(p, &converging(), &[]);
+        let last = d.last().unwrap();
+        assert_eq!(last.action, Action::StopAndCopy, "{p}: {:?}", last);
+        // 2,100 pages at 16,400 pages/s: 129 ms + 5.
+        assert_eq!(last.estimate_ms, 134, "{p}");
+        assert!(last.estimate_ms <= 300);
+        assert_eq!(d.len(), 4, "{p}");
+        assert!(d.iter().all(|x| x.throttle_pct == 0), "{p}");
+    }
+}
+
+#[test]
+fn baseline_never_converges_on_an_intensive_guest_and_gives_up_at_the_time_limit() {
+    let d = run(PolicyKind::Baseline, &intensive_uniform(20), &[]);
+    let last = d.last().unwrap();
+    assert_eq!(last.action, Action::GiveUp);
+    // 4000 + 7 x 3800 = 30,600 ms >= 30,000.
+    assert_eq!(d.len(), 8);
+    assert!(last.reason.starts_with("give up"), "{}", last.reason);
+    assert!(d.iter().all(|x| x.throttle_pct == 0 && !x.defer_hot));
+}
+
+#[test]
+fn mp_classifies_and_stops_early_within_the_cap() {
+    // A hot-set guest: the pending set plateaus at ~20,000 pages (1.2 s at
+    // the rate), over the 300 ms budget but within the 2 s cap.
+    let rows: Vec<Row> = vec![
+        (65_536, 4000, 24_000, 0, 24_000, 16_384.0),
+        (24_000, 1500, 20_000, 15_000, 20_000, 16_000.0),
+        (20_000, 1250, 19_800, 18_000, 19_800, 16_000.0),
+        (19_800, 1240, 19_900, 18_500, 19_900, 16_000.0),
+    ];
+    let base = run(PolicyKind::Baseline, &rows, &[]);
+    assert!(base.iter().all(|d| d.action == Action::Iterate));
+    let mp = run(PolicyKind::Mp, &rows, &[]);
+    let last = mp.last().unwrap();
+    assert_eq!(last.action, Action::StopAndCopy, "{:?}", mp);
+    assert_eq!(last.class, "memory-intensive");
+    assert!(last.estimate_ms <= 1500, "{}", last.estimate_ms);
+    // Dirtying 20,000 pages in 1.5 s (13,333/s) is over half the rate
+    // (16,000/s): intensive after the first dirty round already.
+    assert_eq!(mp.len(), 2);
+}
+
+#[test]
+fn mp_does_not_stop_beyond_the_cap() {
+    let d = run(PolicyKind::Mp, &intensive_uniform(20), &[]);
+    // 61,000 pages at 16,300/s is ~3.7 s: over the cap, so mp alone gives up.
+    assert_eq!(d.last().unwrap().action, Action::GiveUp);
+    assert!(d
+        .iter()
+        .all(|x| x.class == "memory-intensive" || x.estimate_ms < 300 || x == &d[0]));
+}
+
+#[test]
+fn auto_converge_throttles_stepwise_up_to_the_max() {
+    let d = run(PolicyKind::AutoConverge, &intensive_uniform(40), &[]);
+    let steps: Vec<u8> = d.iter().map(|x| x.throttle_pct).collect();
+    // Round 1 is the bulk round: nothing is known yet. Then 20, 30, ... 99.
+    assert_eq!(&steps[..4], &[0, 20, 30, 40]);
+    assert!(steps.windows(2).all(|w| w[1] >= w[0]));
+    assert!(steps.iter().all(|&s| s <= THROTTLE_MAX));
+    assert!(steps.contains(&THROTTLE_MAX) || d.last().unwrap().action == Action::GiveUp);
+}
+
+#[test]
+fn auto_converge_stops_once_throttling_works() {
+    let mut rows = intensive_uniform(3);
+    // Throttled, the guest's dirty set shrinks until it fits.
+    rows.push((61_000, 3700, 30_000, 20_000, 30_000, 16_400.0));
+    rows.push((30_000, 1800, 8_000, 6_000, 8_000, 16_400.0));
+    rows.push((8_000, 500, 3_000, 2_000, 3_000, 16_400.0));
+    let d = run(PolicyKind::AutoConverge, &rows, &[]);
+    assert_eq!(d.last().unwrap().action, Action::StopAndCopy);
+    assert!(d.last().unwrap().estimate_ms <= 300);
+}
+
+#[test]
+fn hot_defer_defers_from_the_second_round_on() {
+    let d = run(PolicyKind::HotDefer, &converging(), &[]);
+    assert!(!d[0].defer_hot, "nothing is hot after the bulk round");
+    assert!(d[1].defer_hot);
+    assert!(d[1].reason.contains("hot pages held"), "{}", d[1].reason);
+    for p in [PolicyKind::Baseline, PolicyKind::Mp, PolicyKind::Fragment] {
+        assert!(
+            run(p, &converging(), &[]).iter().all(|x| !x.defer_hot),
+            "{p}"
+        );
+    }
+}
+
+#[test]
+fn fragments_freeze_when_their_dirty_set_stops_shrinking_and_thaw_when_it_halves() {
+    let rows = intensive_uniform(6);
+    // Fragment 0 is hot (stays ~2000), fragment 1 cools, 2 is clean,
+    // 3 stays hot then cools down.
+    let frags = vec![
+        vec![2000, 1500, 0, 2000],
+        vec![2000, 700, 0, 1900],
+        vec![1990, 300, 0, 1950],
+        vec![2000, 100, 0, 900],
+        vec![2000, 50, 0, 300],
+        vec![2000, 20, 0, 200],
+    ];
+    let d = run(PolicyKind::Fragment, &rows, &frags);
+    assert_eq!(
+        d[0].frozen,
+        vec![false; 4],
+        "no history after the bulk round"
+    );
+    assert_eq!(d[1].frozen, vec![true, false, false, true]);
+    assert_eq!(d[2].frozen, vec![true, false, false, true]);
+    // Fragment 3 fell from 1900 (frozen at) to 900: thawed.
+    assert_eq!(d[3].frozen, vec![true, false, false, false]);
+    assert_eq!(d[5].frozen, vec![true, false, false, false]);
+    for p in [PolicyKind::Baseline, PolicyKind::HotDefer, PolicyKind::Mp] {
+        let d = run(p, &rows, &frags);
+        assert!(d.iter().all(|x| x.frozen.iter().all(|f| !f)), "{p}");
+    }
+}
+
+#[test]
+fn adaptive_stops_early_when_it_can_and_throttles_only_when_it_cannot() {
+    // Hot-set guest: early stop within the cap, no throttle.
+    let rows: Vec<Row> = vec![
+        (65_536, 4000, 24_000, 0, 24_000, 16_384.0),
+        (4_000, 300, 20_000, 15_000, 20_000, 16_000.0),
+    ];
+    let d = run(PolicyKind::Adaptive, &rows, &[]);
+    assert_eq!(d.last().unwrap().action, Action::StopAndCopy);
+    assert!(d.iter().all(|x| x.throttle_pct == 0));
+    // Uniform 3x guest: the estimate stays over the cap, so it throttles.
+    let d = run(PolicyKind::Adaptive, &intensive_uniform(6), &[]);
+    assert!(d.iter().any(|x| x.throttle_pct >= 20), "{d:?}");
+    assert!(d[1].defer_hot);
+}
+
+#[test]
+fn every_policy_gives_up_at_rounds_max() {
+    let mut p = Policy::new(
+        PolicyKind::Adaptive,
+        Limits {
+            rounds_max: 3,
+            ..limits()
+        },
+        1,
+    );
+    let mut last = None;
+    for round in 1..=3 {
+        let s = RoundStats {
+            round,
+            elapsed_ms: round as u64 * 100,
+            round_ms: 100,
+            sent_pages: 1_000_000,
+            rate_pages_s: 10_000.0,
+            dirty_pages: 1_000_000,
+            hot_pages: 0,
+            pending_pages: 1_000_000,
+            throttle_pct: 0,
+        };
+        last = Some(p.decide(&s, &[0]));
+    }
+    assert_eq!(last.unwrap().action, Action::GiveUp);
+}
+
+#[test]
+fn the_estimate_counts_every_pending_page() {
+    let s = RoundStats {
+        pending_pages: 16_384,
+        rate_pages_s: 16_384.0,
+        ..RoundStats::default()
+    };
+    assert_eq!(s.estimate_ms(), 1000 + SWITCHOVER_OVERHEAD_MS);
+    let z = RoundStats::default();
+    assert_eq!(z.estimate_ms(), SWITCHOVER_OVERHEAD_MS);
+}
