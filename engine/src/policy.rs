@@ -36,10 +36,13 @@
 //!   over the budget, throttle its vCPUs through the VMM, stepwise like QEMU's
 //!   cpu-throttle (first [`THROTTLE_FIRST`]%, then +[`THROTTLE_STEP`] per
 //!   round, at most [`THROTTLE_MAX`]%); stop when the estimate fits the budget.
-//! - `adaptive` (default): hot-defer and fragments choose the pages; `mp`'s
-//!   early stop within `downtime_max_ms` when the guest is memory-intensive;
-//!   throttling only when that estimate is still over `downtime_max_ms` (the
-//!   other measures were not enough).
+//! - `adaptive` (default): hot-defer and fragments choose the pages, where
+//!   the held pages are a small part of memory and fit in half the
+//!   downtime cap ([`HOLD_SHARE_MAX`]); `mp`'s early stop within
+//!   `downtime_max_ms` when the guest is memory-intensive; throttling only
+//!   when that estimate is still over `downtime_max_ms` (the other measures
+//!   were not enough), straight to the level the measured dirty rate calls
+//!   for ([`THROTTLE_TARGET`]) rather than stepwise.
 //!
 //! Every policy gives up at `rounds_max` or `time_max`, leaving the VM
 //! running on the source.
@@ -182,6 +185,8 @@ pub struct RoundStats {
     pub pending_pages: u64,
     /// The throttle the round ran under, percent.
     pub throttle_pct: u8,
+    /// Pages of guest memory.
+    pub mem_pages: u64,
 }
 
 impl RoundStats {
@@ -196,6 +201,26 @@ impl RoundStats {
         (self.pending_pages as f64 / rate * 1000.0).ceil() as u64 + SWITCHOVER_OVERHEAD_MS
     }
 }
+
+/// The throttle that brings the guest's dirty rate to [`THROTTLE_TARGET`]
+/// of the transfer rate, from the rate measured under the current throttle
+/// (which scales it by (100 - p) / 100).
+fn needed_throttle(s: &RoundStats) -> u8 {
+    let running = (100 - u32::from(s.throttle_pct.min(THROTTLE_MAX))) as f64 / 100.0;
+    let unthrottled = s.dirty_rate() / running;
+    if unthrottled <= 0.0 {
+        return 0;
+    }
+    let keep = (THROTTLE_TARGET * s.rate_pages_s / unthrottled).clamp(0.0, 1.0);
+    ((1.0 - keep) * 100.0).ceil().min(THROTTLE_MAX as f64) as u8
+}
+
+/// Adaptive throttles towards a dirty rate of this fraction of the
+/// transfer rate, where pre-copy converges quickly.
+pub const THROTTLE_TARGET: f64 = 0.5;
+
+/// The most of guest memory adaptive holds back.
+pub const HOLD_SHARE_MAX: f64 = 0.25;
 
 /// Fixed cost of a switchover besides moving pages: pause, state, PREPARE,
 /// COMMIT, resume (measured at 2-5 ms on loopback).
@@ -293,6 +318,10 @@ impl Policy {
         };
         let budget = self.limits.downtime_ms;
         let cap = self.limits.downtime_max_ms.max(budget);
+        let cap_margin = (cap as f64 * DOWNTIME_MAX_MARGIN) as u64;
+        if self.kind == PolicyKind::Adaptive {
+            self.guard_holds(s, frag_dirty, cap_margin, &mut d);
+        }
         if est <= budget {
             d.action = Action::StopAndCopy;
             d.reason = format!(
@@ -301,7 +330,6 @@ impl Policy {
             );
             return d;
         }
-        let cap_margin = (cap as f64 * DOWNTIME_MAX_MARGIN) as u64;
         if self.kind.stops_early() && self.intensive && est <= cap_margin {
             d.action = Action::StopAndCopy;
             d.reason = format!(
@@ -327,13 +355,21 @@ impl Policy {
                 _ => false,
             };
         if self.kind.throttles() && needs_throttle && self.throttle < THROTTLE_MAX {
-            self.throttle = if self.throttle == 0 {
+            let step = if self.throttle == 0 {
                 THROTTLE_FIRST
             } else {
                 self.throttle
                     .saturating_add(THROTTLE_STEP)
                     .min(THROTTLE_MAX)
             };
+            // Adaptive goes straight to the throttle the measurements call
+            // for (the stepwise ramp is auto-converge's, as in QEMU).
+            let needed = if self.kind == PolicyKind::Adaptive {
+                needed_throttle(s)
+            } else {
+                0
+            };
+            self.throttle = step.max(needed);
             d.throttle_pct = self.throttle;
             d.reason = format!(
                 "iterate, throttle the guest to {}%: ~{est} ms over the budget, dirtying {:.0} pages/s against {:.0} sent",
@@ -352,6 +388,31 @@ impl Policy {
             d.reason += &format!(", {held} fragments frozen");
         }
         d
+    }
+
+    /// Adaptive holds pages back only where that pays: the held set must be
+    /// a small part of guest memory (else the "hot set" is all of memory,
+    /// and holding it just alternates empty and full rounds) and must fit
+    /// in half the downtime cap, since it all goes in the final round.
+    fn guard_holds(&self, s: &RoundStats, frag_dirty: &[u64], cap_ms: u64, d: &mut Decision) {
+        let rate = s.rate_pages_s.max(1.0);
+        let fits = |pages: u64| {
+            pages as f64 <= HOLD_SHARE_MAX * s.mem_pages as f64
+                && (pages as f64 / rate * 1000.0) as u64 <= cap_ms / 2
+        };
+        if d.defer_hot && !fits(s.hot_pages) {
+            d.defer_hot = false;
+        }
+        let frozen: u64 = frag_dirty
+            .iter()
+            .zip(&d.frozen)
+            .filter(|(_, &f)| f)
+            .map(|(&n, _)| n)
+            .sum();
+        let hot = if d.defer_hot { s.hot_pages } else { 0 };
+        if frozen > 0 && !fits(frozen + hot) {
+            d.frozen.iter_mut().for_each(|f| *f = false);
+        }
     }
 
     fn classify(&mut self, s: &RoundStats) {

@@ -352,6 +352,7 @@ impl Migration<'_> {
                 hot_pages,
                 pending_pages: pending.count(),
                 throttle_pct,
+                mem_pages: pages,
             };
             let d = policy.decide(&stats, &dirty.count_blocks(FRAGMENT_PAGES));
             // Next round's pages: pending minus what the policy holds back.
