@@ -392,7 +392,10 @@ fn adaptive_throttles_a_guest_that_outruns_the_link_and_lifts_it_afterwards() {
     check_invariant(&r);
     assert!(r.result.is_ok(), "{:?}\n{:#?}", r.result, r.snapshot.rounds);
     let steps = &r.source_vm.throttles;
-    assert!(!steps.is_empty() && steps[0] == 20, "{steps:?}");
+    // Straight to the measured need (not QEMU's 20% first step), rising,
+    // and lifted (0) at the switchover.
+    assert!(!steps.is_empty() && steps[0] >= 20, "{steps:?}");
+    assert_eq!(steps.last(), Some(&0), "{steps:?}");
     assert!(
         steps.windows(2).all(|w| w[1] > w[0] || w[1] == 0),
         "{steps:?}"
