@@ -349,13 +349,29 @@ fn e2e_one(c: &mut Command, complete: bool) -> Result<String> {
         );
     }
     let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
+    if !complete {
+        return Ok(format!(
+            "gave up as it must after {} rounds and {:.0} ms ({}); the VM verified running on the source",
+            v["iterations"],
+            f("total_time_ms"),
+            v["error"].as_str().unwrap_or("no error given")
+        ));
+    }
+    let link = if f("link_mib_s") > 0.0 {
+        format!(
+            " ({:.0}% of the {:.0} MiB/s link)",
+            f("link_ratio") * 100.0,
+            f("link_mib_s")
+        )
+    } else {
+        String::new()
+    };
     Ok(format!(
-        "verified; {:.0} ms total, {:.0} ms downtime, {} rounds, {:.0} MiB/s wire ({:.0}% of the {:.0} MiB/s link)",
+        "verified; {:.0} ms total, {:.0} ms downtime, {} rounds, {:.0} MiB/s wire{link}, policy {}",
         f("total_time_ms"),
         f("downtime_ms"),
         v["iterations"],
         f("throughput_mib_s"),
-        f("link_ratio") * 100.0,
-        f("link_mib_s")
+        v["policy"].as_str().unwrap_or("?")
     ))
 }

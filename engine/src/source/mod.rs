@@ -151,6 +151,7 @@ pub fn migrate_out(
         logging: false,
         commit_sent: false,
         throttle_pct: 0,
+        throttle_unsupported: false,
         acked: Arc::default(),
     };
     let result = m.run(transport, to, key, spec, epoch, vm);
@@ -200,6 +201,8 @@ struct Migration<'a> {
     commit_sent: bool,
     /// The vCPU throttle in force (0 = none).
     throttle_pct: u8,
+    /// The VM answered a throttle request with `Unsupported`.
+    throttle_unsupported: bool,
     /// Per stream: the last frame the target acknowledged as applied.
     acked: Arc<Vec<AtomicU64>>,
 }
@@ -424,7 +427,7 @@ impl Migration<'_> {
             }
             if d.throttle_pct != throttle_pct {
                 self.set_throttle(vm, d.throttle_pct)?;
-                throttle_pct = d.throttle_pct;
+                throttle_pct = self.throttle_pct;
             }
             send.copy_from(&pending);
             send.and_not(&held);
@@ -586,8 +589,20 @@ impl Migration<'_> {
     }
 
     /// Asks the VMM to throttle the guest's vCPUs.
+    /// A VM that cannot be throttled is migrated without it (logged once).
     fn set_throttle(&mut self, vm: &mut dyn SourceVm, pct: u8) -> Result<(), MigrationError> {
-        vm.set_throttle(pct)?;
+        if self.throttle_unsupported {
+            return Ok(());
+        }
+        match vm.set_throttle(pct) {
+            Ok(()) => {}
+            Err(crate::VmError::Unsupported { op }) => {
+                tracing::warn!("the VM does not support {op}; converging without throttling");
+                self.throttle_unsupported = true;
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
         self.throttle_pct = pct;
         self.metrics.update(|s| s.throttle_pct = pct);
         Ok(())
