@@ -162,6 +162,26 @@ impl DirtyBitmap {
         self.trim();
     }
 
+    /// Runs of pages in `first..first + count` whose bit is clear, as
+    /// (first, count), ascending.
+    pub fn runs_within(&self, first: u64, count: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let end = (first + count).min(self.pages);
+        let mut i = first;
+        std::iter::from_fn(move || {
+            while i < end && self.get(i) {
+                i += 1;
+            }
+            if i >= end {
+                return None;
+            }
+            let start = i;
+            while i < end && !self.get(i) {
+                i += 1;
+            }
+            Some((start, i - start))
+        })
+    }
+
     /// Runs of consecutive set pages as (first, count), ascending.
     pub fn runs(&mut self) -> Runs<'_> {
         self.trim();
@@ -315,6 +335,16 @@ mod tests {
             for (k, &c) in blocks.iter().enumerate() {
                 let want = bits.iter().skip(k * 64).take(64).filter(|p| p.0).count() as u64;
                 prop_assert_eq!(c, want);
+            }
+            let lo = n / 3;
+            let within: Vec<(u64, u64)> = a.runs_within(lo, n - lo).collect();
+            let mut covered = vec![false; n as usize];
+            for &(f, c) in &within {
+                prop_assert!(f >= lo && f + c <= n && c > 0);
+                for i in f..f + c { covered[i as usize] = true; }
+            }
+            for i in 0..n {
+                prop_assert_eq!(covered[i as usize], i >= lo && !a.get(i), "page {}", i);
             }
             let mut sb = DirtyBitmap::new(n);
             sb.set_blocks(64, &flags);

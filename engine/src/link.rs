@@ -189,6 +189,10 @@ pub enum LinkMsg {
     StopDirtyLog,
     /// ferryd -> VMM: return and clear the dirty log. Reply: `DirtyLog`.
     SyncDirtyLog,
+    /// ferryd -> VMM: return the dirty log without clearing it (the pages
+    /// stay for the next `SyncDirtyLog`). Reply: `DirtyLog`, or `Error` when
+    /// the VMM cannot read it without clearing.
+    PeekDirtyLog,
     /// VMM -> ferryd: the dirty bitmap is the binary payload.
     DirtyLog,
     /// ferryd -> VMM: stop the vCPUs at a consistent point. Reply: `Paused`.
@@ -246,6 +250,7 @@ impl LinkMsg {
             LinkMsg::StartDirtyLog => "start_dirty_log",
             LinkMsg::StopDirtyLog => "stop_dirty_log",
             LinkMsg::SyncDirtyLog => "sync_dirty_log",
+            LinkMsg::PeekDirtyLog => "peek_dirty_log",
             LinkMsg::DirtyLog => "dirty_log",
             LinkMsg::Pause => "pause",
             LinkMsg::Paused { .. } => "paused",

@@ -38,6 +38,33 @@ impl LinkVm {
         &mut self.link
     }
 
+    /// A dirty-log request (`sync` or `peek`): ORs the reply into `bitmap`.
+    fn dirty_log(
+        &mut self,
+        op: &'static str,
+        msg: LinkMsg,
+        bitmap: &mut [u64],
+    ) -> Result<(), VmError> {
+        let r = self.link.call(&msg, &[]).map_err(link_err(op))?;
+        if r.msg != LinkMsg::DirtyLog {
+            return Err(expect(op, &r.msg, "dirty_log"));
+        }
+        if r.bin.len() != bitmap.len() * 8 {
+            return Err(VmError::Request {
+                op,
+                message: format!(
+                    "bitmap of {} bytes, expected {}",
+                    r.bin.len(),
+                    bitmap.len() * 8
+                ),
+            });
+        }
+        for (w, b) in bitmap.iter_mut().zip(r.bin.chunks_exact(8)) {
+            *w |= u64::from_le_bytes(b.try_into().expect("chunks of 8"));
+        }
+        Ok(())
+    }
+
     fn simple(&mut self, op: &'static str, msg: LinkMsg) -> Result<(), VmError> {
         let r = self.link.call(&msg, &[]).map_err(link_err(op))?;
         match r.msg {
@@ -65,28 +92,11 @@ impl SourceVm for LinkVm {
     }
 
     fn sync_dirty_log(&mut self, bitmap: &mut [u64]) -> Result<(), VmError> {
-        const OP: &str = "sync_dirty_log";
-        let r = self
-            .link
-            .call(&LinkMsg::SyncDirtyLog, &[])
-            .map_err(link_err(OP))?;
-        if r.msg != LinkMsg::DirtyLog {
-            return Err(expect(OP, &r.msg, "dirty_log"));
-        }
-        if r.bin.len() != bitmap.len() * 8 {
-            return Err(VmError::Request {
-                op: OP,
-                message: format!(
-                    "bitmap of {} bytes, expected {}",
-                    r.bin.len(),
-                    bitmap.len() * 8
-                ),
-            });
-        }
-        for (w, b) in bitmap.iter_mut().zip(r.bin.chunks_exact(8)) {
-            *w |= u64::from_le_bytes(b.try_into().expect("chunks of 8"));
-        }
-        Ok(())
+        self.dirty_log("sync_dirty_log", LinkMsg::SyncDirtyLog, bitmap)
+    }
+
+    fn peek_dirty_log(&mut self, bitmap: &mut [u64]) -> Result<(), VmError> {
+        self.dirty_log("peek_dirty_log", LinkMsg::PeekDirtyLog, bitmap)
     }
 
     fn stop_dirty_log(&mut self) -> Result<(), VmError> {

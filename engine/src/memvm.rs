@@ -87,9 +87,9 @@ impl MemSourceVm {
         Self::with_pattern(mem, rate_pages_s, seed, 0, false)
     }
 
-    /// Like [`Self::new`], with writes confined to the first `hot_pages`
-    /// pages (0: all of memory) and, with `partial`, changing one 64-byte
-    /// line of a page per write (what XOR-delta is for).
+    /// Like [`Self::new`], with writes confined to `hot_pages` pages spread
+    /// evenly over memory (0: all of memory) and, with `partial`, changing
+    /// one 64-byte line of a page per write (what XOR-delta is for).
     pub fn with_pattern(
         mem: Arc<GuestMem>,
         rate_pages_s: u64,
@@ -144,9 +144,14 @@ impl MemSourceVm {
         self.writer = Some(std::thread::spawn(move || {
             let batch_time = Duration::from_secs_f64(BATCH_PAGES as f64 / rate as f64);
             let mut deadline = Instant::now();
-            let pages = match shared.hot_pages {
-                0 => shared.mem.pages(),
-                h => h.min(shared.mem.pages()),
+            // A hot set is spread evenly over memory: hot page k is page
+            // k * stride.
+            let (pages, stride) = match shared.hot_pages {
+                0 => (shared.mem.pages(), 1),
+                h => {
+                    let h = h.min(shared.mem.pages());
+                    (h, shared.mem.pages() / h)
+                }
             };
             let mut written = 0u64;
             while !shared.stop.load(Ordering::SeqCst) {
@@ -154,7 +159,7 @@ impl MemSourceVm {
                     x ^= x << 13;
                     x ^= x >> 7;
                     x ^= x << 17;
-                    let page = x % pages;
+                    let page = (x % pages) * stride;
                     let version = shared.progress.fetch_add(1, Ordering::SeqCst) + 1;
                     if shared.partial {
                         let line = [stamp(page, version); 8];
@@ -227,6 +232,18 @@ impl SourceVm for MemSourceVm {
 
     fn stop_dirty_log(&mut self) -> Result<(), VmError> {
         *self.shared.log.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(())
+    }
+
+    fn peek_dirty_log(&mut self, bitmap: &mut [u64]) -> Result<(), VmError> {
+        let mut log = self.shared.log.lock().unwrap_or_else(|p| p.into_inner());
+        let log = log.as_mut().ok_or(VmError::Request {
+            op: "peek_dirty_log",
+            message: "logging is off".into(),
+        })?;
+        for (o, w) in bitmap.iter_mut().zip(log.words_mut().iter()) {
+            *o |= *w;
+        }
         Ok(())
     }
 

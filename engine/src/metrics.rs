@@ -116,13 +116,17 @@ pub struct Snapshot {
     /// vCPU throttle the policy asked of the VMM, percent (0 = none).
     #[serde(default)]
     pub throttle_pct: u8,
-    /// Pages sent again after the bulk round, and their payload bytes on
-    /// the wire (what XOR-delta shrinks).
+    /// Pages sent again (the target already had a copy), and below their
+    /// bytes on the wire: what XOR-delta shrinks.
     #[serde(default)]
     pub resent_pages: u64,
-    /// Payload bytes of the re-sent pages.
+    /// Payload bytes of the re-sent pages (plus their 16-byte table entries).
     #[serde(default)]
     pub resent_bytes: u64,
+    /// Pages the bulk round skipped because the guest had already rewritten
+    /// them (they went once, in a later round).
+    #[serde(default)]
+    pub bulk_skipped: u64,
     /// The XOR-delta cache (source side).
     #[serde(default)]
     pub xor: XorStats,
@@ -208,6 +212,10 @@ pub struct Metrics {
     pub pages_raw: AtomicU64,
     /// XOR-delta counters, summed over the encoders.
     pub xor: XorCounters,
+    /// Pages sent again (the target had an older copy).
+    pub resent_pages: AtomicU64,
+    /// Their payload and table bytes.
+    pub resent_bytes: AtomicU64,
     snap: Mutex<Snapshot>,
 }
 
@@ -239,6 +247,8 @@ impl Metrics {
             compressed_bytes: AtomicU64::new(0),
             pages_raw: AtomicU64::new(0),
             xor: XorCounters::default(),
+            resent_pages: AtomicU64::new(0),
+            resent_bytes: AtomicU64::new(0),
             snap: Mutex::new(Snapshot {
                 id: id.into(),
                 vm: vm.into(),
@@ -278,6 +288,8 @@ impl Metrics {
         s.pages_compressed = self.pages_compressed.load(Relaxed);
         s.compressed_bytes = self.compressed_bytes.load(Relaxed);
         s.pages_raw = self.pages_raw.load(Relaxed);
+        s.resent_pages = self.resent_pages.load(Relaxed);
+        s.resent_bytes = self.resent_bytes.load(Relaxed);
         let x = &self.xor;
         s.xor = XorStats {
             cache_bytes: s.xor.cache_bytes,

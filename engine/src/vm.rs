@@ -59,6 +59,18 @@ pub trait SourceVm: Send {
     fn sync_dirty_log(&mut self, bitmap: &mut [u64]) -> Result<(), VmError>;
     /// Stops dirty logging (the migration ended either way).
     fn stop_dirty_log(&mut self) -> Result<(), VmError>;
+    /// ORs into `bitmap` the pages written since the last sync (or since
+    /// `start_dirty_log`) *without* re-arming anything: those pages stay in
+    /// the log and are returned by the next [`Self::sync_dirty_log`]. The
+    /// bulk round uses it to skip pages the guest already rewrote.
+    ///
+    /// Optional: the default refuses with [`VmError::Unsupported`].
+    fn peek_dirty_log(&mut self, bitmap: &mut [u64]) -> Result<(), VmError> {
+        let _ = bitmap;
+        Err(VmError::Unsupported {
+            op: "peek_dirty_log",
+        })
+    }
     /// Stops the vCPUs at a consistent point and returns their state.
     fn pause(&mut self) -> Result<VmState, VmError>;
     /// Runs the vCPUs again: the migration failed or was cancelled.

@@ -112,6 +112,7 @@ dirty:
         call    mix
         mov     r8, rax
         mov     r9, [rbx + CB_DATA_PAGES]
+        mov     r11d, 1                         # stride: 1 for a uniform pick
         mov     rcx, [rbx + CB_HOT_PCT]
         test    rcx, rcx
         jz      .Ldirty_pick
@@ -121,12 +122,20 @@ dirty:
         div     r10
         cmp     rdx, rcx
         jae     .Ldirty_pick
+        # Hot: page k of the hot set is data page k * (data / hot), so the
+        # hot set is spread evenly over memory, as a real guest's would be.
+        mov     rax, [rbx + CB_DATA_PAGES]
+        xor     edx, edx
+        div     qword ptr [rbx + CB_HOT_PAGES]
+        mov     r11, rax
         mov     r9, [rbx + CB_HOT_PAGES]
 .Ldirty_pick:
         mov     eax, r8d
         xor     edx, edx
         div     r9
-        mov     rdi, rdx
+        mov     rax, rdx
+        imul    rax, r11
+        mov     rdi, rax
         mov     esi, KIND_RANDOM
         cmp     qword ptr [rbx + CB_WORKLOAD], WORKLOAD_DIRTY_FILL
         je      1f

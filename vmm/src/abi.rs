@@ -41,7 +41,8 @@ pub const CB_TABLE_GPA: u64 = 0x20;
 pub const CB_BATCH_PAGES: u64 = 0x28;
 /// Control block: percentage of dirty writes into the hot set (0: uniform).
 pub const CB_HOT_PCT: u64 = 0x30;
-/// Control block: pages in the hot set (the first 10% of data pages).
+/// Control block: pages in the hot set (10% of data pages, spread evenly:
+/// hot page k is data page k * (data pages / hot pages)).
 pub const CB_HOT_PAGES: u64 = 0x38;
 /// Control block: the guest's progress counter, +1 at every exit.
 pub const CB_PROGRESS: u64 = 0x40;

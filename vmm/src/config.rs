@@ -52,8 +52,9 @@ pub enum Workload {
     /// `mib_per_s * 256` page rewrites per second (pages x 4 KiB), the rate
     /// of pages the dirty log reports. A rewrite changes only the page's
     /// header and one 256-byte slot of it (see [`crate::oracle`]), so the
-    /// bytes that change are ~8% of that. `hot_pct`% of the rewrites go to the
-    /// first 10% of data pages (0: uniform).
+    /// bytes that change are ~8% of that. `hot_pct`% of the rewrites go to a
+    /// hot set of 10% of the data pages spread evenly over memory (every
+    /// 10th page; 0: uniform).
     Dirty {
         /// Rewrite rate in MiB/s of whole pages (4 KiB per rewritten page).
         mib_per_s: u32,

@@ -138,6 +138,31 @@ impl Vm {
         *self.dirty_logging.lock().expect("dirty log lock")
     }
 
+    /// Returns the pages written since the last sync (or since logging
+    /// started) without re-arming them: they stay in the log for the next
+    /// [`Self::sync_dirty_log`]. Only with manual protect, where
+    /// KVM_GET_DIRTY_LOG just copies the log out; without it KVM clears the
+    /// log as it reads, so this refuses.
+    pub fn peek_dirty_log(&self) -> Result<Vec<u64>, KvmError> {
+        let logging = self.dirty_logging.lock().expect("dirty log lock");
+        if !*logging || !self.manual_protect {
+            return Err(KvmError::Ioctl {
+                op: "peek dirty log",
+                source: kvm_ioctls::Error::new(if *logging {
+                    libc::EOPNOTSUPP
+                } else {
+                    libc::ENOENT
+                }),
+            });
+        }
+        let bitmap = self
+            .fd
+            .get_dirty_log(SLOT, self.ram.bytes() as usize)
+            .map_err(ioctl("get dirty log"))?;
+        drop(logging);
+        Ok(bitmap)
+    }
+
     /// Returns the pages written since the last call (or since logging
     /// started) and re-arms logging for them: u64 words, one bit per 4 KiB
     /// page of the slot, page 0 in bit 0 of word 0.

@@ -9,6 +9,7 @@
 //! request          reply                    notes
 //! StartDirtyLog    Ok                       slot gets KVM_MEM_LOG_DIRTY_PAGES
 //! SyncDirtyLog     DirtyLog + bitmap        u64 LE words, bit per 4 KiB page
+//! PeekDirtyLog     DirtyLog + bitmap        the same, not cleared (manual protect)
 //! StopDirtyLog     Ok
 //! Pause            Paused{progress} + blob  parks at the guest's next exit
 //! Resume           Ok                       hashes paused memory (--report) first;
@@ -234,6 +235,13 @@ impl LinkServer {
             LinkMsg::StartDirtyLog => {
                 m.start_dirty_log()?;
                 (LinkMsg::Ok, vec![])
+            }
+            LinkMsg::PeekDirtyLog => {
+                let words = m.peek_dirty_log()?;
+                (
+                    LinkMsg::DirtyLog,
+                    words.iter().flat_map(|w| w.to_le_bytes()).collect(),
+                )
             }
             LinkMsg::SyncDirtyLog => {
                 let words = m.sync_dirty_log()?;

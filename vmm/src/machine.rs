@@ -300,6 +300,11 @@ impl Machine {
         Ok(self.vm.sync_dirty_log()?)
     }
 
+    /// The dirty log without re-arming it (manual protect only).
+    pub fn peek_dirty_log(&self) -> Result<Vec<u64>, MachineError> {
+        Ok(self.vm.peek_dirty_log()?)
+    }
+
     /// Stops dirty logging.
     pub fn stop_dirty_log(&self) -> Result<(), MachineError> {
         Ok(self.vm.set_dirty_logging(false)?)

@@ -26,7 +26,7 @@ struct Args {
     /// the mixed pass (the fill pass with :fill, whose pages are all
     /// incompressible), rewrite <MiB/s> / 4 KiB random pages per second (each
     /// rewrite changes a page's header and one 256-byte slot); <pct>% of
-    /// them go to a hot set of 10% of the pages.
+    /// them go to a hot set of 10% of the pages, spread evenly over memory.
     #[arg(long, default_value = "idle")]
     workload: Workload,
     /// Dirty workload: pages written per guest exit (pacing granularity).

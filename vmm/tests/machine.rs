@@ -300,7 +300,10 @@ fn dirty_rewrites_change_one_slot_and_pass_the_oracle() {
             .unwrap();
         b
     };
-    let old: Vec<Vec<u8>> = (0..l.hot_pages).map(read).collect();
+    // Hot page k is data page k * stride (spread over memory).
+    let stride = l.data_pages / l.hot_pages;
+    let hot: Vec<u64> = (0..l.hot_pages).map(|k| k * stride).collect();
+    let old: Vec<Vec<u8>> = hot.iter().map(|&p| read(p)).collect();
     // A batch or two of rewrites: resume, and pause once one batch is done.
     let p0 = m.counters().unwrap().progress;
     m.resume().unwrap();
@@ -315,7 +318,7 @@ fn dirty_rewrites_change_one_slot_and_pass_the_oracle() {
     m.pause().unwrap();
     let after = read_versions(&m.ram().all(), &l);
     let mut seen = [0usize; 4];
-    for p in 0..l.hot_pages {
+    for (k, &p) in hot.iter().enumerate() {
         let (v0, v1) = (before[p as usize], after[p as usize]);
         if v1 != v0 + 1 || v0 == 0 {
             continue;
@@ -326,9 +329,7 @@ fn dirty_rewrites_change_one_slot_and_pass_the_oracle() {
         let slot_bytes = abi::HEADER_BYTES as usize + slot * abi::SLOT_BYTES as usize;
         let slot_range = slot_bytes..slot_bytes + abi::SLOT_BYTES as usize;
         let new = read(p);
-        let changed: Vec<usize> = (0..new.len())
-            .filter(|&i| new[i] != old[p as usize][i])
-            .collect();
+        let changed: Vec<usize> = (0..new.len()).filter(|&i| new[i] != old[k][i]).collect();
         assert!(
             changed
                 .iter()
@@ -354,4 +355,28 @@ fn dirty_rewrites_change_one_slot_and_pass_the_oracle() {
     );
     let r = m.check();
     assert_eq!(r.pages_bad, 0, "{:?}", r.first_faults);
+}
+
+#[test]
+fn peeking_at_the_dirty_log_leaves_it_for_the_next_sync() {
+    if !kvm_or_skip("peeking_at_the_dirty_log_leaves_it_for_the_next_sync") {
+        return;
+    }
+    let mut m = boot("dirty:64", 64);
+    wait_for(&m, abi::PHASE_DIRTY, 1);
+    m.pause().unwrap();
+    assert!(m.peek_dirty_log().is_err(), "peek with logging off");
+    m.start_dirty_log().unwrap();
+    m.sync_dirty_log().unwrap();
+    m.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    m.pause().unwrap();
+    let count = |b: &[u64]| -> u64 { b.iter().map(|w| u64::from(w.count_ones())).sum() };
+    let first = m.peek_dirty_log().unwrap();
+    assert!(count(&first) > 100, "{} pages", count(&first));
+    // A peek clears nothing: the same pages again, then the sync has them.
+    assert_eq!(m.peek_dirty_log().unwrap(), first);
+    assert_eq!(m.sync_dirty_log().unwrap(), first);
+    // The sync did re-arm: a paused guest dirties nothing.
+    assert_eq!(count(&m.peek_dirty_log().unwrap()), 0);
 }

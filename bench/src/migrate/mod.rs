@@ -244,6 +244,7 @@ fn run_on(tb: &mut Testbed, args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResu
         downtime_max_ms: snap.downtime_max_ms,
         throttle_pct: snap.throttle_pct,
         resent_pages: snap.resent_pages,
+        bulk_skipped: snap.bulk_skipped,
         resent_bytes: snap.resent_bytes,
         xor: snap.xor,
         link_mib_s: round2(blast.mib_s),

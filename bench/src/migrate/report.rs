@@ -156,10 +156,12 @@ pub struct BenchResult {
     pub downtime_max_ms: u64,
     /// vCPU throttle the policy asked of the VMM at the end, percent.
     pub throttle_pct: u8,
-    /// Pages sent again after the bulk round.
+    /// Pages sent again (the target already had a copy).
     pub resent_pages: u64,
-    /// Their payload bytes on the wire.
+    /// Their payload and table bytes on the wire.
     pub resent_bytes: u64,
+    /// Pages the bulk round skipped because the guest had rewritten them.
+    pub bulk_skipped: u64,
     /// The XOR-delta cache's counters.
     pub xor: ferry_engine::metrics::XorStats,
     /// Wire bytes / total time, MiB/s.
@@ -285,9 +287,16 @@ impl fmt::Display for BenchResult {
         if self.resent_pages > 0 || self.resent_bytes > 0 {
             writeln!(
                 f,
-                "  resent          {} pages after the bulk round ({:.1} MiB on the wire)",
+                "  resent          {} pages the target already had a copy of ({:.1} MiB on the wire)",
                 self.resent_pages,
                 self.resent_bytes as f64 / MIB as f64
+            )?;
+        }
+        if self.bulk_skipped > 0 {
+            writeln!(
+                f,
+                "  bulk skipped    {} pages the guest rewrote before their turn (sent once, later)",
+                self.bulk_skipped
             )?;
         }
         let x = &self.xor;
@@ -393,6 +402,7 @@ mod tests {
             "throttle_pct",
             "resent_pages",
             "resent_bytes",
+            "bulk_skipped",
             "xor",
         ] {
             assert!(v.get(k).is_some(), "missing {k}");
@@ -451,6 +461,7 @@ mod tests {
             throttle_pct: 30,
             resent_pages: 10,
             resent_bytes: 3 << 20,
+            bulk_skipped: 7,
             xor: ferry_engine::metrics::XorStats {
                 cache_bytes: 16 << 20,
                 pages: 5,
@@ -463,7 +474,8 @@ mod tests {
         for s in [
             "may spend up to 2000 ms",
             "throttle        30%",
-            "resent          10 pages after the bulk round (3.0 MiB",
+            "resent          10 pages the target already had a copy of (3.0 MiB",
+            "bulk skipped    7 pages",
             "xor-delta       5 pages (0 KiB) from a 16 MiB cache: 6 hits",
             "not measured (--no-blast)",
         ] {

@@ -23,6 +23,7 @@ use ferry_compress::{
 };
 use ferry_transport::{Conn, Seg};
 
+use crate::bitmap::AtomicBitmap;
 use crate::memory::{GuestMem, PageIndex};
 use crate::metrics::Metrics;
 use crate::wire::crc::{crc32c_guest, prefetch};
@@ -198,6 +199,8 @@ impl Pipeline {
         assert!(streams > 0);
         let encoders = encoder_count(streams);
         let failure = Arc::new(Failure::default());
+        // Pages sent at least once in this session, to count re-sends.
+        let sent_before = Arc::new(AtomicBitmap::new(mem.pages()));
         let (round_tx, round_rx) = bounded(streams as usize * 4);
         let (pool_tx, pool_rx) = bounded::<Box<Encoded>>(streams as usize * POOL_PER_STREAM);
         for _ in 0..streams as usize * POOL_PER_STREAM {
@@ -257,11 +260,12 @@ impl Pipeline {
                 .enumerate()
                 .map(|(i, tx)| (i % encoders == w).then(|| tx.clone()))
                 .collect();
-            let (mem, metrics, failure, pool_rx) = (
+            let (mem, metrics, failure, pool_rx, sent_before) = (
                 mem.clone(),
                 metrics.clone(),
                 failure.clone(),
                 pool_rx.clone(),
+                sent_before.clone(),
             );
             threads.push(
                 std::thread::Builder::new()
@@ -270,7 +274,12 @@ impl Pipeline {
                         // Pages are pinned to encoders, so each keeps its
                         // own share of the delta cache, without locks.
                         let cache = DeltaCache::new((xor_cache_bytes / encoders as u64) as usize);
-                        if let Err(e) = encode_stage(&rx, outs, pool_rx, &mem, &metrics, cache) {
+                        let stage = EncodeStage {
+                            mem: &mem,
+                            metrics: &metrics,
+                            sent_before: &sent_before,
+                        };
+                        if let Err(e) = stage.run(&rx, outs, pool_rx, cache) {
                             failure.fail(e);
                         }
                         drop(rx);
@@ -415,149 +424,168 @@ impl Pipeline {
     }
 }
 
-fn encode_stage(
-    rx: &Receiver<Work>,
-    outs: Vec<Option<Sender<Out>>>,
-    pool: Receiver<Box<Encoded>>,
-    mem: &GuestMem,
-    metrics: &Metrics,
-    mut cache: DeltaCache,
-) -> Result<(), String> {
-    let mut enc = PageEncoder::default();
-    let mut stage = vec![0u8; PAGE_SIZE];
-    let mut lz = Vec::with_capacity(PAGE_SIZE);
-    let mut delta = Vec::with_capacity(PAGE_SIZE);
-    let xor = cache.capacity_bytes() > 0;
-    let mut published = DeltaStats::default();
-    let out_for = |s: u16| {
-        outs[s as usize - 1]
-            .as_ref()
-            .expect("work routed to the stream's encoder")
-    };
-    for w in rx {
-        match w {
-            Work::RoundEnd { stream, round } => {
-                if xor {
-                    publish(&cache.stats(), &mut published, metrics);
-                }
-                if out_for(stream).send(Out::RoundEnd(round)).is_err() {
-                    return Ok(()); // the sender failed and reported why
-                }
-            }
-            Work::Pages {
-                stream,
-                pages,
-                resend,
-            } => {
-                let Ok(mut e) = pool.recv() else {
-                    return Ok(());
-                };
-                e.table.clear();
-                e.payload.clear();
-                e.parts.clear();
-                e.entries = pages.len() as u64;
-                let (mut zero, mut lz4, mut lz4_bytes, mut raw) = (0, 0, 0, 0);
-                for (k, &page) in pages.iter().enumerate() {
-                    if let Some(next) = pages.get(k + 1).and_then(|&n| mem.page(PageIndex(n))) {
-                        prefetch(&next);
+/// What an encoder works with besides its channels.
+struct EncodeStage<'a> {
+    mem: &'a GuestMem,
+    metrics: &'a Metrics,
+    /// Pages sent at least once (every encoder marks its own pages).
+    sent_before: &'a AtomicBitmap,
+}
+
+impl EncodeStage<'_> {
+    fn run(
+        &self,
+        rx: &Receiver<Work>,
+        outs: Vec<Option<Sender<Out>>>,
+        pool: Receiver<Box<Encoded>>,
+        mut cache: DeltaCache,
+    ) -> Result<(), String> {
+        let (mem, metrics) = (self.mem, self.metrics);
+        let mut enc = PageEncoder::default();
+        let mut stage = vec![0u8; PAGE_SIZE];
+        let mut lz = Vec::with_capacity(PAGE_SIZE);
+        let mut delta = Vec::with_capacity(PAGE_SIZE);
+        let xor = cache.capacity_bytes() > 0;
+        let mut published = DeltaStats::default();
+        let out_for = |s: u16| {
+            outs[s as usize - 1]
+                .as_ref()
+                .expect("work routed to the stream's encoder")
+        };
+        for w in rx {
+            match w {
+                Work::RoundEnd { stream, round } => {
+                    if xor {
+                        publish(&cache.stats(), &mut published, metrics);
                     }
-                    let slice = mem
-                        .page(PageIndex(page))
-                        .ok_or_else(|| format!("page {page} out of range"))?;
-                    let (codec, len, crc);
-                    if xor && resend {
-                        // A page sent before: from a private copy, so that
-                        // the cache holds exactly what the target holds.
-                        slice.copy_to(&mut stage[..]);
-                        let off = e.payload.len();
-                        if is_zero(&stage) {
-                            cache.forget(page);
-                            (codec, len, crc) = (Codec::Zero, 0, 0);
-                            zero += 1;
-                        } else {
-                            delta.clear();
-                            match cache.encode(page, &stage, &mut delta, DELTA_BYTES_MAX) {
-                                DeltaOutcome::Delta { codec: c, len: n } => {
-                                    // The CRC covers the page the delta
-                                    // rebuilds, so the target also proves it
-                                    // applied it to the right base.
-                                    (codec, len, crc) = (c, n, crc32c::crc32c(&stage));
-                                    e.payload.extend_from_slice(&delta[..n]);
-                                }
-                                DeltaOutcome::Miss | DeltaOutcome::Overflow => {
-                                    if enc.should_try()
-                                        && enc.compress(&stage, &mut lz) == Codec::Lz4
-                                    {
-                                        (codec, len, crc) =
-                                            (Codec::Lz4, lz.len(), crc32c::crc32c(&lz));
-                                        e.payload.extend_from_slice(&lz);
-                                        lz4 += 1;
-                                        lz4_bytes += lz.len() as u64;
-                                    } else {
-                                        (codec, len, crc) =
-                                            (Codec::Raw, PAGE_SIZE, crc32c::crc32c(&stage));
-                                        e.payload.extend_from_slice(&stage);
-                                        raw += 1;
+                    if out_for(stream).send(Out::RoundEnd(round)).is_err() {
+                        return Ok(()); // the sender failed and reported why
+                    }
+                }
+                Work::Pages {
+                    stream,
+                    pages,
+                    resend,
+                } => {
+                    let Ok(mut e) = pool.recv() else {
+                        return Ok(());
+                    };
+                    e.table.clear();
+                    e.payload.clear();
+                    e.parts.clear();
+                    e.entries = pages.len() as u64;
+                    let (mut zero, mut lz4, mut lz4_bytes, mut raw) = (0, 0, 0, 0);
+                    let (mut resent, mut resent_bytes) = (0, 0);
+                    for (k, &page) in pages.iter().enumerate() {
+                        if let Some(next) = pages.get(k + 1).and_then(|&n| mem.page(PageIndex(n))) {
+                            prefetch(&next);
+                        }
+                        let slice = mem
+                            .page(PageIndex(page))
+                            .ok_or_else(|| format!("page {page} out of range"))?;
+                        let (codec, len, crc);
+                        if xor && resend {
+                            // A page sent before: from a private copy, so that
+                            // the cache holds exactly what the target holds.
+                            slice.copy_to(&mut stage[..]);
+                            let off = e.payload.len();
+                            if is_zero(&stage) {
+                                cache.forget(page);
+                                (codec, len, crc) = (Codec::Zero, 0, 0);
+                                zero += 1;
+                            } else {
+                                delta.clear();
+                                match cache.encode(page, &stage, &mut delta, DELTA_BYTES_MAX) {
+                                    DeltaOutcome::Delta { codec: c, len: n } => {
+                                        // The CRC covers the page the delta
+                                        // rebuilds, so the target also proves it
+                                        // applied it to the right base.
+                                        (codec, len, crc) = (c, n, crc32c::crc32c(&stage));
+                                        e.payload.extend_from_slice(&delta[..n]);
+                                    }
+                                    DeltaOutcome::Miss | DeltaOutcome::Overflow => {
+                                        if enc.should_try()
+                                            && enc.compress(&stage, &mut lz) == Codec::Lz4
+                                        {
+                                            (codec, len, crc) =
+                                                (Codec::Lz4, lz.len(), crc32c::crc32c(&lz));
+                                            e.payload.extend_from_slice(&lz);
+                                            lz4 += 1;
+                                            lz4_bytes += lz.len() as u64;
+                                        } else {
+                                            (codec, len, crc) =
+                                                (Codec::Raw, PAGE_SIZE, crc32c::crc32c(&stage));
+                                            e.payload.extend_from_slice(&stage);
+                                            raw += 1;
+                                        }
                                     }
                                 }
+                                e.parts.push(Part::Payload { off, len });
+                            }
+                        } else if is_zero_guest(&slice) {
+                            (codec, len, crc) = (Codec::Zero, 0, 0);
+                            zero += 1;
+                        } else if enc.should_try() {
+                            slice.copy_to(&mut stage[..]);
+                            let off = e.payload.len();
+                            if enc.compress(&stage, &mut lz) == Codec::Lz4 {
+                                (codec, len, crc) = (Codec::Lz4, lz.len(), crc32c::crc32c(&lz));
+                                e.payload.extend_from_slice(&lz);
+                                lz4 += 1;
+                                lz4_bytes += lz.len() as u64;
+                            } else {
+                                // Already staged: send the private copy, whose CRC is exact.
+                                (codec, len, crc) = (Codec::Raw, PAGE_SIZE, crc32c::crc32c(&stage));
+                                e.payload.extend_from_slice(&stage);
+                                raw += 1;
                             }
                             e.parts.push(Part::Payload { off, len });
-                        }
-                    } else if is_zero_guest(&slice) {
-                        (codec, len, crc) = (Codec::Zero, 0, 0);
-                        zero += 1;
-                    } else if enc.should_try() {
-                        slice.copy_to(&mut stage[..]);
-                        let off = e.payload.len();
-                        if enc.compress(&stage, &mut lz) == Codec::Lz4 {
-                            (codec, len, crc) = (Codec::Lz4, lz.len(), crc32c::crc32c(&lz));
-                            e.payload.extend_from_slice(&lz);
-                            lz4 += 1;
-                            lz4_bytes += lz.len() as u64;
                         } else {
-                            // Already staged: send the private copy, whose CRC is exact.
-                            (codec, len, crc) = (Codec::Raw, PAGE_SIZE, crc32c::crc32c(&stage));
-                            e.payload.extend_from_slice(&stage);
+                            (codec, len, crc) = (Codec::Raw, PAGE_SIZE, crc32c_guest(&slice));
                             raw += 1;
-                        }
-                        e.parts.push(Part::Payload { off, len });
-                    } else {
-                        (codec, len, crc) = (Codec::Raw, PAGE_SIZE, crc32c_guest(&slice));
-                        raw += 1;
-                        match e.parts.last_mut() {
-                            Some(Part::Guest { first, count })
-                                if *first + *count == page
-                                    && mem.pages_left_in_region(PageIndex(*first)) > *count =>
-                            {
-                                *count += 1
+                            match e.parts.last_mut() {
+                                Some(Part::Guest { first, count })
+                                    if *first + *count == page
+                                        && mem.pages_left_in_region(PageIndex(*first)) > *count =>
+                                {
+                                    *count += 1
+                                }
+                                _ => e.parts.push(Part::Guest {
+                                    first: page,
+                                    count: 1,
+                                }),
                             }
-                            _ => e.parts.push(Part::Guest {
-                                first: page,
-                                count: 1,
-                            }),
                         }
+                        if self.sent_before.set(page) {
+                            resent += 1;
+                            resent_bytes += (len + PageEntry::BYTES) as u64;
+                        }
+                        PageEntry {
+                            page,
+                            codec,
+                            len: len as u16,
+                            crc,
+                        }
+                        .encode_into(&mut e.table);
                     }
-                    PageEntry {
-                        page,
-                        codec,
-                        len: len as u16,
-                        crc,
+                    metrics.pages_zero.fetch_add(zero, Ordering::Relaxed);
+                    metrics.pages_compressed.fetch_add(lz4, Ordering::Relaxed);
+                    metrics
+                        .compressed_bytes
+                        .fetch_add(lz4_bytes, Ordering::Relaxed);
+                    metrics.pages_raw.fetch_add(raw, Ordering::Relaxed);
+                    metrics.resent_pages.fetch_add(resent, Ordering::Relaxed);
+                    metrics
+                        .resent_bytes
+                        .fetch_add(resent_bytes, Ordering::Relaxed);
+                    if out_for(stream).send(Out::Frame(e)).is_err() {
+                        return Ok(());
                     }
-                    .encode_into(&mut e.table);
-                }
-                metrics.pages_zero.fetch_add(zero, Ordering::Relaxed);
-                metrics.pages_compressed.fetch_add(lz4, Ordering::Relaxed);
-                metrics
-                    .compressed_bytes
-                    .fetch_add(lz4_bytes, Ordering::Relaxed);
-                metrics.pages_raw.fetch_add(raw, Ordering::Relaxed);
-                if out_for(stream).send(Out::Frame(e)).is_err() {
-                    return Ok(());
                 }
             }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// A delta longer than this does not pay against lz4 or raw (whose table
