@@ -128,8 +128,9 @@ pub struct MigrateArgs {
     /// the migration then pays first-touch page faults on the target.
     #[arg(long)]
     pub no_reserve: bool,
-    /// With --netns: shape the veth pair to this rate with tc tbf.
-    #[arg(long, requires = "netns", value_parser = clap::value_parser!(u64).range(1..))]
+    /// With --netns: shape the veth pair to this rate with tc tbf
+    /// (also spelled --link-mib-s).
+    #[arg(long, alias = "link-mib-s", requires = "netns", value_parser = clap::value_parser!(u64).range(1..))]
     pub link_rate_mib_s: Option<u64>,
     /// Cancel the migration after this many seconds (with --time-max-s, at
     /// least that plus 30 s, so the engine gives up first).

@@ -288,3 +288,103 @@ fn the_estimate_counts_every_pending_page() {
     let z = RoundStats::default();
     assert_eq!(z.estimate_ms(), SWITCHOVER_OVERHEAD_MS);
 }
+
+/// A baseline run recorded by `ferry-bench policies` (see the file's
+/// `source`): its rounds as the engine measured them.
+fn recorded(name: &str) -> Vec<RoundStats> {
+    let text = match name {
+        "uniform-3x" => include_str!("traces/uniform-3x.json"),
+        "hot90-1.5x" => include_str!("traces/hot90-1.5x.json"),
+        "hot50-1x" => include_str!("traces/hot50-1x.json"),
+        other => panic!("no trace {other}"),
+    };
+    let v: serde_json::Value = serde_json::from_str(text).unwrap();
+    let mem_pages = v["mem_pages"].as_u64().unwrap();
+    v["rounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| !r["decision"].as_str().unwrap().starts_with("final round"))
+        .map(|r| {
+            let n = |k: &str| r[k].as_u64().unwrap();
+            RoundStats {
+                round: n("round") as u32,
+                elapsed_ms: n("elapsed_ms"),
+                round_ms: n("ms"),
+                sent_pages: n("pages"),
+                rate_pages_s: n("rate_pages_s") as f64,
+                dirty_pages: n("dirty_after"),
+                hot_pages: n("hot"),
+                pending_pages: n("pending"),
+                throttle_pct: n("throttle_pct") as u8,
+                mem_pages,
+            }
+        })
+        .collect()
+}
+
+/// Replays a recorded trace open-loop: the decisions a policy makes on the
+/// same measurements, up to its first stop or give-up.
+fn replay(kind: PolicyKind, trace: &[RoundStats]) -> Vec<Decision> {
+    let limits = Limits {
+        time_max_ms: 20_000,
+        ..limits()
+    };
+    let mut p = Policy::new(kind, limits, 0);
+    let mut out = Vec::new();
+    for s in trace {
+        let d = p.decide(s, &[]);
+        let end = d.action != Action::Iterate;
+        out.push(d);
+        if end {
+            break;
+        }
+    }
+    out
+}
+
+#[test]
+fn recorded_uniform_3x_baseline_gives_up_and_adaptive_throttles_at_once() {
+    let t = recorded("uniform-3x");
+    let base = replay(PolicyKind::Baseline, &t);
+    // As recorded: iterate every round, give up at the 20 s limit.
+    assert_eq!(base.len(), t.len());
+    assert_eq!(base.last().unwrap().action, Action::GiveUp);
+    assert!(t.last().unwrap().elapsed_ms >= 20_000);
+    // mp alone cannot stop: ~3.6 s of pending pages is over the cap.
+    assert_eq!(
+        replay(PolicyKind::Mp, &t).last().unwrap().action,
+        Action::GiveUp
+    );
+    let a = replay(PolicyKind::Adaptive, &t);
+    assert_eq!(a[0].action, Action::Iterate);
+    assert!(a[1].throttle_pct >= 40, "{:?}", a[1]);
+    assert_eq!(a[1].class, "memory-intensive");
+    // Its "hot set" is nearly all of memory: nothing is held.
+    assert!(a.iter().all(|d| !d.defer_hot));
+    let ac = replay(PolicyKind::AutoConverge, &t);
+    assert_eq!(ac[1].throttle_pct, THROTTLE_FIRST);
+}
+
+#[test]
+fn recorded_hot_set_runs_stop_early_under_mp_and_adaptive() {
+    for (name, base_rounds) in [("hot90-1.5x", 26), ("hot50-1x", 9)] {
+        let t = recorded(name);
+        let base = replay(PolicyKind::Baseline, &t);
+        // As recorded: baseline iterates until a round happens to fit 300 ms.
+        assert_eq!(base.len(), base_rounds, "{name}");
+        assert_eq!(base.last().unwrap().action, Action::StopAndCopy, "{name}");
+        for kind in [PolicyKind::Mp, PolicyKind::Adaptive] {
+            let d = replay(kind, &t);
+            let last = d.last().unwrap();
+            assert_eq!(last.action, Action::StopAndCopy, "{name} {kind}");
+            // At most half of baseline's rounds (4 of 26, 5 of 9 here).
+            assert!(
+                d.len() * 2 <= base.len() + 1,
+                "{name} {kind}: {} rounds",
+                d.len()
+            );
+            assert!(last.estimate_ms <= 1500, "{name} {kind}: {last:?}");
+        }
+    }
+}
