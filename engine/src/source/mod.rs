@@ -631,7 +631,7 @@ impl Migration<'_> {
         };
         let mut peeked_at: Option<Instant> = None;
         let pipeline = self.pipeline.as_mut().expect("pipeline running");
-        pipeline.set_resend(round >= 2);
+        pipeline.set_resend(round >= 2, self.paused);
         for (first, count) in runs {
             let mut p = first;
             while p < first + count {

@@ -57,6 +57,8 @@ enum Work {
         pages: Vec<u64>,
         /// Sent before (a round after the bulk one): a delta candidate.
         resend: bool,
+        /// The final round (guest paused): nothing is sent after it.
+        last: bool,
     },
     RoundEnd {
         stream: u16,
@@ -177,6 +179,8 @@ pub struct Pipeline {
     pending: Vec<Vec<u64>>,
     /// The pages queued now were sent before (rounds after the bulk one).
     resend: bool,
+    /// The pages queued now are the final round's.
+    final_round: bool,
 }
 
 /// Encoder workers: at most one per stream, and no more than the cores can
@@ -308,6 +312,7 @@ impl Pipeline {
                 .map(|_| Vec::with_capacity(PAGES_PER_FRAME_MAX))
                 .collect(),
             resend: false,
+            final_round: false,
         })
     }
 
@@ -355,12 +360,13 @@ impl Pipeline {
             return Ok(());
         }
         let pages = std::mem::replace(pending, Vec::with_capacity(PAGES_PER_FRAME_MAX));
-        let resend = self.resend;
+        let (resend, last) = (self.resend, self.final_round);
         self.push(
             Work::Pages {
                 stream,
                 pages,
                 resend,
+                last,
             },
             stream,
         )
@@ -368,8 +374,12 @@ impl Pipeline {
 
     /// Marks the pages queued from now on as sent before (or not). Frames
     /// never mix rounds: every round ends with [`Self::end_round`].
-    pub fn set_resend(&mut self, resend: bool) {
+    /// `last` marks the final round: a page the delta cache does not hold
+    /// goes straight from guest memory then (the guest is paused, and no
+    /// later round could use a cached copy).
+    pub fn set_resend(&mut self, resend: bool, last: bool) {
         self.resend = resend;
+        self.final_round = last;
     }
 
     /// Ends `round` on every stream and waits until each sent its RoundEnd.
@@ -466,6 +476,7 @@ impl EncodeStage<'_> {
                     stream,
                     pages,
                     resend,
+                    last,
                 } => {
                     let Ok(mut e) = pool.recv() else {
                         return Ok(());
@@ -484,7 +495,7 @@ impl EncodeStage<'_> {
                             .page(PageIndex(page))
                             .ok_or_else(|| format!("page {page} out of range"))?;
                         let (codec, len, crc);
-                        if xor && resend {
+                        if xor && resend && (!last || cache.contains(page)) {
                             // A page sent before: from a private copy, so that
                             // the cache holds exactly what the target holds.
                             slice.copy_to(&mut stage[..]);
