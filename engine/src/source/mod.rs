@@ -331,11 +331,12 @@ impl Migration<'_> {
         let mut pending = DirtyBitmap::new(pages);
         let mut scratch = DirtyBitmap::new(pages);
         let mut rate = RateMeter::default();
-        let mut throttle_pct = 0u8;
         let mut round = 0u32;
         let expected_ms = loop {
             round += 1;
             let t = Instant::now();
+            // The throttle this round ran under.
+            let throttle_pct = self.throttle_pct;
             let peek = (round == 1).then_some(&mut *vm);
             let sent = self.send_round(&mut send, round, peek)?;
             rate.add(sent, t.elapsed());
@@ -431,9 +432,8 @@ impl Migration<'_> {
                 }
                 Action::Iterate => {}
             }
-            if d.throttle_pct != throttle_pct {
+            if d.throttle_pct != self.throttle_pct {
                 self.set_throttle(vm, d.throttle_pct)?;
-                throttle_pct = self.throttle_pct;
             }
             send.copy_from(&pending);
             send.and_not(&held);
