@@ -31,6 +31,7 @@ fn main() {
         }],
         vcpus: 1,
         vmm_config: serde_json::Value::Null,
+        disk: None,
     };
     let mem = Arc::new(GuestMem::create(&spec).unwrap());
     let mut x = 0x1234_5678_9abc_def1u64;

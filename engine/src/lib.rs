@@ -16,6 +16,7 @@
 //! [`target::migrate_in`] that receives one.
 
 pub mod bitmap;
+pub mod disk;
 pub mod error;
 pub mod key;
 pub mod link;

@@ -99,6 +99,38 @@ pub struct RegionSpec {
     pub memfd_offset: u64,
 }
 
+/// Bytes of a disk block: the unit of disk dirty logging and disk transfer.
+pub const DISK_BLOCK_BYTES: u64 = 4096;
+/// Largest disk ferry migrates: what one link message's dirty bitmap can
+/// cover (32 MiB of bitmap x 8 bits x 4 KiB = 1 TiB).
+pub const DISK_BYTES_MAX: u64 = (LINK_BIN_BYTES_MAX as u64) * 8 * DISK_BLOCK_BYTES;
+
+/// The VM's disk: a raw image file the VMM owns, migrated block by block.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpec {
+    /// Size of the image in bytes (a multiple of [`DISK_BLOCK_BYTES`], at
+    /// most [`DISK_BYTES_MAX`]).
+    pub bytes: u64,
+}
+
+impl DiskSpec {
+    /// Blocks of the disk.
+    pub fn blocks(&self) -> u64 {
+        self.bytes / DISK_BLOCK_BYTES
+    }
+
+    /// Checks the size.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.bytes == 0 || self.bytes % DISK_BLOCK_BYTES != 0 || self.bytes > DISK_BYTES_MAX {
+            return Err(format!(
+                "disk of {} bytes: must be a non-zero multiple of {DISK_BLOCK_BYTES} up to {DISK_BYTES_MAX}",
+                self.bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// What a target needs to recreate the VM: memory layout, vCPUs, and the
 /// VMM's own opaque configuration (passed back to the target VMM unchanged).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -111,6 +143,11 @@ pub struct VmSpec {
     pub vcpus: u32,
     /// VMM-private configuration, opaque to ferry.
     pub vmm_config: serde_json::Value,
+    /// The VM's disk, when it has one that moves with it. A source VMM sends
+    /// the image's descriptor as the second fd of `Register`; a target VMM
+    /// gets the new image's as the second fd of `Registered`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskSpec>,
 }
 
 impl VmSpec {
@@ -148,6 +185,16 @@ pub struct VerifyReport {
     pub pages_bad: u64,
     /// Time the check took, excluded from the reported downtime.
     pub verify_ms: u64,
+    /// Hash of the disk image (hex; empty without a disk), comparable with
+    /// the source's: see the VMM's oracle for what it covers.
+    #[serde(default)]
+    pub disk_hash: String,
+    /// Disk blocks whose stamps were checked.
+    #[serde(default)]
+    pub blocks_checked: u64,
+    /// Disk blocks whose stamp or content was wrong.
+    #[serde(default)]
+    pub blocks_bad: u64,
 }
 
 /// Live numbers a VMM reports about its guest.
@@ -193,6 +240,12 @@ pub enum LinkMsg {
     /// stay for the next `SyncDirtyLog`). Reply: `DirtyLog`, or `Error` when
     /// the VMM cannot read it without clearing.
     PeekDirtyLog,
+    /// ferryd -> VMM: return and clear the disk's dirty log (one bit per
+    /// [`DISK_BLOCK_BYTES`] block, u64 words LE, blocks written since the
+    /// last call or since `StartDirtyLog`). Reply: `DirtyLog`, or `Error`
+    /// when the VM has no disk. `StartDirtyLog` / `StopDirtyLog` start and
+    /// stop disk logging together with memory logging.
+    SyncDiskLog,
     /// VMM -> ferryd: the dirty bitmap is the binary payload.
     DirtyLog,
     /// ferryd -> VMM: stop the vCPUs at a consistent point. Reply: `Paused`.
@@ -251,6 +304,7 @@ impl LinkMsg {
             LinkMsg::StopDirtyLog => "stop_dirty_log",
             LinkMsg::SyncDirtyLog => "sync_dirty_log",
             LinkMsg::PeekDirtyLog => "peek_dirty_log",
+            LinkMsg::SyncDiskLog => "sync_disk_log",
             LinkMsg::DirtyLog => "dirty_log",
             LinkMsg::Pause => "pause",
             LinkMsg::Paused { .. } => "paused",
@@ -512,6 +566,7 @@ mod tests {
             }],
             vcpus: 1,
             vmm_config: serde_json::json!({"workload": "idle"}),
+            disk: None,
         };
         let msg = LinkMsg::Register {
             role: Role::Source,

@@ -99,6 +99,10 @@ impl SourceVm for LinkVm {
         self.dirty_log("peek_dirty_log", LinkMsg::PeekDirtyLog, bitmap)
     }
 
+    fn sync_disk_log(&mut self, bitmap: &mut [u64]) -> Result<(), VmError> {
+        self.dirty_log("sync_disk_log", LinkMsg::SyncDiskLog, bitmap)
+    }
+
     fn stop_dirty_log(&mut self) -> Result<(), VmError> {
         self.simple("stop_dirty_log", LinkMsg::StopDirtyLog)
     }

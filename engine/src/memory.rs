@@ -290,6 +290,7 @@ mod tests {
             regions,
             vcpus: 1,
             vmm_config: serde_json::Value::Null,
+            disk: None,
         }
     }
 
@@ -472,6 +473,7 @@ impl Reserve {
                     }],
                     vcpus: 1,
                     vmm_config: serde_json::Value::Null,
+                    disk: None,
                 };
                 match GuestMem::create(&spec) {
                     Ok(mem) => {

@@ -376,6 +376,7 @@ mod tests {
             }],
             vcpus: 1,
             vmm_config: serde_json::Value::Null,
+            disk: None,
         };
         Arc::new(GuestMem::create(&spec).expect("memfd"))
     }

@@ -71,6 +71,19 @@ pub trait SourceVm: Send {
             op: "peek_dirty_log",
         })
     }
+    /// ORs into `bitmap` (one bit per 4 KiB disk block, u64 words) the disk
+    /// blocks written since the last call (or since `start_dirty_log`), and
+    /// clears them. A block's bit must be set only after the write reached
+    /// the image, so a read after the sync that clears it sees the new data.
+    ///
+    /// Optional: only VMs migrated with a disk need it; the default refuses
+    /// with [`VmError::Unsupported`].
+    fn sync_disk_log(&mut self, bitmap: &mut [u64]) -> Result<(), VmError> {
+        let _ = bitmap;
+        Err(VmError::Unsupported {
+            op: "sync_disk_log",
+        })
+    }
     /// Stops the vCPUs at a consistent point and returns their state.
     fn pause(&mut self) -> Result<VmState, VmError>;
     /// Runs the vCPUs again: the migration failed or was cancelled.

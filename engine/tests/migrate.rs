@@ -33,6 +33,7 @@ fn spec(mib: u64) -> VmSpec {
         ],
         vcpus: 1,
         vmm_config: serde_json::json!({}),
+        disk: None,
     }
 }
 

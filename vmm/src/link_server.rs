@@ -109,6 +109,7 @@ impl LinkServer {
             }],
             vcpus: cfg.vcpus,
             vmm_config: cfg.to_json(),
+            disk: None,
         };
         let msg = LinkMsg::Register {
             role: Role::Source,

@@ -284,6 +284,7 @@ pub fn spec(name: &str, mib: u64) -> VmSpec {
         }],
         vcpus: 1,
         vmm_config: serde_json::json!({"fake": true}),
+        disk: None,
     }
 }
 
