@@ -78,6 +78,10 @@ pub struct MigrateRequest {
     /// XOR-delta off (default: 1/8 of guest memory, at least 16 MiB).
     #[serde(default)]
     pub xor_cache_mib: Option<u64>,
+    /// Disk bulk phase: only the blocks an ext4 file system in the image
+    /// uses (default: all allocated extents).
+    #[serde(default)]
+    pub disk_fs_aware: bool,
 }
 
 /// The id of a created (or cancelled) migration.

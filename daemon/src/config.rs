@@ -13,7 +13,8 @@
 //!   "key_file": "/etc/ferry/key",
 //!   "vmm_command": "/usr/bin/ferry-vmm",
 //!   "vmm_args": ["--log-level", "info"],
-//!   "log_level": "info"
+//!   "log_level": "info",
+//!   "disk_dir": "/var/lib/ferry/disks"
 //! }
 //! ```
 
@@ -73,6 +74,10 @@ pub struct Args {
     /// faults [default: 0].
     #[arg(long, value_name = "MIB")]
     pub reserve_mib: Option<u64>,
+    /// Where incoming VMs' disk images are written (`<vm>.img`)
+    /// [default: STATE_DIR/disks].
+    #[arg(long, value_name = "DIR")]
+    pub disk_dir: Option<PathBuf>,
 }
 
 /// The JSON config file: every key optional.
@@ -97,6 +102,8 @@ pub struct FileConfig {
     pub log_level: Option<String>,
     /// See [`Args::reserve_mib`].
     pub reserve_mib: Option<u64>,
+    /// See [`Args::disk_dir`].
+    pub disk_dir: Option<PathBuf>,
 }
 
 /// The settings ferryd runs with.
@@ -120,6 +127,17 @@ pub struct Config {
     pub log_level: Option<String>,
     /// Pre-faulted memory kept for incoming migrations, MiB (0 = none).
     pub reserve_mib: u64,
+    /// Incoming disk images; `None`: STATE_DIR/disks.
+    pub disk_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Where incoming disk images go.
+    pub fn disk_dir(&self) -> PathBuf {
+        self.disk_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("disks"))
+    }
 }
 
 /// Why the settings are unusable.
@@ -187,6 +205,7 @@ impl Config {
             args.vmm_arg
         };
         let log_level = args.log_level.or(file.log_level);
+        let disk_dir = args.disk_dir.or(file.disk_dir);
         let reserve_mib = args.reserve_mib.or(file.reserve_mib).unwrap_or(0);
         if reserve_mib > RESERVE_MIB_MAX {
             return Err(ConfigError::Invalid(format!(
@@ -210,6 +229,7 @@ impl Config {
             vmm_args,
             log_level,
             reserve_mib,
+            disk_dir,
         })
     }
 }

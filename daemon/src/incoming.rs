@@ -136,10 +136,11 @@ fn receive(d: &Arc<Daemon>, session: IncomingSession) {
             &TargetConfig {
                 reserve: d.reserve.clone(),
                 cancel,
+                disk_dir: Some(d.cfg.disk_dir()),
                 ..TargetConfig::default()
             },
             Arc::clone(&metrics),
-            |spec, mem| {
+            |spec, mem, disk| {
                 let vm_id = reserved.clone().map_err(MigrationError::Invalid)?;
                 if spec.name != name {
                     return Err(MigrationError::Invalid(format!(
@@ -149,7 +150,7 @@ fn receive(d: &Arc<Daemon>, session: IncomingSession) {
                 }
                 crate::linkserver::check_spec(spec).map_err(MigrationError::Invalid)?;
                 d.vms.set_incoming_spec(&name, &vm_id, spec);
-                let (vm, child, sock) = spawn_vmm(d, &id, &vm_id, spec, mem)?;
+                let (vm, child, sock) = spawn_vmm(d, &id, &vm_id, spec, mem, disk)?;
                 spawned = Some((child, sock));
                 Ok(vm)
             },
@@ -165,13 +166,23 @@ fn receive(d: &Arc<Daemon>, session: IncomingSession) {
                 "migration {id}: VM {name} runs here now (epoch {})",
                 outcome.epoch
             );
+            if let Some(p) = &outcome.disk_path {
+                tracing::info!("migration {id}: VM {name}'s disk is {}", p.display());
+            }
             let mut vm = outcome.vm;
             let _ = vm.link().set_timeout(None);
+            // Keep the image open: the VM may move on from here with it.
+            let disk = outcome.disk_path.as_ref().and_then(|p| {
+                std::fs::File::open(p)
+                    .map_err(|e| tracing::error!("cannot open {}: {e}", p.display()))
+                    .ok()
+            });
             d.vms.finish_incoming(
                 &name,
                 &vm_id,
                 outcome.spec,
                 outcome.mem,
+                disk,
                 outcome.epoch,
                 vm,
                 Some(child),
@@ -232,6 +243,7 @@ fn spawn_vmm(
     vm_id: &str,
     spec: &VmSpec,
     mem: &GuestMem,
+    disk: Option<&std::fs::File>,
 ) -> Result<(LinkVm, Child, UnixStream), MigrationError> {
     let token = random_hex(16);
     let log_path = d.cfg.state_dir.join(format!("{}-{token}.log", spec.name));
@@ -282,7 +294,9 @@ fn spawn_vmm(
             vm_id: vm_id.into(),
             spec: Some(spec.clone()),
         };
-        link.send(&reply, &[], &[mem.memfd_raw()])
+        let mut fds = vec![mem.memfd_raw()];
+        fds.extend(disk.map(std::os::fd::AsRawFd::as_raw_fd));
+        link.send(&reply, &[], &fds)
             .and_then(|()| link.set_timeout(Some(VMM_CALL_TIMEOUT)))
             .map_err(|e| format!("cannot hand the VM to the target VMM: {e}"))?;
         Ok((LinkVm::new(link), sock))

@@ -183,19 +183,47 @@ fn register_source(
     let name = spec.name.clone();
     let checked = check_spec(&spec).and_then(|()| {
         let mut fds = fds.into_iter();
-        let (Some(memfd), None) = (fds.next(), fds.next()) else {
+        let (memfd, disk_fd, extra) = (fds.next(), fds.next(), fds.next());
+        let (Some(memfd), None) = (memfd, extra) else {
             return Err(
-                "a source VMM must pass exactly one descriptor, its guest memfd".to_string(),
+                "a source VMM must pass its guest memfd, and its disk image's descriptor when the spec has a disk"
+                    .to_string(),
             );
         };
-        GuestMem::from_memfd(memfd, &spec.regions).map_err(|e| e.to_string())
+        let disk = match (&spec.disk, disk_fd) {
+            (None, None) => None,
+            (Some(d), Some(fd)) => {
+                d.validate()?;
+                let file = std::fs::File::from(fd);
+                let meta = file
+                    .metadata()
+                    .map_err(|e| format!("cannot stat the disk image: {e}"))?;
+                if !meta.is_file() {
+                    return Err("the disk descriptor is not a regular file".into());
+                }
+                if meta.len() != d.bytes {
+                    return Err(format!(
+                        "the disk image has {} bytes, the spec says {}",
+                        meta.len(),
+                        d.bytes
+                    ));
+                }
+                Some(file)
+            }
+            (Some(_), None) => {
+                return Err("the spec has a disk but no disk descriptor came with it".into())
+            }
+            (None, Some(_)) => return Err("a second descriptor came without a disk in the spec".into()),
+        };
+        let mem = GuestMem::from_memfd(memfd, &spec.regions).map_err(|e| e.to_string())?;
+        Ok((mem, disk))
     });
-    let mem = match checked {
-        Ok(mem) => mem,
+    let (mem, disk) = match checked {
+        Ok(v) => v,
         Err(m) => return refuse(&mut link, format!("VM {name:?}: {m}")),
     };
     let (mem_bytes, vcpus) = (spec.mem_bytes(), spec.vcpus);
-    let id = match d.vms.register(spec, mem) {
+    let id = match d.vms.register(spec, mem, disk) {
         Ok(id) => id,
         Err(m) => return refuse(&mut link, m),
     };

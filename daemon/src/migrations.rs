@@ -248,6 +248,7 @@ pub fn start_outgoing(d: &Arc<Daemon>, req: MigrateRequest) -> Result<String, Ap
         d: Arc::clone(d),
         vm: req.vm,
         to: req.to,
+        disk_fs_aware: req.disk_fs_aware,
         cfg,
         metrics,
         cancel,
@@ -284,6 +285,7 @@ struct Outgoing {
     d: Arc<Daemon>,
     vm: String,
     to: String,
+    disk_fs_aware: bool,
     cfg: SourceConfig,
     metrics: Arc<Metrics>,
     cancel: Cancel,
@@ -295,10 +297,16 @@ impl Outgoing {
             id: vm_id,
             spec,
             mem,
+            disk,
             epoch,
             mut link,
             desync,
         } = lent;
+        let mut cfg = self.cfg.clone();
+        cfg.disk = disk.map(|file| ferry_engine::source::DiskSource {
+            file,
+            fs_aware: self.disk_fs_aware,
+        });
         let id = self.metrics.snapshot().id;
         let result = if desync && resync(&mut link).is_err() {
             Ok(Err(MigrationError::Invalid(
@@ -315,7 +323,7 @@ impl Outgoing {
                     epoch,
                     Arc::clone(&mem),
                     &mut link,
-                    &self.cfg,
+                    &cfg,
                     Arc::clone(&self.metrics),
                     &self.cancel,
                 )

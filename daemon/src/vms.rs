@@ -90,6 +90,8 @@ struct Entry {
     name: String,
     spec: Option<VmSpec>,
     mem: Option<Arc<GuestMem>>,
+    /// The disk image, for a VM with a disk.
+    disk: Option<Arc<std::fs::File>>,
     epoch: u64,
     state: VmState,
     /// `None` while someone talks to the VMM (or before the link exists).
@@ -143,6 +145,8 @@ pub struct Lent {
     pub spec: VmSpec,
     /// Its memory.
     pub mem: Arc<GuestMem>,
+    /// Its disk image, when it has one.
+    pub disk: Option<Arc<std::fs::File>>,
     /// Its epoch.
     pub epoch: u64,
     /// The VMM.
@@ -185,7 +189,12 @@ impl VmTable {
     /// Adds a running VM whose VMM just registered. The entry has no link
     /// until [`VmTable::attach`] (so nothing talks to the VMM before it got
     /// its `Registered` reply). Returns the VM's id.
-    pub fn register(&self, spec: VmSpec, mem: GuestMem) -> Result<String, String> {
+    pub fn register(
+        &self,
+        spec: VmSpec,
+        mem: GuestMem,
+        disk: Option<std::fs::File>,
+    ) -> Result<String, String> {
         check_vm_name(&spec.name)?;
         let mut t = lock(&self.inner);
         check_free(&t, &spec.name)?;
@@ -196,6 +205,7 @@ impl VmTable {
             name: name.clone(),
             spec: Some(spec),
             mem: Some(Arc::new(mem)),
+            disk: disk.map(Arc::new),
             epoch: 0,
             state: VmState::Running,
             link: None,
@@ -249,6 +259,7 @@ impl VmTable {
             name: name.into(),
             spec: None,
             mem: None,
+            disk: None,
             epoch: 0,
             state: VmState::Incoming,
             link: None,
@@ -275,6 +286,7 @@ impl VmTable {
         id: &str,
         spec: VmSpec,
         mem: Arc<GuestMem>,
+        disk: Option<std::fs::File>,
         epoch: u64,
         link: LinkVm,
         child: Option<Child>,
@@ -286,6 +298,7 @@ impl VmTable {
             name: name.into(),
             spec: Some(spec),
             mem: Some(mem),
+            disk: disk.map(Arc::new),
             epoch,
             state: VmState::Running,
             link: Some(link),
@@ -332,6 +345,7 @@ impl VmTable {
                     id: e.id.clone(),
                     spec: spec.clone(),
                     mem: Arc::clone(mem),
+                    disk: e.disk.clone(),
                     epoch: e.epoch,
                     link,
                     desync: std::mem::take(&mut e.desync),

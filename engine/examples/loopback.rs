@@ -87,8 +87,10 @@ fn main() {
         if let Some(session) = acceptor.admit(conn).unwrap() {
             let metrics = Arc::new(Metrics::new(session.id(), "vm0", "target", session.peer()));
             let log = Arc::new(Mutex::new(TargetLog::default()));
-            let out =
-                migrate_in(session, &tcfg, metrics, |_, m| Ok(MemTargetVm::new(m, log))).unwrap();
+            let out = migrate_in(session, &tcfg, metrics, |_, m, _| {
+                Ok(MemTargetVm::new(m, log))
+            })
+            .unwrap();
             return out.epoch;
         }
     });

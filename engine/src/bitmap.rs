@@ -182,6 +182,25 @@ impl DirtyBitmap {
         })
     }
 
+    /// Runs of set pages within `first..first + count`, ascending.
+    pub fn runs_set_within(&self, first: u64, count: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let end = (first + count).min(self.pages);
+        let mut i = first;
+        std::iter::from_fn(move || {
+            while i < end && !self.get(i) {
+                i += 1;
+            }
+            if i >= end {
+                return None;
+            }
+            let start = i;
+            while i < end && self.get(i) {
+                i += 1;
+            }
+            Some((start, i - start))
+        })
+    }
+
     /// Runs of consecutive set pages as (first, count), ascending.
     pub fn runs(&mut self) -> Runs<'_> {
         self.trim();

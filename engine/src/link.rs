@@ -121,7 +121,10 @@ impl DiskSpec {
 
     /// Checks the size.
     pub fn validate(&self) -> Result<(), String> {
-        if self.bytes == 0 || self.bytes % DISK_BLOCK_BYTES != 0 || self.bytes > DISK_BYTES_MAX {
+        if self.bytes == 0
+            || !self.bytes.is_multiple_of(DISK_BLOCK_BYTES)
+            || self.bytes > DISK_BYTES_MAX
+        {
             return Err(format!(
                 "disk of {} bytes: must be a non-zero multiple of {DISK_BLOCK_BYTES} up to {DISK_BYTES_MAX}",
                 self.bytes

@@ -5,7 +5,9 @@
 //! KVM. Each written page holds its (page, version) stamp in every u64 word.
 //!
 //! [`MemSourceVm`] honours `set_throttle` as ferry-vmm does: at p% its guest
-//! runs (100 - p)% of the time, so it writes (100 - p)% of its rate.
+//! runs (100 - p)% of the time, so it writes (100 - p)% of its rate. With
+//! [`MemSourceVm::attach_disk`] its guest also writes disk blocks of an image
+//! file (stamped, incompressible, every 8th one zero) and logs them.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -63,6 +65,43 @@ struct Shared {
     hot_pages: u64,
     /// A write changes one 64-byte line of the page, not all of it.
     partial: bool,
+    /// The disk the guest writes, once attached.
+    disk: Mutex<Option<MemDisk>>,
+}
+
+/// A disk image the in-process guest writes.
+struct MemDisk {
+    file: Arc<std::fs::File>,
+    blocks: u64,
+    /// Block writes per page write.
+    per_page: f64,
+    log: Option<DirtyBitmap>,
+}
+
+impl MemDisk {
+    /// Writes block `block` at `version` (zero when `version % 8 == 0`),
+    /// then logs it: a sync that clears the bit precedes any read that
+    /// could see older data.
+    fn write(&mut self, block: u64, version: u64) {
+        use std::os::unix::fs::FileExt;
+        let mut data = vec![0u8; PAGE_SIZE];
+        if !version.is_multiple_of(8) {
+            let mut x = stamp(block, version).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            for w in data.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                w.copy_from_slice(&x.to_le_bytes());
+            }
+            data[..8].copy_from_slice(&stamp(block, version).to_le_bytes());
+        }
+        self.file
+            .write_all_at(&data, block * PAGE_SIZE as u64)
+            .expect("writing the test disk");
+        if let Some(log) = self.log.as_mut() {
+            log.set(block);
+        }
+    }
 }
 
 /// A source VM whose guest is a thread writing stamped, incompressible pages
@@ -105,6 +144,7 @@ impl MemSourceVm {
             throttle_pct: AtomicU8::new(0),
             hot_pages,
             partial,
+            disk: Mutex::new(None),
         });
         let mut vm = MemSourceVm {
             shared,
@@ -117,6 +157,20 @@ impl MemSourceVm {
         };
         vm.start_guest();
         vm
+    }
+
+    /// Gives the guest a disk: from now on it also writes `blocks_s`
+    /// blocks per second of `file` (a multiple of 4 KiB), at random.
+    pub fn attach_disk(&mut self, file: Arc<std::fs::File>, blocks_s: u64) {
+        let blocks = file.metadata().expect("stat the test disk").len() / PAGE_SIZE as u64;
+        self.stop_guest();
+        *self.shared.disk.lock().unwrap_or_else(|p| p.into_inner()) = Some(MemDisk {
+            file,
+            blocks,
+            per_page: blocks_s as f64 / self.rate_pages_s.max(1) as f64,
+            log: None,
+        });
+        self.start_guest();
     }
 
     /// Whether the guest thread runs.
@@ -154,7 +208,24 @@ impl MemSourceVm {
                 }
             };
             let mut written = 0u64;
+            let mut disk_due = 0.0f64;
             while !shared.stop.load(Ordering::SeqCst) {
+                if let Some(d) = shared
+                    .disk
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_mut()
+                {
+                    disk_due += d.per_page * BATCH_PAGES as f64;
+                    while disk_due >= 1.0 {
+                        disk_due -= 1.0;
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let version = shared.progress.fetch_add(1, Ordering::SeqCst) + 1;
+                        d.write(x % d.blocks, version);
+                    }
+                }
                 for _ in 0..BATCH_PAGES {
                     x ^= x << 13;
                     x ^= x >> 7;
@@ -215,6 +286,30 @@ impl SourceVm for MemSourceVm {
     fn start_dirty_log(&mut self) -> Result<(), VmError> {
         *self.shared.log.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(DirtyBitmap::new(self.shared.mem.pages()));
+        if let Some(d) = self
+            .shared
+            .disk
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            d.log = Some(DirtyBitmap::new(d.blocks));
+        }
+        Ok(())
+    }
+
+    fn sync_disk_log(&mut self, bitmap: &mut [u64]) -> Result<(), VmError> {
+        let mut disk = self.shared.disk.lock().unwrap_or_else(|p| p.into_inner());
+        let log = disk
+            .as_mut()
+            .and_then(|d| d.log.as_mut())
+            .ok_or(VmError::Request {
+                op: "sync_disk_log",
+                message: "no disk, or logging is off".into(),
+            })?;
+        for (o, w) in bitmap.iter_mut().zip(log.words_mut().iter_mut()) {
+            *o |= std::mem::take(w);
+        }
         Ok(())
     }
 
@@ -232,6 +327,15 @@ impl SourceVm for MemSourceVm {
 
     fn stop_dirty_log(&mut self) -> Result<(), VmError> {
         *self.shared.log.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        if let Some(d) = self
+            .shared
+            .disk
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            d.log = None;
+        }
         Ok(())
     }
 

@@ -127,9 +127,47 @@ pub struct Snapshot {
     /// them (they went once, in a later round).
     #[serde(default)]
     pub bulk_skipped: u64,
-    /// The XOR-delta cache (source side).
+    /// The XOR-delta cache (source side). Its counters cover memory pages
+    /// and disk blocks alike (one cache serves both); `disk.blocks_xor`
+    /// says how many of `xor.pages` were disk blocks.
     #[serde(default)]
     pub xor: XorStats,
+    /// The disk, when the VM has one that moves with it (memory counters
+    /// above count memory only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskStats>,
+}
+
+/// What moved of the VM's disk.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskStats {
+    /// Size of the image.
+    pub bytes: u64,
+    /// How the bulk phase chose its blocks: "extents", "ext4", or
+    /// "extents (<why ext4 was not used>)".
+    pub selection: String,
+    /// Blocks the image has allocated (SEEK_DATA extents).
+    pub allocated_blocks: u64,
+    /// Blocks the bulk phase queued (allocated, or used by the file system).
+    pub bulk_blocks: u64,
+    /// Block entries sent or received (all rounds).
+    pub blocks: u64,
+    /// Of them: zero blocks (no payload; a hole on the target).
+    pub blocks_zero: u64,
+    /// lz4-compressed blocks.
+    pub blocks_lz4: u64,
+    /// Raw blocks.
+    pub blocks_raw: u64,
+    /// XOR-delta blocks.
+    pub blocks_xor: u64,
+    /// Blocks sent again (the target had an older copy).
+    pub resent_blocks: u64,
+    /// Bytes on the wire for the disk: frame headers, tables, payloads.
+    pub wire_bytes: u64,
+    /// Disk blocks dirty at the last sync.
+    pub remaining_blocks: u64,
+    /// Whether the image is read / written with O_DIRECT.
+    pub direct_io: bool,
 }
 
 /// XOR-delta counters, like QEMU's xbzrle section of query-migrate.
@@ -194,6 +232,10 @@ pub struct RoundLog {
     /// The policy's view of the guest ("converging", "memory-intensive").
     #[serde(default)]
     pub class: String,
+    /// Of `pages`: disk blocks (a VM with a disk counts blocks and pages
+    /// together in every field above; the policy sees both).
+    #[serde(default)]
+    pub disk_blocks: u64,
 }
 
 /// Live metrics of one migration.
@@ -216,7 +258,28 @@ pub struct Metrics {
     pub resent_pages: AtomicU64,
     /// Their payload and table bytes.
     pub resent_bytes: AtomicU64,
+    /// Disk counters (zero without a disk).
+    pub disk: DiskCounters,
     snap: Mutex<Snapshot>,
+}
+
+/// The atomic side of [`DiskStats`].
+#[derive(Debug, Default)]
+pub struct DiskCounters {
+    /// Block entries.
+    pub blocks: AtomicU64,
+    /// Zero blocks.
+    pub zero: AtomicU64,
+    /// lz4 blocks.
+    pub lz4: AtomicU64,
+    /// Raw blocks.
+    pub raw: AtomicU64,
+    /// XOR-delta blocks.
+    pub xor: AtomicU64,
+    /// Blocks sent again.
+    pub resent: AtomicU64,
+    /// Wire bytes of `Blocks` frames.
+    pub wire_bytes: AtomicU64,
 }
 
 /// The atomic side of [`XorStats`].
@@ -249,6 +312,7 @@ impl Metrics {
             xor: XorCounters::default(),
             resent_pages: AtomicU64::new(0),
             resent_bytes: AtomicU64::new(0),
+            disk: DiskCounters::default(),
             snap: Mutex::new(Snapshot {
                 id: id.into(),
                 vm: vm.into(),
@@ -300,7 +364,19 @@ impl Metrics {
             overflows: x.overflows.load(Relaxed),
             evictions: x.evictions.load(Relaxed),
         };
+        let disk_xor = self.disk.xor.load(Relaxed);
+        if let Some(d) = s.disk.as_mut() {
+            let c = &self.disk;
+            d.blocks = c.blocks.load(Relaxed);
+            d.blocks_zero = c.zero.load(Relaxed);
+            d.blocks_lz4 = c.lz4.load(Relaxed);
+            d.blocks_raw = c.raw.load(Relaxed);
+            d.blocks_xor = disk_xor;
+            d.resent_blocks = c.resent.load(Relaxed);
+            d.wire_bytes = c.wire_bytes.load(Relaxed);
+        }
         s.guest_bytes = (s.pages_zero + s.pages_compressed + s.pages_raw + s.xor.pages)
+            .saturating_sub(disk_xor)
             * crate::PAGE_SIZE as u64;
         let secs = s.total_time_ms.max(1) as f64 / 1000.0;
         s.throughput_mib_s = s.transferred_bytes as f64 / (1024.0 * 1024.0) / secs;
@@ -381,6 +457,29 @@ impl std::fmt::Display for Snapshot {
                 "  re-sent:           {} pages in {} KiB",
                 self.resent_pages,
                 self.resent_bytes >> 10
+            )?;
+        }
+        if let Some(d) = &self.disk {
+            writeln!(
+                f,
+                "  disk:              {} MiB, bulk {} of {} allocated blocks ({}{})",
+                d.bytes >> 20,
+                d.bulk_blocks,
+                d.allocated_blocks,
+                d.selection,
+                if d.direct_io { ", O_DIRECT" } else { "" }
+            )?;
+            writeln!(
+                f,
+                "  disk blocks:       {} sent in {} MiB: {} zero, {} compressed, {} raw, {} xor-delta; {} re-sent, {} remaining",
+                d.blocks,
+                d.wire_bytes >> 20,
+                d.blocks_zero,
+                d.blocks_lz4,
+                d.blocks_raw,
+                d.blocks_xor,
+                d.resent_blocks,
+                d.remaining_blocks
             )?;
         }
         if self.throttle_pct > 0 {

@@ -162,7 +162,7 @@ fn migrate_pattern(
                         cancel: target_cancel,
                         ..TargetConfig::default()
                     };
-                    let out = migrate_in(session, &cfg, metrics, |_, mem| {
+                    let out = migrate_in(session, &cfg, metrics, |_, mem, _| {
                         let mut vm = MemTargetVm::new(mem, tlog.clone());
                         vm.run_delay = run_delay;
                         Ok(vm)

@@ -1,11 +1,17 @@
 # ferry-vmm guest workloads: 64-bit code loaded at CODE_GPA, entered in long
 # mode at CPL 3 with IOPL 3 and identity paging (see src/layout.rs for why).
 # No privileged instructions (no hlt): an exception would triple-fault. No OS, no interrupts: the guest talks to the VMM
-# only through the control block (CB_GPA) and `out EXIT_PORT, al`.
+# only through the control block (CB_GPA), `out EXIT_PORT, al` (events) and
+# `out DISK_PORT, al` (disk commands, done by the VMM within the exit).
 #
-# Every exit happens between two page writes, so a vCPU parked at an exit is
-# at a consistent point: each data page matches its version table entry.
-# Re-executing an `out` (KVM completes it on the next KVM_RUN) is harmless.
+# Every exit happens between two page writes and between two disk commands,
+# so a vCPU parked at an exit is at a consistent point: each data page
+# matches its version table entry, and each disk block of the write window
+# its disk version table entry. Re-executing an `out` (KVM completes it on
+# the next KVM_RUN) is harmless.
+#
+# A disk workload (CB_DISK_WINDOW_BLOCKS > 0) runs alongside the memory one:
+# every loop calls disk_catch_up at its exit points.
 #
 # Register use, fixed for the whole run (they migrate with the vCPU state):
 #   rbx = CB_GPA, r12 = GOLDEN, r13 = MIX1, r14 = MIX2.
@@ -15,6 +21,11 @@
         .code64
         .include "abi.inc"
         .text
+
+        # A disk block's tail: the bytes after its last slot.
+        .set    TAIL_OFFSET, HEADER_BYTES + BODY_SLOTS * SLOT_BYTES
+        .set    TAIL_FIRST_WORD, BODY_SLOTS * SLOT_WORDS
+        .set    TAIL_WORDS, BODY_WORDS - TAIL_FIRST_WORD
 
         .globl _start
 _start:
@@ -93,6 +104,7 @@ mixed:
 idle:
         mov     qword ptr [rbx + CB_PHASE], PHASE_IDLE
 .Lidle_loop:
+        call    disk_catch_up
         inc     qword ptr [rbx + CB_PROGRESS]
         mov     al, EV_IDLE
         out     EXIT_PORT, al
@@ -104,6 +116,7 @@ idle:
 dirty:
         mov     qword ptr [rbx + CB_PHASE], PHASE_DIRTY
 .Ldirty_batch:
+        call    disk_catch_up
         mov     r15, [rbx + CB_BATCH_PAGES]
 .Ldirty_one:
         mov     rax, [rbx + CB_PRNG]
@@ -153,8 +166,11 @@ dirty:
 
 # ---- helpers ---------------------------------------------------------------
 
-# progress += 1; exit with EV_CHECKPOINT. Clobbers rax.
+# Disk writes due; progress += 1; exit with EV_CHECKPOINT. Clobbers
+# everything but rbx, r12-r14 and rsp (the callers keep their state in the
+# control block).
 checkpoint:
+        call    disk_catch_up
         inc     qword ptr [rbx + CB_PROGRESS]
         mov     al, EV_CHECKPOINT
         out     EXIT_PORT, al
@@ -241,7 +257,7 @@ write_page:
         ret
 .Lwp_full_random:
         mov     r8d, BODY_WORDS
-        jmp     .Lwp_random
+        jmp     stream_words
 .Lwp_full_text:
         mov     r8d, BODY_LINES
         jmp     .Lwp_text
@@ -260,15 +276,17 @@ write_page:
         imul    rdx, r12
         add     r11, rdx                        # state before that word
         mov     r8d, SLOT_WORDS
-        jmp     .Lwp_random
+        jmp     stream_words
 .Lwp_slot_text:
         imul    rdx, rdx, SLOT_LINES            # first line of the slot
         imul    rdx, r12
         add     r11, rdx                        # state before that line
         mov     r8d, SLOT_LINES
         jmp     .Lwp_text
-.Lwp_random:
-        # r8d words from rdi on; word i = mix(state + (i + 1) * GOLDEN)
+# r8d (> 0) words of a random stream from rdi on: word i = mix(r11 + (i + 1)
+# * GOLDEN), r11 being the stream state before the first word. Advances rdi.
+# Clobbers rax, rdx, r8, r11 (rcx survives).
+stream_words:
         add     r11, r12
         mov     rax, r11
         mov     rdx, rax
@@ -285,7 +303,7 @@ write_page:
         mov     [rdi], rax
         add     rdi, 8
         dec     r8d
-        jnz     .Lwp_random
+        jnz     stream_words
 .Lwp_done:
         ret
 .Lwp_text:
@@ -303,6 +321,195 @@ write_page:
         dec     r8d
         jnz     .Lwp_text_line
         ret
+
+# ---- disk: paced, stamped block writes through the doorbell ---------------
+# Until CB_DISK_WRITTEN reaches CB_DISK_DUE as it was on entry, write commands
+# of up to DISK_BATCH_MAX random blocks of the window; every
+# DISK_READ_EVERY-th command is preceded by a read-back check. (The VMM
+# raises DUE at every exit, doorbells included: chasing it could keep a guest
+# that barely keeps up here forever and starve its memory workload.) A block
+# is counted (version table, CB_DISK_WRITTEN) before the doorbell that
+# carries it, and no exit comes between: at every exit the image and the
+# table agree. Clobbers everything but rbx, r12-r14 and rsp.
+disk_catch_up:
+        cmp     qword ptr [rbx + CB_DISK_WINDOW_BLOCKS], 0
+        je      .Ldc_ret
+        push    qword ptr [rbx + CB_DISK_DUE]   # [rsp] = due on entry
+.Ldc_command:
+        mov     r15, [rsp]
+        sub     r15, [rbx + CB_DISK_WRITTEN]
+        jbe     .Ldc_done                       # nothing due
+        cmp     r15, DISK_BATCH_MAX
+        jbe     1f
+        mov     r15d, DISK_BATCH_MAX
+1:      test    qword ptr [rbx + CB_DISK_BATCHES], DISK_READ_MASK
+        jnz     2f
+        call    disk_read_check
+2:      mov     qword ptr [rbx + CB_DISK_COUNT], 0
+.Ldc_block:
+        call    disk_pick
+        call    write_block
+        dec     r15
+        jnz     .Ldc_block
+        inc     qword ptr [rbx + CB_DISK_BATCHES]
+        mov     al, DISK_CMD_WRITE
+        out     DISK_PORT, al
+        jmp     .Ldc_command
+.Ldc_done:
+        add     rsp, 8
+.Ldc_ret:
+        ret
+
+# rdi = a uniformly random index into the disk write window. Clobbers rax, rdx.
+disk_pick:
+        mov     rax, [rbx + CB_DISK_PRNG]
+        add     rax, r12
+        mov     [rbx + CB_DISK_PRNG], rax
+        call    mix
+        xor     edx, edx
+        div     qword ptr [rbx + CB_DISK_WINDOW_BLOCKS]
+        mov     rdi, rdx
+        ret
+
+# rax = seed of disk block rdi at version rsi: the page seed of a random-kind
+# page, mix(rdi * GOLDEN ^ (KIND_RANDOM << 32 | rsi)). Clobbers rcx, rdx.
+block_seed:
+        mov     ecx, KIND_RANDOM
+        shl     rcx, 32
+        or      rcx, rsi
+        mov     rax, rdi
+        imul    rax, r12
+        xor     rax, rcx
+        jmp     mix
+
+# Stamps window block rdi at its next version v into DMA page CB_DISK_COUNT
+# and appends it to the command. The guest has no copy of the old block, so
+# it writes the whole closed form (src/oracle.rs): the header of v, slot s
+# from the stream of slot_version(v, s) = the latest v' <= v with v' >= 2 and
+# v' % 15 == s (else 1), the tail from version 1. Consecutive versions then
+# differ in the header and one slot, like a page rewrite.
+# Clobbers rax, rcx, rdx, rsi, rdi, r8-r11.
+write_block:
+        mov     r8, [rbx + CB_DISK_TABLE_GPA]
+        mov     eax, [r8 + rdi * 4]
+        inc     eax
+        mov     [r8 + rdi * 4], eax
+        mov     r9d, eax                        # version v
+        add     rdi, [rbx + CB_DISK_FIRST_BLOCK]  # disk block
+        mov     rcx, [rbx + CB_DISK_COUNT]
+        mov     [rcx * 8 + DISK_LIST_GPA], rdi
+        lea     rax, [rcx + 1]
+        mov     [rbx + CB_DISK_COUNT], rax
+        inc     qword ptr [rbx + CB_DISK_WRITTEN]
+        shl     rcx, 12
+        lea     r10, [rcx + DISK_DMA_GPA]       # DMA page
+        mov     rsi, r9
+        call    block_seed
+        mov     [r10 + 24], rax                 # seed of v
+        movabs  rax, BLOCK_MAGIC
+        mov     [r10], rax
+        mov     [r10 + 8], rdi
+        mov     ecx, KIND_RANDOM
+        shl     rcx, 32
+        or      rcx, r9
+        mov     [r10 + 16], rcx
+        xor     eax, eax
+        mov     [r10 + 32], rax
+        mov     [r10 + 40], rax
+        mov     [r10 + 48], rax
+        mov     [r10 + 56], rax
+        xor     ecx, ecx                        # slot s
+.Lwb_slot:
+        lea     rax, [r9 + BODY_SLOTS]
+        sub     rax, rcx
+        xor     edx, edx
+        mov     esi, BODY_SLOTS
+        div     rsi                             # rdx = (v - s) mod 15
+        mov     rsi, r9
+        sub     rsi, rdx                        # latest v' <= v, v' % 15 == s
+        cmp     rsi, 2
+        jge     1f
+        mov     esi, 1                          # never rewritten: version 1
+1:      push    rcx
+        mov     rdi, [r10 + 8]
+        call    block_seed
+        pop     rcx
+        imul    r11, rcx, SLOT_WORDS
+        imul    r11, r12
+        add     r11, rax                        # state before the slot's first word
+        imul    rdi, rcx, SLOT_BYTES
+        lea     rdi, [r10 + rdi + HEADER_BYTES]
+        mov     r8d, SLOT_WORDS
+        call    stream_words
+        inc     ecx
+        cmp     ecx, BODY_SLOTS
+        jb      .Lwb_slot
+        mov     rdi, [r10 + 8]
+        mov     esi, 1
+        call    block_seed                      # the tail is version 1's
+        mov     r11d, TAIL_FIRST_WORD
+        imul    r11, r12
+        add     r11, rax
+        lea     rdi, [r10 + TAIL_OFFSET]
+        mov     r8d, TAIL_WORDS
+        jmp     stream_words
+
+# Reads back, in one command, up to DISK_BATCH_MAX random blocks of the window
+# that were written (version > 0) and checks each header against the version
+# table: on a migration target the first reads are of blocks ferryd wrote. A
+# wrong stamp halts the guest with EV_DISK_BAD (block in CB_DISK_BAD_BLOCK).
+# Clobbers rax, rcx, rdx, rsi, rdi, r8-r11.
+disk_read_check:
+        mov     qword ptr [rbx + CB_DISK_COUNT], 0
+        mov     r9d, DISK_BATCH_MAX
+.Lrc_pick:
+        call    disk_pick
+        mov     r8, [rbx + CB_DISK_TABLE_GPA]
+        cmp     dword ptr [r8 + rdi * 4], 0
+        je      1f
+        add     rdi, [rbx + CB_DISK_FIRST_BLOCK]
+        mov     rcx, [rbx + CB_DISK_COUNT]
+        mov     [rcx * 8 + DISK_LIST_GPA], rdi
+        inc     rcx
+        mov     [rbx + CB_DISK_COUNT], rcx
+1:      dec     r9d
+        jnz     .Lrc_pick
+        mov     rcx, [rbx + CB_DISK_COUNT]
+        test    rcx, rcx
+        jz      .Lrc_done
+        add     [rbx + CB_DISK_READ], rcx
+        mov     al, DISK_CMD_READ
+        out     DISK_PORT, al
+        xor     ecx, ecx
+.Lrc_check:
+        mov     rdi, [rcx * 8 + DISK_LIST_GPA]  # block
+        mov     r10, rcx
+        shl     r10, 12
+        add     r10, DISK_DMA_GPA               # its DMA page
+        movabs  rax, BLOCK_MAGIC
+        cmp     [r10], rax
+        jne     .Lrc_bad
+        cmp     [r10 + 8], rdi
+        jne     .Lrc_bad
+        mov     rax, rdi
+        sub     rax, [rbx + CB_DISK_FIRST_BLOCK]
+        mov     r8, [rbx + CB_DISK_TABLE_GPA]
+        mov     eax, [r8 + rax * 4]             # version
+        mov     edx, KIND_RANDOM
+        shl     rdx, 32
+        or      rax, rdx
+        cmp     [r10 + 16], rax
+        jne     .Lrc_bad
+        inc     rcx
+        cmp     rcx, [rbx + CB_DISK_COUNT]
+        jb      .Lrc_check
+.Lrc_done:
+        ret
+.Lrc_bad:
+        mov     [rbx + CB_DISK_BAD_BLOCK], rdi
+1:      mov     al, EV_DISK_BAD
+        out     EXIT_PORT, al
+        jmp     1b
 
         .balign 64
 text_table:

@@ -24,6 +24,13 @@ pub const STACK_TOP: u64 = 0x10000;
 pub const CODE_GPA: u64 = 0x10000;
 /// Bytes reserved for the guest code (0x10000..0x20000).
 pub const CODE_BYTES_MAX: u64 = 0x10000;
+/// GPA of the disk DMA area: `DISK_BATCH_MAX` pages (0x20000..0x30000). The
+/// guest stamps block i of a command into page i before a write doorbell; the
+/// VMM fills page i from the image on a read doorbell.
+pub const DISK_DMA_GPA: u64 = 0x20000;
+/// GPA of the disk command list: u64 disk block index per DMA page, entries
+/// 0..CB_DISK_COUNT of the current command.
+pub const DISK_LIST_GPA: u64 = 0x30000;
 /// GPA of the version table: one u32 per data page.
 pub const VERSION_TABLE_GPA: u64 = 0x100000;
 
@@ -54,6 +61,29 @@ pub const CB_CURSOR: u64 = 0x50;
 pub const CB_PRNG: u64 = 0x58;
 /// Control block: page writes since boot (a full write or a rewrite: 1 each).
 pub const CB_PAGES_WRITTEN: u64 = 0x60;
+/// Control block: first disk block of the guest's write window.
+pub const CB_DISK_FIRST_BLOCK: u64 = 0x68;
+/// Control block: blocks in the write window (0: no disk workload).
+pub const CB_DISK_WINDOW_BLOCKS: u64 = 0x70;
+/// Control block: GPA of the disk version table (u32 per window block).
+pub const CB_DISK_TABLE_GPA: u64 = 0x78;
+/// Control block: block writes due by now, written by the VMM at every exit
+/// (the guest writes while CB_DISK_WRITTEN < CB_DISK_DUE).
+pub const CB_DISK_DUE: u64 = 0x80;
+/// Control block: block writes since boot, counted by the guest before the
+/// doorbell that carries them.
+pub const CB_DISK_WRITTEN: u64 = 0x88;
+/// Control block: blocks in the current disk command (1..=DISK_BATCH_MAX).
+pub const CB_DISK_COUNT: u64 = 0x90;
+/// Control block: state of the guest's block-choosing PRNG.
+pub const CB_DISK_PRNG: u64 = 0x98;
+/// Control block: blocks read back and checked since boot.
+pub const CB_DISK_READ: u64 = 0xA0;
+/// Control block: write doorbells since boot (every DISK_READ_EVERY-th is
+/// preceded by a read-back check).
+pub const CB_DISK_BATCHES: u64 = 0xA8;
+/// Control block: the block whose read-back stamp was wrong (EV_DISK_BAD).
+pub const CB_DISK_BAD_BLOCK: u64 = 0xB0;
 
 /// Magic of the control block: "FERRYCB1" little-endian.
 pub const CB_MAGIC_VALUE: u64 = 0x3142435952524546;
@@ -108,6 +138,10 @@ pub const SLOT_LINES: u64 = 4;
 /// version v changes slot v % 15.
 pub const BODY_SLOTS: u64 = 15;
 
+/// Disk block stamp magic: "FRRYBLCK" little-endian. A block is stamped like
+/// a random-kind page whose page number is the disk block index.
+pub const BLOCK_MAGIC: u64 = 0x4B434C4259525246;
+
 /// splitmix64 increment (the golden ratio).
 pub const GOLDEN: u64 = 0x9E3779B97F4A7C15;
 /// splitmix64 first multiplier.
@@ -130,7 +164,7 @@ pub const CHECKPOINT_PAGES: u64 = 64;
 /// `CHECKPOINT_PAGES - 1`, for the guest's mask test.
 pub const CHECKPOINT_MASK: u64 = 63;
 
-/// The one I/O port the guest talks to; the byte written is an `EV_*` code.
+/// The guest's event port; the byte written is an `EV_*` code.
 pub const EXIT_PORT: u64 = 0xF0;
 /// Event: one idle loop done (the VMM sleeps ~1 ms).
 pub const EV_IDLE: u64 = 1;
@@ -138,5 +172,28 @@ pub const EV_IDLE: u64 = 1;
 pub const EV_BATCH: u64 = 2;
 /// Event: `CHECKPOINT_PAGES` pages of a fill / mixed pass done (no sleep).
 pub const EV_CHECKPOINT: u64 = 3;
+/// Event: a block read back from the disk has the wrong stamp (its index is
+/// in CB_DISK_BAD_BLOCK); the guest halts.
+pub const EV_DISK_BAD: u64 = 4;
 /// Event: the control block is invalid; the guest halts.
 pub const EV_BAD_CONFIG: u64 = 0xEE;
+
+/// The disk doorbell: the byte written is a `DISK_CMD_*`; the command is
+/// CB_DISK_COUNT blocks, block i being entry i of the list at DISK_LIST_GPA
+/// with its data in DMA page i. The VMM completes the whole command before
+/// the guest runs again.
+pub const DISK_PORT: u64 = 0xF1;
+/// Disk command: write DMA page i to list entry i's block, in list order.
+pub const DISK_CMD_WRITE: u64 = 1;
+/// Disk command: read list entry i's block into DMA page i.
+pub const DISK_CMD_READ: u64 = 2;
+/// Blocks per disk command: 16 x 4 KiB = 64 KiB, like a dirty batch of
+/// pages. A doorbell is an exit (~140 µs on a nested host), so batching cuts
+/// the exits of a paced disk workload 16-fold; the VMM's 16 pwrite()s of
+/// 4 KiB into the page cache keep a pause waiting well under 1 ms.
+pub const DISK_BATCH_MAX: u64 = 16;
+/// Write doorbells per read-back check: one in 4 (a read of up to
+/// DISK_BATCH_MAX random stamped blocks, headers checked in the guest).
+pub const DISK_READ_EVERY: u64 = 4;
+/// `DISK_READ_EVERY - 1`, for the guest's mask test.
+pub const DISK_READ_MASK: u64 = 3;

@@ -3,7 +3,7 @@
 //! control block). A restored VM gets none of this: its memory arrives as is.
 
 use crate::abi;
-use crate::config::Workload;
+use crate::config::{DiskConfig, GuestWorkload, Workload};
 use crate::layout::Layout;
 use crate::mem::{GuestRam, MemError};
 
@@ -29,12 +29,14 @@ pub fn phase_name(phase: u64) -> &'static str {
 }
 
 /// Writes the boot image of a new VM into zeroed RAM: GDT, identity page
-/// tables, code, and the control block for `workload`.
+/// tables, code, and the control block for `workload` (with its disk window
+/// on `disk` when it has a disk part).
 pub fn write_boot_image(
     ram: &GuestRam,
     layout: &Layout,
-    workload: Workload,
+    workload: GuestWorkload,
     batch_pages: u64,
+    disk: Option<&DiskConfig>,
 ) -> Result<(), MemError> {
     assert!(
         GUEST_CODE.len() as u64 <= abi::CODE_BYTES_MAX,
@@ -48,12 +50,20 @@ pub fn write_boot_image(
         ram.write_u64(gpa, entry)?;
     }
     ram.write_bytes(abi::CODE_GPA, GUEST_CODE)?;
-    let hot_pct = match workload {
+    let hot_pct = match workload.memory {
         Workload::Dirty { hot_pct, .. } => u64::from(hot_pct),
         _ => 0,
     };
+    let (disk_first, disk_window) = match (workload.disk, disk) {
+        (Some(_), Some(d)) => (d.window_first_block, d.window_blocks()),
+        _ => (0, 0),
+    };
+    assert_eq!(
+        disk_window, layout.disk_table_blocks,
+        "disk table sized for the window"
+    );
     let cb = [
-        (abi::CB_WORKLOAD, workload.code()),
+        (abi::CB_WORKLOAD, workload.memory.code()),
         (abi::CB_DATA_GPA, layout.data_gpa),
         (abi::CB_DATA_PAGES, layout.data_pages),
         (abi::CB_TABLE_GPA, layout.table_gpa),
@@ -65,6 +75,16 @@ pub fn write_boot_image(
         (abi::CB_CURSOR, 0),
         (abi::CB_PRNG, 0x5eed_f00d_cafe_d00d),
         (abi::CB_PAGES_WRITTEN, 0),
+        (abi::CB_DISK_FIRST_BLOCK, disk_first),
+        (abi::CB_DISK_WINDOW_BLOCKS, disk_window),
+        (abi::CB_DISK_TABLE_GPA, layout.disk_table_gpa),
+        (abi::CB_DISK_DUE, 0),
+        (abi::CB_DISK_WRITTEN, 0),
+        (abi::CB_DISK_COUNT, 0),
+        (abi::CB_DISK_PRNG, 0xd15c_0b1e_55ed_f00d),
+        (abi::CB_DISK_READ, 0),
+        (abi::CB_DISK_BATCHES, 0),
+        (abi::CB_DISK_BAD_BLOCK, 0),
         // Last: the guest refuses to start on a control block without magic.
         (abi::CB_MAGIC, abi::CB_MAGIC_VALUE),
     ];
@@ -83,6 +103,10 @@ pub struct GuestCounters {
     pub phase: u64,
     /// Pages written since boot.
     pub pages_written: u64,
+    /// Disk blocks written since boot.
+    pub blocks_written: u64,
+    /// Disk blocks read back and checked by the guest since boot.
+    pub blocks_read: u64,
 }
 
 /// Reads the guest's counters (volatile; the guest may be running).
@@ -91,5 +115,7 @@ pub fn counters(ram: &GuestRam) -> Result<GuestCounters, MemError> {
         progress: ram.read_u64(abi::CB_GPA + abi::CB_PROGRESS)?,
         phase: ram.read_u64(abi::CB_GPA + abi::CB_PHASE)?,
         pages_written: ram.read_u64(abi::CB_GPA + abi::CB_PAGES_WRITTEN)?,
+        blocks_written: ram.read_u64(abi::CB_GPA + abi::CB_DISK_WRITTEN)?,
+        blocks_read: ram.read_u64(abi::CB_GPA + abi::CB_DISK_READ)?,
     })
 }

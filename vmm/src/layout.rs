@@ -10,13 +10,18 @@
 //! 0x0000_C000  control block (see abi::CB_*)
 //! 0x0000_D000  stack (grows down from 0x1_0000)
 //! 0x0001_0000  guest code (entry point), at most 64 KiB
-//! 0x0010_0000  version table: u32 per data page
-//! data_gpa     data pages: from the first 2 MiB boundary after the table
-//!              (sized for every page of RAM) to the end of RAM
+//! 0x0002_0000  disk DMA area: 16 pages, one per block of a disk command
+//! 0x0003_0000  disk command list: u64 block index per DMA page
+//! 0x0010_0000  version table: u32 per data page (sized for every page of RAM)
+//! disk_table   disk version table: u32 per block of the disk write window,
+//!              from the first 4 KiB boundary after the page table (only
+//!              with a disk workload; absent, the layout is the one of old)
+//! data_gpa     data pages: from the first 2 MiB boundary after the tables
+//!              to the end of RAM
 //! ```
 //!
-//! The layout is a pure function of the RAM size, so source, target and the
-//! oracle all derive the same one. All of RAM is identity-mapped with 2 MiB
+//! The layout is a pure function of the RAM size and the disk window, so
+//! source, target and the oracle all derive the same one. All of RAM is identity-mapped with 2 MiB
 //! user pages whose accessed and dirty bits are preset, so the CPU never
 //! writes the page tables.
 //!
@@ -45,6 +50,14 @@ pub const USER_DS: u16 = 0x23;
 pub const TSS_SEL: u16 = 0x28;
 /// The hot set of the dirty workload: this percentage of the data pages.
 pub const HOT_SET_PCT: u64 = 10;
+/// Largest disk write window: 16 Mi blocks of 4 KiB = 64 GiB, whose version
+/// table takes 64 MiB of guest RAM (a 4 GiB window: 1 Mi blocks, 4 MiB).
+/// Bigger images keep their front out of the window (`--disk-write-from-mib`).
+pub const DISK_WINDOW_BLOCKS_MAX: u64 = 16 << 20;
+
+// The fixed area: code, then the disk DMA pages, then the command list.
+const _: () = assert!(abi::CODE_GPA + abi::CODE_BYTES_MAX <= abi::DISK_DMA_GPA);
+const _: () = assert!(abi::DISK_DMA_GPA + abi::DISK_BATCH_MAX * PAGE_BYTES <= abi::DISK_LIST_GPA);
 
 /// Errors of the layout.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +71,18 @@ pub enum LayoutError {
         /// The requested size.
         mem_bytes: u64,
     },
+    /// The disk version table does not fit.
+    #[error(
+        "a disk write window of {window_blocks} blocks does not fit {mem_bytes} bytes of guest \
+         RAM: its version table takes 4 bytes per block, and the window is at most \
+         {DISK_WINDOW_BLOCKS_MAX} blocks"
+    )]
+    DiskWindow {
+        /// RAM size.
+        mem_bytes: u64,
+        /// Blocks in the window.
+        window_blocks: u64,
+    },
 }
 
 /// Where everything lives for one RAM size.
@@ -67,6 +92,10 @@ pub struct Layout {
     pub mem_bytes: u64,
     /// GPA of the version table.
     pub table_gpa: u64,
+    /// GPA of the disk version table (0 when there is none).
+    pub disk_table_gpa: u64,
+    /// Entries of the disk version table: blocks of the disk write window.
+    pub disk_table_blocks: u64,
     /// GPA of data page 0 (2 MiB aligned).
     pub data_gpa: u64,
     /// Number of data pages.
@@ -76,30 +105,60 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// The layout of `mem_bytes` of RAM.
+    /// The layout of `mem_bytes` of RAM without a disk version table.
     pub fn new(mem_bytes: u64) -> Result<Self, LayoutError> {
+        Self::with_disk_table(mem_bytes, 0)
+    }
+
+    /// The layout of `mem_bytes` of RAM with a disk version table of
+    /// `disk_table_blocks` entries (0: none, the layout of [`Layout::new`]).
+    pub fn with_disk_table(mem_bytes: u64, disk_table_blocks: u64) -> Result<Self, LayoutError> {
         if !(MEM_BYTES_MIN..=MEM_BYTES_MAX).contains(&mem_bytes)
             || !mem_bytes.is_multiple_of(LARGE_PAGE_BYTES)
         {
             return Err(LayoutError::Size { mem_bytes });
         }
+        let window_err = LayoutError::DiskWindow {
+            mem_bytes,
+            window_blocks: disk_table_blocks,
+        };
+        if disk_table_blocks > DISK_WINDOW_BLOCKS_MAX {
+            return Err(window_err);
+        }
         // The table is sized for every page of RAM (an upper bound on data
         // pages), which keeps the computation free of a fixed point.
-        let table_bytes = mem_bytes / PAGE_BYTES * 4;
-        let data_gpa = (abi::VERSION_TABLE_GPA + table_bytes).next_multiple_of(LARGE_PAGE_BYTES);
+        let table_end = abi::VERSION_TABLE_GPA + mem_bytes / PAGE_BYTES * 4;
+        let (disk_table_gpa, tables_end) = match disk_table_blocks {
+            0 => (0, table_end),
+            n => {
+                let gpa = table_end.next_multiple_of(PAGE_BYTES);
+                (gpa, gpa + n * 4)
+            }
+        };
+        let data_gpa = tables_end.next_multiple_of(LARGE_PAGE_BYTES);
         if data_gpa >= mem_bytes {
-            return Err(LayoutError::Size { mem_bytes });
+            return Err(match disk_table_blocks {
+                0 => LayoutError::Size { mem_bytes },
+                _ => window_err,
+            });
         }
         let data_pages = (mem_bytes - data_gpa) / PAGE_BYTES;
         let layout = Layout {
             mem_bytes,
             table_gpa: abi::VERSION_TABLE_GPA,
+            disk_table_gpa,
+            disk_table_blocks,
             data_gpa,
             data_pages,
             hot_pages: (data_pages * HOT_SET_PCT / 100).max(1),
         };
         assert!(layout.table_gpa + layout.data_pages * 4 <= layout.data_gpa);
-        assert!(abi::CODE_GPA + abi::CODE_BYTES_MAX <= layout.table_gpa);
+        assert!(abi::DISK_LIST_GPA + abi::DISK_BATCH_MAX * 8 <= layout.table_gpa);
+        assert!(
+            layout.disk_table_blocks == 0
+                || (layout.disk_table_gpa >= table_end
+                    && layout.disk_table_gpa + layout.disk_table_blocks * 4 <= layout.data_gpa)
+        );
         Ok(layout)
     }
 
@@ -166,6 +225,30 @@ mod tests {
             .page_table_entries()
             .iter()
             .all(|&(gpa, _)| gpa < abi::CB_GPA));
+    }
+
+    #[test]
+    fn a_disk_table_goes_between_the_page_table_and_the_data() {
+        // No table: the layout of old, whatever the constructor.
+        assert_eq!(
+            Layout::with_disk_table(64 << 20, 0).unwrap(),
+            Layout::new(64 << 20).unwrap()
+        );
+        // 64 MiB of RAM: the page table ends at 1 MiB + 64 KiB.
+        let l = Layout::with_disk_table(64 << 20, 1000).unwrap();
+        assert_eq!(l.disk_table_gpa, 0x110000);
+        assert_eq!(l.data_gpa, 2 << 20, "a small table fits the old gap");
+        // A 4 GiB window: 4 MiB of table pushes the data up.
+        let l = Layout::with_disk_table(64 << 20, 1 << 20).unwrap();
+        assert_eq!(l.data_gpa, 6 << 20);
+        assert_eq!(l.data_pages, (58 << 20) / 4096);
+        // Too big for the RAM, or over the cap.
+        assert!(matches!(
+            Layout::with_disk_table(4 << 20, 1 << 20),
+            Err(LayoutError::DiskWindow { .. })
+        ));
+        assert!(Layout::with_disk_table(8 << 30, DISK_WINDOW_BLOCKS_MAX).is_ok());
+        assert!(Layout::with_disk_table(8 << 30, DISK_WINDOW_BLOCKS_MAX + 1).is_err());
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! - [`layout`]: the guest physical memory map and the boot page tables.
 //! - [`config`]: workloads and the `vmm_config` a target VMM receives.
 //! - [`mem`]: guest RAM, one memfd mapped shared.
+//! - [`disk`]: the disk image, its doorbell, dirty log, pacing and oracle.
+//! - [`bitmap`]: the lock-free dirty bitmap of the disk and of VMM writes.
 //! - [`kvm`]: the VM, its memory slot, dirty logging and boot vCPU state.
 //! - [`vcpu`]: the vCPU thread, pacing, and pausing at consistent points.
 //! - [`state`]: the versioned state blob ("FVMS").
@@ -21,7 +23,9 @@
 /// build.rs turns each constant into a `.set` for the assembler, so this file
 /// holds only plain `pub const` items.
 pub mod abi;
+pub mod bitmap;
 pub mod config;
+pub mod disk;
 pub mod guest;
 pub mod kvm;
 pub mod layout;

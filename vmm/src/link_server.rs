@@ -1,20 +1,27 @@
 //! The VMM side of ferryd's link protocol (`ferry_engine::link`).
 //!
-//! A source VMM registers its running VM with the memfd; a target VMM
+//! A source VMM registers its running VM with the memfd (and, with a disk,
+//! the image's descriptor as the second fd and `VmSpec::disk`); a target VMM
 //! (`--restore --token T`) registers with its token and receives the spec and
-//! the memfd, then waits for `Restore` and `Run`. Both then serve the same
+//! the memfd (and the new image's descriptor, which it reads only from
+//! Restore on), then waits for `Restore` and `Run`. Both then serve the same
 //! requests, so a restored VM can be migrated again:
 //!
 //! ```text
 //! request          reply                    notes
-//! StartDirtyLog    Ok                       slot gets KVM_MEM_LOG_DIRTY_PAGES
-//! SyncDirtyLog     DirtyLog + bitmap        u64 LE words, bit per 4 KiB page
+//! StartDirtyLog    Ok                       slot gets KVM_MEM_LOG_DIRTY_PAGES;
+//!                                           the disk log starts empty
+//! SyncDirtyLog     DirtyLog + bitmap        u64 LE words, bit per 4 KiB page (the
+//!                                           guest's writes and the VMM's own)
 //! PeekDirtyLog     DirtyLog + bitmap        the same, not cleared (manual protect)
-//! StopDirtyLog     Ok
+//! SyncDiskLog      DirtyLog + bitmap        u64 LE words, bit per 4 KiB disk block,
+//!                                           cleared; Error without a disk or log
+//! StopDirtyLog     Ok                       memory and disk
 //! Pause            Paused{progress} + blob  parks at the guest's next exit
-//! Resume           Ok                       hashes paused memory (--report) first;
-//!                                           ends any throttle (full speed again)
-//! Restore + blob   Restored{verify}         target, before Run
+//! Resume           Ok                       hashes paused memory and disk (--report)
+//!                                           first; ends any throttle (full speed)
+//! Restore + blob   Restored{verify}         target, before Run; verify checks the
+//!                                           memory and the disk window, and hashes
 //! Run              Ok                       target: the VM runs from here on
 //! GetStats         Stats{progress,running,phase,throttle_pct}
 //! Throttle{p}      Ok (Error if p > 99)     vCPU runs (100-p)% of wall time; 0 = full
@@ -40,6 +47,7 @@ use ferry_engine::link::{
 use serde_json::json;
 
 use crate::config::{ConfigError, VmmConfig};
+use crate::disk::Disk;
 use crate::machine::{Lifecycle, Machine, MachineError};
 use crate::mem::{GuestRam, MemError};
 use crate::oracle;
@@ -109,13 +117,15 @@ impl LinkServer {
             }],
             vcpus: cfg.vcpus,
             vmm_config: cfg.to_json(),
-            disk: None,
+            disk: cfg.disk.as_ref().map(|d| d.spec()),
         };
         let msg = LinkMsg::Register {
             role: Role::Source,
             spec: Some(spec),
         };
-        link.send(&msg, &[], &[machine.ram().memfd_raw()])?;
+        let mut fds = vec![machine.ram().memfd_raw()];
+        fds.extend(machine.disk().map(|d| d.raw_fd()));
+        link.send(&msg, &[], &fds)?;
         let (vm_id, _, _) = expect_registered(link.recv()?)?;
         tracing::info!("registered with ferryd as {vm_id}");
         if let Some(r) = &report {
@@ -154,22 +164,34 @@ impl LinkServer {
             size: config.mem_bytes,
             memfd_offset: 0,
         }];
-        if spec.regions != want || spec.vcpus != config.vcpus {
+        let config_disk = config.disk.as_ref().map(|d| d.spec());
+        if spec.regions != want || spec.vcpus != config.vcpus || spec.disk != config_disk {
             return Err(MachineError::from(ConfigError::Invalid(format!(
-                "spec regions {:?} / {} vCPUs do not match vmm_config ({} bytes, {} vCPUs)",
-                spec.regions, spec.vcpus, config.mem_bytes, config.vcpus
+                "spec regions {:?} / {} vCPUs / disk {:?} do not match vmm_config \
+                 ({} bytes, {} vCPUs, disk {:?})",
+                spec.regions, spec.vcpus, spec.disk, config.mem_bytes, config.vcpus, config_disk
             )))
             .into());
         }
-        if r.fds.len() != 1 {
+        let want_fds = 1 + usize::from(spec.disk.is_some());
+        if r.fds.len() != want_fds {
             return Err(LinkServerError::Protocol(format!(
-                "Registered carried {} descriptors, expected the memfd",
-                r.fds.len()
+                "Registered carried {} descriptors, expected {}",
+                r.fds.len(),
+                match want_fds {
+                    1 => "the memfd",
+                    _ => "the memfd and the disk image",
+                }
             )));
         }
         let fd = r.fds.remove(0);
         let ram = GuestRam::from_memfd(fd, config.mem_bytes).map_err(MachineError::from)?;
-        let machine = Machine::attach(config, Arc::new(ram))?;
+        // The image is ferryd's to fill until Restore: kept, not touched.
+        let disk = match (&spec.disk, r.fds.pop()) {
+            (Some(d), Some(fd)) => Some(Disk::from_fd(fd, d.bytes).map_err(MachineError::from)?),
+            _ => None,
+        };
+        let machine = Machine::attach(config, Arc::new(ram), disk)?;
         tracing::info!(
             "registered with ferryd as target of {vm_id} ({})",
             spec.name
@@ -251,6 +273,13 @@ impl LinkServer {
                     words.iter().flat_map(|w| w.to_le_bytes()).collect(),
                 )
             }
+            LinkMsg::SyncDiskLog => {
+                let words = m.sync_disk_log()?;
+                (
+                    LinkMsg::DirtyLog,
+                    words.iter().flat_map(|w| w.to_le_bytes()).collect(),
+                )
+            }
             LinkMsg::StopDirtyLog => {
                 m.stop_dirty_log()?;
                 (LinkMsg::Ok, vec![])
@@ -280,7 +309,7 @@ impl LinkServer {
             }
             LinkMsg::Restore => {
                 m.restore(&req.bin)?;
-                let verify = self.verify();
+                let verify = self.verify()?;
                 tracing::info!("restored; verify: {verify:?}");
                 self.event(
                     "restored",
@@ -341,17 +370,32 @@ impl LinkServer {
         };
         let t0 = Instant::now();
         let mem_hash = oracle::mem_hash(&self.machine.ram().all());
-        let hash_ms = t0.elapsed().as_millis() as u64;
-        report.event(
-            "paused",
-            json!({"mem_hash": mem_hash, "progress": progress, "pause_us": pause_us, "hash_ms": hash_ms}),
-        );
+        let mut fields = json!({
+            "mem_hash": mem_hash,
+            "disk_hash": "",
+            "progress": progress,
+            "pause_us": pause_us,
+        });
+        match self.machine.disk_hash() {
+            None => {}
+            Some(Ok(h)) => fields["disk_hash"] = h.into(),
+            Some(Err(e)) => {
+                tracing::warn!("cannot hash the paused disk: {e}");
+                fields["disk_hash_error"] = e.to_string().into();
+            }
+        }
+        if let Ok(c) = self.machine.counters() {
+            fields["blocks_written"] = c.blocks_written.into();
+        }
+        fields["hash_ms"] = (t0.elapsed().as_millis() as u64).into();
+        report.event("paused", fields);
     }
 
-    /// The target's independent check of the memory it received.
-    fn verify(&self) -> VerifyReport {
+    /// The target's independent check of the memory and the disk it
+    /// received. An image it cannot hash fails the restore.
+    fn verify(&self) -> Result<VerifyReport, LinkServerError> {
         if !self.machine.config().verify {
-            return VerifyReport::default();
+            return Ok(VerifyReport::default());
         }
         let t0 = Instant::now();
         let mem_hash = self.machine.mem_hash();
@@ -359,13 +403,21 @@ impl LinkServer {
         for f in &check.first_faults {
             tracing::warn!("verify: {f}");
         }
-        VerifyReport {
+        let disk_hash = self.machine.disk_hash().transpose()?.unwrap_or_default();
+        let disk = self.machine.check_disk().unwrap_or_default();
+        for f in &disk.first_faults {
+            tracing::warn!("verify: {f}");
+        }
+        Ok(VerifyReport {
             checked: true,
             mem_hash,
             pages_checked: check.pages_checked,
             pages_bad: check.pages_bad,
             verify_ms: t0.elapsed().as_millis() as u64,
-        }
+            disk_hash,
+            blocks_checked: disk.blocks_checked,
+            blocks_bad: disk.blocks_bad,
+        })
     }
 
     fn quit(&mut self, reason: &str) {

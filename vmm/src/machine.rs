@@ -9,6 +9,10 @@
 //! `boot` writes the boot image into fresh RAM and is Ready at once; `attach`
 //! (a migration target) creates the VM over received RAM without touching it
 //! and waits for a state blob. Invalid transitions are errors.
+//!
+//! A VM may have a disk ([`crate::disk`]): a source's is the image it was
+//! given; a target's is the new image ferryd fills, which the VM reads only
+//! from `restore` on (its size is checked there).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +20,10 @@ use std::time::{Duration, Instant};
 use ferry_engine::link::{VmStats, THROTTLE_PCT_MAX};
 use kvm_bindings::kvm_fpu;
 
-use crate::config::{ConfigError, VmmConfig, Workload};
+use crate::config::{ConfigError, GuestWorkload, VmmConfig, Workload};
+use crate::disk::check::{self as disk_check, DiskCheckReport};
+use crate::disk::doorbell::DiskPort;
+use crate::disk::{Disk, DiskError};
 use crate::guest::{self, GuestCounters};
 use crate::kvm::{self, KvmError, Vm};
 use crate::layout::Layout;
@@ -43,6 +50,12 @@ pub enum MachineError {
     /// A state blob.
     #[error(transparent)]
     State(#[from] StateError),
+    /// The disk.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    /// A disk request to a VM without one.
+    #[error("this VM has no disk")]
+    NoDisk,
     /// The state blob belongs to another VM.
     #[error("state blob does not fit this VM: {0}")]
     Mismatch(String),
@@ -94,20 +107,28 @@ pub struct PausedVm {
 pub struct Machine {
     config: VmmConfig,
     layout: Layout,
-    workload: Workload,
+    workload: GuestWorkload,
     vm: Arc<Vm>,
+    disk: Option<Arc<Disk>>,
     vcpu: VcpuHandle,
     lifecycle: Lifecycle,
     paused: Option<PausedVm>,
 }
 
 impl Machine {
-    /// A new VM over fresh RAM, booted (Ready) and not yet running.
-    pub fn boot(config: VmmConfig) -> Result<Self, MachineError> {
+    /// A new VM over fresh RAM, booted (Ready) and not yet running, with
+    /// `disk` when its config has one.
+    pub fn boot(config: VmmConfig, disk: Option<Disk>) -> Result<Self, MachineError> {
         let ram = Arc::new(GuestRam::create(config.mem_bytes)?);
-        let mut m = Self::new(config, ram, true)?;
-        guest::write_boot_image(m.ram(), &m.layout, m.workload, m.config.batch_pages)?;
-        if m.workload != Workload::Idle {
+        let mut m = Self::new(config, ram, disk, true)?;
+        guest::write_boot_image(
+            m.ram(),
+            &m.layout,
+            m.workload,
+            m.config.batch_pages,
+            m.config.disk.as_ref(),
+        )?;
+        if m.workload.memory != Workload::Idle {
             // Giving the memfd its pages before the guest runs makes its first
             // touch of each page ~5x cheaper on nested hosts (no host
             // allocation inside the guest's fault): a 2 GiB fill takes ~2 s
@@ -127,12 +148,22 @@ impl Machine {
     }
 
     /// A VM over existing RAM (a migration target, or a second VM over the
-    /// same memfd). Guest memory is not touched.
-    pub fn attach(config: VmmConfig, ram: Arc<GuestRam>) -> Result<Self, MachineError> {
-        Self::new(config, ram, false)
+    /// same memfd), with `disk` when its config has one. Neither guest memory
+    /// nor the disk is touched.
+    pub fn attach(
+        config: VmmConfig,
+        ram: Arc<GuestRam>,
+        disk: Option<Disk>,
+    ) -> Result<Self, MachineError> {
+        Self::new(config, ram, disk, false)
     }
 
-    fn new(config: VmmConfig, ram: Arc<GuestRam>, boot: bool) -> Result<Self, MachineError> {
+    fn new(
+        config: VmmConfig,
+        ram: Arc<GuestRam>,
+        disk: Option<Disk>,
+        boot: bool,
+    ) -> Result<Self, MachineError> {
         let layout = config.layout()?;
         let workload = config.workload()?;
         if ram.bytes() != config.mem_bytes {
@@ -142,6 +173,19 @@ impl Machine {
                 config.mem_bytes
             )));
         }
+        match (&config.disk, &disk) {
+            (None, None) => {}
+            (Some(c), Some(d)) if c.bytes == d.bytes() => {}
+            (c, d) => {
+                return Err(MachineError::Mismatch(format!(
+                    "the config's disk is {:?} bytes, the image given is {:?}",
+                    c.as_ref().map(|c| c.bytes),
+                    d.as_ref().map(|d| d.bytes())
+                )))
+            }
+        }
+        let disk = disk.map(Arc::new);
+        let port = disk.clone().map(|d| DiskPort::new(ram.clone(), d));
         let vm = Arc::new(Vm::new(ram)?);
         let vcpu_fd = vm.create_vcpu(0)?;
         let boot_state = if boot {
@@ -163,8 +207,8 @@ impl Machine {
         } else {
             None
         };
-        let pacing = Pacing::new(config.batch_pages, workload.dirty_bytes_per_s());
-        let vcpu = VcpuHandle::spawn(vcpu_fd, pacing).map_err(MachineError::Thread)?;
+        let pacing = pacing_of(config.batch_pages, &workload);
+        let vcpu = VcpuHandle::spawn(vcpu_fd, pacing, port).map_err(MachineError::Thread)?;
         if let Some(state) = boot_state {
             vcpu.restore(state, pacing)?;
         }
@@ -173,6 +217,7 @@ impl Machine {
             layout,
             workload,
             vm,
+            disk,
             vcpu,
             lifecycle: Lifecycle::Created,
             paused: None,
@@ -180,7 +225,7 @@ impl Machine {
     }
 
     fn pacing(&self) -> Pacing {
-        Pacing::new(self.config.batch_pages, self.workload.dirty_bytes_per_s())
+        pacing_of(self.config.batch_pages, &self.workload)
     }
 
     fn lifecycle_err(&self, op: &'static str) -> MachineError {
@@ -206,7 +251,16 @@ impl Machine {
                 self.config.mem_bytes
             )));
         }
-        self.workload = dev.workload.parse()?;
+        let workload: GuestWorkload = dev.workload.parse()?;
+        if workload.disk.is_some() && self.config.disk.is_none() {
+            return Err(MachineError::Mismatch(format!(
+                "blob's workload {workload} writes to a disk; this VM has none"
+            )));
+        }
+        if let Some(d) = &self.disk {
+            d.check_size()?;
+        }
+        self.workload = workload;
         self.config.batch_pages = dev.batch_pages;
         self.config.workload = dev.workload.clone();
         self.vcpu.restore(state.vcpus[0], self.pacing())?;
@@ -290,23 +344,46 @@ impl Machine {
         Ok(p)
     }
 
-    /// Starts dirty logging.
+    /// Starts dirty logging of memory and, with a disk, of disk blocks.
+    /// Pages the VMM wrote before count as dirty with all the others.
+    /// Idempotent: a second start clears nothing.
     pub fn start_dirty_log(&self) -> Result<(), MachineError> {
-        Ok(self.vm.set_dirty_logging(true)?)
+        if !self.vm.dirty_logging() {
+            self.ram().host_dirty().clear();
+        }
+        self.vm.set_dirty_logging(true)?;
+        if let Some(d) = &self.disk {
+            d.start_log();
+        }
+        Ok(())
     }
 
-    /// Returns and re-arms the dirty log (u64 words, bit per 4 KiB page).
+    /// Returns and re-arms the dirty log (u64 words, bit per 4 KiB page):
+    /// the guest's writes (KVM's log) and the VMM's own into guest memory.
     pub fn sync_dirty_log(&self) -> Result<Vec<u64>, MachineError> {
-        Ok(self.vm.sync_dirty_log()?)
+        let mut bitmap = self.vm.sync_dirty_log()?;
+        self.ram().host_dirty().take_into(&mut bitmap);
+        Ok(bitmap)
     }
 
     /// The dirty log without re-arming it (manual protect only).
     pub fn peek_dirty_log(&self) -> Result<Vec<u64>, MachineError> {
-        Ok(self.vm.peek_dirty_log()?)
+        let mut bitmap = self.vm.peek_dirty_log()?;
+        self.ram().host_dirty().peek_into(&mut bitmap);
+        Ok(bitmap)
     }
 
-    /// Stops dirty logging.
+    /// Returns and clears the disk's dirty log (u64 words, bit per 4 KiB
+    /// block): blocks written since the last sync or since logging started.
+    pub fn sync_disk_log(&self) -> Result<Vec<u64>, MachineError> {
+        Ok(self.disk.as_ref().ok_or(MachineError::NoDisk)?.sync_log()?)
+    }
+
+    /// Stops dirty logging of memory and disk.
     pub fn stop_dirty_log(&self) -> Result<(), MachineError> {
+        if let Some(d) = &self.disk {
+            d.stop_log();
+        }
         Ok(self.vm.set_dirty_logging(false)?)
     }
 
@@ -345,6 +422,31 @@ impl Machine {
         oracle::mem_hash(&self.ram().all())
     }
 
+    /// Runs the disk oracle over the guest's write window (meaningful while
+    /// paused, and on a target after restore); None without a disk.
+    pub fn check_disk(&self) -> Option<DiskCheckReport> {
+        let disk = self.disk.as_ref()?;
+        let first = self
+            .config
+            .disk
+            .as_ref()
+            .map_or(0, |d| d.window_first_block);
+        let versions = disk_check::read_disk_versions(&self.ram().all(), &self.layout);
+        Some(disk_check::check_disk(disk.as_ref(), first, &versions))
+    }
+
+    /// The allocation-independent hash of the disk image (meaningful while
+    /// paused); None without a disk.
+    pub fn disk_hash(&self) -> Option<Result<String, MachineError>> {
+        let disk = self.disk.as_ref()?;
+        Some(disk.hash().map_err(MachineError::from))
+    }
+
+    /// The disk, if the VM has one.
+    pub fn disk(&self) -> Option<&Arc<Disk>> {
+        self.disk.as_ref()
+    }
+
     /// The RAM.
     pub fn ram(&self) -> &Arc<GuestRam> {
         self.vm.ram()
@@ -369,4 +471,13 @@ impl Machine {
     pub fn lifecycle(&self) -> Lifecycle {
         self.lifecycle
     }
+}
+
+/// The pacing of `workload`'s memory and disk parts.
+fn pacing_of(batch_pages: u64, workload: &GuestWorkload) -> Pacing {
+    Pacing::new(
+        batch_pages,
+        workload.memory.dirty_bytes_per_s(),
+        workload.disk.map(|d| d.blocks_per_s()),
+    )
 }

@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
-use ferry_vmm::config::{VmmConfig, Workload, BATCH_PAGES_DEFAULT, BATCH_PAGES_MAX};
+use ferry_vmm::config::{
+    DiskConfig, GuestWorkload, VmmConfig, BATCH_PAGES_DEFAULT, BATCH_PAGES_MAX,
+};
+use ferry_vmm::disk::Disk;
 use ferry_vmm::guest::phase_name;
 use ferry_vmm::layout::Layout;
 use ferry_vmm::link_server::{LinkServer, Outcome};
@@ -22,17 +25,28 @@ struct Args {
     /// Guest RAM in MiB (a multiple of 2, 4..=8192).
     #[arg(long, default_value_t = 256)]
     mem_mib: u64,
-    /// idle | fill | mixed | dirty:<MiB/s>[:hot=<pct>][:fill]. dirty: after
-    /// the mixed pass (the fill pass with :fill, whose pages are all
+    /// <memory>[+disk:<MiB/s>] or disk:<MiB/s>, where <memory> is idle |
+    /// fill | mixed | dirty:<MiB/s>[:hot=<pct>][:fill]. dirty: after the
+    /// mixed pass (the fill pass with :fill, whose pages are all
     /// incompressible), rewrite <MiB/s> / 4 KiB random pages per second (each
     /// rewrite changes a page's header and one 256-byte slot); <pct>% of
     /// them go to a hot set of 10% of the pages, spread evenly over memory.
+    /// disk: write <MiB/s> / 4 KiB stamped blocks per second to random
+    /// blocks of the --disk image's write window (needs --disk).
     #[arg(long, default_value = "idle")]
-    workload: Workload,
+    workload: GuestWorkload,
     /// Dirty workload: pages written per guest exit (pacing granularity).
     #[arg(long, default_value_t = BATCH_PAGES_DEFAULT,
           value_parser = clap::value_parser!(u64).range(1..=BATCH_PAGES_MAX))]
     batch_pages: u64,
+    /// The VM's disk: an existing raw image file (sparse is fine) whose size
+    /// is a non-zero multiple of 4 KiB. It migrates with the VM.
+    #[arg(long, value_name = "PATH")]
+    disk: Option<PathBuf>,
+    /// The guest's stamped disk writes go only to blocks at or after this
+    /// many MiB into the image, so its front (a file system) stays intact.
+    #[arg(long, value_name = "MIB", default_value_t = 0, requires = "disk")]
+    disk_write_from_mib: u64,
     /// VM name given to ferryd.
     #[arg(long, default_value = "vm0")]
     name: String,
@@ -105,13 +119,34 @@ fn run(args: Args) -> Result<()> {
         .checked_mul(1 << 20)
         .context("--mem-mib is too large")?;
     Layout::new(mem_bytes).context("bad --mem-mib")?;
-    let config = VmmConfig::new(args.workload, mem_bytes, args.batch_pages, !args.no_verify)?;
-    let mut machine = Machine::boot(config).context("cannot create the VM")?;
+    let disk = match &args.disk {
+        Some(path) => Some(Disk::open(path)?),
+        None => None,
+    };
+    let disk_config = match &disk {
+        Some(d) => Some(
+            DiskConfig::new(d.bytes(), args.disk_write_from_mib)
+                .context("bad --disk-write-from-mib")?,
+        ),
+        None => None,
+    };
+    let config = VmmConfig::with_disk(
+        args.workload,
+        mem_bytes,
+        args.batch_pages,
+        !args.no_verify,
+        disk_config,
+    )?;
+    let mut machine = Machine::boot(config, disk).context("cannot create the VM")?;
     machine.run()?;
     tracing::info!(
-        "guest running: {} MiB, workload {}",
+        "guest running: {} MiB, workload {}{}",
         args.mem_mib,
-        args.workload
+        args.workload,
+        match &args.disk {
+            Some(p) => format!(", disk {}", p.display()),
+            None => String::new(),
+        }
     );
     match &args.link {
         Some(link) => {
@@ -158,15 +193,24 @@ fn standalone(mut machine: Machine, seconds: u64) -> Result<()> {
             bail!("the guest failed: {why}");
         }
         let c = machine.counters()?;
-        let mib_s = (c.pages_written - last.pages_written) as f64 * 4096.0 / (1 << 20) as f64;
-        println!(
+        let mib_s = |now: u64, then: u64| (now - then) as f64 * 4096.0 / (1 << 20) as f64;
+        print!(
             "t={:>4}s progress={} phase={} pages_written={} write_rate={:.1}MiB/s",
             t0.elapsed().as_secs(),
             c.progress,
             phase_name(c.phase),
             c.pages_written,
-            mib_s
+            mib_s(c.pages_written, last.pages_written)
         );
+        if machine.disk().is_some() {
+            print!(
+                " blocks_written={} blocks_read={} disk_rate={:.1}MiB/s",
+                c.blocks_written,
+                c.blocks_read,
+                mib_s(c.blocks_written, last.blocks_written)
+            );
+        }
+        println!();
         last = c;
         if seconds > 0 && t0.elapsed() >= Duration::from_secs(seconds) {
             break;
@@ -186,8 +230,22 @@ fn standalone(mut machine: Machine, seconds: u64) -> Result<()> {
     for f in &check.first_faults {
         eprintln!("  {f}");
     }
-    if check.pages_bad > 0 {
-        bail!("{} bad pages", check.pages_bad);
+    let mut blocks_bad = 0;
+    if let (Some(disk), Some(hash)) = (machine.check_disk(), machine.disk_hash()) {
+        println!(
+            "disk oracle: {} blocks checked, {} bad; disk_hash {}",
+            disk.blocks_checked, disk.blocks_bad, hash?
+        );
+        for f in &disk.first_faults {
+            eprintln!("  {f}");
+        }
+        blocks_bad = disk.blocks_bad;
+    }
+    if check.pages_bad > 0 || blocks_bad > 0 {
+        bail!(
+            "{} bad pages, {blocks_bad} bad disk blocks",
+            check.pages_bad
+        );
     }
     Ok(())
 }

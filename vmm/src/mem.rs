@@ -1,11 +1,20 @@
 //! Guest RAM: one memfd, mapped `MAP_SHARED`, registered as one KVM slot at
 //! GPA 0. ferryd maps the same memfd, so every access here goes through
 //! vm-memory's volatile accessors, never through a `&[u8]` over guest memory.
+//!
+//! KVM's dirty log sees only the guest's own writes. What the VMM writes
+//! into a running guest's memory (a disk read's DMA pages, the disk pacing
+//! word of the control block) goes through the `*_logged` writers, which
+//! mark the pages in a bitmap of their own that the memory dirty log ORs in,
+//! as a real VMM logs its devices' DMA.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use vm_memory::{Bytes, FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
+
+use crate::bitmap::AtomicBitmap;
+use crate::layout::PAGE_BYTES;
 
 /// Errors of guest RAM.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +61,8 @@ pub struct GuestRam {
     file: File,
     map: MmapRegion,
     bytes: u64,
+    /// Pages the VMM wrote through the `*_logged` writers.
+    host_dirty: AtomicBitmap,
 }
 
 impl GuestRam {
@@ -92,7 +103,12 @@ impl GuestRam {
             .map_err(|source| MemError::Memfd { op: "dup", source })?;
         let map = MmapRegion::from_file(FileOffset::new(dup, 0), size)
             .map_err(|source| MemError::Map { bytes, source })?;
-        Ok(GuestRam { file, map, bytes })
+        Ok(GuestRam {
+            file,
+            map,
+            bytes,
+            host_dirty: AtomicBitmap::new(bytes / PAGE_BYTES),
+        })
     }
 
     /// Bytes of RAM.
@@ -176,5 +192,35 @@ impl GuestRam {
     pub fn write_bytes(&self, gpa: u64, data: &[u8]) -> Result<(), MemError> {
         self.slice(gpa, data.len() as u64)?.copy_from(data);
         Ok(())
+    }
+
+    /// [`Self::write_u64`], then marks the page in [`Self::host_dirty`].
+    pub fn write_u64_logged(&self, gpa: u64, value: u64) -> Result<(), MemError> {
+        self.write_u64(gpa, value)?;
+        self.mark_written(gpa, 8);
+        Ok(())
+    }
+
+    /// [`Self::write_bytes`], then marks the pages in [`Self::host_dirty`].
+    pub fn write_bytes_logged(&self, gpa: u64, data: &[u8]) -> Result<(), MemError> {
+        self.write_bytes(gpa, data)?;
+        self.mark_written(gpa, data.len() as u64);
+        Ok(())
+    }
+
+    /// Marks the pages of a completed write (in range: checked by the write).
+    fn mark_written(&self, gpa: u64, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        let first = gpa / PAGE_BYTES;
+        let last = (gpa + bytes - 1) / PAGE_BYTES;
+        self.host_dirty.set_range(first, last - first + 1);
+    }
+
+    /// Pages the VMM wrote through the `*_logged` writers (bit per 4 KiB
+    /// page from GPA 0), for the memory dirty log to OR in.
+    pub fn host_dirty(&self) -> &AtomicBitmap {
+        &self.host_dirty
     }
 }

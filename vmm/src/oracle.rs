@@ -39,6 +39,11 @@
 //! the mixed and dirty workloads give it) is `mix(page ^ CLASS_SALT) % 100`:
 //! below 40 zero, below 70 text, else random. A page keeps its kind for life.
 //!
+//! Disk blocks are stamped the same way ([`expected_block`]): a block at
+//! version v is the random-kind page stamp of (block index, v) with the
+//! magic "FRRYBLCK" instead of "FRRYPAGE", so consecutive versions differ in
+//! the header and one slot; `crate::disk::check` checks them.
+//!
 //! [`check_memory`] never trusts the migration code: it needs only the memory.
 //! A stale page (an older version than the table's), a torn page (a header of
 //! one version with a slot of another) and a page of another index or kind
@@ -132,8 +137,8 @@ fn fill_body(kind: u64, seed: u64, body_offset: usize, out: &mut [u8]) {
     }
 }
 
-fn write_header(page: u64, version: u32, kind: u64, out: &mut [u8; PAGE]) {
-    out[0..8].copy_from_slice(&abi::PAGE_MAGIC.to_le_bytes());
+fn write_header(magic: u64, page: u64, version: u32, kind: u64, out: &mut [u8; PAGE]) {
+    out[0..8].copy_from_slice(&magic.to_le_bytes());
     out[8..16].copy_from_slice(&page.to_le_bytes());
     out[16..24].copy_from_slice(&(kind << 32 | u64::from(version)).to_le_bytes());
     out[24..32].copy_from_slice(&page_seed(page, version, kind).to_le_bytes());
@@ -146,7 +151,7 @@ fn write_header(page: u64, version: u32, kind: u64, out: &mut [u8; PAGE]) {
 /// version v step by step: the model [`expected_page`] is checked against.
 pub fn apply_write(page: u64, version: u32, kind: u64, out: &mut [u8; PAGE]) {
     assert!(version >= 1, "the guest's first write is version 1");
-    write_header(page, version, kind, out);
+    write_header(abi::PAGE_MAGIC, page, version, kind, out);
     let seed = page_seed(page, version, kind);
     match slot_of(version) {
         None => fill_body(kind, seed, 0, &mut out[HEADER..]),
@@ -162,7 +167,21 @@ pub fn expected_page(page: u64, version: u32, kind: u64, out: &mut [u8; PAGE]) {
         out.fill(0);
         return;
     }
-    write_header(page, version, kind, out);
+    expected_stamp(abi::PAGE_MAGIC, page, version, kind, out);
+}
+
+/// Fills `out` with disk block `block` at `version` (>= 1): the stamp of a
+/// random-kind page numbered `block`, with [`abi::BLOCK_MAGIC`]. The guest
+/// computes it whole at every write (see crate::disk::check).
+pub fn expected_block(block: u64, version: u32, out: &mut [u8; PAGE]) {
+    assert!(version >= 1, "a block's first write is version 1");
+    expected_stamp(abi::BLOCK_MAGIC, block, version, abi::KIND_RANDOM, out);
+}
+
+/// The content after writes 1..=`version` (>= 1) of the stamp numbered
+/// `page` (a data page, or a disk block) with `magic`.
+fn expected_stamp(magic: u64, page: u64, version: u32, kind: u64, out: &mut [u8; PAGE]) {
+    write_header(magic, page, version, kind, out);
     for s in 0..SLOTS {
         // A zero-kind page's slots are zero whichever version wrote them.
         let v = slot_version(version, s);

@@ -1,12 +1,15 @@
 //! `--report FILE`: one JSON object per line for each lifecycle event, so
-//! tests and benchmarks can compare the source's memory hash at pause with
-//! the target's at restore.
+//! tests and benchmarks can compare the source's memory and disk hashes at
+//! pause with the target's at restore (`disk_hash` is empty without a disk;
+//! a disk that cannot be hashed at pause adds `disk_hash_error`).
 //!
 //! ```text
 //! {"event":"registered","ts_ms":..,"vm_id":"vm0","role":"source"}
-//! {"event":"paused","ts_ms":..,"mem_hash":"<16 hex>","progress":N,"pause_us":..,"hash_ms":..}
+//! {"event":"paused","ts_ms":..,"mem_hash":"<16 hex>","disk_hash":"<16 hex or empty>",
+//!  "blocks_written":N,"progress":N,"pause_us":..,"hash_ms":..}
 //! {"event":"resumed","ts_ms":..,"progress":N}
-//! {"event":"restored","ts_ms":..,"mem_hash":"..","pages_checked":..,"pages_bad":..,"verify_ms":..}
+//! {"event":"restored","ts_ms":..,"checked":true,"mem_hash":"..","pages_checked":..,"pages_bad":..,
+//!  "verify_ms":..,"disk_hash":"..","blocks_checked":..,"blocks_bad":..}
 //! {"event":"running","ts_ms":..,"progress":N}
 //! {"event":"quit","ts_ms":..,"reason":"..","progress":N}
 //! ```

@@ -1,8 +1,11 @@
 //! The vCPU thread: runs the guest, paces it, and parks it at consistent
 //! points.
 //!
-//! The guest exits only between page writes (`out EXIT_PORT`), so the thread
-//! looks at its command queue only there: a pause never lands mid-page. The
+//! The guest exits only between page writes (`out EXIT_PORT`) and at its disk
+//! doorbell (`out DISK_PORT`, whose command the exit handler completes), so
+//! the thread looks at its command queue only there: a pause never lands
+//! mid-page or mid-command. At every exit the VMM also tells a disk workload
+//! how many block writes are due ([`crate::disk::pacing`]). The
 //! waits the VMM adds at exits (1 ms per idle loop, the dirty-rate pacing)
 //! are `recv_timeout`s on the same queue, so a pause also cuts them short.
 //!
@@ -31,6 +34,8 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use ferry_engine::link::THROTTLE_PCT_MAX;
 
 use crate::abi;
+use crate::disk::doorbell::DiskPort;
+use crate::disk::pacing::DiskPacer;
 use crate::layout::PAGE_BYTES;
 use crate::state::VcpuState;
 
@@ -72,22 +77,35 @@ pub enum VcpuError {
     Gone,
 }
 
-/// How the VMM paces the dirty workload.
+/// How the VMM paces the dirty workload and the disk workload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Pacing {
     /// Bytes the guest writes per `EV_BATCH` exit.
     pub batch_bytes: u64,
     /// Target rate (None: unpaced).
     pub bytes_per_s: Option<u64>,
+    /// Disk block writes per second (None: no disk workload).
+    pub disk_blocks_per_s: Option<u64>,
 }
 
 impl Pacing {
-    /// Pacing for `batch_pages` per batch at `bytes_per_s`.
-    pub fn new(batch_pages: u64, bytes_per_s: Option<u64>) -> Self {
+    /// Pacing for `batch_pages` per batch at `bytes_per_s`, and disk writes
+    /// at `disk_blocks_per_s`.
+    pub fn new(batch_pages: u64, bytes_per_s: Option<u64>, disk_blocks_per_s: Option<u64>) -> Self {
         Pacing {
             batch_bytes: batch_pages * PAGE_BYTES,
             bytes_per_s,
+            disk_blocks_per_s,
         }
+    }
+
+    /// The disk pacer: the longest planned wait at an exit is one dirty
+    /// batch's time (idle sleeps are shorter than the pacer's slack).
+    fn disk_pacer(&self) -> DiskPacer {
+        DiskPacer::new(
+            self.disk_blocks_per_s,
+            self.batch_time().unwrap_or_default(),
+        )
     }
 
     fn batch_time(&self) -> Option<Duration> {
@@ -125,8 +143,9 @@ pub struct VcpuHandle {
 
 impl VcpuHandle {
     /// Starts the thread, parked, with the vCPU as it is (set its state with
-    /// [`VcpuHandle::restore`] before the first run).
-    pub fn spawn(vcpu: VcpuFd, pacing: Pacing) -> std::io::Result<Self> {
+    /// [`VcpuHandle::restore`] before the first run). `disk` serves the
+    /// guest's disk doorbell (None: the VM has no disk).
+    pub fn spawn(vcpu: VcpuFd, pacing: Pacing, disk: Option<DiskPort>) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared::default());
         let thread = Thread {
@@ -136,6 +155,8 @@ impl VcpuHandle {
             pacing,
             deadline: Instant::now(),
             slice_start: Instant::now(),
+            disk,
+            disk_pacer: pacing.disk_pacer(),
         };
         let join = std::thread::Builder::new()
             .name("vcpu0".into())
@@ -212,6 +233,8 @@ struct Thread {
     deadline: Instant,
     /// End of the last throttle sleep (or of the last exit when unthrottled).
     slice_start: Instant,
+    disk: Option<DiskPort>,
+    disk_pacer: DiskPacer,
 }
 
 enum Flow {
@@ -262,19 +285,20 @@ impl Thread {
     fn handle(&mut self, cmd: Cmd) -> Flow {
         match cmd {
             Cmd::Run(reply) => {
-                let r = match self.shared.failure.lock().expect("failure lock").clone() {
+                let failure = self.shared.failure.lock().expect("failure lock").clone();
+                let r = match failure {
                     Some(why) => Err(VcpuError::Guest(why)),
                     None => {
                         self.deadline = Instant::now();
                         self.slice_start = self.deadline;
-                        self.set_running(true);
-                        Ok(())
+                        self.start_disk_pacing()
                     }
                 };
                 let _ = reply.send(r);
             }
             Cmd::Pause(reply) => {
                 self.set_running(false);
+                self.disk_pacer.stop();
                 let _ = reply.send(self.save());
             }
             Cmd::Restore(state, pacing, reply) => {
@@ -282,6 +306,7 @@ impl Thread {
                     Err(VcpuError::Running("restore"))
                 } else {
                     self.pacing = pacing;
+                    self.disk_pacer = pacing.disk_pacer();
                     self.load(&state)
                 };
                 let _ = reply.send(r);
@@ -291,23 +316,98 @@ impl Thread {
         Flow::Continue
     }
 
+    /// Starts running: the disk pacer counts from now, and from the writes
+    /// the guest has made (a restored guest brings its own count).
+    fn start_disk_pacing(&mut self) -> Result<(), VcpuError> {
+        if let (Some(port), true) = (&self.disk, self.disk_pacer.active()) {
+            let written = port
+                .written()
+                .map_err(|e| VcpuError::Guest(format!("cannot read the disk counter: {e}")))?;
+            self.disk_pacer.start(Instant::now(), written);
+        }
+        self.set_running(true);
+        Ok(())
+    }
+
+    /// Writes the disk writes due into the control block (a disk workload).
+    fn pace_disk(&mut self) {
+        let Some(port) = self.disk.as_ref().filter(|_| self.disk_pacer.active()) else {
+            return;
+        };
+        let r = port
+            .written()
+            .and_then(|w| match self.disk_pacer.at_exit(Instant::now(), w) {
+                Some(due) => port.set_due(due),
+                None => Ok(()),
+            });
+        if let Err(e) = r {
+            self.fail(format!("disk pacing failed: {e}"));
+        }
+    }
+
+    /// The disk doorbell: runs the guest's command to completion.
+    fn disk_doorbell(&mut self, cmd: Option<u64>) {
+        let r = match (&self.disk, cmd) {
+            (None, _) => Err("the guest rang the disk doorbell, but the VM has no disk".into()),
+            (Some(_), None) => Err("empty disk doorbell write".into()),
+            (Some(port), Some(cmd)) => port.doorbell(cmd).map_err(|e| e.to_string()),
+        };
+        if let Err(why) = r {
+            self.fail(why);
+        }
+    }
+
+    /// The guest read a block back whose stamp is not its latest write.
+    fn disk_bad(&mut self) {
+        let why = match self.disk.as_ref().map(DiskPort::bad_block) {
+            Some(Ok((block, Some(v)))) => format!(
+                "the guest read disk block {block} back, and its stamp is not version {v} \
+                 (the disk lost or misplaced a write)"
+            ),
+            Some(Ok((block, None))) => {
+                format!("the guest reported a bad disk block {block} outside its window")
+            }
+            Some(Err(e)) => format!("the guest reported a bad disk block ({e})"),
+            None => "the guest reported a bad disk block, but the VM has no disk".into(),
+        };
+        self.fail(why);
+    }
+
     /// One KVM_RUN and the handling of its exit.
     fn run_once(&mut self) -> Flow {
         let wait = match self.vcpu.run() {
-            Ok(VcpuExit::IoOut(port, data)) if u64::from(port) == abi::EXIT_PORT => {
-                match data.first().map(|&b| u64::from(b)) {
-                    Some(abi::EV_IDLE) => Some(IDLE_SLEEP),
-                    Some(abi::EV_BATCH) => self.pace(),
-                    Some(abi::EV_CHECKPOINT) => None,
-                    Some(abi::EV_BAD_CONFIG) => {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                let port = u64::from(port);
+                let byte = data.first().map(|&b| u64::from(b));
+                let wait = match (port, byte) {
+                    (abi::EXIT_PORT, Some(abi::EV_IDLE)) => Some(IDLE_SLEEP),
+                    (abi::EXIT_PORT, Some(abi::EV_BATCH)) => self.pace(),
+                    (abi::EXIT_PORT, Some(abi::EV_CHECKPOINT)) => None,
+                    (abi::EXIT_PORT, Some(abi::EV_DISK_BAD)) => {
+                        self.disk_bad();
+                        None
+                    }
+                    (abi::EXIT_PORT, Some(abi::EV_BAD_CONFIG)) => {
                         self.fail("the guest rejected its control block".into());
                         None
                     }
-                    other => {
+                    (abi::EXIT_PORT, other) => {
                         self.fail(format!("unknown guest event {other:?}"));
                         None
                     }
+                    (abi::DISK_PORT, cmd) => {
+                        self.disk_doorbell(cmd);
+                        None
+                    }
+                    (port, _) => {
+                        self.fail(format!("guest output to unknown port {port:#x}"));
+                        None
+                    }
+                };
+                if self.is_running() {
+                    self.pace_disk();
                 }
+                wait
             }
             Ok(exit) => {
                 let why = format!("unexpected vCPU exit {exit:?}");
@@ -357,6 +457,7 @@ impl Thread {
         // ran / (ran + sleep) = (100 - p) / 100.
         let sleep = ran * p / (100 - p);
         self.deadline += sleep;
+        self.disk_pacer.skip(sleep);
         Some(sleep)
     }
 

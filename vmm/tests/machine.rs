@@ -143,7 +143,7 @@ fn pause_resume_and_restore_into_a_second_vm() {
     assert_eq!(a.check().pages_bad, 0);
     let ram =
         Arc::new(GuestRam::from_memfd(a.ram().memfd_dup().unwrap(), a.ram().bytes()).unwrap());
-    let mut b = Machine::attach(a.config().clone(), ram).unwrap();
+    let mut b = Machine::attach(a.config().clone(), ram, None).unwrap();
     assert!(
         matches!(b.run(), Err(MachineError::Lifecycle { .. })),
         "cannot run before restore"
@@ -186,7 +186,7 @@ fn restore_rejects_foreign_and_damaged_blobs() {
     let ram = Arc::new(
         GuestRam::from_memfd(small.ram().memfd_dup().unwrap(), small.ram().bytes()).unwrap(),
     );
-    let mut b = Machine::attach(small.config().clone(), ram).unwrap();
+    let mut b = Machine::attach(small.config().clone(), ram, None).unwrap();
     assert!(
         matches!(b.restore(&blob), Err(MachineError::Mismatch(_))),
         "blob of another RAM size"

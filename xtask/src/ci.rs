@@ -26,7 +26,11 @@ struct E2eRun {
 /// namespaces (root only), a hot-set guest outrunning a capped link under
 /// the default adaptive policy (hot pages held, XOR-delta), and a guest at
 /// 6x a capped link under the baseline policy, which must give up and leave
-/// the VM running on the source.
+/// the VM running on the source. Two carry a disk: a raw image with
+/// scattered extents that the guest keeps writing (block stamps, disk hash
+/// on both sides), and an ext4 image with deleted files moved file-system
+/// aware (e2fsck and every file compared on the target); the give-up run
+/// has a disk too, which the target must not keep.
 const E2E_RUNS: &[E2eRun] = &[
     E2eRun {
         mem_mib: 256,
@@ -46,7 +50,31 @@ const E2E_RUNS: &[E2eRun] = &[
         mem_mib: 256,
         workload: "dirty:50",
         netns: false,
-        extra: &[],
+        extra: &[
+            "--disk-gib",
+            "0.5",
+            "--disk-used-gib",
+            "0.125",
+            "--disk-write-mib-s",
+            "20",
+        ],
+        complete: true,
+    },
+    E2eRun {
+        mem_mib: 128,
+        workload: "mixed",
+        netns: false,
+        extra: &[
+            "--disk-gib",
+            "0.5",
+            "--disk-used-gib",
+            "0.125",
+            "--disk-fs",
+            "ext4",
+            "--disk-fs-aware",
+            "--disk-write-mib-s",
+            "10",
+        ],
         complete: true,
     },
     E2eRun {
@@ -75,6 +103,10 @@ const E2E_RUNS: &[E2eRun] = &[
             "baseline",
             "--time-max-s",
             "8",
+            "--disk-gib",
+            "0.25",
+            "--disk-used-gib",
+            "0.0625",
         ],
         complete: false,
     },

@@ -25,6 +25,10 @@ pub const SYSTEM_PACKAGES: &[(&str, &str)] = &[
         "nftables",
         "nft, for tests that cut links between namespaces",
     ),
+    (
+        "e2fsprogs",
+        "mkfs.ext4, debugfs, e2fsck and dumpe2fs, for disk images with a file system",
+    ),
 ];
 
 /// Whether dpkg says `pkg` is installed.

@@ -165,6 +165,79 @@ pub(super) fn check_completed(
     Ok(())
 }
 
+/// The disk checks of a completed migration: the target's image against the
+/// source's, and the guest's block stamps.
+pub(super) fn check_disk(
+    tb: &Testbed,
+    snap: &ferry_engine::Snapshot,
+    image: &super::disk::Image,
+    guest_writes: bool,
+    r: &mut BenchResult,
+) -> Result<()> {
+    let verify = snap.verify.clone().unwrap_or_default();
+    let target = tb.target_disk_dir().join(format!("{VM_NAME}.img"));
+    let d = r.disk.get_or_insert_with(Default::default);
+    d.blocks_checked = verify.blocks_checked;
+    d.blocks_bad = verify.blocks_bad;
+    d.target_allocated_bytes = super::disk::allocated_bytes(&target).unwrap_or(0);
+    r.checks.disk_image = Some(if !target.exists() {
+        Check::new(false, format!("no image at {}", target.display()))
+    } else if image.fs.is_some() {
+        super::disk::check_ext4(image, &target)
+    } else {
+        let events = read_json_lines(&tb.report)?;
+        let src = events
+            .iter()
+            .rev()
+            .find(|e| e["event"] == "paused")
+            .and_then(|e| e["disk_hash"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        match (src.as_str(), verify.disk_hash.as_str()) {
+            ("", _) | (_, "") => Check::new(
+                false,
+                format!(
+                    "a disk hash is missing (source {src:?}, target {:?})",
+                    verify.disk_hash
+                ),
+            ),
+            (a, b) if a.eq_ignore_ascii_case(b) => {
+                Check::new(true, format!("source == target == {}", short(a)))
+            }
+            (a, b) => Check::new(false, format!("source {} != target {}", short(a), short(b))),
+        }
+    });
+    if guest_writes {
+        r.checks.block_stamps = Some(Check::new(
+            verify.checked && verify.blocks_checked > 0 && verify.blocks_bad == 0,
+            format!(
+                "{} blocks checked, {} bad",
+                verify.blocks_checked, verify.blocks_bad
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// After a migration that did not complete: the target kept no image.
+pub(super) fn check_disk_removed(tb: &Testbed) -> Check {
+    let dir = tb.target_disk_dir();
+    let left: Vec<String> = std::fs::read_dir(&dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    if left.is_empty() {
+        Check::new(true, format!("nothing left in {}", dir.display()))
+    } else {
+        Check::new(
+            false,
+            format!("left behind in {}: {}", dir.display(), left.join(", ")),
+        )
+    }
+}
+
 /// A VM state as the API spells it.
 fn state_name(s: VmState) -> String {
     serde_json::to_value(s)

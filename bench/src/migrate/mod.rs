@@ -17,6 +17,7 @@
 //! because both are bytes over time.
 
 mod checks;
+pub mod disk;
 pub mod policy;
 pub mod report;
 pub mod testbed;
@@ -145,6 +146,40 @@ pub struct MigrateArgs {
     /// Where ferryd and ferry-vmm are (default: next to ferry-bench).
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
+    /// Give the VM a disk: a sparse raw image of this many GiB made in the
+    /// run (decimals allowed: 0.25 is 256 MiB), migrated with its memory.
+    #[arg(long, value_parser = parse_gib)]
+    pub disk_gib: Option<f64>,
+    /// Bytes of data written into the image before the run, GiB (raw: in
+    /// 4 MiB extents spread over it; ext4: as files, half of them deleted).
+    #[arg(long, requires = "disk_gib", value_parser = parse_gib, default_value_t = 0.0)]
+    pub disk_used_gib: f64,
+    /// Put a file system in the image (mkfs.ext4 -d, then delete every
+    /// other file so the file system frees blocks the image keeps).
+    #[arg(long, value_enum, requires = "disk_gib")]
+    pub disk_fs: Option<disk::DiskFs>,
+    /// Bulk phase: only the blocks the image's ext4 file system uses.
+    #[arg(long, requires = "disk_gib")]
+    pub disk_fs_aware: bool,
+    /// The guest writes stamped disk blocks at this rate during the run,
+    /// MiB/s (adds `+disk:<rate>` to its workload).
+    #[arg(long, requires = "disk_gib", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub disk_write_mib_s: Option<u32>,
+}
+
+/// `--disk-gib`: a positive size in GiB, a whole number of MiB.
+fn parse_gib(s: &str) -> Result<f64, String> {
+    let g: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of GiB"))?;
+    if !(0.0..=1024.0).contains(&g) || (g * 1024.0).fract() != 0.0 {
+        return Err(format!("{s}: must be 0 to 1024 GiB in whole MiB"));
+    }
+    Ok(g)
+}
+
+fn gib_bytes(g: f64) -> u64 {
+    (g * 1024.0) as u64 * (1 << 20)
 }
 
 /// Runs one migration benchmark. `Ok` carries the result whether or not the
@@ -170,8 +205,44 @@ pub fn run(args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResult> {
 }
 
 fn run_on(tb: &mut Testbed, args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResult> {
-    let workload = args.workload.to_string();
-    tb.start_vmm(args.mem_mib, &workload, ui)?;
+    let mut workload = args.workload.to_string();
+    let mut vmm_args = Vec::new();
+    let image = match args.disk_gib {
+        None => None,
+        Some(g) => {
+            let (bytes, used) = (gib_bytes(g), gib_bytes(args.disk_used_gib));
+            ui.step(&format!(
+                "making a {} MiB disk image with {} MiB of data{}",
+                bytes >> 20,
+                used >> 20,
+                if args.disk_fs.is_some() {
+                    " (ext4)"
+                } else {
+                    ""
+                }
+            ));
+            let image = disk::make_image(
+                tb.dir.path(),
+                bytes,
+                used,
+                args.disk_fs,
+                args.disk_write_mib_s.is_some(),
+            )?;
+            vmm_args.push("--disk".to_string());
+            vmm_args.push(image.path.display().to_string());
+            if let Some(r) = args.disk_write_mib_s {
+                workload = format!("{workload}+disk:{r}");
+                vmm_args.push("--disk-write-from-mib".into());
+                vmm_args.push(image.write_from_mib.to_string());
+            }
+            Some(image)
+        }
+    };
+    let source_allocated = match &image {
+        Some(i) => disk::allocated_bytes(&i.path)?,
+        None => 0,
+    };
+    tb.start_vmm(args.mem_mib, &workload, &vmm_args, ui)?;
     warm_up(tb, args, ui)?;
 
     let mem_bytes = args.mem_mib << 20;
@@ -206,6 +277,7 @@ fn run_on(tb: &mut Testbed, args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResu
         policy: args.policy.map(|p| p.name().to_string()),
         downtime_max_ms: args.downtime_max_ms,
         xor_cache_mib: args.xor_cache_mib,
+        disk_fs_aware: args.disk_fs_aware,
     };
     let id = tb.src.api.start_migration(&req)?;
     ui.step(&format!("migration {id}: {VM_NAME} to {}", req.to));
@@ -275,9 +347,47 @@ fn run_on(tb: &mut Testbed, args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResu
         0.0
     };
 
+    if let (Some(image), Some(d)) = (&image, &snap.disk) {
+        let dirty_round_blocks: u64 = snap
+            .rounds
+            .iter()
+            .filter(|x| x.round >= 2)
+            .map(|x| x.disk_blocks)
+            .sum();
+        let basis = (d.allocated_blocks + dirty_round_blocks) * 4096;
+        r.disk = Some(disk::DiskResult {
+            bytes: d.bytes,
+            fs: image.fs.map_or("none".to_string(), |_| "ext4".to_string()),
+            fs_aware: args.disk_fs_aware,
+            selection: d.selection.clone(),
+            source_allocated_bytes: source_allocated,
+            deleted_bytes: image.deleted_bytes,
+            allocated_blocks: d.allocated_blocks,
+            bulk_blocks: d.bulk_blocks,
+            dirty_round_blocks,
+            wire_bytes: d.wire_bytes,
+            wire_ratio: if basis > 0 {
+                (d.wire_bytes as f64 / basis as f64 * 1000.0).round() / 1000.0
+            } else {
+                0.0
+            },
+            blocks: d.blocks,
+            blocks_zero: d.blocks_zero,
+            blocks_lz4: d.blocks_lz4,
+            blocks_raw: d.blocks_raw,
+            blocks_xor: d.blocks_xor,
+            resent_blocks: d.resent_blocks,
+            guest_write_mib_s: args.disk_write_mib_s,
+            direct_io: d.direct_io,
+            ..Default::default()
+        });
+    }
     r.completed = snap.status == ferry_engine::Status::Completed;
     if r.completed {
         checks::check_completed(tb, &snap, &mut r)?;
+        if let Some(image) = &image {
+            checks::check_disk(tb, &snap, image, args.disk_write_mib_s.is_some(), &mut r)?;
+        }
     } else if procs::interrupted() {
         r.checks = Checks::none("interrupted");
     } else {
@@ -287,6 +397,9 @@ fn run_on(tb: &mut Testbed, args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResu
         ));
         let stayed = checks::check_stayed(tb)?;
         r.checks = Checks::stayed(stayed, &format!("the migration ended {}", r.status));
+        if image.is_some() {
+            r.checks.disk_removed = Some(checks::check_disk_removed(tb));
+        }
     }
     r.verified = r.checks.all_ok();
     Ok(r)

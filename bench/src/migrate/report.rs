@@ -51,6 +51,18 @@ pub struct Checks {
     /// ferryd has no such VM. The four checks above are then not run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stayed_on_source: Option<Check>,
+    /// With a disk, a completed migration: the target's image equals the
+    /// source's (raw: the VMMs' disk hashes; ext4: e2fsck and every file).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_image: Option<Check>,
+    /// With guest disk writes: the target VMM checked the guest's block
+    /// stamps: some blocks, none bad.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block_stamps: Option<Check>,
+    /// With a disk, a migration that did not complete: the target left no
+    /// image behind (and the source image was never opened for writing).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_removed: Option<Check>,
 }
 
 impl Checks {
@@ -62,7 +74,7 @@ impl Checks {
     /// The checks that apply, with their table labels: `stayed_on_source`
     /// alone when it is set, else the four of a completed migration.
     pub fn list(&self) -> Vec<(&'static str, &Check)> {
-        match &self.stayed_on_source {
+        let mut l = match &self.stayed_on_source {
             Some(c) => vec![("stayed on source", c)],
             None => vec![
                 ("memory hash", &self.mem_hash),
@@ -70,7 +82,17 @@ impl Checks {
                 ("guest progress", &self.guest_progress),
                 ("source stopped", &self.source_stopped),
             ],
+        };
+        for (label, c) in [
+            ("disk image", &self.disk_image),
+            ("block stamps", &self.block_stamps),
+            ("disk removed", &self.disk_removed),
+        ] {
+            if let Some(c) = c {
+                l.push((label, c));
+            }
         }
+        l
     }
 
     /// The checks of a migration that did not complete (`why` says how it
@@ -90,6 +112,9 @@ impl Checks {
             guest_progress: Check::not_run(why),
             source_stopped: Check::not_run(why),
             stayed_on_source: None,
+            disk_image: None,
+            block_stamps: None,
+            disk_removed: None,
         }
     }
 }
@@ -215,6 +240,9 @@ pub struct BenchResult {
     pub time_max_s: Option<u64>,
     /// Requested limit on pre-copy rounds.
     pub rounds_max: Option<u32>,
+    /// The disk, when the run had one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk: Option<super::disk::DiskResult>,
 }
 
 /// MiB/s of `bytes` over `ms`; 0 when no time passed.
@@ -312,6 +340,41 @@ impl fmt::Display for BenchResult {
                 x.cache_misses,
                 x.overflows,
                 x.evictions
+            )?;
+        }
+        if let Some(d) = &self.disk {
+            writeln!(
+                f,
+                "  disk            {} MiB image ({}{}), {:.1} MiB allocated; bulk by {}: {} of {} allocated blocks",
+                d.bytes / MIB,
+                d.fs,
+                if d.fs_aware { ", fs-aware" } else { "" },
+                d.source_allocated_bytes as f64 / MIB as f64,
+                d.selection,
+                d.bulk_blocks,
+                d.allocated_blocks
+            )?;
+            writeln!(
+                f,
+                "  disk blocks     {} sent ({} zero, {} lz4, {} raw, {} xor-delta), {} in dirty rounds, {} re-sent; \
+                 {:.1} MiB on the wire = {:.3}x (allocated + dirty-round blocks){}",
+                d.blocks,
+                d.blocks_zero,
+                d.blocks_lz4,
+                d.blocks_raw,
+                d.blocks_xor,
+                d.dirty_round_blocks,
+                d.resent_blocks,
+                d.wire_bytes as f64 / MIB as f64,
+                d.wire_ratio,
+                if d.direct_io { ", O_DIRECT" } else { "" }
+            )?;
+            writeln!(
+                f,
+                "  target image    {:.1} MiB allocated; {} blocks stamped by the guest checked, {} bad",
+                d.target_allocated_bytes as f64 / MIB as f64,
+                d.blocks_checked,
+                d.blocks_bad
             )?;
         }
         writeln!(

@@ -203,8 +203,15 @@ impl Testbed {
 
     /// Starts the source ferry-vmm with `workload` and waits until the
     /// source ferryd lists it.
-    pub fn start_vmm(&mut self, mem_mib: u64, workload: &str, ui: &Ui) -> Result<()> {
+    pub fn start_vmm(
+        &mut self,
+        mem_mib: u64,
+        workload: &str,
+        extra: &[String],
+        ui: &Ui,
+    ) -> Result<()> {
         let mut cmd = command_in(self.src.netns.as_deref(), &self.programs.vmm);
+        cmd.args(extra);
         cmd.arg("--mem-mib")
             .arg(mem_mib.to_string())
             .arg("--workload")
@@ -238,6 +245,11 @@ impl Testbed {
             }
             procs::sleep(POLL)?;
         }
+    }
+
+    /// Where the target ferryd writes incoming disk images.
+    pub fn target_disk_dir(&self) -> PathBuf {
+        self.tgt.dir.join("state").join("disks")
     }
 
     /// The source VM as the source ferryd sees it.

@@ -192,6 +192,11 @@ fn migrate_args(
         json: false,
         keep_logs: args.keep_logs,
         bin_dir: args.bin_dir.clone(),
+        disk_gib: None,
+        disk_used_gib: 0.0,
+        disk_fs: None,
+        disk_fs_aware: false,
+        disk_write_mib_s: None,
     }
 }
 

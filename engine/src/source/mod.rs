@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver};
 use ferry_transport::{Conn, Transport};
 
-use self::pipeline::{Pipeline, Throttle};
+use self::pipeline::{DiskInput, Pipeline, Throttle};
 use crate::bitmap::DirtyBitmap;
 use crate::link::VmSpec;
 use crate::metrics::{RoundLog, Status};
@@ -56,6 +56,21 @@ pub struct SourceConfig {
     /// XOR-delta cache size in bytes; `Some(0)` turns XOR-delta off, `None`
     /// picks [`xor_cache_default`].
     pub xor_cache_bytes: Option<u64>,
+    /// The VM's disk, moved with its memory (the spec must describe it).
+    pub disk: Option<DiskSource>,
+}
+
+/// A disk that moves with the VM: a raw image the VMM keeps writing while
+/// ferry reads it, learning what changed from [`SourceVm::sync_disk_log`].
+#[derive(Clone, Debug)]
+pub struct DiskSource {
+    /// The image. ferry reads it through a descriptor of its own (O_DIRECT
+    /// where the file system allows it) and never writes it.
+    pub file: Arc<std::fs::File>,
+    /// Bulk phase: only the blocks an ext4 file system in the image marks
+    /// used (intersected with the allocated extents); anything else falls
+    /// back to the allocated extents, with the reason logged and reported.
+    pub fs_aware: bool,
 }
 
 /// The XOR-delta cache for a guest of `mem_bytes`: an eighth of it, at least
@@ -79,6 +94,7 @@ impl Default for SourceConfig {
             policy: PolicyKind::default(),
             downtime_max_ms: 2000,
             xor_cache_bytes: None,
+            disk: None,
         }
     }
 }
@@ -136,6 +152,34 @@ pub fn migrate_out(
         .ok_or_else(|| {
             MigrationError::Invalid(format!("streams must be 1..={}", wire::STREAMS_MAX))
         })?;
+    let disk_blocks = match (&spec.disk, &cfg.disk) {
+        (None, None) => 0,
+        (Some(d), Some(src)) => {
+            d.validate().map_err(MigrationError::Invalid)?;
+            let len = src
+                .file
+                .metadata()
+                .map_err(|e| MigrationError::Invalid(format!("cannot stat the disk image: {e}")))?
+                .len();
+            if len != d.bytes {
+                return Err(MigrationError::Invalid(format!(
+                    "the disk image has {len} bytes, the spec says {}",
+                    d.bytes
+                )));
+            }
+            d.blocks()
+        }
+        (Some(_), None) => {
+            return Err(MigrationError::Invalid(
+                "the spec has a disk but no disk image was given".into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(MigrationError::Invalid(
+                "a disk image was given but the spec has no disk".into(),
+            ))
+        }
+    };
     metrics.update(|s| {
         s.status = Status::Setup;
         s.transport = transport.name().into();
@@ -144,8 +188,15 @@ pub fn migrate_out(
         s.streams = streams as u32;
         s.mem_bytes = mem.bytes();
         s.epoch = epoch;
+        if let Some(d) = &spec.disk {
+            s.disk = Some(crate::metrics::DiskStats {
+                bytes: d.bytes,
+                ..Default::default()
+            });
+        }
     });
     let mut m = Migration {
+        disk_blocks,
         cfg,
         metrics: metrics.clone(),
         cancel,
@@ -161,6 +212,8 @@ pub fn migrate_out(
         throttle_pct: 0,
         throttle_unsupported: false,
         acked: Arc::default(),
+        disk_base: 0,
+        last_disk_sent: 0,
     };
     let result = m.run(transport, to, key, spec, epoch, vm);
     match result {
@@ -195,6 +248,8 @@ enum Event {
 }
 
 struct Migration<'a> {
+    /// Blocks of the disk (0: no disk).
+    disk_blocks: u64,
     cfg: &'a SourceConfig,
     metrics: Arc<Metrics>,
     cancel: &'a Cancel,
@@ -213,6 +268,10 @@ struct Migration<'a> {
     throttle_unsupported: bool,
     /// Per stream: the last frame the target acknowledged as applied.
     acked: Arc<Vec<AtomicU64>>,
+    /// Index of disk block 0 in the round loop's index space.
+    disk_base: u64,
+    /// Disk blocks the last round queued.
+    last_disk_sent: u64,
 }
 
 impl Migration<'_> {
@@ -287,6 +346,22 @@ impl Migration<'_> {
             .min(self.mem.bytes());
         self.metrics.update(|s| s.xor.cache_bytes = xor_bytes);
         let throttle = self.cfg.bandwidth_mib_s.map(|b| Arc::new(Throttle::new(b)));
+        // One index space for the round loop and the policy: memory pages,
+        // then (from a word boundary, so each side syncs whole words) disk
+        // blocks.
+        let mem_pages = self.mem.pages();
+        let base = mem_pages.div_ceil(64) * 64;
+        let total = if self.disk_blocks > 0 {
+            base + self.disk_blocks
+        } else {
+            mem_pages
+        };
+        self.disk_base = base;
+        let disk_input = self.cfg.disk.as_ref().map(|d| DiskInput {
+            file: d.file.clone(),
+            blocks: self.disk_blocks,
+            base,
+        });
         self.pipeline = Some(
             Pipeline::start(
                 self.mem.clone(),
@@ -294,6 +369,7 @@ impl Migration<'_> {
                 self.metrics.clone(),
                 throttle,
                 xor_bytes,
+                disk_input,
             )
             .map_err(|source| MigrationError::Transport {
                 phase: "starting streams",
@@ -306,7 +382,7 @@ impl Migration<'_> {
         // Holes are zero, and so is every page of the target's fresh memory:
         // they cost nothing (a hole written from now on is in the dirty log).
         let started = Instant::now();
-        let pages = self.mem.pages();
+        let pages = total;
         let mut send = DirtyBitmap::new(pages);
         let mut data_pages = 0;
         for (first, count) in self.mem.data_runs() {
@@ -315,7 +391,39 @@ impl Migration<'_> {
         }
         self.metrics
             .pages_zero
-            .fetch_add(pages - data_pages, Ordering::Relaxed);
+            .fetch_add(mem_pages - data_pages, Ordering::Relaxed);
+        if let Some(d) = &self.cfg.disk {
+            // Blocks written from here on are in the disk log, so reading
+            // the allocation after logging started misses nothing.
+            //
+            // A VMM that writes through the page cache leaves dirty pages
+            // behind; an O_DIRECT read must write back the dirty pages in its
+            // range first, one read at a time. Flushing the backlog once here
+            // (one fdatasync) spares the bulk phase most of that.
+            let t = Instant::now();
+            if let Err(e) = d.file.sync_data() {
+                tracing::warn!("disk: fdatasync before the bulk phase failed: {e}");
+            }
+            tracing::info!("disk: flushed the image's dirty pages in {:?}", t.elapsed());
+            let sel = crate::disk::select_bulk(&d.file, self.disk_blocks, d.fs_aware)
+                .map_err(|e| MigrationError::Invalid(format!("reading the disk image: {e}")))?;
+            for &(first, count) in &sel.runs {
+                send.set_range(base + first, count);
+            }
+            tracing::info!(
+                allocated = sel.allocated_blocks,
+                bulk = sel.bulk_blocks,
+                "disk: bulk phase by {}",
+                sel.selection
+            );
+            self.metrics.update(|s| {
+                if let Some(ds) = s.disk.as_mut() {
+                    ds.selection = sel.selection.clone();
+                    ds.allocated_blocks = sel.allocated_blocks;
+                    ds.bulk_blocks = sel.bulk_blocks;
+                }
+            });
+        }
         let limits = Limits {
             downtime_ms: self.cfg.downtime_ms,
             downtime_max_ms: self.cfg.downtime_max_ms.max(self.cfg.downtime_ms),
@@ -346,7 +454,7 @@ impl Migration<'_> {
             }
             let round_time = t.elapsed();
             dirty.clear();
-            vm.sync_dirty_log(dirty.words_mut())?;
+            self.sync_logs(vm, &mut dirty)?;
             let dirty_pages = dirty.count();
             scratch.set_and(&dirty, &prev_dirty);
             let hot_pages = scratch.count();
@@ -375,6 +483,14 @@ impl Migration<'_> {
                 held.and_with(&pending);
             }
             let deferred = held.count();
+            let remaining_blocks = if self.disk_blocks > 0 {
+                pending
+                    .runs_set_within(self.disk_base, self.disk_blocks)
+                    .map(|(_, c)| c)
+                    .sum()
+            } else {
+                0
+            };
             tracing::info!(
                 round,
                 sent,
@@ -396,6 +512,9 @@ impl Migration<'_> {
                 s.acked_seq = acked;
                 s.iterations = round;
                 s.remaining_pages = stats.pending_pages;
+                if let Some(ds) = s.disk.as_mut() {
+                    ds.remaining_blocks = remaining_blocks;
+                }
                 s.dirty_pages_rate = stats.dirty_rate() as u64;
                 s.expected_downtime_ms = d.estimate_ms;
                 s.rounds.push(RoundLog {
@@ -416,6 +535,7 @@ impl Migration<'_> {
                     rate_pages_s: stats.rate_pages_s as u64,
                     estimate_ms: d.estimate_ms,
                     class: d.class.into(),
+                    disk_blocks: self.last_disk_sent,
                 });
             });
             match d.action {
@@ -451,7 +571,7 @@ impl Migration<'_> {
         let state = vm.pause()?;
         self.paused = true;
         dirty.clear();
-        vm.sync_dirty_log(dirty.words_mut())?;
+        self.sync_logs(vm, &mut dirty)?;
         pending.or_with(&dirty);
         round += 1;
         let final_pages = pending.count();
@@ -468,6 +588,7 @@ impl Migration<'_> {
             s.rounds.push(RoundLog {
                 round,
                 pages: final_pages,
+                disk_blocks: self.last_disk_sent,
                 ms: paused_at.elapsed().as_millis() as u64,
                 dirty_after: 0,
                 rate_mib_s: 0.0,
@@ -557,6 +678,23 @@ impl Migration<'_> {
         Ok(conn)
     }
 
+    /// Fills `dirty` from the memory dirty log and, with a disk, the disk's
+    /// (at [`Self::disk_base`]).
+    fn sync_logs(
+        &self,
+        vm: &mut dyn SourceVm,
+        dirty: &mut DirtyBitmap,
+    ) -> Result<(), MigrationError> {
+        let mem_words = self.mem.pages().div_ceil(64) as usize;
+        let words = dirty.words_mut();
+        vm.sync_dirty_log(&mut words[..mem_words])?;
+        if self.disk_blocks > 0 {
+            let at = (self.disk_base / 64) as usize;
+            vm.sync_disk_log(&mut words[at..])?;
+        }
+        Ok(())
+    }
+
     fn check_cancel(&self) -> Result<(), MigrationError> {
         if self.cancel.is_cancelled() {
             return Err(MigrationError::Cancelled);
@@ -621,7 +759,19 @@ impl Migration<'_> {
         let mut skipped = 0;
         let mut queued_pages = 0;
         let mut next_check = CHECK_PAGES;
-        let runs: Vec<(u64, u64)> = dirty.runs().collect();
+        // Runs split where disk blocks start: memory and disk go different ways.
+        let base = self.disk_base;
+        let disk = self.disk_blocks > 0;
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut disk_sent = 0;
+        for (f, c) in dirty.runs() {
+            if disk && f < base && f + c > base {
+                runs.push((f, base - f));
+                runs.push((base, f + c - base));
+            } else {
+                runs.push((f, c));
+            }
+        }
         let mut rewritten = peek.as_ref().map(|_| DirtyBitmap::new(dirty.pages()));
         // Peeking, queue in small steps so a fresh look applies soon.
         let step = if peek.is_some() {
@@ -637,11 +787,20 @@ impl Migration<'_> {
             while p < first + count {
                 let n = (first + count - p).min(step);
                 let mut chunk = vec![(p, n)];
-                if let (Some(vm), Some(seen)) = (peek.as_deref_mut(), rewritten.as_mut()) {
+                let is_disk = disk && p >= base;
+                if is_disk {
+                    let pipeline = self.pipeline.as_mut().expect("pipeline running");
+                    let queued = pipeline.send_blocks(p - base, n);
+                    queued.map_err(|e| self.stage_error(e))?;
+                    chunk.clear();
+                    sent += n;
+                    disk_sent += n;
+                } else if let (Some(vm), Some(seen)) = (peek.as_deref_mut(), rewritten.as_mut()) {
                     let due = peeked_at.is_none_or(|t| t.elapsed() >= PEEK_EVERY);
                     let looked = if due {
                         peeked_at = Some(Instant::now());
-                        vm.peek_dirty_log(seen.words_mut())
+                        let mem_words = self.mem.pages().div_ceil(64) as usize;
+                        vm.peek_dirty_log(&mut seen.words_mut()[..mem_words])
                     } else {
                         Ok(())
                     };
@@ -669,6 +828,7 @@ impl Migration<'_> {
                 }
             }
         }
+        self.last_disk_sent = disk_sent;
         if skipped > 0 {
             tracing::info!(
                 round,

@@ -11,8 +11,20 @@
 //! chunk ([`owner_stream`]), and one encoder and one sender serve each stream
 //! in order. So a newer copy of a page can never overtake an older one, with
 //! no global ordering between streams.
+//!
+//! Disk blocks take a side road into the same encoders: the caller queues
+//! batches of blocks (up to a frame's worth, one owner stream each) on the
+//! disk reader's io_uring; its thread hands each completed batch to the
+//! stream's encoder, which encodes it like re-sent pages (from the private
+//! copy the read made) into a `Blocks` frame. Blocks follow the same
+//! ownership rule (by 2 MiB of disk), and every round drains the reader
+//! before its RoundEnd, so block copies cannot overtake each other either.
+//!
+//! ```text
+//!  caller: dirty blocks ─▶ disk reader (io_uring, O_DIRECT, QD >= 32) ─▶ encoder w ─▶ sender s
+//! ```
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -24,6 +36,7 @@ use ferry_compress::{
 use ferry_transport::{Conn, Seg};
 
 use crate::bitmap::AtomicBitmap;
+use crate::disk::uring::{self, DiskReader, Recycler};
 use crate::memory::{GuestMem, PageIndex};
 use crate::metrics::Metrics;
 use crate::wire::crc::{crc32c_guest, prefetch};
@@ -60,6 +73,14 @@ enum Work {
         /// The final round (guest paused): nothing is sent after it.
         last: bool,
     },
+    /// Disk blocks read by the disk reader, all owned by `batch.stream`.
+    Blocks {
+        batch: uring::Batch,
+        /// As for `Pages`.
+        resend: bool,
+        /// As for `Pages`.
+        last: bool,
+    },
     RoundEnd {
         stream: u16,
         round: u32,
@@ -75,12 +96,53 @@ enum Part {
 }
 
 /// One encoded frame (pooled).
-#[derive(Default)]
 struct Encoded {
+    /// `Pages` or `Blocks`.
+    kind: FrameKind,
     table: Vec<u8>,
     payload: Vec<u8>,
     parts: Vec<Part>,
     entries: u64,
+}
+
+impl Default for Encoded {
+    fn default() -> Self {
+        Encoded {
+            kind: FrameKind::Pages,
+            table: Vec::new(),
+            payload: Vec::new(),
+            parts: Vec::new(),
+            entries: 0,
+        }
+    }
+}
+
+/// The disk this migration moves, as the pipeline reads it.
+pub struct DiskInput {
+    /// The image (the VMM's descriptor; the reader opens its own).
+    pub file: Arc<std::fs::File>,
+    /// Blocks of the image.
+    pub blocks: u64,
+    /// Index of block 0 in the migration's page index space (memory pages
+    /// come first): the delta cache and the re-send bitmap key on it.
+    pub base: u64,
+}
+
+/// Registered read buffers of the disk reader: 128 x 256 KiB = 32 MiB, so
+/// the ring keeps >= 32 reads in flight while encoders hold a few batches.
+const DISK_BUFFERS: usize = 128;
+/// Submission queue entries of the disk reader's ring.
+const DISK_QUEUE_DEPTH: u32 = 64;
+
+/// The disk side of a running pipeline.
+struct DiskSide {
+    reader: DiskReader,
+    base: u64,
+    blocks: u64,
+    /// Blocks gathered per stream for the next read batch.
+    pending: Vec<Vec<u64>>,
+    /// Flags of the batches being read: bit 0 resend, bit 1 last round.
+    flags: Arc<AtomicU8>,
 }
 
 enum Out {
@@ -181,6 +243,7 @@ pub struct Pipeline {
     resend: bool,
     /// The pages queued now are the final round's.
     final_round: bool,
+    disk: Option<DiskSide>,
 }
 
 /// Encoder workers: at most one per stream, and no more than the cores can
@@ -198,13 +261,15 @@ impl Pipeline {
         metrics: Arc<Metrics>,
         throttle: Option<Arc<Throttle>>,
         xor_cache_bytes: u64,
+        disk: Option<DiskInput>,
     ) -> Result<Self, ferry_transport::TransportError> {
         let streams = u16::try_from(conns.len()).expect("stream count checked by the caller");
         assert!(streams > 0);
         let encoders = encoder_count(streams);
         let failure = Arc::new(Failure::default());
-        // Pages sent at least once in this session, to count re-sends.
-        let sent_before = Arc::new(AtomicBitmap::new(mem.pages()));
+        // Pages (and blocks) sent at least once in this session, to count re-sends.
+        let index_end = disk.as_ref().map_or(mem.pages(), |d| d.base + d.blocks);
+        let sent_before = Arc::new(AtomicBitmap::new(index_end));
         let (round_tx, round_rx) = bounded(streams as usize * 4);
         let (pool_tx, pool_rx) = bounded::<Box<Encoded>>(streams as usize * POOL_PER_STREAM);
         for _ in 0..streams as usize * POOL_PER_STREAM {
@@ -255,21 +320,69 @@ impl Pipeline {
             );
         }
         let mut work = Vec::new();
-        for w in 0..encoders {
+        let mut work_rxs = Vec::new();
+        for _ in 0..encoders {
             let (tx, rx) = bounded::<Work>(WORK_DEPTH);
             work.push(tx);
+            work_rxs.push(rx);
+        }
+        // The disk reader hands each batch it read to the stream's encoder.
+        let flags = Arc::new(AtomicU8::new(0));
+        let disk = match disk {
+            None => None,
+            Some(d) => {
+                let (txs, flags2) = (work.clone(), flags.clone());
+                let deliver = move |batch: uring::Batch| {
+                    let f = flags2.load(Ordering::Acquire);
+                    let w = Work::Blocks {
+                        batch,
+                        resend: f & 1 != 0,
+                        last: f & 2 != 0,
+                    };
+                    let Work::Blocks { batch, .. } = &w else {
+                        unreachable!()
+                    };
+                    let tx = &txs[(batch.stream as usize - 1) % txs.len()];
+                    tx.send(w).map_err(|_| "the encoders stopped".to_string())
+                };
+                let reader =
+                    DiskReader::start(&d.file, d.blocks, DISK_BUFFERS, DISK_QUEUE_DEPTH, deliver)
+                        .map_err(|source| ferry_transport::TransportError::Io {
+                        op: "starting the disk reader",
+                        source,
+                    })?;
+                metrics.update(|s| {
+                    if let Some(ds) = s.disk.as_mut() {
+                        ds.direct_io = reader.direct();
+                    }
+                });
+                Some(DiskSide {
+                    reader,
+                    base: d.base,
+                    blocks: d.blocks,
+                    pending: (0..streams)
+                        .map(|_| Vec::with_capacity(uring::BATCH_BLOCKS_MAX))
+                        .collect(),
+                    flags,
+                })
+            }
+        };
+        let recycler = disk.as_ref().map(|d| d.reader.recycler());
+        let disk_base = disk.as_ref().map_or(0, |d| d.base);
+        for (w, rx) in work_rxs.into_iter().enumerate() {
             // This encoder serves streams s (1-based) with (s - 1) % encoders == w.
             let outs: Vec<Option<Sender<Out>>> = out_txs
                 .iter()
                 .enumerate()
                 .map(|(i, tx)| (i % encoders == w).then(|| tx.clone()))
                 .collect();
-            let (mem, metrics, failure, pool_rx, sent_before) = (
+            let (mem, metrics, failure, pool_rx, sent_before, recycler) = (
                 mem.clone(),
                 metrics.clone(),
                 failure.clone(),
                 pool_rx.clone(),
                 sent_before.clone(),
+                recycler.clone(),
             );
             threads.push(
                 std::thread::Builder::new()
@@ -282,6 +395,8 @@ impl Pipeline {
                             mem: &mem,
                             metrics: &metrics,
                             sent_before: &sent_before,
+                            recycler,
+                            disk_base,
                         };
                         if let Err(e) = stage.run(&rx, outs, pool_rx, cache) {
                             failure.fail(e);
@@ -313,6 +428,7 @@ impl Pipeline {
                 .collect(),
             resend: false,
             final_round: false,
+            disk,
         })
     }
 
@@ -352,6 +468,44 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Queues every disk block of `first..first + count` for reading, split
+    /// by owner stream and batch size.
+    pub fn send_blocks(&mut self, first: u64, count: u64) -> Result<(), String> {
+        let d = self.disk.as_mut().expect("a disk to send");
+        assert!(first + count <= d.blocks, "blocks past the end of the disk");
+        let end = first + count;
+        let mut b = first;
+        while b < end {
+            let chunk_end = ((b / CHUNK_PAGES + 1) * CHUNK_PAGES).min(end);
+            let stream = owner_stream(b, self.streams);
+            for block in b..chunk_end {
+                let pending = &mut d.pending[stream as usize - 1];
+                pending.push(block);
+                if pending.len() == uring::BATCH_BLOCKS_MAX {
+                    let blocks = std::mem::take(pending);
+                    d.reader.read(stream, blocks)?;
+                }
+            }
+            b = chunk_end;
+        }
+        Ok(())
+    }
+
+    /// Queues every gathered block for reading, and waits until the reader
+    /// handed all of them to the encoders (before a round ends).
+    fn drain_blocks(&mut self, timeout: Duration) -> Result<(), String> {
+        let Some(d) = self.disk.as_mut() else {
+            return Ok(());
+        };
+        for (i, pending) in d.pending.iter_mut().enumerate() {
+            if !pending.is_empty() {
+                let blocks = std::mem::take(pending);
+                d.reader.read(i as u16 + 1, blocks)?;
+            }
+        }
+        d.reader.drain(timeout)
+    }
+
     /// Queues the pages gathered for `stream` as one frame. Scattered dirty
     /// pages of a stream share frames this way, instead of a frame each.
     fn flush(&mut self, stream: u16) -> Result<(), String> {
@@ -380,11 +534,19 @@ impl Pipeline {
     pub fn set_resend(&mut self, resend: bool, last: bool) {
         self.resend = resend;
         self.final_round = last;
+        if let Some(d) = &self.disk {
+            // The reader is drained at every round end, so no batch of the
+            // previous round can pick these flags up.
+            d.flags
+                .store(u8::from(resend) | u8::from(last) << 1, Ordering::Release);
+        }
     }
 
     /// Ends `round` on every stream and waits until each sent its RoundEnd.
     /// Returns per-stream results, index 0 = stream 1.
     pub fn end_round(&mut self, round: u32, timeout: Duration) -> Result<(), String> {
+        self.drain_blocks(timeout)
+            .map_err(|e| self.failure.message().unwrap_or(e))?;
         for s in 1..=self.streams {
             self.flush(s)?;
             self.push(Work::RoundEnd { stream: s, round }, s)?;
@@ -427,6 +589,11 @@ impl Pipeline {
                 c.shutdown();
             }
         }
+        if let Some(d) = self.disk.take() {
+            // Its deliver callback may wait on an encoder: stop the reader
+            // while the encoders still run (they drain it), then the rest.
+            d.reader.stop();
+        }
         self.work.clear();
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -440,6 +607,10 @@ struct EncodeStage<'a> {
     metrics: &'a Metrics,
     /// Pages sent at least once (every encoder marks its own pages).
     sent_before: &'a AtomicBitmap,
+    /// Where the disk reader's buffers go back (with a disk).
+    recycler: Option<Recycler>,
+    /// Index of disk block 0 in the page index space.
+    disk_base: u64,
 }
 
 impl EncodeStage<'_> {
@@ -472,6 +643,23 @@ impl EncodeStage<'_> {
                         return Ok(()); // the sender failed and reported why
                     }
                 }
+                Work::Blocks {
+                    batch,
+                    resend,
+                    last,
+                } => {
+                    let Ok(mut e) = pool.recv() else {
+                        return Ok(());
+                    };
+                    let stream = batch.stream;
+                    self.encode_blocks(&batch, resend && xor, last, &mut e, &mut enc, &mut cache)?;
+                    if let Some(r) = &self.recycler {
+                        r.give(batch.buf);
+                    }
+                    if out_for(stream).send(Out::Frame(e)).is_err() {
+                        return Ok(());
+                    }
+                }
                 Work::Pages {
                     stream,
                     pages,
@@ -481,6 +669,7 @@ impl EncodeStage<'_> {
                     let Ok(mut e) = pool.recv() else {
                         return Ok(());
                     };
+                    e.kind = FrameKind::Pages;
                     e.table.clear();
                     e.payload.clear();
                     e.parts.clear();
@@ -599,6 +788,92 @@ impl EncodeStage<'_> {
     }
 }
 
+impl EncodeStage<'_> {
+    /// Encodes a batch of disk blocks into `e` as a `Blocks` frame. Every
+    /// block is a private copy (the read), so each goes zero, XOR-delta
+    /// (when `delta`: the block was sent before and XOR-delta is on), lz4
+    /// or raw from the payload buffer.
+    fn encode_blocks(
+        &self,
+        batch: &uring::Batch,
+        delta: bool,
+        last: bool,
+        e: &mut Encoded,
+        enc: &mut PageEncoder,
+        cache: &mut DeltaCache,
+    ) -> Result<(), String> {
+        let d = &self.metrics.disk;
+        e.kind = FrameKind::Blocks;
+        e.table.clear();
+        e.payload.clear();
+        e.parts.clear();
+        e.entries = batch.blocks.len() as u64;
+        let (mut zero, mut lz4, mut raw, mut xor) = (0, 0, 0, 0);
+        let (mut resent, mut resent_bytes) = (0, 0);
+        let mut lz = Vec::with_capacity(PAGE_SIZE);
+        let mut out = Vec::with_capacity(PAGE_SIZE);
+        for (i, &block) in batch.blocks.iter().enumerate() {
+            let data = batch.buf.block(i);
+            let key = self.disk_base + block;
+            let off = e.payload.len();
+            let (codec, len, crc);
+            if is_zero(data) {
+                cache.forget(key);
+                (codec, len, crc) = (Codec::Zero, 0, 0);
+                zero += 1;
+            } else {
+                let mut coded = None;
+                // In the final round a miss is not worth caching.
+                if delta && (!last || cache.contains(key)) {
+                    out.clear();
+                    if let DeltaOutcome::Delta { codec: c, len: n } =
+                        cache.encode(key, data, &mut out, DELTA_BYTES_MAX)
+                    {
+                        // The CRC covers the rebuilt block, as for pages.
+                        coded = Some((c, n, crc32c::crc32c(data)));
+                        e.payload.extend_from_slice(&out[..n]);
+                        xor += 1;
+                    }
+                }
+                (codec, len, crc) = match coded {
+                    Some(c) => c,
+                    None if enc.should_try() && enc.compress(data, &mut lz) == Codec::Lz4 => {
+                        e.payload.extend_from_slice(&lz);
+                        lz4 += 1;
+                        (Codec::Lz4, lz.len(), crc32c::crc32c(&lz))
+                    }
+                    None => {
+                        e.payload.extend_from_slice(data);
+                        raw += 1;
+                        (Codec::Raw, PAGE_SIZE, crc32c::crc32c(data))
+                    }
+                };
+                e.parts.push(Part::Payload { off, len });
+            }
+            if self.sent_before.set(key) {
+                resent += 1;
+                resent_bytes += (len + PageEntry::BYTES) as u64;
+            }
+            PageEntry {
+                page: block,
+                codec,
+                len: len as u16,
+                crc,
+            }
+            .encode_into(&mut e.table);
+        }
+        d.blocks.fetch_add(e.entries, Ordering::Relaxed);
+        d.zero.fetch_add(zero, Ordering::Relaxed);
+        d.lz4.fetch_add(lz4, Ordering::Relaxed);
+        d.raw.fetch_add(raw, Ordering::Relaxed);
+        d.xor.fetch_add(xor, Ordering::Relaxed);
+        d.resent.fetch_add(resent, Ordering::Relaxed);
+        let m = self.metrics;
+        m.resent_bytes.fetch_add(resent_bytes, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
 /// A delta longer than this does not pay against lz4 or raw (whose table
 /// entry costs the same): 7/8 of a page, as for lz4.
 const DELTA_BYTES_MAX: usize = ferry_compress::LZ4_BYTES_MAX_DEFAULT;
@@ -670,9 +945,9 @@ impl SendStage {
     fn send_pages(&mut self, e: &Encoded) -> Result<(), String> {
         self.seq += 1;
         let len = e.table.len() as u32;
-        let crc = frame_crc(FrameKind::Pages, self.stream, len, self.seq, &e.table);
+        let crc = frame_crc(e.kind, self.stream, len, self.seq, &e.table);
         let header = FrameHeader {
-            kind: FrameKind::Pages,
+            kind: e.kind,
             stream: self.stream,
             len,
             seq: self.seq,
@@ -701,6 +976,12 @@ impl SendStage {
         self.metrics
             .wire_bytes
             .fetch_add(bytes as u64, Ordering::Relaxed);
+        if e.kind == FrameKind::Blocks {
+            self.metrics
+                .disk
+                .wire_bytes
+                .fetch_add(bytes as u64, Ordering::Relaxed);
+        }
         Ok(())
     }
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError};
 use ferry_transport::Conn;
 
-use self::pipeline::{Receivers, Shared};
+use self::pipeline::{DiskSink, Receivers, Shared};
 use crate::bitmap::AtomicBitmap;
 use crate::link::VmSpec;
 use crate::metrics::Status;
@@ -195,6 +195,9 @@ pub struct TargetConfig {
     /// Set to abort the migration before COMMIT (the source then resumes
     /// the VM); seen within 200 ms.
     pub cancel: crate::Cancel,
+    /// Where received disk images go (`<vm>.img`, written as a hidden
+    /// `.partial` file until COMMIT). `None` refuses VMs with a disk.
+    pub disk_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for TargetConfig {
@@ -204,6 +207,7 @@ impl Default for TargetConfig {
             prefault: true,
             reserve: None,
             cancel: crate::Cancel::new(),
+            disk_dir: None,
         }
     }
 }
@@ -218,17 +222,22 @@ pub struct TargetOutcome<V> {
     pub mem: Arc<GuestMem>,
     /// The VMM running it.
     pub vm: V,
+    /// The received disk image, renamed to its final path at COMMIT.
+    pub disk_path: Option<std::path::PathBuf>,
 }
 
 /// Receives one migration. `create_vm` is called once the spec is known and
-/// memory exists; it starts the target VMM (not yet running the guest).
+/// memory exists (and, for a VM with a disk, the new image: the VMM may use
+/// it only from `restore` on); it starts the target VMM (not yet running the
+/// guest).
 pub fn migrate_in<V: TargetVm>(
     session: IncomingSession,
     cfg: &TargetConfig,
     metrics: Arc<Metrics>,
-    create_vm: impl FnOnce(&VmSpec, &GuestMem) -> Result<V, MigrationError>,
+    create_vm: impl FnOnce(&VmSpec, &GuestMem, Option<&std::fs::File>) -> Result<V, MigrationError>,
 ) -> Result<TargetOutcome<V>, MigrationError> {
     let IncomingSession {
+        id: session_id,
         vm: vm_name,
         mut control,
         data,
@@ -333,7 +342,25 @@ pub fn migrate_in<V: TargetVm>(
     if cfg.prefault && !from_reserve {
         mem.prefault();
     }
-    let mut vm = match create_vm(&spec, &mem) {
+    // The disk: a new sparse image, removed again unless COMMIT arrives.
+    let mut image = match &spec.disk {
+        None => None,
+        Some(d) => match DiskImage::create(cfg, &spec.name, &session_id, d, streams as u16) {
+            Ok(i) => Some(i),
+            Err(e) => return Err(fail(&metrics, abort_early(&mut ctl_tx, e))),
+        },
+    };
+    if let Some(i) = &image {
+        let direct = i.writer.as_ref().is_some_and(|w| w.direct());
+        metrics.update(|s| {
+            s.disk = Some(crate::metrics::DiskStats {
+                bytes: i.blocks * crate::link::DISK_BLOCK_BYTES,
+                direct_io: direct,
+                ..Default::default()
+            })
+        });
+    }
+    let mut vm = match create_vm(&spec, &mem, image.as_ref().map(|i| &*i.file)) {
         Ok(vm) => vm,
         Err(e) => return Err(fail(&metrics, abort_early(&mut ctl_tx, e))),
     };
@@ -347,6 +374,7 @@ pub fn migrate_in<V: TargetVm>(
         failure: Failure::default(),
         control: Mutex::new((ctl_tx, 0)),
         metrics: metrics.clone(),
+        disk: image.as_mut().map(|i| i.take_sink()),
     });
     let result = (|| {
         let receivers = Receivers::start(shared.clone(), data).map_err(tx_transport)?;
@@ -362,8 +390,14 @@ pub fn migrate_in<V: TargetVm>(
         }
         r
     })();
+    // The receivers are gone; the disk writer (in `shared`) stops when the
+    // last reference drops, at the end of this function.
     match result {
         Ok(epoch) => {
+            // The VM runs here: its image takes its final name. A failure now
+            // cannot undo the migration; the operator finds the file by its
+            // partial name in the log.
+            let disk_path = image.map(|i| i.commit());
             metrics.update(|s| s.epoch = epoch);
             metrics.finish(Status::Completed, None);
             Ok(TargetOutcome {
@@ -371,6 +405,7 @@ pub fn migrate_in<V: TargetVm>(
                 spec,
                 mem,
                 vm,
+                disk_path,
             })
         }
         Err(e) => {
@@ -381,7 +416,128 @@ pub fn migrate_in<V: TargetVm>(
                 }),
             );
             vm.abort(&e.to_string());
+            // `image` drops here and removes the partial file.
+            drop(image);
             Err(fail(&metrics, e))
+        }
+    }
+}
+
+/// Registered write buffers of the disk writer: 128 x 256 KiB = 32 MiB
+/// (twice the queue depth: the ring's share plus the receivers').
+const DISK_BUFFERS: usize = 128;
+/// Submission queue entries of the disk writer's ring.
+const DISK_QUEUE_DEPTH: u32 = 64;
+
+/// A disk image being received: removed on drop unless committed.
+struct DiskImage {
+    partial: std::path::PathBuf,
+    path: std::path::PathBuf,
+    file: Arc<std::fs::File>,
+    blocks: u64,
+    /// Until the receivers take it.
+    writer: Option<crate::disk::uring::DiskWriter>,
+    committed: bool,
+}
+
+impl DiskImage {
+    fn create(
+        cfg: &TargetConfig,
+        vm: &str,
+        session: &str,
+        d: &crate::link::DiskSpec,
+        streams: u16,
+    ) -> Result<Self, MigrationError> {
+        d.validate().map_err(MigrationError::Invalid)?;
+        let dir = cfg.disk_dir.as_ref().ok_or_else(|| {
+            MigrationError::Invalid(
+                "the VM has a disk, but this target has no directory for disk images".into(),
+            )
+        })?;
+        if vm.is_empty() || vm.contains('/') || vm.starts_with('.') {
+            return Err(MigrationError::Invalid(format!(
+                "VM name {vm:?} cannot name a disk image"
+            )));
+        }
+        let path = dir.join(format!("{vm}.img"));
+        if path.exists() {
+            return Err(MigrationError::Invalid(format!(
+                "a disk image for VM {vm} already exists at {}; move it away first",
+                path.display()
+            )));
+        }
+        let short = &session[..session.len().min(8)];
+        let partial = dir.join(format!(".{vm}.{short}.partial"));
+        let io = |what: &str, e: std::io::Error| {
+            MigrationError::Invalid(format!("{what} {}: {e}", partial.display()))
+        };
+        std::fs::create_dir_all(dir).map_err(|e| io("creating the directory of", e))?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&partial)
+            .map_err(|e| io("creating", e))?;
+        let file = Arc::new(file);
+        let mut img = DiskImage {
+            partial: partial.clone(),
+            path,
+            file: file.clone(),
+            blocks: d.blocks(),
+            writer: None,
+            committed: false,
+        };
+        file.set_len(d.bytes).map_err(|e| io("sizing", e))?;
+        let writer = crate::disk::uring::DiskWriter::start(
+            &file,
+            d.blocks(),
+            streams,
+            DISK_BUFFERS,
+            DISK_QUEUE_DEPTH,
+        )
+        .map_err(|e| io("starting io_uring writes to", e))?;
+        tracing::info!(
+            "receiving the disk ({} MiB) into {}",
+            d.bytes >> 20,
+            partial.display()
+        );
+        img.writer = Some(writer);
+        Ok(img)
+    }
+
+    /// What the receivers need to write the image.
+    fn take_sink(&mut self) -> DiskSink {
+        DiskSink {
+            file: self.file.clone(),
+            blocks: self.blocks,
+            written: AtomicBitmap::new(self.blocks),
+            writer: self.writer.take().expect("taken once"),
+        }
+    }
+
+    /// Renames the image to its final path.
+    fn commit(mut self) -> std::path::PathBuf {
+        self.committed = true;
+        match std::fs::rename(&self.partial, &self.path) {
+            Ok(()) => self.path.clone(),
+            Err(e) => {
+                tracing::error!(
+                    "the VM runs here, but its disk image keeps the name {}: renaming to {} failed: {e}",
+                    self.partial.display(),
+                    self.path.display()
+                );
+                self.partial.clone()
+            }
+        }
+    }
+}
+
+impl Drop for DiskImage {
+    fn drop(&mut self) {
+        if !self.committed {
+            if let Err(e) = std::fs::remove_file(&self.partial) {
+                tracing::warn!("could not remove {}: {e}", self.partial.display());
+            }
         }
     }
 }
@@ -502,6 +658,11 @@ impl Session<'_> {
                                 ));
                             }
                             self.check_totals(&streams)?;
+                            if let Some(d) = &self.shared.disk {
+                                d.writer
+                                    .sync(self.cfg.io_timeout)
+                                    .map_err(MigrationError::Incomplete)?;
+                            }
                             self.shared.metrics.update(|s| {
                                 s.status = Status::Committing;
                                 s.guest_progress_at_pause = progress;

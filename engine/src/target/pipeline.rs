@@ -14,6 +14,14 @@
 //! the same stream (chunk ownership, checked here) and the receiver drains its
 //! decoder at every RoundEnd, so an older copy can never land after a newer one.
 //!
+//! Disk blocks (`Blocks` frames) are decoded by the receiver itself into a
+//! registered buffer of the disk writer, which writes them with io_uring
+//! (O_DIRECT where the file system allows it). A zero block is not written
+//! (the new image is sparse, so holes stay holes) or, when an older copy
+//! was, punched out. At RoundEnd the receiver waits for its stream's disk
+//! writes as for its decoder, so an XOR-delta always finds its base block
+//! on disk and an older block never lands after a newer one.
+//!
 //! A raw page read from a running guest may be torn (its CRC then fails); such
 //! a page must come again in a later round because the guest dirtied it. The
 //! receiver marks it *suspect* and a later good copy clears the mark; PREPARE
@@ -39,6 +47,9 @@ use crate::wire::{
 
 static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 
+/// How long a round end waits for its stream's disk writes.
+const DISK_DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Compressed pages queued per decoder: 256 x 4 KiB = 1 MiB.
 const DECODE_DEPTH: usize = 256;
 
@@ -60,6 +71,49 @@ pub struct Shared {
     pub control: Mutex<(Box<dyn Conn>, u64)>,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// The disk image being written, when the VM has a disk.
+    pub disk: Option<DiskSink>,
+}
+
+/// Where received disk blocks go.
+pub struct DiskSink {
+    /// The new image (XOR-delta bases are read from it; zero blocks punched).
+    pub file: Arc<std::fs::File>,
+    /// Blocks of the disk.
+    pub blocks: u64,
+    /// Blocks with data in the image (a zero block for any other is a no-op).
+    pub written: AtomicBitmap,
+    /// The io_uring writer.
+    pub writer: crate::disk::uring::DiskWriter,
+}
+
+impl DiskSink {
+    /// Makes `block` a hole again (it held an older, non-zero copy).
+    fn punch(&self, block: u64) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let bytes = crate::link::DISK_BLOCK_BYTES as i64;
+        // SAFETY: fallocate on a descriptor we own; no memory is passed.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                block as i64 * bytes,
+                bytes,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+            return Err(e);
+        }
+        // No hole punching here: write zeros instead (buffered; the block's
+        // last write completed at an earlier round end).
+        use std::os::unix::fs::FileExt;
+        self.file
+            .write_all_at(&ZERO_PAGE, block * crate::link::DISK_BLOCK_BYTES)
+    }
 }
 
 impl Shared {
@@ -141,6 +195,7 @@ impl Receivers {
                 pool: pool_rx.clone(),
                 progress: progress.clone(),
                 entries: Vec::with_capacity(crate::wire::PAGES_PER_FRAME_MAX),
+                scratch: Vec::with_capacity(PAYLOAD_BYTES_MAX),
             };
             threads.push(
                 std::thread::Builder::new()
@@ -230,6 +285,8 @@ struct RecvStage {
     pool: Receiver<Vec<u8>>,
     progress: Arc<Vec<Progress>>,
     entries: Vec<PageEntry>,
+    /// A compressed block's payload.
+    scratch: Vec<u8>,
 }
 
 impl RecvStage {
@@ -267,6 +324,7 @@ impl RecvStage {
                 .fetch_add(HEADER_BYTES as u64 + h.len as u64, Ordering::Relaxed);
             match h.kind {
                 FrameKind::Pages => self.pages(&table)?,
+                FrameKind::Blocks => self.blocks(&table)?,
                 FrameKind::RoundEnd => {
                     let round = u32::from_le_bytes(table[..].try_into().map_err(|_| {
                         WireError::Malformed {
@@ -275,6 +333,14 @@ impl RecvStage {
                         }
                     })?);
                     self.drain()?;
+                    if let Some(d) = &self.shared.disk {
+                        d.writer
+                            .drain_stream(self.stream, DISK_DRAIN_TIMEOUT)
+                            .map_err(|detail| WireError::Malformed {
+                                what: "disk writes",
+                                detail,
+                            })?;
+                    }
                     self.shared.applied[self.stream as usize - 1].store(h.seq, Ordering::Release);
                     self.shared
                         .metrics
@@ -315,6 +381,137 @@ impl RecvStage {
                 std::thread::sleep(Duration::from_micros(100));
             }
         }
+        Ok(())
+    }
+
+    /// A `Blocks` frame: check the table, receive and decode every block
+    /// into a disk buffer, and queue the writes.
+    fn blocks(&mut self, table: &[u8]) -> Result<(), WireError> {
+        let shared = self.shared.clone();
+        let Some(disk) = shared.disk.as_ref() else {
+            return Err(WireError::Unexpected {
+                kind: FrameKind::Blocks,
+                context: "disk blocks for a VM without a disk",
+            });
+        };
+        if table.is_empty() || !table.len().is_multiple_of(PageEntry::BYTES) {
+            return Err(WireError::Malformed {
+                what: "block table",
+                detail: format!("{} bytes", table.len()),
+            });
+        }
+        let bad = |detail: String| WireError::Malformed {
+            what: "block entry",
+            detail,
+        };
+        self.entries.clear();
+        for raw_entry in table.chunks_exact(PageEntry::BYTES) {
+            let e = PageEntry::decode(raw_entry)?;
+            if e.page >= disk.blocks {
+                return Err(bad(format!(
+                    "block {} past the end of the disk ({} blocks)",
+                    e.page, disk.blocks
+                )));
+            }
+            if owner_stream(e.page, self.streams) != self.stream {
+                return Err(bad(format!(
+                    "block {} does not belong to stream {}",
+                    e.page, self.stream
+                )));
+            }
+            if self.entries.last().is_some_and(|p| p.page >= e.page) {
+                return Err(bad(format!("block {} out of order in its frame", e.page)));
+            }
+            self.entries.push(e);
+        }
+        let entries = std::mem::take(&mut self.entries);
+        let stage_err = |detail: String| WireError::Malformed {
+            what: "disk writes",
+            detail,
+        };
+        let mut buf = disk.writer.buffer().map_err(stage_err)?;
+        let mut blocks = Vec::with_capacity(entries.len());
+        let mut payload = std::mem::take(&mut self.scratch);
+        let (mut zero, mut lz4, mut raw, mut xor, mut data_bytes) = (0u64, 0u64, 0u64, 0u64, 0u64);
+        for e in &entries {
+            data_bytes += e.len as u64;
+            let fail = |what: &str| bad(format!("block {}: {what}", e.page));
+            if e.codec == Codec::Zero {
+                if disk.written.get(e.page) {
+                    disk.punch(e.page)
+                        .map_err(|err| stage_err(format!("punching block {}: {err}", e.page)))?;
+                    disk.written.clear(e.page);
+                }
+                zero += 1;
+                continue;
+            }
+            let slot = buf.block_mut(blocks.len());
+            match e.codec {
+                Codec::Raw => {
+                    self.conn.recv_exact(slot)?;
+                    if crc32c::crc32c(slot) != e.crc {
+                        // Blocks come from a private copy: a bad CRC is corruption.
+                        return Err(fail("CRC mismatch"));
+                    }
+                    raw += 1;
+                }
+                Codec::Lz4 => {
+                    payload.resize(e.len as usize, 0);
+                    self.conn.recv_exact(&mut payload)?;
+                    if crc32c::crc32c(&payload) != e.crc {
+                        return Err(fail("CRC mismatch on a compressed block"));
+                    }
+                    decode(Codec::Lz4, &payload, slot).map_err(|err| fail(&err.to_string()))?;
+                    lz4 += 1;
+                }
+                _ => {
+                    payload.resize(e.len as usize, 0);
+                    self.conn.recv_exact(&mut payload)?;
+                    if disk.written.get(e.page) {
+                        use std::os::unix::fs::FileExt;
+                        disk.file
+                            .read_exact_at(slot, e.page * crate::link::DISK_BLOCK_BYTES)
+                            .map_err(|err| stage_err(format!("reading block {}: {err}", e.page)))?;
+                    } else {
+                        slot.fill(0);
+                    }
+                    decode_delta(e.codec, &payload, slot).map_err(|err| fail(&err.to_string()))?;
+                    if crc32c::crc32c(slot) != e.crc {
+                        return Err(fail(
+                            "XOR delta does not rebuild the block it was made for (wrong base version)",
+                        ));
+                    }
+                    xor += 1;
+                }
+            }
+            disk.written.set(e.page);
+            blocks.push(e.page);
+        }
+        self.scratch = payload;
+        let n = entries.len() as u64;
+        self.entries = entries;
+        if blocks.is_empty() {
+            disk.writer.recycle(buf);
+        } else {
+            let batch = crate::disk::uring::Batch {
+                stream: self.stream,
+                blocks,
+                buf,
+            };
+            disk.writer.write(batch).map_err(stage_err)?;
+        }
+        let m = &shared.metrics;
+        m.wire_bytes.fetch_add(data_bytes, Ordering::Relaxed);
+        m.disk.wire_bytes.fetch_add(
+            data_bytes + HEADER_BYTES as u64 + table.len() as u64,
+            Ordering::Relaxed,
+        );
+        m.disk.blocks.fetch_add(n, Ordering::Relaxed);
+        m.disk.zero.fetch_add(zero, Ordering::Relaxed);
+        m.disk.lz4.fetch_add(lz4, Ordering::Relaxed);
+        m.disk.raw.fetch_add(raw, Ordering::Relaxed);
+        m.disk.xor.fetch_add(xor, Ordering::Relaxed);
+        self.shared.pages[self.stream as usize - 1].fetch_add(n, Ordering::Relaxed);
         Ok(())
     }
 

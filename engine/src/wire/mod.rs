@@ -88,6 +88,9 @@ pub enum FrameKind {
     Pages = 20,
     /// End of a round on this stream (data streams).
     RoundEnd = 21,
+    /// Disk blocks: the same table and payload layout as `Pages`, where an
+    /// entry's `page` is a 4 KiB block index of the disk (data streams).
+    Blocks = 22,
 }
 
 impl FrameKind {
@@ -103,6 +106,7 @@ impl FrameKind {
             12 => Self::Ack,
             20 => Self::Pages,
             21 => Self::RoundEnd,
+            22 => Self::Blocks,
             _ => return None,
         })
     }
@@ -116,7 +120,7 @@ impl FrameKind {
             Self::Control => CONTROL_BYTES_MAX,
             Self::State => crate::vm::STATE_BYTES_MAX,
             Self::Ack => ACK_BYTES,
-            Self::Pages => PAGES_PER_FRAME_MAX * PageEntry::BYTES,
+            Self::Pages | Self::Blocks => PAGES_PER_FRAME_MAX * PageEntry::BYTES,
             Self::RoundEnd => 4,
         }
     }
@@ -373,7 +377,7 @@ impl Ack {
 pub struct StreamTotals {
     /// Seq of the stream's last frame (its final RoundEnd).
     pub last_seq: u64,
-    /// Page entries sent on the stream over the whole migration.
+    /// Page and block entries sent on the stream over the whole migration.
     pub pages: u64,
 }
 

@@ -42,7 +42,7 @@ pub fn parse_frame(buf: &[u8], pages: u64) -> Result<Parsed, WireError> {
     }
     let mut entries = Vec::new();
     let mut at = end;
-    if header.kind == FrameKind::Pages {
+    if matches!(header.kind, FrameKind::Pages | FrameKind::Blocks) {
         if payload.is_empty() || !payload.len().is_multiple_of(PageEntry::BYTES) {
             return Err(WireError::Malformed {
                 what: "page table",
