@@ -463,6 +463,20 @@ fn reopen(file: &File, op: Op, mode: DirectMode) -> io::Result<(File, bool)> {
     }
 }
 
+/// A second, buffered open of `file` (already our own reopen): for reads of
+/// blocks the VMM has just written through the page cache, which an O_DIRECT
+/// read would first have to write back to the device.
+fn reopen_buffered(file: &File, op: Op) -> io::Result<File> {
+    let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true);
+    if op == Op::Write {
+        o.write(true);
+    }
+    o.open(&path)
+        .map_err(|e| ctx(e, format!("{}: reopening {path} buffered", op.what())))
+}
+
 /// Some file systems accept O_DIRECT at open and refuse it (EINVAL) at the
 /// first I/O; one aligned read of block 0 finds out before the ring does.
 /// Other errors are left for the ring's reads to report with a block number.
@@ -664,7 +678,9 @@ impl Shared {
 }
 
 enum Request {
-    Io(Batch),
+    /// A batch, and whether to go through the page cache (the reader's
+    /// second, buffered descriptor) instead of O_DIRECT.
+    Io(Batch, bool),
     Stop,
 }
 
@@ -682,6 +698,8 @@ enum Sink {
 /// A batch whose runs are pending or in flight.
 struct InFlight {
     batch: Batch,
+    /// Through the buffered descriptor.
+    cached: bool,
     runs: Vec<Run>,
     runs_left: usize,
 }
@@ -738,6 +756,10 @@ struct Worker {
     poll_armed: bool,
     phase: Phase,
     _file: Arc<File>,
+    /// The reader's buffered descriptor (its own open file description),
+    /// for batches that should come from the page cache.
+    fd_cached: types::Fd,
+    _file_cached: Arc<File>,
     _exit: ExitGuard,
 }
 
@@ -773,7 +795,7 @@ impl Worker {
     fn take_requests(&mut self) {
         while self.phase == Phase::Running {
             match self.requests.try_recv() {
-                Ok(Request::Io(batch)) => self.accept(batch),
+                Ok(Request::Io(batch, cached)) => self.accept(batch, cached),
                 Ok(Request::Stop) | Err(TryRecvError::Disconnected) => self.begin_wind_down(),
                 Err(TryRecvError::Empty) => break,
             }
@@ -781,20 +803,22 @@ impl Worker {
     }
 
     /// Builds a batch's entries, one per run, into `pending`.
-    fn accept(&mut self, batch: Batch) {
+    fn accept(&mut self, batch: Batch, cached: bool) {
         assert!(
             Arc::ptr_eq(&batch.buf.region, &self.region),
             "a foreign buffer"
         );
         let index = batch.buf.index;
         let runs = runs(&batch.blocks);
+        let fd = if cached { self.fd_cached } else { self.fd };
         for (r, run) in runs.iter().enumerate() {
-            let entry = run_entry(self.op, self.fd, &self.region, index, r, run, &batch.blocks);
+            let entry = run_entry(self.op, fd, &self.region, index, r, run, &batch.blocks);
             self.pending.push_back(entry);
         }
         let slot = &mut self.slots[usize::from(index)];
         assert!(slot.is_none(), "buffer {index} queued twice");
         *slot = Some(InFlight {
+            cached,
             runs_left: runs.len(),
             runs,
             batch,
@@ -943,7 +967,7 @@ impl Worker {
                 let run = &fl.runs[r];
                 let entry = run_entry(
                     self.op,
-                    self.fd,
+                    if fl.cached { self.fd_cached } else { self.fd },
                     &self.region,
                     index as u16,
                     r,
@@ -1095,6 +1119,7 @@ impl Front {
         }
         let (reopened, direct) = reopen(file, op, mode)?;
         let file = Arc::new(reopened);
+        let cached = Arc::new(reopen_buffered(&file, op)?);
         let ring = open_ring(op, depth)?;
         let region = Region::new(buffers)?;
         // SAFETY: the iovecs describe the region's buffers, which stay mapped
@@ -1145,6 +1170,8 @@ impl Front {
             poll_armed: false,
             phase: Phase::Running,
             _file: file.clone(),
+            fd_cached: types::Fd(cached.as_raw_fd()),
+            _file_cached: cached,
             _exit: ExitGuard {
                 shared: shared.clone(),
                 _exited: exited_tx,
@@ -1201,7 +1228,7 @@ impl Front {
     }
 
     /// Hands a checked batch to the ring thread, counted in `slot`.
-    fn queue(&self, slot: usize, batch: Batch) -> Result<(), String> {
+    fn queue(&self, slot: usize, batch: Batch, cached: bool) -> Result<(), String> {
         debug_assert!(self.owns(&batch.buf));
         {
             let mut p = self.shared.lock();
@@ -1212,7 +1239,7 @@ impl Front {
             }
             p.queued[slot] += 1;
         }
-        if self.requests.send(Request::Io(batch)).is_err() {
+        if self.requests.send(Request::Io(batch, cached)).is_err() {
             let stopped = format!("the {} has stopped", self.op.what());
             return Err(self.shared.check().err().unwrap_or(stopped));
         }
@@ -1317,6 +1344,19 @@ impl DiskReader {
     /// contiguous run of blocks is one READ_FIXED entry, and the ring thread
     /// submits whatever has queued up in one `io_uring_enter`.
     pub fn read(&self, stream: u16, blocks: Vec<u64>) -> Result<(), String> {
+        self.read_via(stream, blocks, false)
+    }
+
+    /// [`Self::read`] through the page cache (a second, buffered open of
+    /// the image): for blocks the VMM has just written with buffered I/O,
+    /// which sit in the page cache, dirty. An O_DIRECT read of such a block
+    /// must first write it back to the device, one read at a time; a
+    /// buffered read copies it from memory.
+    pub fn read_cached(&self, stream: u16, blocks: Vec<u64>) -> Result<(), String> {
+        self.read_via(stream, blocks, true)
+    }
+
+    fn read_via(&self, stream: u16, blocks: Vec<u64>, cached: bool) -> Result<(), String> {
         check_blocks(&blocks, self.front.blocks_total)
             .map_err(|e| format!("disk read for stream {stream}: {e}"))?;
         let buf = self.front.take_buffer()?;
@@ -1327,6 +1367,7 @@ impl DiskReader {
                 blocks,
                 buf,
             },
+            cached,
         )
     }
 
@@ -1452,7 +1493,7 @@ impl DiskWriter {
             self.front.recycler().give(batch.buf);
             return Err(format!("disk write for stream {}: {e}", batch.stream));
         }
-        self.front.queue(usize::from(batch.stream), batch)
+        self.front.queue(usize::from(batch.stream), batch, false)
     }
 
     /// Returns an unused buffer to the pool (as [`Recycler::give`]).
