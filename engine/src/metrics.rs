@@ -144,7 +144,7 @@ pub struct DiskStats {
     /// Size of the image.
     pub bytes: u64,
     /// How the bulk phase chose its blocks: "extents", "ext4", or
-    /// "extents (<why ext4 was not used>)".
+    /// `extents (<why ext4 was not used>)`.
     pub selection: String,
     /// Blocks the image has allocated (SEEK_DATA extents).
     pub allocated_blocks: u64,

@@ -94,6 +94,18 @@ fn migrate(
     block_rate: u64,
     cfg: SourceConfig,
 ) -> Run {
+    migrate_cancel(scratch, disk_mib, page_rate, block_rate, cfg, Cancel::new())
+}
+
+/// [`migrate`], with a cancel flag for the target side.
+fn migrate_cancel(
+    scratch: &Path,
+    disk_mib: u64,
+    page_rate: u64,
+    block_rate: u64,
+    cfg: SourceConfig,
+    target_cancel: Cancel,
+) -> Run {
     let t = InProcTransport::new();
     let key = Key::generate().unwrap();
     let image = scratch.join("source.img");
@@ -124,6 +136,7 @@ fn migrate(
                     io_timeout: Duration::from_secs(5),
                     prefault: false,
                     disk_dir: Some(disk_dir),
+                    cancel: target_cancel,
                     ..TargetConfig::default()
                 };
                 let log = Arc::new(Mutex::new(TargetLog::default()));
@@ -267,4 +280,50 @@ fn a_target_that_cannot_take_the_disk_leaves_the_vm_on_the_source() {
         std::fs::read(s.0.join("target").join("vm0.img")).unwrap(),
         b"someone else's"
     );
+}
+
+#[test]
+fn a_migration_that_fails_midway_removes_the_partial_image() {
+    let s = Scratch::new("midway");
+    let source = s.0.join("source.img");
+    let cancel = Cancel::new();
+    let c2 = cancel.clone();
+    // 64 MiB of disk at 16 MiB/s: the target is cancelled while blocks flow.
+    let partial_seen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = partial_seen.clone();
+    let dir = s.0.join("target");
+    let watcher = std::thread::spawn(move || {
+        for _ in 0..200 {
+            std::thread::sleep(Duration::from_millis(10));
+            let partial = std::fs::read_dir(&dir).ok().and_then(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .find(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+            });
+            if partial.is_some() {
+                seen.store(true, std::sync::atomic::Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(500));
+                break;
+            }
+        }
+        c2.cancel();
+    });
+    let cfg = SourceConfig {
+        bandwidth_mib_s: Some(16),
+        ..cfg()
+    };
+    let r = migrate_cancel(&s.0, 128, 1000, 500, cfg, cancel);
+    watcher.join().unwrap();
+    assert!(
+        partial_seen.load(std::sync::atomic::Ordering::SeqCst),
+        "the image was being written"
+    );
+    assert!(r.result.is_err(), "{:?}", r.result);
+    assert!(r.source_vm.running(), "the VM runs on the source again");
+    assert!(r.target.is_err());
+    let left: Vec<_> = std::fs::read_dir(s.0.join("target"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "the partial image is gone: {left:?}");
+    assert!(std::fs::metadata(&source).unwrap().len() == 128 * MIB);
 }

@@ -19,7 +19,7 @@ pub struct BulkSelection {
     pub allocated_blocks: u64,
     /// Blocks in `runs`.
     pub bulk_blocks: u64,
-    /// "extents", "ext4", or "extents (<why not ext4>)".
+    /// `extents`, `ext4`, or `extents (<why not ext4>)`.
     pub selection: String,
 }
 
