@@ -92,16 +92,29 @@ fn new_bar() -> ProgressBar {
     bar
 }
 
+/// Guest bytes moved: memory pages, and disk blocks for a VM with a disk.
+fn moved_bytes(s: &Snapshot) -> u64 {
+    s.guest_bytes + s.disk.as_ref().map_or(0, |d| d.blocks * PAGE_SIZE as u64)
+}
+
+/// What the bulk round moves: all of memory, and the disk's bulk blocks.
+fn bulk_bytes(s: &Snapshot) -> u64 {
+    s.mem_bytes
+        + s.disk
+            .as_ref()
+            .map_or(0, |d| d.bulk_blocks * PAGE_SIZE as u64)
+}
+
 fn draw(bar: &ProgressBar, s: &Snapshot) {
     let left = remaining_bytes(s);
-    bar.set_length(s.guest_bytes + left);
-    bar.set_position(s.guest_bytes);
+    bar.set_length(moved_bytes(s) + left);
+    bar.set_position(moved_bytes(s));
     bar.set_prefix(status_name(s.status));
     bar.set_message(format!(
         "{} · {} of {} · {:.0} MiB/s · ETA {}",
         round(s),
-        mib(s.guest_bytes),
-        mib(s.mem_bytes),
+        mib(moved_bytes(s)),
+        mib(bulk_bytes(s)),
         guest_rate_mib_s(s),
         eta(s, left)
     ));
@@ -118,10 +131,11 @@ fn round(s: &Snapshot) -> String {
 }
 
 /// Guest bytes still to send: the rest of the bulk round while it runs
-/// (`iterations` counts finished rounds), then the pages dirty at the last sync.
+/// (`iterations` counts finished rounds), then the pages (and disk blocks)
+/// dirty at the last sync.
 fn remaining_bytes(s: &Snapshot) -> u64 {
     if s.iterations == 0 {
-        s.mem_bytes.saturating_sub(s.guest_bytes)
+        bulk_bytes(s).saturating_sub(moved_bytes(s))
     } else {
         s.remaining_pages * PAGE_SIZE as u64
     }
@@ -131,7 +145,7 @@ fn remaining_bytes(s: &Snapshot) -> u64 {
 /// rate is lower whenever pages compress).
 fn guest_rate_mib_s(s: &Snapshot) -> f64 {
     let secs = s.total_time_ms.max(1) as f64 / 1000.0;
-    s.guest_bytes as f64 / (1024.0 * 1024.0) / secs
+    moved_bytes(s) as f64 / (1024.0 * 1024.0) / secs
 }
 
 fn eta(s: &Snapshot, left: u64) -> String {
@@ -144,13 +158,21 @@ fn eta(s: &Snapshot, left: u64) -> String {
 
 /// One plain progress line.
 pub fn line(s: &Snapshot) -> String {
+    let disk = s.disk.as_ref().map_or(String::new(), |d| {
+        format!(
+            " (disk: {} of {} sent, {} blocks dirty)",
+            mib(d.blocks * PAGE_SIZE as u64),
+            mib(d.bulk_blocks * PAGE_SIZE as u64),
+            d.remaining_blocks
+        )
+    });
     format!(
-        "{:>7.1}s {} {}: {} of {} sent ({:.0} MiB/s), {} on the wire ({:.0} MiB/s), {} pages dirty",
+        "{:>7.1}s {} {}: {} of {} sent ({:.0} MiB/s), {} on the wire ({:.0} MiB/s), {} pages dirty{disk}",
         s.total_time_ms as f64 / 1000.0,
         status_name(s.status),
         round(s),
-        mib(s.guest_bytes),
-        mib(s.mem_bytes),
+        mib(moved_bytes(s)),
+        mib(bulk_bytes(s)),
         guest_rate_mib_s(s),
         mib(s.transferred_bytes),
         s.throughput_mib_s,
@@ -180,5 +202,51 @@ pub fn mib(bytes: u64) -> String {
         format!("{m:.1} MiB")
     } else {
         format!("{m:.0} MiB")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_engine::metrics::DiskStats;
+
+    fn snap() -> Snapshot {
+        Snapshot {
+            status: Status::Active,
+            mem_bytes: 256 << 20,
+            guest_bytes: 64 << 20,
+            total_time_ms: 1000,
+            ..Snapshot::default()
+        }
+    }
+
+    #[test]
+    fn progress_counts_memory_alone_without_a_disk() {
+        let s = snap();
+        assert_eq!(moved_bytes(&s), 64 << 20);
+        assert_eq!(remaining_bytes(&s), 192 << 20);
+        let l = line(&s);
+        assert!(l.contains("64 MiB of 256 MiB sent"), "{l}");
+        assert!(!l.contains("disk"), "{l}");
+    }
+
+    #[test]
+    fn progress_counts_disk_blocks_with_memory() {
+        let mut s = snap();
+        s.disk = Some(DiskStats {
+            bulk_blocks: 256 * 256,
+            blocks: 64 * 256,
+            remaining_blocks: 7,
+            ..DiskStats::default()
+        });
+        // 64 MiB of memory and 64 MiB of disk moved, of 256 + 256.
+        assert_eq!(moved_bytes(&s), 128 << 20);
+        assert_eq!(remaining_bytes(&s), 384 << 20);
+        let l = line(&s);
+        assert!(l.contains("128 MiB of 512 MiB sent"), "{l}");
+        assert!(
+            l.contains("(disk: 64 MiB of 256 MiB sent, 7 blocks dirty)"),
+            "{l}"
+        );
     }
 }

@@ -3,9 +3,11 @@
 //! - [`extents`]: the image's allocated extents (SEEK_DATA / SEEK_HOLE).
 //! - [`ext4`]: the blocks an ext4 file system in the image marks used.
 //! - [`uring`]: batched, O_DIRECT block reads and writes on an io_uring.
+//! - [`numa`]: which CPUs are near the image's device, for the ring threads.
 
 pub mod ext4;
 pub mod extents;
+pub mod numa;
 pub mod uring;
 
 use std::fs::File;

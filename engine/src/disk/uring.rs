@@ -1177,9 +1177,22 @@ impl Front {
                 _exited: exited_tx,
             },
         };
+        // The ring thread runs on the CPUs of the NUMA node that holds the
+        // image's device, when sysfs tells (on one node: anywhere).
+        let place = super::numa::device_node_cpus(std::path::Path::new("/sys"), &file);
         let thread = std::thread::Builder::new()
             .name(op.thread_name().into())
-            .spawn(move || worker.run())
+            .spawn(move || {
+                if let Some((node, cpus)) = place {
+                    match super::numa::pin_current_thread(&cpus) {
+                        Ok(()) => tracing::info!(
+                            "{what}: ring thread on NUMA node {node} (CPUs {cpus:?}), the image's device's"
+                        ),
+                        Err(e) => tracing::warn!("{what}: cannot pin to node {node}: {e}"),
+                    }
+                }
+                worker.run()
+            })
             .map_err(|e| ctx(e, format!("{what}: starting its thread")))?;
         Ok(Self {
             op,
