@@ -466,16 +466,23 @@ impl DiskImage {
                 path.display()
             )));
         }
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         let short = &session[..session.len().min(8)];
         let partial = dir.join(format!(".{vm}.{short}.partial"));
         let io = |what: &str, e: std::io::Error| {
             MigrationError::Invalid(format!("{what} {}: {e}", partial.display()))
         };
-        std::fs::create_dir_all(dir).map_err(|e| io("creating the directory of", e))?;
+        // Guest data: readable by ferryd's user only.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| io("creating the directory of", e))?;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&partial)
             .map_err(|e| io("creating", e))?;
         let file = Arc::new(file);
