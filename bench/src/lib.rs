@@ -7,6 +7,9 @@
 //!
 //! - [`api`]: a client for ferryd's HTTP-over-unix-socket control API.
 //! - [`blast`]: the raw TCP baseline (hidden `blast-send` / `blast-recv`).
+//! - [`compare`]: `ferry-bench compare`, every (transport, streams) pair
+//!   migrated K times in alternating order, with a table, a JSON file and a
+//!   chart (SVG and PNG).
 //! - [`netns`]: the namespace pair.
 //! - [`migrate`]: the scenario, its checks and its report.
 //! - [`policies`]: `ferry-bench policies`, every (workload, policy) pair
@@ -15,6 +18,7 @@
 
 pub mod api;
 pub mod blast;
+pub mod compare;
 pub mod migrate;
 pub mod netns;
 pub mod policies;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use ferry_bench::compare::{self, CompareArgs};
 use ferry_bench::migrate::{self, MigrateArgs};
 use ferry_bench::policies::{self, PoliciesArgs};
 use ferry_bench::{blast, procs, ui::Ui};
@@ -52,6 +53,24 @@ enum Cmd {
     /// estimate before the first run. Exits non-zero if any run broke or
     /// did not verify.
     Policies(PoliciesArgs),
+    /// Compare transports and stream counts: migrate each (transport,
+    /// streams) pair --repeat times, then print a table and write
+    /// compare.json, compare.svg and compare.png into --out.
+    ///
+    /// Every run is a `ferry-bench migrate` with fresh ferryds and VM,
+    /// warm-up and link blast. Repeat k runs the pairs in order on even k and
+    /// backwards on odd k (transports at equal streams back to back), so
+    /// drift on a shared machine favours no transport. Rows show runs,
+    /// verified runs, and median (min-max) over completed, verified runs of
+    /// effective MiB/s, downtime, CPU s per GiB of guest memory moved of the
+    /// source and of the target ferryd (user + system time during the
+    /// migration only: not the VMMs, the blast, the warm-up or the target's
+    /// memory-reserve refill), and link ratio; then each transport's medians
+    /// over tcp's at equal streams. A transport ferry-bench or this machine
+    /// cannot run is a row `unavailable: <reason>`.
+    ///
+    /// Exits non-zero if any run broke, did not complete or did not verify.
+    Compare(CompareArgs),
     /// Receive a link blast (used by `migrate`).
     #[command(hide = true)]
     BlastRecv {
@@ -92,6 +111,7 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Migrate(args) => migrate_main(&args),
         Cmd::Policies(args) => policies_main(&args),
+        Cmd::Compare(args) => compare_main(&args),
         Cmd::BlastRecv {
             listen,
             streams,
@@ -136,6 +156,43 @@ fn policies_main(args: &PoliciesArgs) -> ExitCode {
                 ExitCode::SUCCESS
             } else {
                 eprintln!("ferry-bench: some runs broke or did not verify; see policies.json");
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("ferry-bench: {e:#}");
+            if procs::interrupted() {
+                ExitCode::from(EXIT_INTERRUPTED)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn compare_main(args: &CompareArgs) -> ExitCode {
+    let mut ui = Ui::from_env();
+    let result = procs::catch_interrupts().and_then(|()| compare::run(args, &mut ui));
+    ui.end_live();
+    match result {
+        Ok(exp) => {
+            if args.json {
+                match serde_json::to_string_pretty(&exp) {
+                    Ok(j) => println!("{j}"),
+                    Err(e) => eprintln!("ferry-bench: cannot print the result: {e}"),
+                }
+            } else {
+                println!("{}", exp.table());
+            }
+            if procs::interrupted() {
+                ExitCode::from(EXIT_INTERRUPTED)
+            } else if exp.all_verified() {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "ferry-bench: some runs broke, did not complete or did not verify; \
+                     see compare.json"
+                );
                 ExitCode::FAILURE
             }
         }

@@ -82,6 +82,13 @@ pub struct MigrateRequest {
     /// uses (default: all allocated extents).
     #[serde(default)]
     pub disk_fs_aware: bool,
+    /// How this host sends: `tcp` or `uring` (default: ferryd's `--transport`).
+    #[serde(default)]
+    pub transport: Option<String>,
+    /// Thread placement for this migration: `auto`, `off`, `cpus:LIST`,
+    /// `nodes:LIST` (default: ferryd's `--placement`).
+    #[serde(default)]
+    pub placement: Option<String>,
 }
 
 /// The id of a created (or cancelled) migration.

@@ -14,7 +14,9 @@
 //!   "vmm_command": "/usr/bin/ferry-vmm",
 //!   "vmm_args": ["--log-level", "info"],
 //!   "log_level": "info",
-//!   "disk_dir": "/var/lib/ferry/disks"
+//!   "disk_dir": "/var/lib/ferry/disks",
+//!   "transport": "tcp",
+//!   "placement": "auto"
 //! }
 //! ```
 
@@ -78,6 +80,16 @@ pub struct Args {
     /// [default: STATE_DIR/disks].
     #[arg(long, value_name = "DIR")]
     pub disk_dir: Option<PathBuf>,
+    /// How this host moves migration bytes: `tcp` or `uring` (TCP driven by
+    /// io_uring); for its listener and, unless a migration asks otherwise,
+    /// for outgoing migrations [default: tcp].
+    #[arg(long, value_name = "NAME")]
+    pub transport: Option<crate::transports::TransportKind>,
+    /// Where migration threads run: `auto` (near guest memory, the NIC and
+    /// the disk on a multi-node machine; not pinned on one node), `off`,
+    /// `cpus:LIST` or `nodes:LIST` [default: auto].
+    #[arg(long, value_name = "POLICY")]
+    pub placement: Option<String>,
 }
 
 /// The JSON config file: every key optional.
@@ -104,6 +116,10 @@ pub struct FileConfig {
     pub reserve_mib: Option<u64>,
     /// See [`Args::disk_dir`].
     pub disk_dir: Option<PathBuf>,
+    /// See [`Args::transport`].
+    pub transport: Option<crate::transports::TransportKind>,
+    /// See [`Args::placement`].
+    pub placement: Option<String>,
 }
 
 /// The settings ferryd runs with.
@@ -129,6 +145,10 @@ pub struct Config {
     pub reserve_mib: u64,
     /// Incoming disk images; `None`: STATE_DIR/disks.
     pub disk_dir: Option<PathBuf>,
+    /// The transport of the listener and the default for outgoing migrations.
+    pub transport: crate::transports::TransportKind,
+    /// Thread placement of every migration (checked against this machine).
+    pub placement: ferry_engine::numa::PlacementPolicy,
 }
 
 impl Config {
@@ -206,6 +226,12 @@ impl Config {
         };
         let log_level = args.log_level.or(file.log_level);
         let disk_dir = args.disk_dir.or(file.disk_dir);
+        let transport = args.transport.or(file.transport).unwrap_or_default();
+        let placement = match args.placement.or(file.placement) {
+            None => ferry_engine::numa::PlacementPolicy::default(),
+            Some(p) => ferry_engine::numa::PlacementPolicy::parse_for_host(&p)
+                .map_err(|e| ConfigError::Invalid(format!("--placement {p:?}: {e}")))?,
+        };
         let reserve_mib = args.reserve_mib.or(file.reserve_mib).unwrap_or(0);
         if reserve_mib > RESERVE_MIB_MAX {
             return Err(ConfigError::Invalid(format!(
@@ -230,6 +256,8 @@ impl Config {
             log_level,
             reserve_mib,
             disk_dir,
+            transport,
+            placement,
         })
     }
 }

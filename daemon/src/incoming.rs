@@ -137,6 +137,7 @@ fn receive(d: &Arc<Daemon>, session: IncomingSession) {
                 reserve: d.reserve.clone(),
                 cancel,
                 disk_dir: Some(d.cfg.disk_dir()),
+                placement: d.cfg.placement.clone(),
                 ..TargetConfig::default()
             },
             Arc::clone(&metrics),

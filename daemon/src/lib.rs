@@ -36,5 +36,6 @@ pub mod http;
 pub mod incoming;
 pub mod linkserver;
 pub mod migrations;
+pub mod transports;
 pub mod util;
 pub mod vms;

@@ -207,6 +207,20 @@ pub fn source_config(req: &MigrateRequest) -> Result<SourceConfig, ApiError> {
 /// Starts an outgoing migration; returns its id once its thread runs.
 pub fn start_outgoing(d: &Arc<Daemon>, req: MigrateRequest) -> Result<String, ApiError> {
     let mut cfg = source_config(&req)?;
+    cfg.placement = match &req.placement {
+        None => d.cfg.placement.clone(),
+        Some(p) => ferry_engine::numa::PlacementPolicy::parse_for_host(p)
+            .map_err(|e| ApiError::bad_request(format!("\"placement\": {e}")))?,
+    };
+    let kind = match &req.transport {
+        None => d.cfg.transport,
+        Some(t) => t
+            .parse::<crate::transports::TransportKind>()
+            .map_err(|e| ApiError::bad_request(format!("\"transport\": {e}")))?,
+    };
+    let transport = crate::transports::get(kind).map_err(|e| {
+        ApiError::bad_request(format!("\"transport\": {kind} cannot run here: {e}"))
+    })?;
     if d.is_shutting_down() {
         return Err(ApiError {
             status: 503,
@@ -226,7 +240,7 @@ pub fn start_outgoing(d: &Arc<Daemon>, req: MigrateRequest) -> Result<String, Ap
         })?;
     let metrics = Arc::new(Metrics::new(&id, &req.vm, "source", &req.to));
     metrics.update(|s| {
-        s.transport = d.transport.name().into();
+        s.transport = transport.name().into();
         s.streams = cfg.streams.get();
         s.mem_bytes = lent.spec.mem_bytes();
         s.epoch = lent.epoch;
@@ -248,6 +262,7 @@ pub fn start_outgoing(d: &Arc<Daemon>, req: MigrateRequest) -> Result<String, Ap
         d: Arc::clone(d),
         vm: req.vm,
         to: req.to,
+        transport,
         disk_fs_aware: req.disk_fs_aware,
         cfg,
         metrics,
@@ -285,6 +300,7 @@ struct Outgoing {
     d: Arc<Daemon>,
     vm: String,
     to: String,
+    transport: Arc<dyn ferry_transport::Transport>,
     disk_fs_aware: bool,
     cfg: SourceConfig,
     metrics: Arc<Metrics>,
@@ -316,7 +332,7 @@ impl Outgoing {
             let _ = link.link().set_timeout(Some(VMM_CALL_TIMEOUT));
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 migrate_out(
-                    self.d.transport.as_ref(),
+                    self.transport.as_ref(),
                     &self.to,
                     &self.d.key,
                     &spec,

@@ -10,6 +10,8 @@
 //! - [`source`] / [`target`]: the migration state machines and data pipelines.
 //! - [`metrics`]: a query-migrate style context per migration.
 //! - [`policy`]: when pre-copy stops, which pages a round sends, throttling.
+//! - [`numa`]: which CPUs each pipeline stage runs on (near guest memory,
+//!   the NIC, the disk), and pinning.
 //!
 //! Entry points: [`source::migrate_out`] on the source, and on the target an
 //! [`target::Acceptor`] that authenticates connections into sessions plus
@@ -24,6 +26,7 @@ pub mod linkvm;
 pub mod memory;
 pub mod memvm;
 pub mod metrics;
+pub mod numa;
 pub mod policy;
 pub mod source;
 pub mod target;

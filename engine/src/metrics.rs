@@ -136,6 +136,10 @@ pub struct Snapshot {
     /// above count memory only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<DiskStats>,
+    /// Which CPUs each pipeline stage runs on, and why (empty until the
+    /// pipeline starts).
+    #[serde(default, skip_serializing_if = "crate::numa::Placement::is_empty")]
+    pub placement: crate::numa::Placement,
 }
 
 /// What moved of the VM's disk.
@@ -481,6 +485,9 @@ impl std::fmt::Display for Snapshot {
                 d.resent_blocks,
                 d.remaining_blocks
             )?;
+        }
+        if !self.placement.is_empty() {
+            writeln!(f, "  placement:         {}", self.placement)?;
         }
         if self.throttle_pct > 0 {
             writeln!(f, "  guest throttle:    {}%", self.throttle_pct)?;

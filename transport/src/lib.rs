@@ -6,8 +6,10 @@
 //! passes the same conformance suite ([`conformance::run_all`], run for each
 //! transport by `tests/conformance.rs`).
 //!
-//! Implementations: [`tcp::TcpTransport`] and [`inproc::InProcTransport`]
-//! (in-memory, with fault injection, for deterministic protocol tests).
+//! Implementations: [`tcp::TcpTransport`], [`uring::UringTransport`] (the
+//! same TCP on the wire, its data path driven by io_uring) and
+//! [`inproc::InProcTransport`] (in-memory, with fault injection, for
+//! deterministic protocol tests).
 //!
 //! ```text
 //!   source                                   target
@@ -30,6 +32,7 @@ use vm_memory::VolatileSlice;
 pub mod conformance;
 pub mod inproc;
 pub mod tcp;
+pub mod uring;
 
 /// Errors of every transport. Sentence-style messages; the cause is kept.
 #[derive(Debug, thiserror::Error)]

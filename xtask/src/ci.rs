@@ -30,7 +30,8 @@ struct E2eRun {
 /// scattered extents that the guest keeps writing (block stamps, disk hash
 /// on both sides), and an ext4 image with deleted files moved file-system
 /// aware (e2fsck and every file compared on the target); the give-up run
-/// has a disk too, which the target must not keep.
+/// has a disk too, which the target must not keep. One runs both ferryds on
+/// the io_uring transport.
 const E2E_RUNS: &[E2eRun] = &[
     E2eRun {
         mem_mib: 256,
@@ -82,6 +83,13 @@ const E2E_RUNS: &[E2eRun] = &[
         workload: "mixed",
         netns: true,
         extra: &[],
+        complete: true,
+    },
+    E2eRun {
+        mem_mib: 256,
+        workload: "dirty:50",
+        netns: false,
+        extra: &["--transport", "uring"],
         complete: true,
     },
     E2eRun {

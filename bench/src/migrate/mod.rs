@@ -17,6 +17,7 @@
 //! because both are bytes over time.
 
 mod checks;
+pub mod cpu;
 pub mod disk;
 pub mod policy;
 pub mod report;
@@ -55,12 +56,15 @@ const TIME_MAX_GRACE_S: u64 = 30;
 pub enum Transport {
     /// TCP, N data streams plus a control stream.
     Tcp,
+    /// The same TCP, driven by io_uring on both ferryds.
+    Uring,
 }
 
 impl Transport {
     fn name(self) -> &'static str {
         match self {
             Transport::Tcp => "tcp",
+            Transport::Uring => "uring",
         }
     }
 }
@@ -193,7 +197,14 @@ pub fn run(args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResult> {
     }
     let programs = Programs::find(args.bin_dir.as_deref())?;
     let reserve = (!args.no_reserve).then_some(args.mem_mib);
-    let mut tb = Testbed::start(programs, args.netns, args.link_rate_mib_s, reserve, ui)?;
+    let mut tb = Testbed::start(
+        programs,
+        args.netns,
+        args.link_rate_mib_s,
+        reserve,
+        args.transport.name(),
+        ui,
+    )?;
     if args.keep_logs {
         tb.keep_logs();
     }
@@ -278,10 +289,22 @@ fn run_on(tb: &mut Testbed, args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResu
         downtime_max_ms: args.downtime_max_ms,
         xor_cache_mib: args.xor_cache_mib,
         disk_fs_aware: args.disk_fs_aware,
+        transport: Some(args.transport.name().into()),
+        placement: None,
     };
+    // CPU accounting covers the migration only (see `cpu`); a failure to
+    // read /proc costs the figures, not the run.
+    let meter = cpu::Meter::start(tb.src.pid(), tb.tgt.pid())
+        .inspect_err(|e| ui.step(&format!("no CPU figures: {e:#}")))
+        .ok();
     let id = tb.src.api.start_migration(&req)?;
     ui.step(&format!("migration {id}: {VM_NAME} to {}", req.to));
     let snap = follow(tb, &id, args, ui)?;
+    let cpu_use = meter.and_then(|m| {
+        m.finish()
+            .inspect_err(|e| ui.step(&format!("no CPU figures: {e:#}")))
+            .ok()
+    });
 
     let mut r = BenchResult {
         status: status_name(snap.status),
@@ -341,6 +364,7 @@ fn run_on(tb: &mut Testbed, args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResu
     // Rates from the raw counters, not the engine's own rate field.
     r.throughput_mib_s = round2(mib_s(r.transferred_bytes, r.total_time_ms));
     r.effective_mib_s = round2(mib_s(r.mem_bytes, r.total_time_ms));
+    r.cpu = cpu_use.map(|c| c.per_gib(r.guest_bytes));
     r.link_ratio = if blast.mib_s > 0.0 {
         round2(mib_s(r.transferred_bytes, r.total_time_ms) / blast.mib_s)
     } else {

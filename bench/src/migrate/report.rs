@@ -207,6 +207,10 @@ pub struct BenchResult {
     pub link_ratio: f64,
     /// The link blast.
     pub link: Link,
+    /// CPU the two ferryds spent on the migration (not the VMMs, the blast,
+    /// the warm-up or the target's reserve refill; see `migrate::cpu`);
+    /// `None` when /proc could not be read.
+    pub cpu: Option<super::cpu::CpuUse>,
     /// The migration completed: the VM runs on the target.
     pub completed: bool,
     /// The checks that apply passed: completed with all four checks, or
@@ -400,6 +404,25 @@ impl fmt::Display for BenchResult {
                 self.link_hot_mib_s
             )?;
         }
+        if let Some(c) = &self.cpu {
+            let per = |v: Option<f64>| v.map_or(String::new(), |v| format!(", {v:.3} s/GiB"));
+            writeln!(
+                f,
+                "  ferryd cpu      source {} ms{}, target {} ms{} (user + system; not the VMMs{})",
+                c.source_ms,
+                per(c.source_s_per_gib),
+                c.target_ms,
+                per(c.target_s_per_gib),
+                if c.target_refill_ms > 0 {
+                    format!(
+                        ", not the target's {} ms reserve refill",
+                        c.target_refill_ms
+                    )
+                } else {
+                    String::new()
+                }
+            )?;
+        }
         writeln!(f, "  checks")?;
         for (label, c) in self.checks.list() {
             writeln!(
@@ -459,6 +482,7 @@ mod tests {
             "effective_mib_s",
             "link_mib_s",
             "link_ratio",
+            "cpu",
             "completed",
             "verified",
             "downtime_max_ms",
@@ -531,6 +555,16 @@ mod tests {
                 cache_hits: 6,
                 ..Default::default()
             },
+            cpu: Some(
+                crate::migrate::cpu::CpuUse {
+                    source_ms: 300,
+                    target_ms: 200,
+                    target_refill_ms: 40,
+                    tick_ms: 10.0,
+                    ..Default::default()
+                }
+                .per_gib(2 << 30),
+            ),
             ..BenchResult::default()
         };
         let table = r.to_string();
@@ -541,6 +575,8 @@ mod tests {
             "bulk skipped    7 pages",
             "xor-delta       5 pages (0 KiB) from a 16 MiB cache: 6 hits",
             "not measured (--no-blast)",
+            "ferryd cpu      source 300 ms, 0.150 s/GiB, target 200 ms, 0.100 s/GiB \
+             (user + system; not the VMMs, not the target's 40 ms reserve refill)",
         ] {
             assert!(table.contains(s), "{s} not in {table}");
         }

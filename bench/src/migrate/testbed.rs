@@ -93,6 +93,12 @@ impl Daemon {
         self.child.ensure_running()
     }
 
+    /// Its process id (ferryd's own, also under `ip netns exec`, which
+    /// execs it).
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
     /// The link socket VMMs register on.
     pub fn link_socket(&self) -> PathBuf {
         self.dir.join("link.sock")
@@ -144,6 +150,7 @@ impl Testbed {
         use_netns: bool,
         link_rate_mib_s: Option<u64>,
         target_reserve_mib: Option<u64>,
+        transport: &str,
         ui: &Ui,
     ) -> Result<Self> {
         let dir = TempDir::new()?;
@@ -180,14 +187,19 @@ impl Testbed {
                 (any_port, any_port, None, None)
             }
         };
-        let reserve: Vec<String> = target_reserve_mib
-            .map(|m| vec!["--reserve-mib".to_string(), m.to_string()])
-            .unwrap_or_default();
+        // Both ferryds move bytes with the transport under test.
+        let mut reserve: Vec<String> = vec!["--transport".into(), transport.into()];
+        if let Some(m) = target_reserve_mib {
+            reserve.extend(["--reserve-mib".to_string(), m.to_string()]);
+        }
+        let src_extra: Vec<String> = vec!["--transport".into(), transport.into()];
         let tgt = start_daemon(
             &programs, &dir, "target", tgt_addr, tgt_ns, &key_file, &reserve,
         )?;
         ui.step(&format!("target ferryd listening on {}", tgt.listen));
-        let src = start_daemon(&programs, &dir, "source", src_addr, src_ns, &key_file, &[])?;
+        let src = start_daemon(
+            &programs, &dir, "source", src_addr, src_ns, &key_file, &src_extra,
+        )?;
         ui.step(&format!("source ferryd listening on {}", src.listen));
         let report = dir.path().join("vmm-report.jsonl");
         Ok(Testbed {

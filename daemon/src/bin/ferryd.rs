@@ -1,12 +1,11 @@
 //! `ferryd`: ferry's per-host live-migration service (see docs/api.md).
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::Parser;
 use ferry_daemon::config::{Args, Config};
 use ferry_daemon::daemon;
-use ferry_transport::tcp::TcpTransport;
+use ferry_daemon::transports;
 
 fn main() -> ExitCode {
     let cfg = match Config::resolve(Args::parse()) {
@@ -20,7 +19,14 @@ fn main() -> ExitCode {
         eprintln!("ferryd: {e}");
         return ExitCode::from(2);
     }
-    match daemon::run(cfg, Arc::new(TcpTransport::default())) {
+    let transport = match transports::get(cfg.transport) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!("cannot use transport {}: {e}", cfg.transport);
+            return ExitCode::FAILURE;
+        }
+    };
+    match daemon::run(cfg, transport) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("cannot run: {e}");

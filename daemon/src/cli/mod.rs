@@ -132,6 +132,14 @@ pub struct MigrateArgs {
     /// image without one falls back to extents, with the reason reported).
     #[arg(long)]
     pub disk_fs_aware: bool,
+    /// How this host sends the migration: `tcp` or `uring` (TCP driven by
+    /// io_uring) [default: ferryd's --transport].
+    #[arg(long, value_name = "NAME")]
+    pub transport: Option<String>,
+    /// Where this migration's threads run: `auto`, `off`, `cpus:LIST`,
+    /// `nodes:LIST` [default: ferryd's --placement].
+    #[arg(long, value_name = "POLICY")]
+    pub placement: Option<String>,
     /// Print the migration id and return at once.
     #[arg(long)]
     pub detach: bool,
@@ -266,6 +274,8 @@ fn migrate(client: &Client, a: &MigrateArgs) -> Result<u8, Fail> {
         downtime_max_ms: a.downtime_max_ms,
         xor_cache_mib: a.xor_cache_mib,
         disk_fs_aware: a.disk_fs_aware,
+        transport: a.transport.clone(),
+        placement: a.placement.clone(),
     };
     let created: Created = client.call("POST", "/api/v1/migrations", Some(&req))?;
     if a.detach {

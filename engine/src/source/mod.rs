@@ -58,6 +58,8 @@ pub struct SourceConfig {
     pub xor_cache_bytes: Option<u64>,
     /// The VM's disk, moved with its memory (the spec must describe it).
     pub disk: Option<DiskSource>,
+    /// Which CPUs the encoders and senders run on ([`crate::numa`]).
+    pub placement: crate::numa::PlacementPolicy,
 }
 
 /// A disk that moves with the VM: a raw image the VMM keeps writing while
@@ -95,6 +97,7 @@ impl Default for SourceConfig {
             downtime_max_ms: 2000,
             xor_cache_bytes: None,
             disk: None,
+            placement: crate::numa::PlacementPolicy::Auto,
         }
     }
 }
@@ -370,6 +373,7 @@ impl Migration<'_> {
                 throttle,
                 xor_bytes,
                 disk_input,
+                &self.cfg.placement,
             )
             .map_err(|source| MigrationError::Transport {
                 phase: "starting streams",

@@ -39,6 +39,7 @@ use crate::bitmap::AtomicBitmap;
 use crate::disk::uring::{self, DiskReader, Recycler};
 use crate::memory::{GuestMem, PageIndex};
 use crate::metrics::Metrics;
+use crate::numa::{touched_buffer, Placement, PlacementPolicy, Stage};
 use crate::wire::crc::{crc32c_guest, prefetch};
 use crate::wire::{frame_crc, FrameHeader, FrameKind, PageEntry, PAGES_PER_FRAME_MAX};
 
@@ -276,6 +277,7 @@ impl Pipeline {
         throttle: Option<Arc<Throttle>>,
         xor_cache_bytes: u64,
         disk: Option<DiskInput>,
+        placement: &PlacementPolicy,
     ) -> Result<Self, ferry_transport::TransportError> {
         let streams = u16::try_from(conns.len()).expect("stream count checked by the caller");
         assert!(streams > 0);
@@ -285,13 +287,17 @@ impl Pipeline {
         let index_end = disk.as_ref().map_or(mem.pages(), |d| d.base + d.blocks);
         let sent_before = Arc::new(AtomicBitmap::new(index_end));
         let (round_tx, round_rx) = bounded(streams as usize * 4);
+        // Encoders run near guest memory, senders near the NIC (crate::numa).
+        let plan = Placement::for_source(
+            placement,
+            &mem,
+            &conns[0].peer(),
+            disk.as_ref().map(|d| &*d.file),
+        );
+        metrics.update(|s| s.placement = plan.clone());
+        // Filled by the encoders, each with its streams' share, from their
+        // own node.
         let (pool_tx, pool_rx) = bounded::<Box<Encoded>>(streams as usize * POOL_PER_STREAM);
-        for _ in 0..streams as usize * POOL_PER_STREAM {
-            let mut e = Box::<Encoded>::default();
-            e.table.reserve(PAGES_PER_FRAME_MAX * PageEntry::BYTES);
-            e.payload.reserve(PAGES_PER_FRAME_MAX * PAGE_SIZE);
-            pool_tx.send(e).expect("pool sized for its contents");
-        }
         let mut threads = Vec::new();
         let mut out_txs = Vec::new();
         let mut clones = Vec::new();
@@ -309,10 +315,12 @@ impl Pipeline {
                 round_tx.clone(),
                 throttle.clone(),
             );
+            let pin = plan.pinner(Stage::Send);
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("ferry-send-{stream}"))
                     .spawn(move || {
+                        pin.enter();
                         let mut s = SendStage {
                             stream,
                             conn,
@@ -398,10 +406,23 @@ impl Pipeline {
                 sent_before.clone(),
                 recycler.clone(),
             );
+            let (pin, pool_tx) = (plan.pinner(Stage::Encode), pool_tx.clone());
+            let share = outs.iter().flatten().count() * POOL_PER_STREAM;
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("ferry-encode-{w}"))
                     .spawn(move || {
+                        pin.enter();
+                        for _ in 0..share {
+                            let e = Box::new(Encoded {
+                                table: touched_buffer(PAGES_PER_FRAME_MAX * PageEntry::BYTES),
+                                payload: touched_buffer(PAGES_PER_FRAME_MAX * PAGE_SIZE),
+                                ..Encoded::default()
+                            });
+                            // The pool holds every stream's share: never full.
+                            let _ = pool_tx.send(e);
+                        }
+                        drop(pool_tx);
                         // Pages are pinned to encoders, so each keeps its
                         // own share of the delta cache, without locks.
                         let cache = DeltaCache::new((xor_cache_bytes / encoders as u64) as usize);

@@ -198,6 +198,8 @@ pub struct TargetConfig {
     /// Where received disk images go (`<vm>.img`, written as a hidden
     /// `.partial` file until COMMIT). `None` refuses VMs with a disk.
     pub disk_dir: Option<std::path::PathBuf>,
+    /// Which CPUs the receivers and decoders run on ([`crate::numa`]).
+    pub placement: crate::numa::PlacementPolicy,
 }
 
 impl Default for TargetConfig {
@@ -208,6 +210,7 @@ impl Default for TargetConfig {
             reserve: None,
             cancel: crate::Cancel::new(),
             disk_dir: None,
+            placement: crate::numa::PlacementPolicy::Auto,
         }
     }
 }
@@ -377,7 +380,8 @@ pub fn migrate_in<V: TargetVm>(
         disk: image.as_mut().map(|i| i.take_sink()),
     });
     let result = (|| {
-        let receivers = Receivers::start(shared.clone(), data).map_err(tx_transport)?;
+        let receivers =
+            Receivers::start(shared.clone(), data, &cfg.placement).map_err(tx_transport)?;
         let mut session = Session {
             shared: &shared,
             receivers: Some(receivers),

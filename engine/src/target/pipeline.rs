@@ -39,6 +39,7 @@ use ferry_transport::Conn;
 use crate::bitmap::AtomicBitmap;
 use crate::memory::{GuestMem, PageIndex};
 use crate::metrics::Metrics;
+use crate::numa::{touched_buffer, Placement, PlacementPolicy, Stage};
 use crate::source::pipeline::{owner_stream, Failure};
 use crate::wire::crc::crc32c_guest;
 use crate::wire::{
@@ -151,8 +152,17 @@ impl Receivers {
     pub fn start(
         shared: Arc<Shared>,
         conns: Vec<Box<dyn Conn>>,
+        placement: &PlacementPolicy,
     ) -> Result<Self, ferry_transport::TransportError> {
         let streams = conns.len() as u16;
+        // Receivers run near the NIC, decoders near guest memory (crate::numa).
+        let plan = Placement::for_target(
+            placement,
+            &shared.mem,
+            &conns.first().map_or_else(String::new, |c| c.peer()),
+            shared.disk.as_ref().map(|d| &*d.file),
+        );
+        shared.metrics.update(|s| s.placement = plan.clone());
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let decoders = (streams as usize).min(cores).max(1);
         let (pool_tx, pool_rx) = bounded::<Vec<u8>>(decoders * DECODE_DEPTH + streams as usize);
@@ -170,10 +180,12 @@ impl Receivers {
             let (tx, rx) = bounded::<DecodeJob>(DECODE_DEPTH);
             job_txs.push(tx);
             let (shared, progress, pool_tx) = (shared.clone(), progress.clone(), pool_tx.clone());
+            let pin = plan.pinner(Stage::Decode);
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("ferry-decode-{d}"))
                     .spawn(move || {
+                        pin.enter();
                         if let Err(e) = decode_stage(rx, &shared, &progress, pool_tx) {
                             shared.failure.fail(e);
                         }
@@ -195,12 +207,15 @@ impl Receivers {
                 pool: pool_rx.clone(),
                 progress: progress.clone(),
                 entries: Vec::with_capacity(crate::wire::PAGES_PER_FRAME_MAX),
-                scratch: Vec::with_capacity(PAYLOAD_BYTES_MAX),
+                scratch: Vec::new(),
             };
+            let pin = plan.pinner(Stage::Receive);
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("ferry-recv-{stream}"))
                     .spawn(move || {
+                        pin.enter();
+                        r.scratch = touched_buffer(PAYLOAD_BYTES_MAX);
                         match r.run() {
                             Ok(()) => {}
                             // The source closing a stream after COMMIT or an abort is normal.
