@@ -103,7 +103,7 @@ impl TcpTransport {
 }
 
 /// Sets `SO_SNDBUF` and `SO_RCVBUF` on `fd`.
-fn set_buffer_sizes(fd: libc::c_int, bytes: NonZeroU32) -> io::Result<()> {
+pub(crate) fn set_buffer_sizes(fd: libc::c_int, bytes: NonZeroU32) -> io::Result<()> {
     let value = libc::c_int::try_from(bytes.get()).unwrap_or(libc::c_int::MAX);
     for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
         // SAFETY: `fd` is an open socket owned by the caller for the duration of
@@ -130,47 +130,96 @@ impl Transport for TcpTransport {
     }
 
     fn connect(&self, addr: &str, timeout: Duration) -> Result<Box<dyn Conn>> {
-        let connect_err = |source| TransportError::Connect {
-            addr: addr.to_owned(),
-            source,
-        };
-        let targets = addr.to_socket_addrs().map_err(connect_err)?;
-        let mut last_err = None;
-        for target in targets {
-            match TcpStream::connect_timeout(&target, timeout) {
-                Ok(stream) => {
-                    self.configure(&stream).map_err(connect_err)?;
-                    return Ok(Box::new(TcpConn::new(stream, target)));
-                }
-                Err(e) => last_err = Some(e),
-            }
-        }
-        Err(connect_err(last_err.unwrap_or_else(|| {
-            io::Error::new(ErrorKind::InvalidInput, "address resolved to nothing")
-        })))
+        let (stream, target) = connect_stream(addr, timeout, |s| self.configure(s))?;
+        Ok(Box::new(TcpConn::new(stream, target)))
     }
 
     fn listen(&self, addr: &str) -> Result<Box<dyn Listener>> {
-        let listen_err = |source| TransportError::Listen {
-            addr: addr.to_owned(),
-            source,
-        };
-        let listener = TcpListener::bind(addr).map_err(listen_err)?;
-        // Accepted sockets inherit the listener's buffer sizes, and the window
-        // scale in the SYN-ACK is chosen from them, so they are set here, before
-        // any peer can connect.
-        if let Some(bytes) = self.socket_buffer_bytes {
-            set_buffer_sizes(listener.as_raw_fd(), bytes).map_err(listen_err)?;
-        }
-        // Non-blocking so that a connection reset between poll() and accept()
-        // cannot block accept past its timeout.
-        listener.set_nonblocking(true).map_err(listen_err)?;
-        let local = listener.local_addr().map_err(listen_err)?;
+        let (listener, local) = bind_listener(addr, self.socket_buffer_bytes)?;
         Ok(Box::new(TcpListenerImpl {
             listener,
             local,
             transport: *self,
         }))
+    }
+}
+
+/// Connects to the first address `addr` resolves to that answers within
+/// `timeout`, and sets the stream up with `configure`. Shared with the
+/// io_uring transport, which is the same TCP on the wire.
+pub(crate) fn connect_stream(
+    addr: &str,
+    timeout: Duration,
+    configure: impl Fn(&TcpStream) -> io::Result<()>,
+) -> Result<(TcpStream, SocketAddr)> {
+    let connect_err = |source| TransportError::Connect {
+        addr: addr.to_owned(),
+        source,
+    };
+    let targets = addr.to_socket_addrs().map_err(connect_err)?;
+    let mut last_err = None;
+    for target in targets {
+        match TcpStream::connect_timeout(&target, timeout) {
+            Ok(stream) => {
+                configure(&stream).map_err(connect_err)?;
+                return Ok((stream, target));
+            }
+            Err(e) => last_err = Some(e),
+        }
+    }
+    Err(connect_err(last_err.unwrap_or_else(|| {
+        io::Error::new(ErrorKind::InvalidInput, "address resolved to nothing")
+    })))
+}
+
+/// Binds a non-blocking listener on `addr` with the given socket buffers.
+pub(crate) fn bind_listener(
+    addr: &str,
+    socket_buffer_bytes: Option<NonZeroU32>,
+) -> Result<(TcpListener, SocketAddr)> {
+    let listen_err = |source| TransportError::Listen {
+        addr: addr.to_owned(),
+        source,
+    };
+    let listener = TcpListener::bind(addr).map_err(listen_err)?;
+    // Accepted sockets inherit the listener's buffer sizes, and the window
+    // scale in the SYN-ACK is chosen from them, so they are set here, before
+    // any peer can connect.
+    if let Some(bytes) = socket_buffer_bytes {
+        set_buffer_sizes(listener.as_raw_fd(), bytes).map_err(listen_err)?;
+    }
+    // Non-blocking so that a connection reset between poll() and accept()
+    // cannot block accept past its timeout.
+    listener.set_nonblocking(true).map_err(listen_err)?;
+    let local = listener.local_addr().map_err(listen_err)?;
+    Ok((listener, local))
+}
+
+/// Accepts the next connection on a non-blocking `listener`, or `None` once
+/// `timeout` passes.
+pub(crate) fn accept_stream(
+    listener: &TcpListener,
+    timeout: Option<Duration>,
+) -> Result<Option<(TcpStream, SocketAddr)>> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    loop {
+        match listener.accept() {
+            Ok(accepted) => return Ok(Some(accepted)),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            // The peer gave up between SYN and accept, or a signal: not our failure.
+            Err(e)
+                if e.kind() == ErrorKind::Interrupted
+                    || e.kind() == ErrorKind::ConnectionAborted => {}
+            Err(e) => return Err(TransportError::Accept(e)),
+        }
+        let wait = match deadline {
+            None => None,
+            Some(d) => match d.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => Some(left),
+                _ => return Ok(None),
+            },
+        };
+        poll_readable(listener.as_raw_fd(), wait).map_err(TransportError::Accept)?;
     }
 }
 
@@ -183,31 +232,13 @@ struct TcpListenerImpl {
 
 impl Listener for TcpListenerImpl {
     fn accept(&mut self, timeout: Option<Duration>) -> Result<Option<Box<dyn Conn>>> {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        loop {
-            match self.listener.accept() {
-                Ok((stream, peer)) => {
-                    self.transport
-                        .configure(&stream)
-                        .map_err(TransportError::Accept)?;
-                    return Ok(Some(Box::new(TcpConn::new(stream, peer))));
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                // The peer gave up between SYN and accept, or a signal: not our failure.
-                Err(e)
-                    if e.kind() == ErrorKind::Interrupted
-                        || e.kind() == ErrorKind::ConnectionAborted => {}
-                Err(e) => return Err(TransportError::Accept(e)),
-            }
-            let wait = match deadline {
-                None => None,
-                Some(d) => match d.checked_duration_since(Instant::now()) {
-                    Some(left) if !left.is_zero() => Some(left),
-                    _ => return Ok(None),
-                },
-            };
-            poll_readable(self.listener.as_raw_fd(), wait).map_err(TransportError::Accept)?;
-        }
+        let Some((stream, peer)) = accept_stream(&self.listener, timeout)? else {
+            return Ok(None);
+        };
+        self.transport
+            .configure(&stream)
+            .map_err(TransportError::Accept)?;
+        Ok(Some(Box::new(TcpConn::new(stream, peer))))
     }
 
     fn local_addr(&self) -> String {
@@ -217,7 +248,7 @@ impl Listener for TcpListenerImpl {
 
 /// Waits until `fd` is readable or `wait` passes (`None` = forever). Returns
 /// normally in both cases; EINTR counts as a wake-up.
-fn poll_readable(fd: libc::c_int, wait: Option<Duration>) -> io::Result<()> {
+pub(crate) fn poll_readable(fd: libc::c_int, wait: Option<Duration>) -> io::Result<()> {
     let timeout_ms: libc::c_int = match wait {
         None => -1,
         // Round up: a 0 ms poll for a 0.5 ms wait would spin.

@@ -171,14 +171,15 @@ mod conn;
 mod ring;
 
 use std::io::{self, ErrorKind};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::num::NonZeroU32;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use io_uring::{opcode, IoUring, Probe};
 
+use crate::tcp;
 use crate::{Conn, Listener, Result, Transport, TransportError};
 use conn::{Socket, UringConn};
 use ring::RingSetup;
@@ -266,7 +267,7 @@ impl UringTransport {
         // nothing to read could complete with EAGAIN instead of waiting.
         stream.set_nonblocking(false)?;
         if let Some(bytes) = self.socket_buffer_bytes {
-            set_buffer_sizes(stream.as_raw_fd(), bytes)?;
+            tcp::set_buffer_sizes(stream.as_raw_fd(), bytes)?;
         }
         Ok(())
     }
@@ -364,69 +365,22 @@ fn unusable(why: String) -> TransportError {
     }
 }
 
-/// Sets `SO_SNDBUF` and `SO_RCVBUF` on `fd`.
-fn set_buffer_sizes(fd: libc::c_int, bytes: NonZeroU32) -> io::Result<()> {
-    let value = libc::c_int::try_from(bytes.get()).unwrap_or(libc::c_int::MAX);
-    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
-        // SAFETY: `fd` is an open socket owned by the caller for the duration of
-        // the call; `value` is a live c_int and the length passed is its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                (&value as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
 impl Transport for UringTransport {
     fn name(&self) -> &'static str {
         "uring"
     }
 
     fn connect(&self, addr: &str, timeout: Duration) -> Result<Box<dyn Conn>> {
-        let connect_err = |source| TransportError::Connect {
-            addr: addr.to_owned(),
-            source,
-        };
-        let targets = addr.to_socket_addrs().map_err(connect_err)?;
-        let mut last_err = None;
-        for target in targets {
-            match TcpStream::connect_timeout(&target, timeout) {
-                Ok(stream) => {
-                    self.configure(&stream).map_err(connect_err)?;
-                    return self.conn(stream, target).map_err(connect_err);
-                }
-                Err(e) => last_err = Some(e),
-            }
-        }
-        Err(connect_err(last_err.unwrap_or_else(|| {
-            io::Error::new(ErrorKind::InvalidInput, "address resolved to nothing")
-        })))
+        let (stream, target) = tcp::connect_stream(addr, timeout, |s| self.configure(s))?;
+        self.conn(stream, target)
+            .map_err(|source| TransportError::Connect {
+                addr: addr.to_owned(),
+                source,
+            })
     }
 
     fn listen(&self, addr: &str) -> Result<Box<dyn Listener>> {
-        let listen_err = |source| TransportError::Listen {
-            addr: addr.to_owned(),
-            source,
-        };
-        let listener = TcpListener::bind(addr).map_err(listen_err)?;
-        // Accepted sockets inherit the listener's buffer sizes, and the window
-        // scale in the SYN-ACK is chosen from them, so they are set here.
-        if let Some(bytes) = self.socket_buffer_bytes {
-            set_buffer_sizes(listener.as_raw_fd(), bytes).map_err(listen_err)?;
-        }
-        // Non-blocking so that a connection reset between poll() and accept()
-        // cannot block accept past its timeout.
-        listener.set_nonblocking(true).map_err(listen_err)?;
-        let local = listener.local_addr().map_err(listen_err)?;
+        let (listener, local) = tcp::bind_listener(addr, self.socket_buffer_bytes)?;
         Ok(Box::new(UringListener {
             listener,
             local,
@@ -445,67 +399,21 @@ struct UringListener {
 
 impl Listener for UringListener {
     fn accept(&mut self, timeout: Option<Duration>) -> Result<Option<Box<dyn Conn>>> {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        loop {
-            match self.listener.accept() {
-                Ok((stream, peer)) => {
-                    self.transport
-                        .configure(&stream)
-                        .map_err(TransportError::Accept)?;
-                    return self
-                        .transport
-                        .conn(stream, peer)
-                        .map(Some)
-                        .map_err(TransportError::Accept);
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                // The peer gave up between SYN and accept, or a signal: not our failure.
-                Err(e)
-                    if e.kind() == ErrorKind::Interrupted
-                        || e.kind() == ErrorKind::ConnectionAborted => {}
-                Err(e) => return Err(TransportError::Accept(e)),
-            }
-            let wait = match deadline {
-                None => None,
-                Some(d) => match d.checked_duration_since(Instant::now()) {
-                    Some(left) if !left.is_zero() => Some(left),
-                    _ => return Ok(None),
-                },
-            };
-            poll_readable(self.listener.as_raw_fd(), wait).map_err(TransportError::Accept)?;
-        }
+        let Some((stream, peer)) = tcp::accept_stream(&self.listener, timeout)? else {
+            return Ok(None);
+        };
+        self.transport
+            .configure(&stream)
+            .map_err(TransportError::Accept)?;
+        self.transport
+            .conn(stream, peer)
+            .map(Some)
+            .map_err(TransportError::Accept)
     }
 
     fn local_addr(&self) -> String {
         self.local.to_string()
     }
-}
-
-/// Waits until `fd` is readable or `wait` passes (`None` = forever). Returns
-/// normally in both cases; EINTR counts as a wake-up.
-fn poll_readable(fd: libc::c_int, wait: Option<Duration>) -> io::Result<()> {
-    let timeout_ms: libc::c_int = match wait {
-        None => -1,
-        // Round up: a 0 ms poll for a 0.5 ms wait would spin.
-        Some(w) => {
-            libc::c_int::try_from(w.as_nanos().div_ceil(1_000_000)).unwrap_or(libc::c_int::MAX)
-        }
-    };
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `pfd` is a live, initialised pollfd and we pass a count of 1;
-    // `fd` stays open for the call because the caller borrows its owner.
-    let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() != ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

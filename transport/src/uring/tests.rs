@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use vm_memory::VolatileSlice;
 
 use super::conn::{Socket, UringConn};
-use super::{probe, set_buffer_sizes, setup_error, UringTransport};
+use super::{probe, setup_error, UringTransport};
 use crate::conformance::pattern;
+use crate::tcp::set_buffer_sizes;
 use crate::{Conn, Seg, Transport, TransportError};
 
 /// A connected pair of uring handles with `sockbuf` socket buffers, and the
