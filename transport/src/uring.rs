@@ -1,6 +1,6 @@
 //! io_uring transport: TCP on the wire, the data path driven by io_uring.
 //!
-//! A uring peer and a [`tcp`](crate::tcp) peer talk to each other: the bytes,
+//! A uring peer and a [`tcp`] peer talk to each other: the bytes,
 //! and so the frames, acknowledgements and commit protocol above them, are
 //! the same; only how they move differs. Connecting, listening, accepting and
 //! socket options are ordinary syscalls; [`Conn::send`], [`Conn::recv_exact`]
