@@ -19,6 +19,7 @@
 pub mod api;
 pub mod blast;
 pub mod compare;
+pub mod experiment;
 pub mod migrate;
 pub mod netns;
 pub mod policies;

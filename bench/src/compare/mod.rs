@@ -26,13 +26,14 @@ pub mod bitmap;
 pub mod chart;
 pub mod transport;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
 
+use crate::experiment::{first_duplicate, write_json};
 use crate::migrate::{self, MigrateArgs, Transport};
 use crate::procs;
 use crate::ui::Ui;
@@ -275,13 +276,6 @@ fn resolve(args: &CompareArgs) -> Result<(Vec<TransportStatus>, Vec<Transport>)>
     Ok((statuses, runnable))
 }
 
-fn first_duplicate<T: PartialEq + std::fmt::Display>(v: &[T]) -> Option<&T> {
-    v.iter()
-        .enumerate()
-        .find(|(i, x)| v[..*i].contains(x))
-        .map(|(_, x)| x)
-}
-
 /// The name ferry-bench uses for a transport (as in `--transports`).
 fn transport_name(t: Transport) -> String {
     clap::ValueEnum::to_possible_value(&t)
@@ -393,7 +387,7 @@ pub fn run(args: &CompareArgs, ui: &mut Ui) -> Result<Experiment> {
             });
             exp.rows = aggregate(&exp.runs, &statuses, &args.streams);
             exp.ratios = ratios(&exp.rows);
-            write_json(&args.out, &exp)?;
+            write_json(&args.out, JSON_FILE, &exp)?;
             if procs::interrupted() {
                 break 'all;
             }
@@ -402,7 +396,7 @@ pub fn run(args: &CompareArgs, ui: &mut Ui) -> Result<Experiment> {
     exp.finished = !procs::interrupted();
     exp.rows = aggregate(&exp.runs, &statuses, &args.streams);
     exp.ratios = ratios(&exp.rows);
-    write_json(&args.out, &exp)?;
+    write_json(&args.out, JSON_FILE, &exp)?;
     let title = format!(
         "ferry-bench compare: {} MiB {} guest over {}, {} run(s) per point (median, min-max){}",
         args.mem_mib,
@@ -431,17 +425,6 @@ pub fn run(args: &CompareArgs, ui: &mut Ui) -> Result<Experiment> {
         )),
     }
     Ok(exp)
-}
-
-/// Rewrites compare.json (through a temporary file, so a reader never sees
-/// half of one).
-fn write_json(dir: &Path, exp: &Experiment) -> Result<()> {
-    let path = dir.join(JSON_FILE);
-    let tmp = dir.join(format!("{JSON_FILE}.tmp"));
-    let text = serde_json::to_string_pretty(exp).context("cannot encode the experiment")?;
-    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -627,7 +610,7 @@ mod tests {
         };
         assert!(exp.all_verified());
         let dir = crate::procs::TempDir::new().unwrap();
-        write_json(dir.path(), &exp).unwrap();
+        write_json(dir.path(), JSON_FILE, &exp).unwrap();
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.path().join(JSON_FILE)).unwrap())
                 .unwrap();

@@ -19,13 +19,14 @@ pub mod aggregate;
 pub mod chart;
 pub mod workload;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
 
+use crate::experiment::{first_duplicate, write_json};
 use crate::migrate::{self, MigrateArgs, Policy, Transport};
 use crate::procs;
 use crate::ui::Ui;
@@ -281,7 +282,7 @@ pub fn run(args: &PoliciesArgs, ui: &mut Ui) -> Result<Experiment> {
                     error,
                 });
                 exp.rows = aggregate(&exp.runs, &labels, &args.policies);
-                write_json(&args.out, &exp)?;
+                write_json(&args.out, JSON_FILE, &exp)?;
                 if procs::interrupted() {
                     break 'all;
                 }
@@ -290,7 +291,7 @@ pub fn run(args: &PoliciesArgs, ui: &mut Ui) -> Result<Experiment> {
     }
     exp.finished = !procs::interrupted();
     exp.rows = aggregate(&exp.runs, &labels, &args.policies);
-    write_json(&args.out, &exp)?;
+    write_json(&args.out, JSON_FILE, &exp)?;
     let title = format!(
         "ferry-bench policies: {} MiB guest, capped at {} MiB/s, {} run(s) per bar{}",
         args.mem_mib,
@@ -340,24 +341,6 @@ fn resolve(args: &PoliciesArgs) -> Result<Vec<crate::workload::Workload>> {
         bail!("two entries of --workloads both run as {d}");
     }
     Ok(resolved)
-}
-
-fn first_duplicate<T: PartialEq + std::fmt::Display>(v: &[T]) -> Option<&T> {
-    v.iter()
-        .enumerate()
-        .find(|(i, x)| v[..*i].contains(x))
-        .map(|(_, x)| x)
-}
-
-/// Rewrites policies.json (through a temporary file, so a reader never sees
-/// half of one).
-fn write_json(dir: &Path, exp: &Experiment) -> Result<()> {
-    let path = dir.join(JSON_FILE);
-    let tmp = dir.join(format!("{JSON_FILE}.tmp"));
-    let text = serde_json::to_string_pretty(exp).context("cannot encode the experiment")?;
-    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
 }
 
 #[cfg(test)]

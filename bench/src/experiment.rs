@@ -1,0 +1,39 @@
+//! What the experiment runners (`policies`, `compare`) share: checking their
+//! lists and rewriting their JSON as they go.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+/// The first entry of `v` that an earlier one equals.
+pub fn first_duplicate<T: PartialEq + std::fmt::Display>(v: &[T]) -> Option<&T> {
+    v.iter()
+        .enumerate()
+        .find(|(i, x)| v[..*i].contains(x))
+        .map(|(_, x)| x)
+}
+
+/// Rewrites `dir/name` with `value` as pretty JSON, through a temporary file,
+/// so a reader never sees half of one.
+pub fn write_json(dir: &Path, name: &str, value: &impl Serialize) -> Result<()> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let text = serde_json::to_string_pretty(value).context("cannot encode the experiment")?;
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_first_repeat() {
+        assert_eq!(first_duplicate(&[1, 2, 3]), None);
+        assert_eq!(first_duplicate(&[1, 2, 1, 2]), Some(&1));
+        let none: [u8; 0] = [];
+        assert_eq!(first_duplicate(&none), None);
+    }
+}
