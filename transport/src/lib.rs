@@ -31,6 +31,8 @@ use vm_memory::VolatileSlice;
 #[doc(hidden)]
 pub mod conformance;
 pub mod inproc;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod tcp;
 pub mod uring;
 
