@@ -15,6 +15,8 @@
 //! - [`policies`]: `ferry-bench policies`, every (workload, policy) pair
 //!   migrated K times, with a table, a JSON file and an SVG chart.
 //! - [`procs`]: child processes, scratch directory, Ctrl-C; all Drop guards.
+//! - [`rdma`]: the RDMA devices of an rdma run, and whether they are
+//!   software emulations (whose rates mean nothing for RDMA hardware).
 
 pub mod api;
 pub mod blast;
@@ -24,5 +26,6 @@ pub mod migrate;
 pub mod netns;
 pub mod policies;
 pub mod procs;
+pub mod rdma;
 pub mod ui;
 pub mod workload;

@@ -82,7 +82,8 @@ pub struct MigrateRequest {
     /// uses (default: all allocated extents).
     #[serde(default)]
     pub disk_fs_aware: bool,
-    /// How this host sends: `tcp` or `uring` (default: ferryd's `--transport`).
+    /// How this host sends: `tcp`, `uring` or `rdma` (default: ferryd's
+    /// `--transport`; rdma with ferryd's `--rdma-*` settings).
     #[serde(default)]
     pub transport: Option<String>,
     /// Thread placement for this migration: `auto`, `off`, `cpus:LIST`,

@@ -16,6 +16,9 @@
 //!   "log_level": "info",
 //!   "disk_dir": "/var/lib/ferry/disks",
 //!   "transport": "tcp",
+//!   "rdma_device": "mlx5_0",
+//!   "rdma_port": 1,
+//!   "rdma_gid_index": 3,
 //!   "placement": "auto"
 //! }
 //! ```
@@ -80,11 +83,23 @@ pub struct Args {
     /// [default: STATE_DIR/disks].
     #[arg(long, value_name = "DIR")]
     pub disk_dir: Option<PathBuf>,
-    /// How this host moves migration bytes: `tcp` or `uring` (TCP driven by
-    /// io_uring); for its listener and, unless a migration asks otherwise,
-    /// for outgoing migrations [default: tcp].
+    /// How this host moves migration bytes: `tcp`, `uring` (TCP driven by
+    /// io_uring) or `rdma` (RDMA verbs); for its listener and, unless a
+    /// migration asks otherwise, for outgoing migrations [default: tcp].
     #[arg(long, value_name = "NAME")]
     pub transport: Option<crate::transports::TransportKind>,
+    /// RDMA device of the rdma transport (`rxe0`, `mlx5_0`) [default: the
+    /// device that holds the IP address a connection uses].
+    #[arg(long, value_name = "NAME")]
+    pub rdma_device: Option<String>,
+    /// Port of the RDMA device, from 1 [default: the port that holds the
+    /// address].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..))]
+    pub rdma_port: Option<u8>,
+    /// GID table index of the rdma transport [default: the RoCE v2 GID of
+    /// the address].
+    #[arg(long, value_name = "N")]
+    pub rdma_gid_index: Option<u8>,
     /// Where migration threads run: `auto` (near guest memory, the NIC and
     /// the disk on a multi-node machine; not pinned on one node), `off`,
     /// `cpus:LIST` or `nodes:LIST` [default: auto].
@@ -118,6 +133,12 @@ pub struct FileConfig {
     pub disk_dir: Option<PathBuf>,
     /// See [`Args::transport`].
     pub transport: Option<crate::transports::TransportKind>,
+    /// See [`Args::rdma_device`].
+    pub rdma_device: Option<String>,
+    /// See [`Args::rdma_port`].
+    pub rdma_port: Option<u8>,
+    /// See [`Args::rdma_gid_index`].
+    pub rdma_gid_index: Option<u8>,
     /// See [`Args::placement`].
     pub placement: Option<String>,
 }
@@ -147,6 +168,9 @@ pub struct Config {
     pub disk_dir: Option<PathBuf>,
     /// The transport of the listener and the default for outgoing migrations.
     pub transport: crate::transports::TransportKind,
+    /// The rdma transport's device, port and GID index (any transport may
+    /// be asked for rdma per migration, so these hold whatever `transport` is).
+    pub rdma: crate::transports::RdmaOptions,
     /// Thread placement of every migration (checked against this machine).
     pub placement: ferry_engine::numa::PlacementPolicy,
 }
@@ -227,6 +251,12 @@ impl Config {
         let log_level = args.log_level.or(file.log_level);
         let disk_dir = args.disk_dir.or(file.disk_dir);
         let transport = args.transport.or(file.transport).unwrap_or_default();
+        let rdma = crate::transports::RdmaOptions {
+            device: args.rdma_device.or(file.rdma_device),
+            port: args.rdma_port.or(file.rdma_port),
+            gid_index: args.rdma_gid_index.or(file.rdma_gid_index),
+        };
+        rdma.check().map_err(ConfigError::Invalid)?;
         let placement = match args.placement.or(file.placement) {
             None => ferry_engine::numa::PlacementPolicy::default(),
             Some(p) => ferry_engine::numa::PlacementPolicy::parse_for_host(&p)
@@ -257,6 +287,7 @@ impl Config {
             reserve_mib,
             disk_dir,
             transport,
+            rdma,
             placement,
         })
     }
@@ -353,6 +384,43 @@ mod tests {
             Config::resolve(args),
             Err(ConfigError::Parse { .. })
         ));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn rdma_settings_come_from_flags_or_the_file() {
+        let dir = std::env::temp_dir().join(format!("ferry-config-{}", crate::util::random_hex(6)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ferryd.json");
+        std::fs::write(
+            &path,
+            r#"{"key_file": "/k", "transport": "rdma", "rdma_device": "mlx5_0",
+                "rdma_port": 2, "rdma_gid_index": 3}"#,
+        )
+        .unwrap();
+        let args = |device: Option<&str>| Args {
+            config: Some(path.clone()),
+            vmm_command: Some("/bin/true".into()),
+            rdma_device: device.map(String::from),
+            ..Args::default()
+        };
+        let c = Config::resolve(args(None)).unwrap();
+        assert_eq!(c.transport, crate::transports::TransportKind::Rdma);
+        let want = crate::transports::RdmaOptions {
+            device: Some("mlx5_0".into()),
+            port: Some(2),
+            gid_index: Some(3),
+        };
+        assert_eq!(c.rdma, want);
+        let c = Config::resolve(args(Some("rxe0"))).unwrap();
+        assert_eq!(c.rdma.device.as_deref(), Some("rxe0"));
+        assert!(matches!(
+            Config::resolve(args(Some("a/b"))),
+            Err(ConfigError::Invalid(_))
+        ));
+        std::fs::write(&path, r#"{"key_file": "/k", "rdma_port": 0}"#).unwrap();
+        let e = Config::resolve(args(None)).unwrap_err().to_string();
+        assert!(e.contains("count from 1"), "{e}");
         let _ = std::fs::remove_dir_all(dir);
     }
 

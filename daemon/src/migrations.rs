@@ -218,9 +218,8 @@ pub fn start_outgoing(d: &Arc<Daemon>, req: MigrateRequest) -> Result<String, Ap
             .parse::<crate::transports::TransportKind>()
             .map_err(|e| ApiError::bad_request(format!("\"transport\": {e}")))?,
     };
-    let transport = crate::transports::get(kind).map_err(|e| {
-        ApiError::bad_request(format!("\"transport\": {kind} cannot run here: {e}"))
-    })?;
+    let transport = crate::transports::get(kind, &d.cfg.rdma)
+        .map_err(|e| ApiError::bad_request(format!("\"transport\": {e}")))?;
     if d.is_shutting_down() {
         return Err(ApiError {
             status: 503,

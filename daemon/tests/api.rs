@@ -81,6 +81,7 @@ fn migration_requests_are_validated() {
         r#"{"vm": "v", "to": "127.0.0.1:1", "streams": "four"}"#,
         r#"{"vm": "v", "to": "no-port"}"#,
         r#"{"vm": "v", "to": "127.0.0.1:1", "strems": 4}"#,
+        r#"{"vm": "v", "to": "127.0.0.1:1", "transport": "udp"}"#,
         r#"{"vm": "v"}"#,
         r#"{"vm": "v", "#,
         "",
@@ -89,6 +90,16 @@ fn migration_requests_are_validated() {
         assert_eq!(status, 400, "{bad}");
         let msg = error_of(&body);
         assert!(!msg.is_empty() && !msg.contains('\n'), "{bad}: {msg}");
+    }
+    // rdma where this host (or this build) cannot run it: refused before
+    // the VM is looked up, in one line that says why.
+    let rdma = ferry_daemon::transports::TransportKind::Rdma;
+    if let Err(why) = ferry_daemon::transports::get(rdma, &Default::default()) {
+        let (status, body) = post(r#"{"vm": "v", "to": "127.0.0.1:1", "transport": "rdma"}"#);
+        assert_eq!(status, 400);
+        let msg = error_of(&body);
+        assert_eq!(msg, format!("\"transport\": {why}"));
+        assert!(!msg.contains('\n'), "{msg}");
     }
     let huge = format!(
         r#"{{"vm": "{}", "to": "127.0.0.1:1"}}"#,

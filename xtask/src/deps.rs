@@ -29,6 +29,58 @@ pub const SYSTEM_PACKAGES: &[(&str, &str)] = &[
         "e2fsprogs",
         "mkfs.ext4, debugfs, e2fsck and dumpe2fs, for disk images with a file system",
     ),
+    // Building the rdma transport (rdma-sys generates its bindings with
+    // bindgen and builds against rdma-core).
+    (
+        "libibverbs-dev",
+        "verbs headers and library, for the rdma transport",
+    ),
+    (
+        "librdmacm-dev",
+        "RDMA connection manager headers and library, for rdma-sys",
+    ),
+    ("libclang-dev", "libclang, for rdma-sys's bindgen"),
+    ("cmake", "for rdma-sys's build script"),
+    (
+        "libnl-3-dev",
+        "netlink library rdma-core links against, for rdma-sys",
+    ),
+    (
+        "libnl-route-3-dev",
+        "netlink route library rdma-core links against, for rdma-sys",
+    ),
+    // Running it: the user-space drivers (rxe's among them) and tools.
+    (
+        "rdma-core",
+        "RDMA user-space core and the `rdma` tool, for rdma hosts and the soft-RoCE VM",
+    ),
+    (
+        "ibverbs-providers",
+        "user-space verbs drivers (rxe, mlx5, ...), without which no device opens",
+    ),
+    // `cargo xtask rdma`: scripts/rxe-vm.sh boots Debian's kernel (which
+    // has rdma_rxe) under QEMU, from a busybox initrd.
+    (
+        "qemu-system-x86",
+        "QEMU, for the soft-RoCE VM of `cargo xtask rdma`",
+    ),
+    (
+        "linux-image-amd64",
+        "a kernel with the rdma_rxe module, booted by the soft-RoCE VM",
+    ),
+    (
+        "busybox-static",
+        "the soft-RoCE VM's initrd (a static busybox)",
+    ),
+    (
+        "kmod",
+        "modinfo, which finds the soft-RoCE VM's virtio and 9p modules",
+    ),
+    ("cpio", "packing the soft-RoCE VM's initrd"),
+    (
+        "xz-utils",
+        "unpacking the kernel's .ko.xz modules for that initrd",
+    ),
 ];
 
 /// Whether dpkg says `pkg` is installed.

@@ -1,13 +1,18 @@
-//! `cargo xtask demo` and `cargo xtask ci`: the two commands of the README.
+//! `cargo xtask demo`, `cargo xtask ci` and `cargo xtask rdma`: the
+//! commands of the README.
 //!
 //! - demo: system packages, a release build, then one 1 GiB migration with
 //!   live progress and the result table.
 //! - ci: system packages, fmt, clippy, docs, tests, then end-to-end
-//!   migrations under KVM with a release build. Every stage prints its time;
-//!   the last line sums them up; any failure makes the exit code non-zero.
+//!   migrations under KVM with a release build, then the rdma stage. Every
+//!   stage prints its time; the last line sums them up; any failure makes
+//!   the exit code non-zero.
+//! - rdma: the rdma transport's tests and one rdma migration inside a QEMU
+//!   guest with soft-RoCE (`scripts/rxe-vm.sh`), as the last stage of ci.
 
 mod ci;
 mod deps;
+mod rdma;
 mod sh;
 
 use std::process::{Command, ExitCode};
@@ -19,8 +24,13 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   demo   install missing system packages, build release binaries, and migrate a
          1 GiB VM running a mixed workload over 4 streams, with live progress
-  ci     install missing system packages, then fmt, clippy, docs, tests, and
-         end-to-end migrations under KVM (skipped with a reason without /dev/kvm)";
+  ci     install missing system packages, then fmt, clippy, docs, tests,
+         end-to-end migrations under KVM (skipped with a reason without /dev/kvm),
+         and the rdma stage
+  rdma   install missing system packages, build, and run the rdma transport's
+         tests and one rdma migration inside a QEMU guest with soft-RoCE
+         (scripts/rxe-vm.sh; software emulation, so no figure of it is a
+         measurement)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -32,6 +42,7 @@ fn main() -> ExitCode {
     {
         ["demo"] => demo(),
         ["ci"] => ci::run(),
+        ["rdma"] => rdma::run(),
         ["help" | "-h" | "--help"] => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -136,6 +136,58 @@ pub fn output_with_timeout(c: &mut Command, timeout: Duration) -> Result<(ExitSt
     Ok((status, out))
 }
 
+/// Runs `c`, printing its stdout as it comes and returning it with the exit
+/// status (stderr inherited). After `deadline` it gets SIGTERM, then
+/// SIGKILL. Only `c` itself: it stays in our process group so that Ctrl-C
+/// reaches its children too, and a command with children must bound them
+/// itself (scripts/rxe-vm.sh kills QEMU at its --timeout, before this).
+pub fn tee_with_deadline(c: &mut Command, deadline: Duration) -> Result<(ExitStatus, String)> {
+    use std::io::{BufRead, Write};
+    let line = show(c);
+    println!("$ {line}");
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("cannot run `{line}`"))?;
+    let stdout = child.stdout.take().context("no stdout pipe")?;
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        let mut r = std::io::BufReader::new(stdout);
+        let mut buf = Vec::new();
+        // Bytes, not lines of UTF-8: a serial console is not always valid text.
+        while r.read_until(b'\n', &mut buf).is_ok_and(|n| n > 0) {
+            let l = String::from_utf8_lossy(&buf);
+            print!("{l}");
+            let _ = std::io::stdout().flush();
+            all.push_str(&l);
+            buf.clear();
+        }
+        all
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if start.elapsed() > deadline {
+            let pid = child.id() as libc::pid_t;
+            // SAFETY: kill(2) on our own unreaped child's pid; no memory is involved.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let grace = Instant::now();
+            while grace.elapsed() < INTERRUPT_GRACE && child.try_wait()?.is_none() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("`{line}` did not finish within {} s", deadline.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = reader.join().unwrap_or_default();
+    Ok((status, out))
+}
+
 /// Seconds with one decimal.
 pub fn secs(d: Duration) -> String {
     format!("{:.1} s", d.as_secs_f64())

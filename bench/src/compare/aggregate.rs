@@ -109,6 +109,10 @@ pub struct Row {
     pub target_cpu_s_per_gib: Option<Spread>,
     /// Wire throughput / the raw link blast (absent with --no-blast).
     pub link_ratio: Option<Spread>,
+    /// A run of the row used a software RDMA emulation (soft-RoCE,
+    /// soft-iWARP; each run's `rdma` names the devices): the row's rates,
+    /// CPU costs and ratios are not meaningful for RDMA hardware.
+    pub software_emulation: bool,
 }
 
 /// One transport against [`BASELINE`] at equal streams: the ratio of
@@ -167,6 +171,9 @@ fn row(transport: &str, streams: u32, runs: &[&Run]) -> Row {
         target_cpu_s_per_gib: of(&|b| cpu(b).and_then(|c| c.target_s_per_gib)),
         // Without a blast the ratio reads 0: not a figure.
         link_ratio: of(&|b| (b.link.bytes > 0).then_some(b.link_ratio)),
+        software_emulation: results
+            .iter()
+            .any(|b| b.rdma.as_ref().is_some_and(|r| r.software_emulation)),
     }
 }
 
@@ -297,6 +304,18 @@ impl fmt::Display for Table<'_> {
                 cell(r.target_cpu_s_per_gib, 3),
                 cell(r.link_ratio, 2),
             )?;
+        }
+        let mut noted = Vec::new();
+        for r in self.rows.iter().filter(|r| r.software_emulation) {
+            if !noted.contains(&&r.transport) {
+                noted.push(&r.transport);
+                writeln!(
+                    f,
+                    "NOTE: {} ran on a software RDMA emulation (soft-RoCE or soft-iWARP): its \
+                     rates, CPU costs and ratios are not meaningful for RDMA hardware",
+                    r.transport
+                )?;
+            }
         }
         for x in self.ratios {
             writeln!(
@@ -509,5 +528,49 @@ mod tests {
             t.contains("uring/tcp at 1 streams: effective 1.36x, downtime 0.40x, src cpu 0.42x"),
             "{t}"
         );
+        assert!(!t.contains("NOTE"), "{t}");
+    }
+
+    #[test]
+    fn rdma_on_a_software_emulation_gets_a_note() {
+        let mut soft = run("rdma", 1, 300.0, 9, (2.0, 2.0));
+        if let Some(b) = soft.result.as_mut() {
+            b.rdma = Some(crate::rdma::RdmaNote {
+                devices: vec!["rxe0".into()],
+                software_emulation: true,
+                note: String::new(),
+            });
+        }
+        let runs = vec![run("tcp", 1, 1000.0, 4, (0.5, 0.4)), soft.clone(), soft];
+        let ts = [
+            TransportStatus::runnable("tcp"),
+            TransportStatus::runnable("rdma"),
+        ];
+        let rows = aggregate(&runs, &ts, &[1, 2]);
+        assert_eq!(
+            rows.iter()
+                .map(|r| (r.transport.as_str(), r.streams, r.software_emulation))
+                .collect::<Vec<_>>(),
+            [
+                ("tcp", 1, false),
+                ("tcp", 2, false),
+                ("rdma", 1, true),
+                ("rdma", 2, false)
+            ]
+        );
+        let x = ratios(&rows);
+        let t = Table {
+            rows: &rows,
+            ratios: &x,
+        }
+        .to_string();
+        assert_eq!(
+            t.matches("NOTE: rdma ran on a software RDMA emulation")
+                .count(),
+            1,
+            "{t}"
+        );
+        let v = serde_json::to_value(&rows[2]).unwrap();
+        assert_eq!(v["software_emulation"], true);
     }
 }

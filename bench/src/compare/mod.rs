@@ -26,6 +26,7 @@ pub mod bitmap;
 pub mod chart;
 pub mod transport;
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -63,8 +64,9 @@ pub const PNG_FILE: &str = "compare.png";
 /// Options of `ferry-bench compare`.
 #[derive(Clone, Debug, Args)]
 pub struct CompareArgs {
-    /// Comma-separated transports: tcp, and uring and rdma, which ferry-bench
-    /// cannot ask for yet (each then gets a row `unavailable: <reason>`).
+    /// Comma-separated transports: tcp, uring, rdma (one this machine cannot
+    /// run gets a row `unavailable: <reason>`; rdma needs an RDMA device
+    /// that holds --listen-ip).
     #[arg(long, value_delimiter = ',', required = true)]
     pub transports: Vec<TransportName>,
     /// Comma-separated stream counts, each 1 to 64 (`1,2,4,8`).
@@ -103,6 +105,11 @@ pub struct CompareArgs {
     /// With --netns: shape the veth pair to this rate with tc tbf.
     #[arg(long, requires = "netns", value_parser = clap::value_parser!(u64).range(1..))]
     pub link_rate_mib_s: Option<u64>,
+    /// IP address every run's ferryds listen on (as `migrate --listen-ip`):
+    /// for rdma, an address of the RDMA device. Not with --netns.
+    #[arg(long, value_name = "IP", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST),
+          conflicts_with = "netns")]
+    pub listen_ip: IpAddr,
     /// TrueType font for the PNG's text (default: DejaVu Sans or Liberation
     /// Sans where distributions keep them; without one the PNG has no text).
     #[arg(long)]
@@ -145,6 +152,8 @@ pub struct Config {
     pub path: String,
     /// veth shaping with --netns.
     pub link_rate_mib_s: Option<u64>,
+    /// The ferryds' listen address without --netns.
+    pub listen_ip: IpAddr,
     /// CPUs this process may run on.
     pub cpus: usize,
     /// `uname -r`.
@@ -212,6 +221,7 @@ fn migrate_args(args: &CompareArgs, transport: Transport, streams: u32) -> Migra
         mem_mib: args.mem_mib,
         workload: args.workload,
         transport,
+        listen_ip: args.listen_ip,
         streams,
         downtime_ms: args.downtime_ms,
         bandwidth_mib_s: None,
@@ -324,6 +334,7 @@ pub fn run(args: &CompareArgs, ui: &mut Ui) -> Result<Experiment> {
             no_blast: args.no_blast,
             path: if args.netns { "netns" } else { "loopback" }.into(),
             link_rate_mib_s: args.link_rate_mib_s,
+            listen_ip: args.listen_ip,
             cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map(|s| s.trim().to_string())
@@ -475,19 +486,27 @@ mod tests {
         assert_eq!((a.mem_mib, a.repeat, a.warmup_s), (256, 3, 2.0));
         assert_eq!(a.out, PathBuf::from("ferry-compare"));
         assert!(!a.no_blast && !a.netns && !a.json);
+        assert_eq!(a.listen_ip, IpAddr::V4(Ipv4Addr::LOCALHOST));
         let (statuses, runnable) = resolve(&a).unwrap();
-        // uring runs where io_uring works (it does on our CI machines).
-        let uring_here = crate::compare::transport::machine_reason(Transport::Uring).is_none();
-        let want: &[Transport] = if uring_here {
-            &[Transport::Tcp, Transport::Uring]
-        } else {
-            &[Transport::Tcp]
-        };
+        // uring runs where io_uring works (it does on our CI machines),
+        // rdma where an RDMA device works (in `cargo xtask rdma`'s VM).
+        let here = |t| crate::compare::transport::machine_reason(t).is_none();
+        let (uring_here, rdma_here) = (here(Transport::Uring), here(Transport::Rdma));
+        let want: Vec<Transport> = [
+            (Transport::Tcp, true),
+            (Transport::Uring, uring_here),
+            (Transport::Rdma, rdma_here),
+        ]
+        .into_iter()
+        .filter_map(|(t, ok)| ok.then_some(t))
+        .collect();
         assert_eq!(runnable, want);
         assert_eq!(statuses.len(), 3);
         assert_eq!(statuses[0], TransportStatus::runnable("tcp"));
         assert_eq!(statuses[1].unavailable.is_none(), uring_here);
-        assert!(statuses[2].unavailable.is_some());
+        assert_eq!(statuses[2].unavailable.is_none(), rdma_here);
+        let m = migrate_args(&a, Transport::Rdma, 2);
+        assert_eq!(m.listen_ip, a.listen_ip);
         let m = migrate_args(&a, Transport::Tcp, 8);
         assert_eq!(
             (m.streams, m.transport, m.mem_mib),
@@ -514,11 +533,14 @@ mod tests {
         ] {
             assert!(parse_owned(&with(flag, v)).is_err(), "{flag} {v} parsed");
         }
+        // --netns brings its own addresses.
+        let mut both = with("--listen-ip", "10.77.0.1");
+        both.push("--netns".into());
+        assert!(parse_owned(&both).is_err());
         // Parsed, but refused before any run.
         for (flag, v) in [
             ("--transports", "tcp,tcp"),
             ("--streams", "1,2,1"),
-            ("--transports", "rdma"),
             ("--warmup-s", "4000"),
         ] {
             let a = parse_owned(&with(flag, v)).unwrap();
@@ -530,14 +552,22 @@ mod tests {
         let e = resolve(&parse_owned(&many).unwrap())
             .unwrap_err()
             .to_string();
-        // tcp alone, or tcp and uring where io_uring works.
-        assert!(e.contains(" 800 runs") || e.contains("1600 runs"), "{e}");
-        let a = parse_owned(&with("--transports", "rdma")).unwrap();
-        let e = resolve(&a).unwrap_err().to_string();
+        // 800 runs per transport that can run here (tcp at least).
         assert!(
-            e.contains("none of --transports can run here (rdma: "),
+            [" 800 runs", "1600 runs", "2400 runs"]
+                .iter()
+                .any(|n| e.contains(n)),
             "{e}"
         );
+        // rdma alone where no RDMA device works: nothing to run, and why.
+        let a = parse_owned(&with("--transports", "rdma")).unwrap();
+        if crate::compare::transport::machine_reason(Transport::Rdma).is_some() {
+            let e = resolve(&a).unwrap_err().to_string();
+            assert!(
+                e.contains("none of --transports can run here (rdma: "),
+                "{e}"
+            );
+        }
     }
 
     #[test]
@@ -599,6 +629,7 @@ mod tests {
                 no_blast: false,
                 path: "loopback".into(),
                 link_rate_mib_s: None,
+                listen_ip: Ipv4Addr::LOCALHOST.into(),
                 cpus: 2,
                 kernel: "6.1".into(),
                 png_font: None,
@@ -615,7 +646,7 @@ mod tests {
             serde_json::from_str(&std::fs::read_to_string(dir.path().join(JSON_FILE)).unwrap())
                 .unwrap();
         assert_eq!(v["config"]["transports"][2]["name"], "rdma");
-        assert!(v["config"]["transports"][2]["unavailable"].is_string());
+        assert_eq!(v["config"]["listen_ip"], "127.0.0.1");
         assert_eq!(v["runs"][0]["result"]["effective_mib_s"], 1000.0);
         assert_eq!(v["rows"].as_array().unwrap().len(), 12);
         assert_eq!(v["rows"][0]["effective_mib_s"]["median"], 1000.0);

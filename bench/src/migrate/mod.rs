@@ -14,7 +14,10 @@
 //! already running its workload, by sending as many bytes as the guest has
 //! memory over the same path and the same number of TCP streams. For a
 //! dirtying guest the migration moves more than that; rates stay comparable
-//! because both are bytes over time.
+//! because both are bytes over time. With `--transport rdma` the blast is
+//! still raw TCP over the same address (there is no raw-verbs baseline), and
+//! the report names the RDMA devices: on a software emulation (soft-RoCE)
+//! it says that the rates are not meaningful (see [`crate::rdma`]).
 
 mod checks;
 pub mod cpu;
@@ -23,6 +26,7 @@ pub mod policy;
 pub mod report;
 pub mod testbed;
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -35,7 +39,7 @@ use crate::ui::Ui;
 use crate::workload::{warmup, Warmup, Workload};
 use ferry_daemon::api::MigrateRequest;
 pub use policy::Policy;
-use report::{mib_s, round2, BenchResult, Checks, Link};
+use report::{mib_s, round2, BenchResult, Checks, Link, Placements};
 use testbed::{Programs, Testbed, VM_NAME};
 
 /// Cap on streams; matches the blast's cap.
@@ -58,13 +62,18 @@ pub enum Transport {
     Tcp,
     /// The same TCP, driven by io_uring on both ferryds.
     Uring,
+    /// RDMA verbs on both ferryds: needs an RDMA device that holds
+    /// --listen-ip.
+    Rdma,
 }
 
 impl Transport {
-    fn name(self) -> &'static str {
+    /// The name ferryd takes.
+    pub fn name(self) -> &'static str {
         match self {
             Transport::Tcp => "tcp",
             Transport::Uring => "uring",
+            Transport::Rdma => "rdma",
         }
     }
 }
@@ -91,6 +100,13 @@ pub struct MigrateArgs {
     /// Transport between the two ferryds.
     #[arg(long, value_enum, default_value = "tcp")]
     pub transport: Transport,
+    /// IP address the two ferryds' data listeners (and the link blast)
+    /// bind, each on a free port. For `--transport rdma`, an address of
+    /// the RDMA device (10.77.0.1 in scripts/rxe-vm.sh's guest). Not with
+    /// --netns, which has its own addresses.
+    #[arg(long, value_name = "IP", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST),
+          conflicts_with = "netns")]
+    pub listen_ip: IpAddr,
     /// Data streams.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=STREAMS_MAX as i64))]
     pub streams: u32,
@@ -195,6 +211,14 @@ pub fn run(args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResult> {
             args.warmup_s
         );
     }
+    // A transport this machine cannot run fails here in one line, not as
+    // a ferryd that died at start-up with its log tail.
+    if let Some(why) = crate::compare::transport::machine_reason(args.transport) {
+        bail!(
+            "--transport {} cannot run here: {why}",
+            args.transport.name()
+        );
+    }
     let programs = Programs::find(args.bin_dir.as_deref())?;
     let reserve = (!args.no_reserve).then_some(args.mem_mib);
     let mut tb = Testbed::start(
@@ -203,6 +227,7 @@ pub fn run(args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResult> {
         args.link_rate_mib_s,
         reserve,
         args.transport.name(),
+        args.listen_ip,
         ui,
     )?;
     if args.keep_logs {
@@ -305,6 +330,15 @@ fn run_on(tb: &mut Testbed, args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResu
             .inspect_err(|e| ui.step(&format!("no CPU figures: {e:#}")))
             .ok()
     });
+    // The target ferryd shows the migration under the same id; its
+    // placement is the target side's. Not having it costs the figure only.
+    let target_placement = tb
+        .tgt
+        .api
+        .migration(&id)
+        .map(|s| s.placement)
+        .inspect_err(|e| ui.step(&format!("no target placement: {e:#}")))
+        .unwrap_or_default();
 
     let mut r = BenchResult {
         status: status_name(snap.status),
@@ -312,6 +346,7 @@ fn run_on(tb: &mut Testbed, args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResu
         migration_id: id,
         workload,
         path: if args.netns { "netns" } else { "loopback" }.into(),
+        listen_ip: tb.tgt.listen.ip().to_string(),
         transport: if snap.transport.is_empty() {
             args.transport.name().into()
         } else {
@@ -359,6 +394,12 @@ fn run_on(tb: &mut Testbed, args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResu
         xor_cache_mib: args.xor_cache_mib,
         time_max_s: args.time_max_s,
         rounds_max: args.rounds_max,
+        placement: Placements {
+            source: snap.placement.clone(),
+            target: target_placement,
+        },
+        rdma: (args.transport == Transport::Rdma)
+            .then(|| crate::rdma::RdmaNote::probe(tb.tgt.listen.ip())),
         ..BenchResult::default()
     };
     // Rates from the raw counters, not the engine's own rate field.
@@ -588,6 +629,20 @@ mod tests {
             (None, None, 2.0)
         );
         assert!(!a.netns && !a.json && !a.keep_logs && !a.no_blast);
+        assert_eq!(a.listen_ip, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let a = parse(&[
+            "--mem-mib",
+            "64",
+            "--workload",
+            "mixed",
+            "--transport",
+            "rdma",
+            "--listen-ip",
+            "10.77.0.1",
+        ])
+        .unwrap();
+        assert_eq!(a.transport, Transport::Rdma);
+        assert_eq!(a.listen_ip, "10.77.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(
             (
                 a.policy,
@@ -691,6 +746,24 @@ mod tests {
                 "idle",
                 "--link-rate-mib-s",
                 "100",
+            ],
+            &[
+                "--mem-mib",
+                "256",
+                "--workload",
+                "idle",
+                "--listen-ip",
+                "10.77.0",
+            ],
+            // --netns brings its own addresses.
+            &[
+                "--mem-mib",
+                "256",
+                "--workload",
+                "idle",
+                "--netns",
+                "--listen-ip",
+                "10.77.0.1",
             ],
             &[
                 "--mem-mib",

@@ -130,6 +130,16 @@ pub struct Link {
     pub ms: u64,
 }
 
+/// Where each side's pipeline stages ran: the NUMA placement the source
+/// and the target ferryd chose (their status snapshots' `placement`).
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Placements {
+    /// The source side (empty: the engine did not report one).
+    pub source: ferry_engine::numa::Placement,
+    /// The target side (empty: the target ferryd could not be asked).
+    pub target: ferry_engine::numa::Placement,
+}
+
 /// Everything `ferry-bench migrate` reports.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct BenchResult {
@@ -143,6 +153,9 @@ pub struct BenchResult {
     pub workload: String,
     /// "loopback" or "netns" (two namespaces joined by a veth pair).
     pub path: String,
+    /// The IP address the target ferryd listened on (--listen-ip, or the
+    /// target namespace's address).
+    pub listen_ip: String,
     /// Transport as the engine reports it.
     pub transport: String,
     /// Data streams.
@@ -247,6 +260,12 @@ pub struct BenchResult {
     /// The disk, when the run had one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disk: Option<super::disk::DiskResult>,
+    /// Which CPUs each pipeline stage ran on, on both sides, and why.
+    pub placement: Placements,
+    /// With `--transport rdma`: the RDMA devices and whether they are a
+    /// software emulation, on which the rates are not meaningful.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rdma: Option<crate::rdma::RdmaNote>,
 }
 
 /// MiB/s of `bytes` over `ms`; 0 when no time passed.
@@ -267,12 +286,17 @@ impl fmt::Display for BenchResult {
         const MIB: u64 = 1 << 20;
         writeln!(
             f,
-            "ferry-bench migrate: {} MiB {} guest, {} x{} streams over {} ({} / {})",
+            "ferry-bench migrate: {} MiB {} guest, {} x{} streams over {}{} ({} / {})",
             self.mem_bytes / MIB,
             self.workload,
             self.transport,
             self.streams,
             self.path,
+            if self.path == "loopback" && !self.listen_ip.is_empty() {
+                format!(" {}", self.listen_ip)
+            } else {
+                String::new()
+            },
             self.mode,
             self.policy
         )?;
@@ -404,6 +428,16 @@ impl fmt::Display for BenchResult {
                 self.link_hot_mib_s
             )?;
         }
+        if let Some(r) = &self.rdma {
+            writeln!(
+                f,
+                "  rdma            {}{}",
+                if r.software_emulation { "NOTE: " } else { "" },
+                r.note
+            )?;
+        }
+        writeln!(f, "  placement       source: {}", self.placement.source)?;
+        writeln!(f, "                  target: {}", self.placement.target)?;
         if let Some(c) = &self.cpu {
             let per = |v: Option<f64>| v.map_or(String::new(), |v| format!(", {v:.3} s/GiB"));
             writeln!(
@@ -491,6 +525,8 @@ mod tests {
             "resent_bytes",
             "bulk_skipped",
             "xor",
+            "listen_ip",
+            "placement",
         ] {
             assert!(v.get(k).is_some(), "missing {k}");
         }
@@ -507,6 +543,11 @@ mod tests {
         assert!(table.contains("[FAIL] memory hash"), "{table}");
         assert!(table.ends_with("verified        NO"), "{table}");
         assert!(v["checks"].get("stayed_on_source").is_none());
+        assert!(v.get("rdma").is_none(), "only rdma runs have it");
+        assert!(
+            table.contains("placement       source: not planned\n"),
+            "{table}"
+        );
         // New metrics stay out of the table while they read 0.
         for absent in ["throttle", "resent", "xor-delta", "may spend"] {
             assert!(!table.contains(absent), "{absent} in {table}");
@@ -539,6 +580,33 @@ mod tests {
         assert!(table.ends_with("the VM stayed on the source)"), "{table}");
         r.checks.stayed_on_source = Some(Check::new(false, "gone"));
         assert!(!r.checks.all_ok());
+    }
+
+    #[test]
+    fn rdma_runs_say_whether_rates_mean_anything() {
+        let r = BenchResult {
+            transport: "rdma".into(),
+            path: "loopback".into(),
+            listen_ip: "10.77.0.1".into(),
+            rdma: Some(crate::rdma::RdmaNote::from_devices(
+                &[crate::rdma::Device {
+                    name: "rxe0".into(),
+                    software: true,
+                    netdevs: vec!["d0".into()],
+                }],
+                Some("d0"),
+            )),
+            ..BenchResult::default()
+        };
+        let table = r.to_string();
+        assert!(table.contains("over loopback 10.77.0.1 ("), "{table}");
+        assert!(
+            table.contains("  rdma            NOTE: rxe0 is software emulation"),
+            "{table}"
+        );
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["rdma"]["software_emulation"], true);
+        assert_eq!(v["rdma"]["devices"][0], "rxe0");
     }
 
     #[test]

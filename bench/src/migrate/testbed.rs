@@ -3,7 +3,7 @@
 //! Dropping a [`Testbed`] stops everything in reverse order of start.
 
 use std::io::{BufRead, BufReader};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -144,13 +144,15 @@ fn command_in(netns: Option<&str>, program: &Path) -> Command {
 
 impl Testbed {
     /// Makes the scratch directory and key, the namespaces (with `netns`),
-    /// and starts the target ferryd, then the source ferryd.
+    /// and starts the target ferryd, then the source ferryd, both on
+    /// `transport`. Without namespaces both listen on `listen_ip`.
     pub fn start(
         programs: Programs,
         use_netns: bool,
         link_rate_mib_s: Option<u64>,
         target_reserve_mib: Option<u64>,
         transport: &str,
+        listen_ip: IpAddr,
         ui: &Ui,
     ) -> Result<Self> {
         let dir = TempDir::new()?;
@@ -183,7 +185,7 @@ impl Testbed {
             ),
             // Port 0: each ferryd binds a free port and reports it on ping.
             None => {
-                let any_port = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+                let any_port = SocketAddr::new(listen_ip, 0);
                 (any_port, any_port, None, None)
             }
         };

@@ -175,6 +175,7 @@ fn migrate_args(
         mem_mib: args.mem_mib,
         workload,
         transport: Transport::Tcp,
+        listen_ip: std::net::Ipv4Addr::LOCALHOST.into(),
         streams: args.streams,
         downtime_ms: args.downtime_ms,
         bandwidth_mib_s: Some(args.bandwidth_mib_s),

@@ -19,10 +19,11 @@ fn main() -> ExitCode {
         eprintln!("ferryd: {e}");
         return ExitCode::from(2);
     }
-    let transport = match transports::get(cfg.transport) {
+    let transport = match transports::get(cfg.transport, &cfg.rdma) {
         Ok(t) => t,
+        // The error names the transport and says why, in one line.
         Err(e) => {
-            tracing::error!("cannot use transport {}: {e}", cfg.transport);
+            tracing::error!("{e}");
             return ExitCode::FAILURE;
         }
     };

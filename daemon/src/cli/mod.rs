@@ -132,8 +132,9 @@ pub struct MigrateArgs {
     /// image without one falls back to extents, with the reason reported).
     #[arg(long)]
     pub disk_fs_aware: bool,
-    /// How this host sends the migration: `tcp` or `uring` (TCP driven by
-    /// io_uring) [default: ferryd's --transport].
+    /// How this host sends the migration: `tcp`, `uring` (TCP driven by
+    /// io_uring) or `rdma` (RDMA verbs; the target must listen with rdma)
+    /// [default: ferryd's --transport].
     #[arg(long, value_name = "NAME")]
     pub transport: Option<String>,
     /// Where this migration's threads run: `auto`, `off`, `cpus:LIST`,
