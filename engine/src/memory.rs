@@ -65,6 +65,17 @@ impl std::fmt::Debug for GuestMem {
     }
 }
 
+// SAFETY: every region is mapped when the GuestMem is made and unmapped only
+// when it drops; mappings never move.
+unsafe impl ferry_transport::MappedMemory for GuestMem {
+    fn ranges(&self) -> Vec<(*mut u8, usize)> {
+        self.regions
+            .iter()
+            .map(|r| (r.map.as_ptr(), r.map.size()))
+            .collect()
+    }
+}
+
 impl GuestMem {
     /// Creates a fresh, zeroed memfd for `spec` and maps it (the target side).
     pub fn create(spec: &VmSpec) -> Result<Self, MemoryError> {

@@ -24,6 +24,7 @@
 //! - receives can land straight in guest memory ([`Conn::recv_exact_volatile`]),
 //!   so raw pages cost one copy on the target.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use vm_memory::VolatileSlice;
@@ -147,6 +148,18 @@ impl Seg<'_> {
     }
 }
 
+/// Memory a connection may hand to its hardware for one-sided, zero-copy
+/// transfers: guest RAM mappings (see [`Conn::register_memory`]).
+///
+/// # Safety
+///
+/// Every range [`MappedMemory::ranges`] returns must stay mapped, readable and
+/// writable for as long as the value lives, and must not move.
+pub unsafe trait MappedMemory: Send + Sync {
+    /// The mapped ranges, as (start, length in bytes).
+    fn ranges(&self) -> Vec<(*mut u8, usize)>;
+}
+
 /// A byte transport: makes connections and listeners.
 pub trait Transport: Send + Sync {
     /// Short name shown to users ("tcp", "inproc").
@@ -191,4 +204,14 @@ pub trait Conn: Send {
     fn shutdown(&self);
     /// Printable peer address, for errors and logs.
     fn peer(&self) -> String;
+    /// Offers `mem` for one-sided, zero-copy transfers on this stream (every
+    /// handle of it): [`Seg::Guest`] segments inside it may be read, and
+    /// [`Conn::recv_exact_volatile`] destinations inside it written, by the
+    /// transport's hardware directly. The stream keeps `mem` alive while it
+    /// may use it. Transports without such a path ignore it (the default);
+    /// the bytes and their order are the same either way.
+    fn register_memory(&mut self, mem: Arc<dyn MappedMemory>) -> Result<()> {
+        let _ = mem;
+        Ok(())
+    }
 }

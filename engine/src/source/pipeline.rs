@@ -305,7 +305,9 @@ impl Pipeline {
             let (tx, rx) = bounded::<Out>(OUT_DEPTH);
             out_txs.push(tx);
             let stream = i as u16 + 1;
-            let conn = conn.try_clone()?;
+            let mut conn = conn.try_clone()?;
+            // Raw pages may go one-sided where the transport can (RDMA).
+            conn.register_memory(mem.clone())?;
             clones.push(conn.try_clone()?);
             let (mem, metrics, failure, pool_tx, round_tx, throttle) = (
                 mem.clone(),

@@ -194,7 +194,9 @@ impl Receivers {
             );
         }
         let mut clones = Vec::new();
-        for (i, conn) in conns.into_iter().enumerate() {
+        for (i, mut conn) in conns.into_iter().enumerate() {
+            // Raw pages may land one-sided where the transport can (RDMA).
+            conn.register_memory(shared.mem.clone())?;
             clones.push(conn.try_clone()?);
             let stream = i as u16 + 1;
             let mut r = RecvStage {
