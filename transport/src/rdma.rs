@@ -18,7 +18,7 @@
 //! every connection starts as a TCP connection (the side channel). The
 //! device, port and GID are found from the IP address that connection uses,
 //! as RDMA CM resolves an address: the RoCE v2 GID equal to it (see
-//! [`gid`]); a loopback side channel takes the first IPv4 RoCE v2 GID (both
+//! `rdma/gid.rs`); a loopback side channel takes the first IPv4 RoCE v2 GID (both
 //! ends are this host), and [`RdmaConfig`] pins any of the three by hand.
 //! Each side then creates its queue pair, posts its receives, and sends a
 //! 64-byte hello (layout in `docs/protocol.md`); both move their QP to

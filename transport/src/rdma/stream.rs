@@ -193,6 +193,9 @@ struct State {
     broken: Option<Broken>,
     stop: bool,
     regs: Vec<Registered>,
+    /// Bytes this stream sent as DATA (copied) and one-sided (WRITE).
+    copied_bytes: u64,
+    one_sided_bytes: u64,
 }
 
 // SAFETY: the raw pointer in `run_out` points into registered guest memory
@@ -337,6 +340,8 @@ impl Stream {
                 broken: None,
                 stop: false,
                 regs: Vec::new(),
+                copied_bytes: 0,
+                one_sided_bytes: 0,
             }),
             cond: Condvar::new(),
             send_lock: Mutex::new(()),
@@ -827,6 +832,7 @@ impl Stream {
             }
         }
         st.credits -= 1;
+        st.copied_bytes += len as u64;
         let owed = std::mem::take(&mut st.owed);
         let mut sge = ibv_sge {
             addr: self.send_buf.at(slot * SLOT_BYTES) as u64,
@@ -1265,6 +1271,15 @@ impl Stream {
                 .0;
         }
         st.stop = true;
+        if st.copied_bytes + st.one_sided_bytes > 0 {
+            tracing::info!(
+                "rdma stream to {} closed: sent {} KiB one-sided (WRITE WITH IMMEDIATE into \
+                 registered memory), {} KiB copied (SEND)",
+                self.peer,
+                st.one_sided_bytes >> 10,
+                st.copied_bytes >> 10
+            );
+        }
         drop(st);
         let one = 1u64;
         // SAFETY: writes 8 bytes from a live u64 to our eventfd.
@@ -1311,6 +1326,7 @@ fn retire(st: &mut State, seq: u64) {
             SqKind::Staging(slot) => st.free_staging.push(slot),
             SqKind::Write(n) => {
                 ONE_SIDED_BYTES.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                st.one_sided_bytes += n;
                 if let Some(r) = st.run_out.as_mut() {
                     r.landed += n;
                 }
