@@ -345,12 +345,31 @@ pub fn stage() -> Result<Outcome> {
     println!("==> release binaries");
     sh::run(sh::cargo().args(["build", "--release", "--bins"]))?;
     let target = target_dir()?;
-    let bench = target.join("release").join("ferry-bench");
-    // The guest sees the host's files read-only: the script lives next to
-    // the binaries it runs.
-    let dir = target.join("xtask-rdma");
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let script = dir.join("guest.sh");
+    // The guest sees the host's files read-only, except /tmp, which is a
+    // tmpfs of its own there: a checkout under /tmp (a CI clone) would be
+    // invisible. So the binaries and the script go to a staging directory
+    // under /var/tmp, the release binaries side by side as ferry-bench
+    // expects (it finds ferryd and ferry-vmm next to itself).
+    let stage = Staging::new()?;
+    let copy = |from: &Path| -> Result<PathBuf> {
+        let name = from.file_name().context("a binary has a file name")?;
+        let to = stage.0.join(name);
+        if std::fs::hard_link(from, &to).is_err() {
+            std::fs::copy(from, &to)
+                .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+        }
+        Ok(to)
+    };
+    for bin in ["ferryd", "ferry", "ferry-vmm"] {
+        copy(&target.join("release").join(bin))?;
+    }
+    let bench = copy(&target.join("release").join("ferry-bench"))?;
+    let bins = TestBins {
+        conformance: copy(&bins.conformance)?,
+        unit: copy(&bins.unit)?,
+        bench: copy(&bins.bench)?,
+    };
+    let script = stage.0.join("guest.sh");
     std::fs::write(&script, guest_script(&bins, &bench))
         .with_context(|| format!("cannot write {}", script.display()))?;
     println!("==> one soft-RoCE VM: conformance, unit tests, an rdma migration");
@@ -400,6 +419,25 @@ pub fn stage() -> Result<Outcome> {
         let mut all = failed;
         all.extend(ok);
         Ok(Outcome::Failed(all.join("; ")))
+    }
+}
+
+/// A directory under /var/tmp the guest can read, removed on drop.
+struct Staging(PathBuf);
+
+impl Staging {
+    fn new() -> Result<Staging> {
+        let dir = PathBuf::from(format!("/var/tmp/ferry-xtask-rdma-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(Staging(dir))
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
