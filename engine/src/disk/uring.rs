@@ -1094,6 +1094,7 @@ impl Front {
         depth: u32,
         deliver: Option<Deliver>,
         mode: DirectMode,
+        pin: Option<crate::numa::Pinner>,
     ) -> io::Result<Self> {
         let what = op.what();
         let invalid = |msg: String| io::Error::new(io::ErrorKind::InvalidInput, msg);
@@ -1177,13 +1178,19 @@ impl Front {
                 _exited: exited_tx,
             },
         };
-        // The ring thread runs on the CPUs of the NUMA node that holds the
+        // The ring thread runs where the migration's placement puts its
+        // stage; without one, on the CPUs of the NUMA node that holds the
         // image's device, when sysfs tells (on one node: anywhere).
-        let place = super::numa::device_node_cpus(std::path::Path::new("/sys"), &file);
+        let place = match pin {
+            Some(_) => None,
+            None => super::numa::device_node_cpus(std::path::Path::new("/sys"), &file),
+        };
         let thread = std::thread::Builder::new()
             .name(op.thread_name().into())
             .spawn(move || {
-                if let Some((node, cpus)) = place {
+                if let Some(p) = pin {
+                    p.enter();
+                } else if let Some((node, cpus)) = place {
                     match super::numa::pin_current_thread(&cpus) {
                         Ok(()) => tracing::info!(
                             "{what}: ring thread on NUMA node {node} (CPUs {cpus:?}), the image's device's"
@@ -1327,6 +1334,28 @@ impl DiskReader {
             depth,
             Box::new(deliver),
             DirectMode::Try,
+            None,
+        )
+    }
+
+    /// [`DiskReader::start`] with the ring thread placed by `pin` (a
+    /// migration's plan for [`crate::numa::Stage::DiskRead`]).
+    pub fn start_pinned(
+        file: &File,
+        blocks_total: u64,
+        buffers: usize,
+        depth: u32,
+        deliver: impl FnMut(Batch) -> Result<(), String> + Send + 'static,
+        pin: crate::numa::Pinner,
+    ) -> io::Result<Self> {
+        Self::start_with(
+            file,
+            blocks_total,
+            buffers,
+            depth,
+            Box::new(deliver),
+            DirectMode::Try,
+            Some(pin),
         )
     }
 
@@ -1337,6 +1366,7 @@ impl DiskReader {
         depth: u32,
         deliver: Deliver,
         mode: DirectMode,
+        pin: Option<crate::numa::Pinner>,
     ) -> io::Result<Self> {
         let front = Front::start(
             file,
@@ -1347,6 +1377,7 @@ impl DiskReader {
             depth,
             Some(deliver),
             mode,
+            pin,
         )?;
         Ok(Self { front })
     }
@@ -1448,7 +1479,36 @@ impl DiskWriter {
         buffers: usize,
         depth: u32,
     ) -> io::Result<Self> {
-        Self::start_with(file, blocks_total, streams, buffers, depth, DirectMode::Try)
+        Self::start_with(
+            file,
+            blocks_total,
+            streams,
+            buffers,
+            depth,
+            DirectMode::Try,
+            None,
+        )
+    }
+
+    /// [`DiskWriter::start`] with the ring thread placed by `pin` (a
+    /// migration's plan for [`crate::numa::Stage::DiskWrite`]).
+    pub fn start_pinned(
+        file: &File,
+        blocks_total: u64,
+        streams: u16,
+        buffers: usize,
+        depth: u32,
+        pin: crate::numa::Pinner,
+    ) -> io::Result<Self> {
+        Self::start_with(
+            file,
+            blocks_total,
+            streams,
+            buffers,
+            depth,
+            DirectMode::Try,
+            Some(pin),
+        )
     }
 
     fn start_with(
@@ -1458,6 +1518,7 @@ impl DiskWriter {
         buffers: usize,
         depth: u32,
         mode: DirectMode,
+        pin: Option<crate::numa::Pinner>,
     ) -> io::Result<Self> {
         if streams == 0 {
             return Err(io::Error::new(
@@ -1475,6 +1536,7 @@ impl DiskWriter {
             depth,
             None,
             mode,
+            pin,
         )?;
         Ok(Self { front, streams })
     }

@@ -211,8 +211,8 @@ impl Placement {
     /// The plan for `side` from `topo`, `policy` and `facts`; pure, so tests
     /// feed it fake machines. Errs when a forced CPU or node is not in `topo`.
     ///
-    /// The disk's ring thread places itself ([`crate::disk::numa`]) near
-    /// its device, under every policy: its entry describes that.
+    /// The disk's ring thread is a stage like the others: near its device
+    /// under `auto`, where an override says otherwise.
     pub fn plan(
         topo: &Topology,
         policy: &PlacementPolicy,
@@ -231,26 +231,19 @@ impl Placement {
                 .map_or_else(|| "NIC".into(), |d| format!("NIC {}", d.name)),
             node: facts.nic.as_ref().and_then(|d| d.node),
         };
+        let disk = Anchor {
+            what: facts
+                .disk
+                .as_ref()
+                .map_or_else(|| "disk".into(), |d| format!("disk {}", d.name)),
+            node: facts.disk.as_ref().and_then(|d| d.node),
+        };
         let mut stages = Vec::new();
         for stage in Self::stages(side, facts.disk.is_some()) {
             let (primary, fallback) = match stage {
                 Stage::Encode | Stage::Decode => (&memory, Some(&nic)),
                 Stage::Send | Stage::Receive => (&nic, Some(&memory)),
-                Stage::DiskRead | Stage::DiskWrite => {
-                    let d = facts.disk.as_ref();
-                    let disk = Anchor {
-                        what: d.map_or_else(|| "disk".into(), |d| format!("disk {}", d.name)),
-                        node: d.and_then(|d| d.node),
-                    };
-                    let mut s = auto(topo, stage, &disk, None, facts.allowed.as_ref());
-                    if *policy != PlacementPolicy::Auto {
-                        s.reason.push_str(
-                            "; the disk's ring thread follows its device, not the override",
-                        );
-                    }
-                    stages.push(s);
-                    continue;
-                }
+                Stage::DiskRead | Stage::DiskWrite => (&disk, None),
             };
             stages.push(match policy {
                 PlacementPolicy::Auto => {

@@ -485,7 +485,7 @@ fn four_nodes_hand_a_memory_only_node_to_the_nearest_cpus() {
 }
 
 #[test]
-fn forced_choices_apply_to_every_stage_but_the_disk() {
+fn forced_choices_apply_to_every_stage_the_disk_too() {
     let sys = four_nodes("forced");
     let topo = sys.topo();
     let facts = Facts {
@@ -505,13 +505,12 @@ fn forced_choices_apply_to_every_stage_but_the_disk() {
     );
     assert_eq!(
         rows(&p)[2],
-        row(
-            Stage::DiskRead,
-            Some(1),
-            "4-7",
-            "disk vdb on node 1; the disk's ring thread follows its device, not the override"
-        )
+        row(Stage::DiskRead, Some(0), "0-3", "forced: cpus 0-3")
     );
+    // Under auto, the ring thread follows its device.
+    let p = plan("auto");
+    assert_eq!(rows(&p)[2].0, Stage::DiskRead);
+    assert_eq!(rows(&p)[2].1, Some(1));
     let p = plan("cpus:3-4");
     assert_eq!(
         rows(&p)[0],

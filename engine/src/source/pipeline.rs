@@ -369,12 +369,18 @@ impl Pipeline {
                     let tx = &txs[(batch.stream as usize - 1) % txs.len()];
                     tx.send(w).map_err(|_| "the encoders stopped".to_string())
                 };
-                let reader =
-                    DiskReader::start(&d.file, d.blocks, DISK_BUFFERS, DISK_QUEUE_DEPTH, deliver)
-                        .map_err(|source| ferry_transport::TransportError::Io {
-                        op: "starting the disk reader",
-                        source,
-                    })?;
+                let reader = DiskReader::start_pinned(
+                    &d.file,
+                    d.blocks,
+                    DISK_BUFFERS,
+                    DISK_QUEUE_DEPTH,
+                    deliver,
+                    plan.pinner(Stage::DiskRead),
+                )
+                .map_err(|source| ferry_transport::TransportError::Io {
+                    op: "starting the disk reader",
+                    source,
+                })?;
                 metrics.update(|s| {
                     if let Some(ds) = s.disk.as_mut() {
                         ds.direct_io = reader.direct();

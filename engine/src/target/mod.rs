@@ -345,13 +345,25 @@ pub fn migrate_in<V: TargetVm>(
     if cfg.prefault && !from_reserve {
         mem.prefault();
     }
+    // Where each stage runs (crate::numa): receivers near the NIC, decoders
+    // near guest memory, the disk writer near the image's device.
+    let peer = data.first().map_or_else(String::new, |c| c.peer());
+    let plan_for = |disk: Option<&std::fs::File>| {
+        crate::numa::Placement::for_target(&cfg.placement, &mem, &peer, disk)
+    };
     // The disk: a new sparse image, removed again unless COMMIT arrives.
     let mut image = match &spec.disk {
         None => None,
-        Some(d) => match DiskImage::create(cfg, &spec.name, &session_id, d, streams as u16) {
-            Ok(i) => Some(i),
-            Err(e) => return Err(fail(&metrics, abort_early(&mut ctl_tx, e))),
-        },
+        Some(d) => {
+            match DiskImage::create(cfg, &spec.name, &session_id, d, streams as u16, plan_for) {
+                Ok(i) => Some(i),
+                Err(e) => return Err(fail(&metrics, abort_early(&mut ctl_tx, e))),
+            }
+        }
+    };
+    let plan = match &image {
+        Some(i) => i.plan.clone(),
+        None => plan_for(None),
     };
     if let Some(i) = &image {
         let direct = i.writer.as_ref().is_some_and(|w| w.direct());
@@ -380,8 +392,7 @@ pub fn migrate_in<V: TargetVm>(
         disk: image.as_mut().map(|i| i.take_sink()),
     });
     let result = (|| {
-        let receivers =
-            Receivers::start(shared.clone(), data, &cfg.placement).map_err(tx_transport)?;
+        let receivers = Receivers::start(shared.clone(), data, plan).map_err(tx_transport)?;
         let mut session = Session {
             shared: &shared,
             receivers: Some(receivers),
@@ -442,6 +453,9 @@ struct DiskImage {
     /// Until the receivers take it.
     writer: Option<crate::disk::uring::DiskWriter>,
     committed: bool,
+    /// The migration's placement, planned once the image (and so its
+    /// device) exists.
+    plan: crate::numa::Placement,
 }
 
 impl DiskImage {
@@ -451,6 +465,7 @@ impl DiskImage {
         session: &str,
         d: &crate::link::DiskSpec,
         streams: u16,
+        plan_for: impl FnOnce(Option<&std::fs::File>) -> crate::numa::Placement,
     ) -> Result<Self, MigrationError> {
         d.validate().map_err(MigrationError::Invalid)?;
         let dir = cfg.disk_dir.as_ref().ok_or_else(|| {
@@ -490,6 +505,7 @@ impl DiskImage {
             .open(&partial)
             .map_err(|e| io("creating", e))?;
         let file = Arc::new(file);
+        let plan = plan_for(Some(&file));
         let mut img = DiskImage {
             partial: partial.clone(),
             path,
@@ -497,14 +513,16 @@ impl DiskImage {
             blocks: d.blocks(),
             writer: None,
             committed: false,
+            plan,
         };
         file.set_len(d.bytes).map_err(|e| io("sizing", e))?;
-        let writer = crate::disk::uring::DiskWriter::start(
+        let writer = crate::disk::uring::DiskWriter::start_pinned(
             &file,
             d.blocks(),
             streams,
             DISK_BUFFERS,
             DISK_QUEUE_DEPTH,
+            img.plan.pinner(crate::numa::Stage::DiskWrite),
         )
         .map_err(|e| io("starting io_uring writes to", e))?;
         tracing::info!(

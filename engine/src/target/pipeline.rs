@@ -39,7 +39,7 @@ use ferry_transport::Conn;
 use crate::bitmap::AtomicBitmap;
 use crate::memory::{GuestMem, PageIndex};
 use crate::metrics::Metrics;
-use crate::numa::{touched_buffer, Placement, PlacementPolicy, Stage};
+use crate::numa::{touched_buffer, Placement, Stage};
 use crate::source::pipeline::{owner_stream, Failure};
 use crate::wire::crc::crc32c_guest;
 use crate::wire::{
@@ -152,16 +152,10 @@ impl Receivers {
     pub fn start(
         shared: Arc<Shared>,
         conns: Vec<Box<dyn Conn>>,
-        placement: &PlacementPolicy,
+        plan: Placement,
     ) -> Result<Self, ferry_transport::TransportError> {
         let streams = conns.len() as u16;
         // Receivers run near the NIC, decoders near guest memory (crate::numa).
-        let plan = Placement::for_target(
-            placement,
-            &shared.mem,
-            &conns.first().map_or_else(String::new, |c| c.peer()),
-            shared.disk.as_ref().map(|d| &*d.file),
-        );
         shared.metrics.update(|s| s.placement = plan.clone());
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let decoders = (streams as usize).min(cores).max(1);

@@ -110,7 +110,7 @@ fn checking_reader(
     mode: DirectMode,
 ) -> (DiskReader, Arc<AtomicUsize>) {
     let (deliver, recycler, seen) = checker(file);
-    let reader = DiskReader::start_with(file, blocks, buffers, depth, deliver, mode).unwrap();
+    let reader = DiskReader::start_with(file, blocks, buffers, depth, deliver, mode, None).unwrap();
     recycler.set(reader.recycler()).ok().unwrap();
     (reader, seen)
 }
@@ -198,9 +198,16 @@ fn many_batches_are_in_flight_at_once() {
         }
         check(batch)
     };
-    let reader =
-        DiskReader::start_with(&img.file, total, 64, 32, Box::new(deliver), DirectMode::Try)
-            .unwrap();
+    let reader = DiskReader::start_with(
+        &img.file,
+        total,
+        64,
+        32,
+        Box::new(deliver),
+        DirectMode::Try,
+        None,
+    )
+    .unwrap();
     recycler.set(reader.recycler()).ok().unwrap();
     let batch = |i: u64| (i * 64..(i + 1) * 64).collect::<Vec<u64>>();
     reader.read(1, batch(0)).unwrap();
@@ -499,7 +506,8 @@ fn buffered_fallback_works_on_tmpfs() {
         reader.stop();
     }
     let out = Temp::new(shm, "shm-wr", 64, false);
-    let writer = DiskWriter::start_with(&out.file, 64, 1, 4, 32, DirectMode::Refused).unwrap();
+    let writer =
+        DiskWriter::start_with(&out.file, 64, 1, 4, 32, DirectMode::Refused, None).unwrap();
     assert!(!writer.direct());
     let mut buf = writer.buffer().unwrap();
     for i in 0..3 {
@@ -553,4 +561,69 @@ fn stop_with_io_outstanding_returns() {
     let t0 = Instant::now();
     reader.stop();
     assert!(t0.elapsed() < JOIN_WAIT, "stop took {:?}", t0.elapsed());
+}
+
+/// A migration's forced placement reaches the ring thread: with
+/// `cpus:<one CPU>` the writer's thread may run on that CPU only.
+#[test]
+fn a_forced_placement_pins_the_ring_thread() {
+    use crate::numa::{Facts, Placement, PlacementPolicy, Side, Stage, Topology};
+    let Ok(topo) = Topology::read(std::path::Path::new("/sys")) else {
+        eprintln!("skipped: no NUMA topology in /sys");
+        return;
+    };
+    let cpu = crate::numa::current_affinity()
+        .ok()
+        .and_then(|c| c.as_slice().last().copied())
+        .unwrap_or(0);
+    let policy: PlacementPolicy = format!("cpus:{cpu}").parse().unwrap();
+    let facts = Facts {
+        disk: Some(crate::numa::probe::Device {
+            name: "test image".into(),
+            node: None,
+        }),
+        ..Facts::default()
+    };
+    let plan = Placement::plan(&topo, &policy, Side::Target, &facts).unwrap();
+    let out = Temp::new(&std::env::temp_dir(), "pinned", 64, false);
+    let writer =
+        DiskWriter::start_pinned(&out.file, 64, 1, 4, 32, plan.pinner(Stage::DiskWrite)).unwrap();
+    // The thread pins itself first thing; give it a moment to start. Other
+    // tests' writers (unpinned) may run meanwhile under the same name.
+    let want = cpu.to_string();
+    let mut seen = Vec::new();
+    for _ in 0..100 {
+        seen = thread_cpus("ferry-disk-wr");
+        if seen.contains(&want) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    writer.stop();
+    assert!(
+        seen.contains(&want),
+        "want a writer on CPU {want}, saw {seen:?}"
+    );
+}
+
+/// `Cpus_allowed_list` of each of this process's threads called `name`.
+fn thread_cpus(name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        if let Some(v) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        {
+            out.push(v.trim().to_string());
+        }
+    }
+    out
 }
