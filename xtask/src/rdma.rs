@@ -373,17 +373,29 @@ pub fn stage() -> Result<Outcome> {
     std::fs::write(&script, guest_script(&bins, &bench))
         .with_context(|| format!("cannot write {}", script.display()))?;
     println!("==> one soft-RoCE VM: conformance, unit tests, an rdma migration");
-    let mut c = Command::new(sh::root().join("scripts").join("rxe-vm.sh"));
-    c.current_dir(sh::root())
-        .args(["--mem", &GUEST_MEM_MIB.to_string()])
-        .args(["--smp", &GUEST_CPUS.to_string()])
-        .args(["--timeout", &VM_TIMEOUT_S.to_string()])
-        .arg("--")
-        .arg("sh")
-        .arg(&script);
-    let deadline = Duration::from_secs(VM_TIMEOUT_S) + SCRIPT_GRACE;
+    let boot = || -> Result<(std::process::ExitStatus, String)> {
+        let mut c = Command::new(sh::root().join("scripts").join("rxe-vm.sh"));
+        c.current_dir(sh::root())
+            .args(["--mem", &GUEST_MEM_MIB.to_string()])
+            .args(["--smp", &GUEST_CPUS.to_string()])
+            .args(["--timeout", &VM_TIMEOUT_S.to_string()])
+            .arg("--")
+            .arg("sh")
+            .arg(&script);
+        let deadline = Duration::from_secs(VM_TIMEOUT_S) + SCRIPT_GRACE;
+        sh::tee_with_deadline(&mut c, deadline)
+    };
     let vm_start = std::time::Instant::now();
-    let (status, console) = sh::tee_with_deadline(&mut c, deadline)?;
+    let (mut status, mut console) = boot()?;
+    let mut retried = None;
+    if let Some(panic) = guest_panic(&console) {
+        // The emulated CPU's nested virtualization (ferry-vmm's KVM guest
+        // inside the TCG guest) occasionally crashes the guest kernel: that
+        // is the emulator, not ferry. Boot once more; a second panic fails.
+        println!("xtask rdma: the guest kernel panicked ({panic}); booting the VM once more");
+        retried = Some(panic);
+        (status, console) = boot()?;
+    }
     let vm_took = sh::secs(vm_start.elapsed());
     let parts = parse_console(&console);
     let find = |n: &str| parts.iter().find(|(p, _)| p == n).map(|(_, p)| p);
@@ -412,7 +424,15 @@ pub fn stage() -> Result<Outcome> {
     } else if failed.is_empty() && !status.success() {
         failed.push(format!("scripts/rxe-vm.sh failed ({status})"));
     }
+    if let Some(panic) = guest_panic(&console) {
+        failed.push(format!("the guest kernel panicked: {panic}"));
+    }
     ok.push(format!("the VM ran {vm_took}"));
+    if let Some(first) = retried {
+        ok.push(format!(
+            "after one retry: the first boot's guest kernel panicked ({first})"
+        ));
+    }
     if failed.is_empty() {
         Ok(Outcome::Ok(ok.join("; ")))
     } else {
@@ -420,6 +440,18 @@ pub fn stage() -> Result<Outcome> {
         all.extend(ok);
         Ok(Outcome::Failed(all.join("; ")))
     }
+}
+
+/// The guest kernel's panic message, if the console shows one. "Attempted
+/// to kill init" is not one: it comes after the guest script has ended,
+/// when init exits before the power-off lands.
+fn guest_panic(console: &str) -> Option<String> {
+    const PANIC: &str = "Kernel panic - not syncing: ";
+    console.lines().find_map(|l| {
+        let l = clean_line(l);
+        let what = l[l.find(PANIC)? + PANIC.len()..].trim().to_string();
+        (!what.starts_with("Attempted to kill init")).then_some(what)
+    })
 }
 
 /// A directory under /var/tmp the guest can read, removed on drop.
@@ -505,6 +537,20 @@ mod tests {
         ];
         assert_eq!(test_counts(&failing), Some((1, 2)));
         assert_eq!(clean_line("a\u{1b}[0mb\r"), "ab");
+    }
+
+    #[test]
+    fn guest_panics_are_found_but_not_the_one_at_power_off() {
+        let crash =
+            "[   36.6] Kernel panic - not syncing: corrupted stack end detected inside scheduler\n";
+        assert_eq!(
+            guest_panic(&format!("boot\n{crash}more")).as_deref(),
+            Some("corrupted stack end detected inside scheduler")
+        );
+        let off =
+            "[    7.1] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00007f00\n";
+        assert_eq!(guest_panic(off), None);
+        assert_eq!(guest_panic("all fine\n"), None);
     }
 
     #[test]
