@@ -324,6 +324,43 @@ fn xor_delta_moves_rewritten_pages_as_small_deltas_and_keeps_every_write() {
 }
 
 #[test]
+fn with_a_cache_as_large_as_the_guest_every_first_resend_is_a_delta() {
+    let t = InProcTransport::new();
+    let k = Key::generate().unwrap();
+    // A capped link: the bulk round keeps a copy of every page it sends,
+    // so even a page the guest rewrites once, after the bulk round sent it
+    // (uniform writes over all of memory), goes again as a delta.
+    let mut c = cfg(3);
+    c.bandwidth_mib_s = Some(64);
+    c.downtime_ms = 30;
+    c.policy = ferry_engine::policy::PolicyKind::Baseline;
+    c.xor_cache_bytes = Some(64 << 20);
+    let r = migrate_pattern(
+        &t,
+        64,
+        (2_000, 0, true),
+        c,
+        (k.clone(), k),
+        Cancel::new(),
+        Duration::ZERO,
+        Cancel::new(),
+    );
+    assert!(r.result.is_ok(), "{:?}", r.result);
+    check_invariant(&r);
+    let s = &r.snapshot;
+    assert!(s.iterations >= 2, "{s:?}");
+    assert!(s.xor.cache_hits > 0, "{:?}", s.xor);
+    // Re-sent pages cost under a quarter of a page each (one changed line).
+    assert!(
+        s.resent_pages > 0 && s.resent_bytes * 4 < s.resent_pages * 4096,
+        "re-sent {} pages in {} bytes; {:?}",
+        s.resent_pages,
+        s.resent_bytes,
+        s.xor
+    );
+}
+
+#[test]
 fn without_xor_delta_the_same_pages_cost_their_full_size() {
     let t = InProcTransport::new();
     let k = Key::generate().unwrap();

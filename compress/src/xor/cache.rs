@@ -305,6 +305,50 @@ impl DeltaCache {
         }
     }
 
+    /// Caches `page` as the version the receiver now holds of `pfn`, when
+    /// it was sent whole (raw or lz4) rather than through
+    /// [`encode`](Self::encode): a first send, which is neither a hit nor a
+    /// miss. Evicts like a miss when the set is full.
+    ///
+    /// # Panics
+    ///
+    /// As [`encode`](Self::encode).
+    pub fn remember(&mut self, pfn: u64, page: &[u8]) {
+        assert_eq!(page.len(), PAGE_SIZE, "remember takes one page");
+        assert_ne!(pfn, u64::MAX, "frame number out of range");
+        if self.sets == 0 {
+            return;
+        }
+        self.clock += 1;
+        let now = self.clock;
+        let first = self.set_of(pfn) * self.ways;
+        let dead_age = self.dead_age();
+        let store = self
+            .store
+            .get_or_insert_with(|| Store::new(self.sets * self.ways));
+        let ways = first..first + self.ways;
+        let tag = pfn + 1;
+        let way = match store.tags[ways.clone()].iter().position(|&t| t == tag) {
+            Some(way) => way,
+            None => {
+                let way = victim(
+                    &store.tags[ways.clone()],
+                    &store.stamps[ways],
+                    now,
+                    dead_age,
+                );
+                if store.tags[first + way] != 0 {
+                    self.stats.evictions += 1;
+                }
+                way
+            }
+        };
+        let slot = first + way;
+        store.tags[slot] = tag;
+        store.stamps[slot] = now;
+        store.page_mut(slot).copy_from_slice(page);
+    }
+
     /// Drops page `pfn` from the cache, if there. Call it when the page was
     /// sent by a path that did not go through [`encode`](Self::encode), so
     /// the receiver no longer holds the cached version.

@@ -281,3 +281,28 @@ fn hot_set_hit_rates() {
         }
     }
 }
+
+#[test]
+fn remembered_pages_are_hits_later_and_count_as_neither() {
+    let mut c = cache(PAGES);
+    let mut state = 5;
+    let first = text_page(&mut state);
+    c.remember(9, &first);
+    assert!(c.contains(9));
+    assert_eq!(cached(&c, 9), Some(&first[..]));
+    let s = c.stats();
+    assert_eq!((s.hits, s.misses), (0, 0));
+    let mut next = first.clone();
+    next[7] ^= 0xff;
+    let (outcome, out) = encode(&mut c, 9, &next, 4096);
+    assert!(matches!(outcome, DeltaOutcome::Delta { .. }));
+    let mut back = first.clone();
+    decode_delta(Codec::Xor, &out, &mut back).unwrap();
+    assert_eq!(back, next);
+    // Remembering again replaces the version; a disabled cache ignores it.
+    c.remember(9, &first);
+    assert_eq!(cached(&c, 9), Some(&first[..]));
+    let mut off = cache(0);
+    off.remember(9, &first);
+    assert!(!off.contains(9));
+}
