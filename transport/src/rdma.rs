@@ -81,7 +81,8 @@
 //! touches them: for reading only on the side that sends, for remote writes
 //! on the side that receives, and only after the engine's handshake has
 //! authenticated the peer (it is the first raw page that registers).
-//! Registering pins the chunk (`RLIMIT_MEMLOCK` or `CAP_IPC_LOCK`).
+//! Registering pins the chunk (`RLIMIT_MEMLOCK` or `CAP_IPC_LOCK`); where
+//! it fails, the stream logs why once and sends everything by copy.
 //!
 //! # Completions and threads
 //!

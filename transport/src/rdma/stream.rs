@@ -196,6 +196,8 @@ struct State {
     /// Bytes this stream sent as DATA (copied) and one-sided (WRITE).
     copied_bytes: u64,
     one_sided_bytes: u64,
+    /// Registering guest memory failed once: everything goes by copy.
+    copy_only: bool,
 }
 
 // SAFETY: the raw pointer in `run_out` points into registered guest memory
@@ -342,6 +344,7 @@ impl Stream {
                 regs: Vec::new(),
                 copied_bytes: 0,
                 one_sided_bytes: 0,
+                copy_only: false,
             }),
             cond: Condvar::new(),
             send_lock: Mutex::new(()),
@@ -740,7 +743,7 @@ impl Stream {
                         let rest = v.subslice(at, v.len() - at).expect("inside the segment");
                         if rest.len() >= self.rendezvous_min {
                             let ptr = rest.ptr_guard().as_ptr() as *mut u8;
-                            if let Some((lkey, n)) = self.read_key(ptr, rest.len())? {
+                            if let Some((lkey, n)) = self.read_key(ptr, rest.len()) {
                                 if let Some((slot, fill)) = staged.take() {
                                     self.post_data(slot, fill, true)?;
                                 }
@@ -964,20 +967,25 @@ impl Stream {
 
     /// Lkey and usable length of a registered run starting at `ptr`
     /// (registering its chunk on first use); `None` if `ptr` is not in
-    /// registered memory.
-    fn read_key(&self, ptr: *mut u8, len: usize) -> Result<Option<(u32, usize)>> {
+    /// registered memory, or registering failed (then everything of this
+    /// stream goes by copy).
+    fn read_key(&self, ptr: *mut u8, len: usize) -> Option<(u32, usize)> {
         self.key(ptr, len, false)
     }
 
-    /// Rkey and usable length for a destination at `ptr`.
-    fn write_key(&self, ptr: *mut u8, len: usize) -> Result<Option<(u32, usize)>> {
+    /// Rkey and usable length for a destination at `ptr`, as [`Self::read_key`].
+    fn write_key(&self, ptr: *mut u8, len: usize) -> Option<(u32, usize)> {
         self.key(ptr, len, true)
     }
 
-    fn key(&self, ptr: *mut u8, len: usize, write: bool) -> Result<Option<(u32, usize)>> {
+    fn key(&self, ptr: *mut u8, len: usize, write: bool) -> Option<(u32, usize)> {
         let mut st = self.lock();
+        if st.copy_only {
+            return None;
+        }
         let a = ptr as usize;
-        for reg in &mut st.regs {
+        let mut failed = None;
+        'search: for reg in &mut st.regs {
             for r in &mut reg.ranges {
                 if a < r.start || a >= r.start + r.len {
                     continue;
@@ -1000,21 +1008,30 @@ impl Stream {
                     };
                     // SAFETY: the chunk lies in a range the MappedMemory keeps
                     // mapped while `reg` lives, and the MR drops before it.
-                    let mr = unsafe {
+                    match unsafe {
                         self.device
                             .register(chunk_start as *mut u8, chunk_len, access)
+                    } {
+                        Ok(mr) => *slot = Some(mr),
+                        Err(e) => {
+                            failed = Some(e);
+                            break 'search;
+                        }
                     }
-                    .map_err(|e| TransportError::Io {
-                        op: "registering guest memory with the RDMA device",
-                        source: e,
-                    })?;
-                    *slot = Some(mr);
                 }
                 let mr = slot.as_ref().expect("registered above");
-                return Ok(Some((if write { mr.rkey() } else { mr.lkey() }, n)));
+                return Some((if write { mr.rkey() } else { mr.lkey() }, n));
             }
         }
-        Ok(None)
+        if let Some(e) = failed {
+            // Most likely RLIMIT_MEMLOCK without CAP_IPC_LOCK: slower, not wrong.
+            tracing::warn!(
+                "rdma stream to {}: cannot register guest memory ({e}); its pages go by copy",
+                self.peer
+            );
+            st.copy_only = true;
+        }
+        None
     }
 
     fn recv(&self, mut dst: Dst<'_, '_>) -> Result<()> {
@@ -1090,9 +1107,7 @@ impl Stream {
                             let p = v.ptr_guard_mut().as_ptr();
                             // SAFETY: `filled < total = v.len()`.
                             let p = unsafe { p.add(filled) };
-                            self.write_key(p, want)
-                                .map_err(|e| self.recv_error(ErrorKind::Other, e.to_string()))?
-                                .map(|(rkey, n)| (p as u64, rkey, n))
+                            self.write_key(p, want).map(|(rkey, n)| (p as u64, rkey, n))
                         }
                         Dst::Plain(_) => None,
                     };
