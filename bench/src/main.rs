@@ -137,62 +137,52 @@ fn report(r: Result<()>) -> ExitCode {
 }
 
 fn policies_main(args: &PoliciesArgs) -> ExitCode {
-    let mut ui = Ui::from_env();
-    let result = procs::catch_interrupts().and_then(|()| policies::run(args, &mut ui));
-    ui.end_live();
-    match result {
-        Ok(exp) => {
-            if args.json {
-                match serde_json::to_string_pretty(&exp) {
-                    Ok(j) => println!("{j}"),
-                    Err(e) => eprintln!("ferry-bench: cannot print the result: {e}"),
-                }
-            } else {
-                println!("{}", exp.table());
-            }
-            if procs::interrupted() {
-                ExitCode::from(EXIT_INTERRUPTED)
-            } else if exp.all_verified() {
-                ExitCode::SUCCESS
-            } else {
-                eprintln!("ferry-bench: some runs broke or did not verify; see policies.json");
-                ExitCode::FAILURE
-            }
-        }
-        Err(e) => {
-            eprintln!("ferry-bench: {e:#}");
-            if procs::interrupted() {
-                ExitCode::from(EXIT_INTERRUPTED)
-            } else {
-                ExitCode::FAILURE
-            }
-        }
-    }
+    experiment_main(
+        args.json,
+        |ui| policies::run(args, ui),
+        |e| (e.table().to_string(), e.all_verified()),
+        "some runs broke or did not verify; see policies.json",
+    )
 }
 
 fn compare_main(args: &CompareArgs) -> ExitCode {
+    experiment_main(
+        args.json,
+        |ui| compare::run(args, ui),
+        |e| (e.table().to_string(), e.all_verified()),
+        "some runs broke, did not complete or did not verify; see compare.json",
+    )
+}
+
+/// Runs an experiment (`policies`, `compare`) and prints it: its JSON with
+/// `json`, else its table. `summary` gives the table and whether every run
+/// verified; `unverified` is said when not. Exits 130 when interrupted.
+fn experiment_main<E: serde::Serialize>(
+    json: bool,
+    run: impl FnOnce(&mut Ui) -> Result<E>,
+    summary: impl Fn(&E) -> (String, bool),
+    unverified: &str,
+) -> ExitCode {
     let mut ui = Ui::from_env();
-    let result = procs::catch_interrupts().and_then(|()| compare::run(args, &mut ui));
+    let result = procs::catch_interrupts().and_then(|()| run(&mut ui));
     ui.end_live();
     match result {
         Ok(exp) => {
-            if args.json {
+            let (table, verified) = summary(&exp);
+            if json {
                 match serde_json::to_string_pretty(&exp) {
                     Ok(j) => println!("{j}"),
                     Err(e) => eprintln!("ferry-bench: cannot print the result: {e}"),
                 }
             } else {
-                println!("{}", exp.table());
+                println!("{table}");
             }
             if procs::interrupted() {
                 ExitCode::from(EXIT_INTERRUPTED)
-            } else if exp.all_verified() {
+            } else if verified {
                 ExitCode::SUCCESS
             } else {
-                eprintln!(
-                    "ferry-bench: some runs broke, did not complete or did not verify; \
-                     see compare.json"
-                );
+                eprintln!("ferry-bench: {unverified}");
                 ExitCode::FAILURE
             }
         }

@@ -96,44 +96,8 @@ pub fn succeeds(c: &mut Command) -> bool {
 /// Runs `c` with stdout captured and stderr inherited, killing it after
 /// `timeout`. Returns the exit status and stdout.
 pub fn output_with_timeout(c: &mut Command, timeout: Duration) -> Result<(ExitStatus, String)> {
-    let line = show(c);
-    println!("$ {line}");
-    let mut child = c
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("cannot run `{line}`"))?;
-    let mut stdout = child.stdout.take().context("no stdout pipe")?;
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
-        s
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break st;
-        }
-        if start.elapsed() > timeout {
-            // SIGINT first, so ferry-bench cleans up its children and namespaces.
-            let pid = child.id() as libc::pid_t;
-            // SAFETY: kill(2) on our own unreaped child's pid; no memory is involved.
-            unsafe { libc::kill(pid, libc::SIGINT) };
-            let grace = Instant::now();
-            while grace.elapsed() < INTERRUPT_GRACE {
-                if child.try_wait()?.is_some() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("`{line}` did not finish within {} s", timeout.as_secs());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let out = reader.join().unwrap_or_default();
-    Ok((status, out))
+    // SIGINT first, so ferry-bench cleans up its children and namespaces.
+    bounded(c, timeout, libc::SIGINT, false)
 }
 
 /// Runs `c`, printing its stdout as it comes and returning it with the exit
@@ -142,6 +106,17 @@ pub fn output_with_timeout(c: &mut Command, timeout: Duration) -> Result<(ExitSt
 /// reaches its children too, and a command with children must bound them
 /// itself (scripts/rxe-vm.sh kills QEMU at its --timeout, before this).
 pub fn tee_with_deadline(c: &mut Command, deadline: Duration) -> Result<(ExitStatus, String)> {
+    bounded(c, deadline, libc::SIGTERM, true)
+}
+
+/// Runs `c` with stdout captured (and echoed as it comes with `tee`); after
+/// `deadline` sends `signal`, then SIGKILL once [`INTERRUPT_GRACE`] passes.
+fn bounded(
+    c: &mut Command,
+    deadline: Duration,
+    signal: libc::c_int,
+    tee: bool,
+) -> Result<(ExitStatus, String)> {
     use std::io::{BufRead, Write};
     let line = show(c);
     println!("$ {line}");
@@ -158,8 +133,10 @@ pub fn tee_with_deadline(c: &mut Command, deadline: Duration) -> Result<(ExitSta
         // Bytes, not lines of UTF-8: a serial console is not always valid text.
         while r.read_until(b'\n', &mut buf).is_ok_and(|n| n > 0) {
             let l = String::from_utf8_lossy(&buf);
-            print!("{l}");
-            let _ = std::io::stdout().flush();
+            if tee {
+                print!("{l}");
+                let _ = std::io::stdout().flush();
+            }
             all.push_str(&l);
             buf.clear();
         }
@@ -173,7 +150,7 @@ pub fn tee_with_deadline(c: &mut Command, deadline: Duration) -> Result<(ExitSta
         if start.elapsed() > deadline {
             let pid = child.id() as libc::pid_t;
             // SAFETY: kill(2) on our own unreaped child's pid; no memory is involved.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
+            unsafe { libc::kill(pid, signal) };
             let grace = Instant::now();
             while grace.elapsed() < INTERRUPT_GRACE && child.try_wait()?.is_none() {
                 std::thread::sleep(Duration::from_millis(100));

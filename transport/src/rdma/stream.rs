@@ -1045,16 +1045,11 @@ impl Stream {
                 return Err(self.recv_error(b.kind, b.what.clone()));
             }
             if st.shut {
-                return Err(if filled == 0 {
-                    TransportError::Closed {
-                        peer: self.peer.clone(),
-                    }
-                } else {
-                    self.recv_error(
-                        ErrorKind::UnexpectedEof,
-                        "the stream was shut down mid-message",
-                    )
-                });
+                return Err(self.ended(
+                    filled,
+                    ErrorKind::UnexpectedEof,
+                    "the stream was shut down mid-message",
+                ));
             }
             match st.inbound.front_mut() {
                 Some(Item::Data { slot, len, off }) => {
@@ -1203,29 +1198,19 @@ impl Stream {
                     deadline = Self::deadline(&st);
                 }
                 Some(Item::Fin) => {
-                    return Err(if filled == 0 {
-                        TransportError::Closed {
-                            peer: self.peer.clone(),
-                        }
-                    } else {
-                        self.recv_error(
-                            ErrorKind::UnexpectedEof,
-                            "the peer closed the stream mid-message",
-                        )
-                    });
+                    return Err(self.ended(
+                        filled,
+                        ErrorKind::UnexpectedEof,
+                        "the peer closed the stream mid-message",
+                    ));
                 }
                 None => {
                     if self.gone_for_good(&st) {
-                        return Err(if filled == 0 {
-                            TransportError::Closed {
-                                peer: self.peer.clone(),
-                            }
-                        } else {
-                            self.recv_error(
-                                ErrorKind::ConnectionReset,
-                                "the peer went away mid-message",
-                            )
-                        });
+                        return Err(self.ended(
+                            filled,
+                            ErrorKind::ConnectionReset,
+                            "the peer went away mid-message",
+                        ));
                     }
                     let (g, ok) = self.wait(st, deadline);
                     st = g;
@@ -1236,6 +1221,18 @@ impl Stream {
             }
         }
         Ok(())
+    }
+
+    /// End of stream for a receive that got `filled` bytes: `Closed` at a
+    /// message boundary, else a `Recv` error of `kind` saying `what`.
+    fn ended(&self, filled: usize, kind: ErrorKind, what: &str) -> TransportError {
+        if filled == 0 {
+            TransportError::Closed {
+                peer: self.peer.clone(),
+            }
+        } else {
+            self.recv_error(kind, what)
+        }
     }
 
     fn gone_for_good(&self, st: &State) -> bool {
