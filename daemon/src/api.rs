@@ -70,6 +70,11 @@ pub struct MigrateRequest {
     /// `auto-converge` or `adaptive` (default `adaptive`).
     #[serde(default)]
     pub policy: Option<String>,
+    /// `precopy` (default), `postcopy` (the VM moves right after its device
+    /// state; memory follows on demand and in the background) or `hybrid`
+    /// (pre-copy rounds, then post-copy when they do not converge).
+    #[serde(default)]
+    pub mode: Option<String>,
     /// Downtime a policy may spend to force convergence of a guest that
     /// dirties memory faster than the link carries it, ms (default 2000).
     #[serde(default)]

@@ -179,6 +179,9 @@ pub fn source_config(req: &MigrateRequest) -> Result<SourceConfig, ApiError> {
     if let Some(p) = &req.policy {
         cfg.policy = p.parse().map_err(|e| bad(format!("\"policy\": {e}")))?;
     }
+    if let Some(m) = &req.mode {
+        cfg.mode = m.parse().map_err(|e| bad(format!("\"mode\": {e}")))?;
+    }
     if let Some(ms) = req.downtime_max_ms {
         if !(1..=DOWNTIME_MS_MAX).contains(&ms) {
             return Err(bad(format!(

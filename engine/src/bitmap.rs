@@ -162,6 +162,21 @@ impl DirtyBitmap {
         self.trim();
     }
 
+    /// Clears pages `first..first + count`.
+    pub fn clear_range(&mut self, first: u64, count: u64) {
+        let end = (first + count).min(self.pages);
+        let mut i = first;
+        while i < end {
+            if i.is_multiple_of(64) && end - i >= 64 {
+                self.words[(i / 64) as usize] = 0;
+                i += 64;
+            } else {
+                self.words[(i / 64) as usize] &= !(1 << (i % 64));
+                i += 1;
+            }
+        }
+    }
+
     /// Runs of pages in `first..first + count` whose bit is clear, as
     /// (first, count), ascending.
     pub fn runs_within(&self, first: u64, count: u64) -> impl Iterator<Item = (u64, u64)> + '_ {

@@ -61,4 +61,9 @@ pub enum MigrationError {
     /// source VM stays paused (never resumed) so it cannot run twice.
     #[error("commit outcome unknown: {0}; the VM stays paused on the source until the target's answer is known")]
     CommitUnknown(String),
+    /// Post-copy broke off after COMMIT: the VM runs on the target, whose
+    /// guest waits for the pages it lacks; the source keeps the VM paused
+    /// and its memory, so that the pages can still be served.
+    #[error("post-copy broke off: {0}; the VM runs on the target, the source keeps it paused with its memory")]
+    PostcopyBroken(String),
 }

@@ -28,6 +28,7 @@ pub mod memvm;
 pub mod metrics;
 pub mod numa;
 pub mod policy;
+pub mod postcopy;
 pub mod source;
 pub mod target;
 pub mod vm;
@@ -37,7 +38,8 @@ pub use error::MigrationError;
 pub use key::Key;
 pub use memory::{GuestMem, PageIndex, PAGE_SIZE};
 pub use metrics::{Metrics, Snapshot, Status};
-pub use vm::{SourceVm, TargetVm, VmError, VmState};
+pub use vm::{SourceVm, TargetVm, Userfault, VmError, VmState};
+pub use wire::Mode;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -274,6 +274,29 @@ pub enum LinkMsg {
         /// The VMM's own check of the memory it got.
         verify: VerifyReport,
     },
+    /// ferryd -> target VMM: load this state (binary payload) for a
+    /// post-copy start: register guest memory with a userfaultfd (minor and
+    /// missing faults), drop the VMM's own page mappings so that every first
+    /// touch faults, and pass the descriptor. Reply: `PostcopyReady` + uffd.
+    /// Memory is not checked now: it is not all here yet.
+    RestorePostcopy,
+    /// target VMM -> ferryd: ready to run post-copy; the userfaultfd is the
+    /// descriptor. The VMM keeps its own copy open until `PostcopyDone`, so
+    /// that a dead ferryd leaves faulting vCPUs waiting, never reading pages
+    /// that did not arrive.
+    PostcopyReady {
+        /// Where each region of the spec is mapped in the VMM, for the
+        /// userfaultfd's ioctls (they act on the VMM's address space).
+        host_addrs: Vec<u64>,
+    },
+    /// ferryd -> target VMM: every page is here; close the userfaultfd and
+    /// check the memory. Reply: `Verified`.
+    PostcopyDone,
+    /// target VMM -> ferryd: the check taken at `PostcopyDone`.
+    Verified {
+        /// The VMM's own check of its memory (paused for the check).
+        verify: VerifyReport,
+    },
     /// ferryd -> target VMM: COMMIT arrived; start the vCPUs.
     Run,
     /// ferryd -> VMM: report live numbers. Reply: `Stats`.
@@ -315,6 +338,10 @@ impl LinkMsg {
             LinkMsg::Quit { .. } => "quit",
             LinkMsg::Restore => "restore",
             LinkMsg::Restored { .. } => "restored",
+            LinkMsg::RestorePostcopy => "restore_postcopy",
+            LinkMsg::PostcopyReady { .. } => "postcopy_ready",
+            LinkMsg::PostcopyDone => "postcopy_done",
+            LinkMsg::Verified { .. } => "verified",
             LinkMsg::Run => "run",
             LinkMsg::GetStats => "get_stats",
             LinkMsg::Throttle { .. } => "throttle",

@@ -167,6 +167,37 @@ impl TargetVm for LinkVm {
         Ok(())
     }
 
+    fn restore_postcopy(&mut self, state: &VmState) -> Result<crate::vm::Userfault, VmError> {
+        let mut r = self
+            .link
+            .call(&LinkMsg::RestorePostcopy, &state.blob)
+            .map_err(link_err("restore_postcopy"))?;
+        match r.msg {
+            LinkMsg::PostcopyReady { host_addrs } if r.fds.len() == 1 => {
+                Ok(crate::vm::Userfault {
+                    fd: r.fds.remove(0),
+                    host_addrs,
+                })
+            }
+            LinkMsg::PostcopyReady { .. } => Err(VmError::Request {
+                op: "restore_postcopy",
+                message: format!("the reply carried {} descriptors, not 1", r.fds.len()),
+            }),
+            other => Err(expect("restore_postcopy", &other, "postcopy_ready")),
+        }
+    }
+
+    fn postcopy_done(&mut self) -> Result<VerifyReport, VmError> {
+        let r = self
+            .link
+            .call(&LinkMsg::PostcopyDone, &[])
+            .map_err(link_err("postcopy_done"))?;
+        match r.msg {
+            LinkMsg::Verified { verify } => Ok(verify),
+            other => Err(expect("postcopy_done", &other, "verified")),
+        }
+    }
+
     fn abort(&mut self, reason: &str) {
         let _ = self.link.send(
             &LinkMsg::Quit {

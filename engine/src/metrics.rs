@@ -24,6 +24,8 @@ pub enum Status {
     Switchover,
     /// PREPARE sent, waiting for PREPARED / sending COMMIT.
     Committing,
+    /// Post-copy: the VM runs on the target; the pages it lacks still move.
+    Postcopy,
     /// Done: the VM runs on the target.
     Completed,
     /// Failed before COMMIT: the VM runs on the source.
@@ -61,7 +63,8 @@ pub struct Snapshot {
     pub transport: String,
     /// Data streams.
     pub streams: u32,
-    /// "precopy".
+    /// "precopy", "postcopy" or "hybrid" (as asked; `postcopy` below says
+    /// whether a hybrid migration switched).
     pub mode: String,
     /// Convergence policy.
     pub policy: String,
@@ -140,6 +143,9 @@ pub struct Snapshot {
     /// pipeline starts).
     #[serde(default, skip_serializing_if = "crate::numa::Placement::is_empty")]
     pub placement: crate::numa::Placement,
+    /// Post-copy numbers, once the migration switched to post-copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<crate::postcopy::PostcopyStats>,
 }
 
 /// What moved of the VM's disk.

@@ -116,6 +116,37 @@ pub trait TargetVm: Send {
     fn check(&mut self) -> Result<(), VmError>;
     /// The migration failed before COMMIT: throw the VM away.
     fn abort(&mut self, reason: &str);
+    /// Loads `state` for a post-copy start (see [`crate::postcopy`]): the
+    /// VMM registers its mapping of guest memory with a userfaultfd in
+    /// minor and missing mode, unmaps every page from its own page tables
+    /// (the memory stays in the memfd), and hands the descriptor over.
+    /// Does not run the VM.
+    ///
+    /// Optional: the default refuses with [`VmError::Unsupported`], and a
+    /// migration in `postcopy` mode then fails before COMMIT.
+    fn restore_postcopy(&mut self, state: &VmState) -> Result<Userfault, VmError> {
+        let _ = state;
+        Err(VmError::Unsupported {
+            op: "restore_postcopy",
+        })
+    }
+    /// Post-copy is over: every page is in memory and mapped. The VMM
+    /// closes its userfaultfd and checks its memory (a test instrument).
+    fn postcopy_done(&mut self) -> Result<VerifyReport, VmError> {
+        Err(VmError::Unsupported {
+            op: "postcopy_done",
+        })
+    }
+}
+
+/// A VMM's userfaultfd over guest memory, for post-copy.
+#[derive(Debug)]
+pub struct Userfault {
+    /// The descriptor (registered minor + missing over every region).
+    pub fd: std::os::fd::OwnedFd,
+    /// Where each region of the spec starts in the address space the
+    /// descriptor belongs to.
+    pub host_addrs: Vec<u64>,
 }
 
 #[cfg(test)]

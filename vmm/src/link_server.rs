@@ -84,6 +84,9 @@ pub struct LinkServer {
     vm_id: String,
     report: Option<Report>,
     pending_hash: Option<(u64, u64)>,
+    /// Post-copy: the userfaultfd over guest memory, kept open until
+    /// `PostcopyDone` (ferryd dying must leave faulting vCPUs waiting).
+    userfault: Option<userfaultfd::Uffd>,
 }
 
 fn expect_registered(r: Received) -> Result<(String, Option<VmSpec>, Received), LinkServerError> {
@@ -137,6 +140,7 @@ impl LinkServer {
             vm_id,
             report,
             pending_hash: None,
+            userfault: None,
         })
     }
 
@@ -205,6 +209,7 @@ impl LinkServer {
             vm_id,
             report,
             pending_hash: None,
+            userfault: None,
         })
     }
 
@@ -234,6 +239,25 @@ impl LinkServer {
                 self.quit(&reason);
                 self.link.send(&LinkMsg::Ok, &[], &[])?;
                 return Ok(Outcome::Quit(reason));
+            }
+            if matches!(req.msg, LinkMsg::RestorePostcopy) {
+                // The one reply that carries a descriptor.
+                match self.restore_postcopy(&req.bin) {
+                    Ok((host_addr, fd)) => {
+                        let msg = LinkMsg::PostcopyReady {
+                            host_addrs: vec![host_addr],
+                        };
+                        self.link.send(&msg, &[], &[fd])?;
+                    }
+                    Err(e) => {
+                        tracing::warn!("restore_postcopy failed: {e}");
+                        let msg = LinkMsg::Error {
+                            message: e.to_string(),
+                        };
+                        self.link.send(&msg, &[], &[])?;
+                    }
+                }
+                continue;
             }
             let kind = req.msg.kind();
             let (reply, bin) = match self.handle(req) {
@@ -317,6 +341,22 @@ impl LinkServer {
                 );
                 (LinkMsg::Restored { verify }, vec![])
             }
+            LinkMsg::PostcopyDone => {
+                // Every page is here and mapped: closing our descriptor (after
+                // ferryd's) unregisters the range.
+                if self.userfault.take().is_none() {
+                    return Err(LinkServerError::Protocol(
+                        "PostcopyDone without a post-copy restore".into(),
+                    ));
+                }
+                let verify = self.verify_running()?;
+                tracing::info!("post-copy done; verify: {verify:?}");
+                self.event(
+                    "postcopy_done",
+                    serde_json::to_value(&verify).unwrap_or_default(),
+                );
+                (LinkMsg::Verified { verify }, vec![])
+            }
             LinkMsg::Run => {
                 m.run()?;
                 let progress = m.counters()?.progress;
@@ -389,6 +429,50 @@ impl LinkServer {
         }
         fields["hash_ms"] = (t0.elapsed().as_millis() as u64).into();
         report.event("paused", fields);
+    }
+
+    /// Post-copy restore: the state is loaded, guest memory registered with
+    /// a userfaultfd and unmapped. Returns the mapping's address and the
+    /// descriptor to pass (this side keeps its own copy open).
+    fn restore_postcopy(&mut self, blob: &[u8]) -> Result<(u64, std::os::fd::RawFd), LinkServerError> {
+        use std::os::fd::AsRawFd;
+        if self.userfault.is_some() {
+            return Err(LinkServerError::Protocol("a second post-copy restore".into()));
+        }
+        // Restore first: it reads no guest memory, and nothing may touch
+        // memory between the unmapping and the first fault ferryd serves.
+        self.machine.restore(blob)?;
+        let uffd = self
+            .machine
+            .ram()
+            .register_userfault()
+            .map_err(MachineError::from)?;
+        let fd = uffd.as_raw_fd();
+        tracing::info!("restored for post-copy; guest memory behind a userfaultfd");
+        self.event("restored", json!({"postcopy": true}));
+        self.userfault = Some(uffd);
+        Ok((self.machine.ram().host_addr(), fd))
+    }
+
+    /// The check of [`Self::verify`] on a running guest: paused for the
+    /// check (its time is reported as `verify_ms`), then run again.
+    fn verify_running(&mut self) -> Result<VerifyReport, LinkServerError> {
+        if !self.machine.config().verify {
+            return Ok(VerifyReport::default());
+        }
+        let running = self.machine.lifecycle() == Lifecycle::Running;
+        let t0 = Instant::now();
+        if running {
+            self.machine.pause()?;
+        }
+        let mut v = self.verify();
+        if running {
+            self.machine.resume()?;
+        }
+        if let Ok(v) = v.as_mut() {
+            v.verify_ms = t0.elapsed().as_millis() as u64;
+        }
+        v
     }
 
     /// The target's independent check of the memory and the disk it

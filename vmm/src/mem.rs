@@ -45,6 +45,9 @@ pub enum MemError {
         /// Size of the RAM.
         want: u64,
     },
+    /// Registering guest RAM with a userfaultfd (post-copy) failed.
+    #[error("cannot register guest memory with a userfaultfd for post-copy: {0}")]
+    Userfault(String),
     /// An access fell outside guest RAM.
     #[error("guest access at {gpa:#x} (+{bytes}) is outside guest RAM")]
     OutOfRange {
@@ -155,6 +158,50 @@ impl GuestRam {
                 std::io::Error::last_os_error()
             );
         }
+    }
+
+    /// Post-copy start: registers this mapping with a new userfaultfd for
+    /// minor faults (a page in the memfd but not mapped here) and missing
+    /// ones (a page not in the memfd at all), then drops every page from
+    /// this mapping's page tables, so that each first touch, by a vCPU
+    /// through KVM or by the VMM itself, waits until ferryd has written the
+    /// page (through its own mapping) and mapped it with `UFFDIO_CONTINUE`.
+    /// The memfd's contents are unchanged.
+    ///
+    /// Faults from the kernel (KVM's) must reach the handler, so the
+    /// descriptor is not user-mode only: that needs root, `CAP_SYS_PTRACE`,
+    /// or `vm.unprivileged_userfaultfd = 1`.
+    pub fn register_userfault(&self) -> Result<userfaultfd::Uffd, MemError> {
+        use userfaultfd::{FeatureFlags, RegisterMode, UffdBuilder};
+        let err = |what: &str, e: &dyn std::fmt::Debug| MemError::Userfault(format!("{what}: {e:?}"));
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            // UFFD_FEATURE_MINOR_SHMEM (Linux 5.14), which the crate has no
+            // name for.
+            .require_features(FeatureFlags::from_bits_retain(1 << 10))
+            .create()
+            .map_err(|e| err("creating the userfaultfd (minor faults on shmem)", &e))?;
+        let start = self.map.as_ptr().cast::<libc::c_void>();
+        uffd.register_with_mode(
+            start,
+            self.map.size(),
+            RegisterMode::MISSING | RegisterMode::MINOR,
+        )
+        .map_err(|e| err("registering guest memory", &e))?;
+        // SAFETY: the range is exactly our live shared mapping. For shared
+        // memory MADV_DONTNEED only drops this mapping's page-table entries;
+        // the pages stay in the memfd, and the next touch faults them back
+        // in (now through the userfaultfd).
+        let rc = unsafe { libc::madvise(start, self.map.size(), libc::MADV_DONTNEED) };
+        if rc != 0 {
+            return Err(err(
+                "unmapping guest pages (MADV_DONTNEED)",
+                &std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(uffd)
     }
 
     /// `bytes` of guest memory at `gpa`.

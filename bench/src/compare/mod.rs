@@ -226,6 +226,7 @@ fn migrate_args(args: &CompareArgs, transport: Transport, streams: u32) -> Migra
         downtime_ms: args.downtime_ms,
         bandwidth_mib_s: None,
         policy: None,
+        mode: ferry_engine::Mode::Precopy,
         downtime_max_ms: None,
         xor_cache_mib: None,
         time_max_s: args.time_max_s,

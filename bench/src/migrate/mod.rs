@@ -119,6 +119,10 @@ pub struct MigrateArgs {
     /// Convergence policy (default: ferryd's, `adaptive`).
     #[arg(long, value_enum)]
     pub policy: Option<Policy>,
+    /// precopy, postcopy or hybrid (pre-copy rounds, then post-copy when
+    /// they do not converge).
+    #[arg(long, default_value = "precopy")]
+    pub mode: ferry_engine::Mode,
     /// Downtime a policy may spend to force convergence of a guest that
     /// dirties faster than the link carries, ms (default: ferryd's).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=60_000))]
@@ -311,6 +315,7 @@ fn run_on(tb: &mut Testbed, args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResu
         rounds_max: args.rounds_max,
         time_max_s: args.time_max_s,
         policy: args.policy.map(|p| p.name().to_string()),
+        mode: Some(args.mode.name().into()),
         downtime_max_ms: args.downtime_max_ms,
         xor_cache_mib: args.xor_cache_mib,
         disk_fs_aware: args.disk_fs_aware,
@@ -332,13 +337,21 @@ fn run_on(tb: &mut Testbed, args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResu
     });
     // The target ferryd shows the migration under the same id; its
     // placement is the target side's. Not having it costs the figure only.
-    let target_placement = tb
+    let target_snap = tb
         .tgt
         .api
         .migration(&id)
-        .map(|s| s.placement)
         .inspect_err(|e| ui.step(&format!("no target placement: {e:#}")))
         .unwrap_or_default();
+    let target_placement = target_snap.placement.clone();
+    // Post-copy: the faults and their latencies are the target's figures;
+    // the switch point is the source's.
+    let postcopy = target_snap.postcopy.clone().map(|mut t| {
+        if let Some(s) = &snap.postcopy {
+            t.switch_after_round = s.switch_after_round;
+        }
+        t
+    });
 
     let mut r = BenchResult {
         status: status_name(snap.status),
@@ -398,6 +411,7 @@ fn run_on(tb: &mut Testbed, args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResu
             source: snap.placement.clone(),
             target: target_placement,
         },
+        postcopy,
         rdma: (args.transport == Transport::Rdma)
             .then(|| crate::rdma::RdmaNote::probe(tb.tgt.listen.ip())),
         ..BenchResult::default()
@@ -411,6 +425,11 @@ fn run_on(tb: &mut Testbed, args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResu
     } else {
         0.0
     };
+    if r.postcopy.is_some() && blast.mib_s > 0.0 {
+        // The time the measured link needs for all of guest memory, once.
+        let push_ms = r.mem_bytes as f64 / (1 << 20) as f64 / blast.mib_s * 1000.0;
+        r.postcopy_time_ratio = Some(round2(r.total_time_ms as f64 / push_ms));
+    }
 
     if let (Some(image), Some(d)) = (&image, &snap.disk) {
         let dirty_round_blocks: u64 = snap

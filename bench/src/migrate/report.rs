@@ -262,6 +262,14 @@ pub struct BenchResult {
     pub disk: Option<super::disk::DiskResult>,
     /// Which CPUs each pipeline stage ran on, on both sides, and why.
     pub placement: Placements,
+    /// Post-copy figures (the target's faults and latencies), when the
+    /// migration switched to post-copy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<ferry_engine::postcopy::PostcopyStats>,
+    /// Post-copy: total time / the time the measured link needs to carry
+    /// all of guest memory once (the "<= 1.2x" figure).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postcopy_time_ratio: Option<f64>,
     /// With `--transport rdma`: the RDMA devices and whether they are a
     /// software emulation, on which the rates are not meaningful.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -369,6 +377,44 @@ impl fmt::Display for BenchResult {
                 x.overflows,
                 x.evictions
             )?;
+        }
+        if let Some(p) = &self.postcopy {
+            writeln!(
+                f,
+                "  post-copy       after round {}: {} stale pages moved in {} ms: {} on demand, {} pushed, {} duplicates dropped",
+                p.switch_after_round,
+                p.stale_pages,
+                p.duration_ms,
+                p.demand_pages,
+                p.background_pages,
+                p.duplicate_pages
+            )?;
+            writeln!(
+                f,
+                "  faults          {} waited for the network (p50 {} us, p99 {} us, mean {} us, max {} us), {} first touches of present pages",
+                p.faults,
+                p.fault_latency_p50_us,
+                p.fault_latency_p99_us,
+                p.fault_latency_mean_us,
+                p.fault_latency_max_us,
+                p.faults_present
+            )?;
+            let hist: Vec<String> = p
+                .fault_latency_hist
+                .iter()
+                .enumerate()
+                .filter(|(_, &n)| n > 0)
+                .map(|(i, n)| format!("{}us:{n}", 1u64 << i))
+                .collect();
+            if !hist.is_empty() {
+                writeln!(f, "  latency dist    {}", hist.join(" "))?;
+            }
+            if let Some(r) = self.postcopy_time_ratio {
+                writeln!(
+                    f,
+                    "  vs link         total time = {r:.2}x the time the link needs to carry all guest memory once"
+                )?;
+            }
         }
         if let Some(d) = &self.disk {
             writeln!(

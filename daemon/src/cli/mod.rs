@@ -119,6 +119,11 @@ pub struct MigrateArgs {
     /// or adaptive [default: adaptive].
     #[arg(long, value_name = "NAME")]
     pub policy: Option<String>,
+    /// precopy, postcopy (the VM moves right after its device state; memory
+    /// follows on demand and in the background) or hybrid (pre-copy rounds,
+    /// then post-copy when they do not converge) [default: precopy].
+    #[arg(long, value_name = "MODE")]
+    pub mode: Option<String>,
     /// Downtime mp / adaptive may spend to force convergence of a guest that
     /// dirties memory faster than the link carries it, ms [default: 2000].
     #[arg(long, value_name = "MS")]
@@ -272,6 +277,7 @@ fn migrate(client: &Client, a: &MigrateArgs) -> Result<u8, Fail> {
         rounds_max: a.rounds_max,
         time_max_s: a.time_max_s,
         policy: a.policy.clone(),
+        mode: a.mode.clone(),
         downtime_max_ms: a.downtime_max_ms,
         xor_cache_mib: a.xor_cache_mib,
         disk_fs_aware: a.disk_fs_aware,

@@ -24,7 +24,7 @@ use crate::link::VmSpec;
 use crate::metrics::{RoundLog, Status};
 use crate::policy::{Action, Limits, Policy, PolicyKind, RoundStats, FRAGMENT_PAGES};
 use crate::wire::handshake::{self, Hello};
-use crate::wire::{self, ControlMsg, FrameKind, StreamTotals, WireError};
+use crate::wire::{self, ControlMsg, FrameKind, Mode, StreamTotals, WireError};
 use crate::{Cancel, GuestMem, Key, Metrics, MigrationError, SourceVm, VmState, PAGE_SIZE};
 
 /// Settings of an outgoing migration.
@@ -60,6 +60,8 @@ pub struct SourceConfig {
     pub disk: Option<DiskSource>,
     /// Which CPUs the encoders and senders run on ([`crate::numa`]).
     pub placement: crate::numa::PlacementPolicy,
+    /// Pre-copy, post-copy, or pre-copy rounds then post-copy.
+    pub mode: Mode,
 }
 
 /// A disk that moves with the VM: a raw image the VMM keeps writing while
@@ -98,6 +100,7 @@ impl Default for SourceConfig {
             xor_cache_bytes: None,
             disk: None,
             placement: crate::numa::PlacementPolicy::Auto,
+            mode: Mode::Precopy,
         }
     }
 }
@@ -183,8 +186,15 @@ pub fn migrate_out(
             ))
         }
     };
+    if disk_blocks > 0 && cfg.mode.may_postcopy() {
+        return Err(MigrationError::Invalid(format!(
+            "mode {} cannot move a disk yet (a guest cannot fault on disk blocks); use precopy",
+            cfg.mode
+        )));
+    }
     metrics.update(|s| {
         s.status = Status::Setup;
+        s.mode = cfg.mode.name().into();
         s.transport = transport.name().into();
         s.policy = cfg.policy.name().into();
         s.downtime_max_ms = cfg.downtime_max_ms.max(cfg.downtime_ms);
@@ -217,6 +227,7 @@ pub fn migrate_out(
         acked: Arc::default(),
         disk_base: 0,
         last_disk_sent: 0,
+        priority: None,
     };
     let result = m.run(transport, to, key, spec, epoch, vm);
     match result {
@@ -224,7 +235,7 @@ pub fn migrate_out(
         Err(e) => {
             let status = match e {
                 MigrationError::Cancelled => Status::Cancelled,
-                MigrationError::CommitUnknown(_) => Status::Unknown,
+                MigrationError::CommitUnknown(_) | MigrationError::PostcopyBroken(_) => Status::Unknown,
                 _ => Status::Failed,
             };
             m.fail(vm, &e);
@@ -275,7 +286,21 @@ struct Migration<'a> {
     disk_base: u64,
     /// Disk blocks the last round queued.
     last_disk_sent: u64,
+    /// The priority stream (post-copy's demand pages), when the mode may
+    /// switch to post-copy.
+    priority: Option<Box<dyn Conn>>,
 }
+
+/// How pre-copy ends.
+enum Switch {
+    /// Stop-and-copy with the forecast downtime.
+    StopAndCopy(u64),
+    /// Post-copy after this many rounds.
+    Postcopy,
+}
+
+/// `hybrid` switches to post-copy after at most this many pre-copy rounds.
+const HYBRID_ROUNDS_MAX: u32 = 5;
 
 impl Migration<'_> {
     fn run(
@@ -293,12 +318,17 @@ impl Migration<'_> {
         for i in 1..=self.streams {
             data.push(self.connect(transport, to, key, &session, i, &spec.name)?);
         }
+        if self.cfg.mode.may_postcopy() {
+            let p = self.streams + 1;
+            self.priority = Some(self.connect(transport, to, key, &session, p, &spec.name)?);
+        }
         self.check_cancel()?;
         // SPEC: the target creates memory and starts its VMM.
         self.control_seq += 1;
         let msg = wire::encode_control(&ControlMsg::Spec {
             spec: spec.clone(),
             epoch,
+            mode: self.cfg.mode,
         });
         wire::send_frame(&mut *control, FrameKind::Control, 0, self.control_seq, &msg).map_err(
             |source| MigrationError::Protocol {
@@ -444,7 +474,12 @@ impl Migration<'_> {
         let mut scratch = DirtyBitmap::new(pages);
         let mut rate = RateMeter::default();
         let mut round = 0u32;
-        let expected_ms = loop {
+        let switch = loop {
+            if self.cfg.mode == Mode::Postcopy {
+                // Straight to the switch: every page with data is stale.
+                pending.copy_from(&send);
+                break Switch::Postcopy;
+            }
             round += 1;
             let t = Instant::now();
             // The throttle this round ran under.
@@ -542,8 +577,20 @@ impl Migration<'_> {
                     disk_blocks: self.last_disk_sent,
                 });
             });
+            if self.cfg.mode == Mode::Hybrid
+                && d.action != Action::StopAndCopy
+                && (d.action == Action::GiveUp
+                    || d.class == "memory-intensive"
+                    || d.throttle_pct > 0
+                    || round >= HYBRID_ROUNDS_MAX)
+            {
+                // Pre-copy does not converge (or would need the guest
+                // throttled): the rest goes post-copy.
+                tracing::info!(round, pending = stats.pending_pages, "switching to post-copy");
+                break Switch::Postcopy;
+            }
             match d.action {
-                Action::StopAndCopy => break d.estimate_ms,
+                Action::StopAndCopy => break Switch::StopAndCopy(d.estimate_ms),
                 Action::GiveUp => {
                     return Err(MigrationError::NotConverged(format!(
                         "after {round} rounds and {} ms, {} pending pages would need ~{} ms of downtime (budget {} ms, policy {})",
@@ -565,6 +612,10 @@ impl Migration<'_> {
             self.check_cancel()?;
         };
 
+        let expected_ms = match switch {
+            Switch::StopAndCopy(ms) => ms,
+            Switch::Postcopy => return self.postcopy(vm, &mut pending, &mut dirty, round, epoch),
+        };
         // Switchover: pause, final round, state, PREPARE.
         self.check_cancel()?;
         self.metrics.update(|s| {
@@ -600,7 +651,7 @@ impl Migration<'_> {
                 ..RoundLog::default()
             });
         });
-        self.send_state_and_prepare(&state, totals)?;
+        self.send_state_and_prepare(&state, totals, false)?;
         self.metrics.update(|s| s.status = Status::Committing);
         let verify = match self.wait_control("waiting for PREPARED", SLOW_STEP_TIMEOUT)? {
             ControlMsg::Prepared { verify } => verify,
@@ -651,6 +702,205 @@ impl Migration<'_> {
         Ok(Outcome { epoch: new_epoch })
     }
 
+    /// The switch to post-copy and the post-copy phase (see
+    /// [`crate::postcopy`]): pause, tell the target which pages are stale,
+    /// hand the VM over, then serve faults and push the rest until the
+    /// target holds every page.
+    fn postcopy(
+        &mut self,
+        vm: &mut dyn SourceVm,
+        pending: &mut DirtyBitmap,
+        dirty: &mut DirtyBitmap,
+        mut round: u32,
+        epoch: u64,
+    ) -> Result<Outcome, MigrationError> {
+        self.check_cancel()?;
+        let switch_after = round;
+        self.metrics.update(|s| s.status = Status::Switchover);
+        let paused_at = Instant::now();
+        let state = vm.pause()?;
+        self.paused = true;
+        dirty.clear();
+        self.sync_logs(vm, dirty)?;
+        pending.or_with(dirty);
+        if self.throttle_pct != 0 {
+            self.set_throttle(vm, 0)?;
+        }
+        let stale_pages = pending.count();
+        let totals = self
+            .pipeline
+            .as_ref()
+            .expect("pipeline running")
+            .totals();
+        // The stale bitmap covers memory pages only (no disk in post-copy).
+        let words = self.mem.pages().div_ceil(64) as usize;
+        let stale: Vec<u8> = pending.words_mut()[..words]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        let phase = "sending the stale bitmap";
+        let control = self.control.as_mut().expect("control stream open");
+        self.control_seq += 1;
+        wire::send_frame(&mut **control, FrameKind::Stale, 0, self.control_seq, &stale)
+            .map_err(|source| MigrationError::Protocol { phase, source })?;
+        self.metrics
+            .wire_bytes
+            .fetch_add(stale.len() as u64 + 24, Ordering::Relaxed);
+        self.send_state_and_prepare(&state, totals, true)?;
+        self.metrics.update(|s| {
+            s.status = Status::Committing;
+            s.guest_progress_at_pause = state.progress;
+            s.remaining_pages = stale_pages;
+        });
+        match self.wait_control("waiting for PREPARED", SLOW_STEP_TIMEOUT)? {
+            ControlMsg::Prepared { .. } => {}
+            ControlMsg::Abort { reason } => return Err(MigrationError::PeerAborted(reason)),
+            other => return Err(unexpected("waiting for PREPARED", Incoming::Control(other))),
+        }
+        self.check_cancel()?;
+        // Serve pages from now on: the target's VMM touches guest memory as
+        // soon as it runs, before COMMITTED comes back.
+        let priority = self.priority.take().expect("priority stream connected");
+        let wire_bytes = Arc::new(AtomicU64::new(0));
+        let server = crate::postcopy::source::DemandServer::start(
+            self.mem.clone(),
+            priority,
+            self.streams + 1,
+            wire_bytes.clone(),
+        )
+        .map_err(|source| MigrationError::Transport {
+            phase: "starting the demand server",
+            source,
+        })?;
+        let new_epoch = epoch + 1;
+        self.metrics.update(|s| s.epoch = new_epoch);
+        tracing::info!(epoch = new_epoch, stale_pages, "hand-off recorded; sending COMMIT (post-copy)");
+        self.commit_sent = true;
+        let committed = self
+            .send_control(&ControlMsg::Commit { epoch: new_epoch })
+            .map_err(|e| MigrationError::CommitUnknown(format!("sending COMMIT failed: {e}")))
+            .and_then(|()| match self.wait_control("waiting for COMMITTED", self.cfg.io_timeout) {
+                Ok(ControlMsg::Committed) => Ok(()),
+                Err(e @ MigrationError::PeerAborted(_)) => Err(e),
+                Ok(other) => Err(MigrationError::CommitUnknown(format!(
+                    "the target answered COMMIT with {other:?}"
+                ))),
+                Err(e) => Err(MigrationError::CommitUnknown(e.to_string())),
+            });
+        if let Err(e) = committed {
+            server.stop();
+            return Err(e);
+        }
+        // The VM runs on the target from here; this side only serves pages.
+        let running_at = Instant::now();
+        let downtime_ms = paused_at.elapsed().as_millis() as u64;
+        self.metrics.update(|s| {
+            s.downtime_ms = downtime_ms;
+            s.status = Status::Postcopy;
+            s.postcopy = Some(crate::postcopy::PostcopyStats {
+                stale_pages,
+                switch_after_round: switch_after,
+                ..Default::default()
+            });
+        });
+        if self.logging {
+            self.logging = false;
+            if let Err(e) = vm.stop_dirty_log() {
+                tracing::warn!("could not stop dirty logging: {e}");
+            }
+        }
+        let broken = MigrationError::PostcopyBroken;
+        let demand = server.demand().clone();
+        let result = (|| {
+            // The background push: every stale page once, from the latest
+            // fault on, as a last round (the guest is paused here).
+            round += 1;
+            let pipeline = self.pipeline.as_mut().expect("pipeline running");
+            pipeline.set_resend(true, true);
+            let mut order = crate::postcopy::source::PushOrder::new(pending.clone());
+            while let Some(runs) = order.next(&demand) {
+                if demand.failure.is_set() {
+                    return Err(broken(demand.failure.message().unwrap_or_default()));
+                }
+                for (first, count) in runs {
+                    pipeline
+                        .send_run(&self.mem, first, count)
+                        .map_err(|e| broken(format!("background push: {e}")))?;
+                }
+            }
+            pipeline
+                .end_round(round, self.cfg.io_timeout * 6)
+                .map_err(|e| broken(format!("background push: {e}")))?;
+            let pushed_ms = running_at.elapsed().as_millis() as u64;
+            tracing::info!(round, pushed_ms, "post-copy: every stale page pushed");
+            self.send_control(&ControlMsg::PushDone { round })
+                .map_err(|e| broken(format!("sending PUSH_DONE: {e}")))?;
+            // The target says when it holds every page; it may still be
+            // requesting the last ones. Silence for long means it is gone.
+            let mut last = (0, 0);
+            let mut quiet_since = Instant::now();
+            loop {
+                match self.wait_control("waiting for POSTCOPY_DONE", Duration::from_secs(1)) {
+                    Ok(ControlMsg::PostcopyDone { verify }) => return Ok(verify),
+                    Ok(other) => {
+                        return Err(broken(format!("unexpected {other:?} during post-copy")))
+                    }
+                    Err(MigrationError::Transport { .. }) if !demand.failure.is_set() => {
+                        let now = (
+                            demand.pages.load(Ordering::Relaxed),
+                            self.acked.iter().map(|a| a.load(Ordering::Relaxed)).sum(),
+                        );
+                        if now != last {
+                            last = now;
+                            quiet_since = Instant::now();
+                        } else if quiet_since.elapsed() > self.cfg.io_timeout {
+                            return Err(broken(format!(
+                                "the target sent nothing for {:?}",
+                                self.cfg.io_timeout
+                            )));
+                        }
+                    }
+                    Err(e) => {
+                        let e = demand.failure.message().unwrap_or_else(|| e.to_string());
+                        return Err(broken(e));
+                    }
+                }
+            }
+        })();
+        let served = demand.pages.load(Ordering::Relaxed);
+        server.stop();
+        self.metrics
+            .wire_bytes
+            .fetch_add(wire_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+        let verify = result?;
+        let duration_ms = running_at.elapsed().as_millis() as u64;
+        let totals = self.finish_pipeline();
+        let background: u64 = totals.iter().map(|t| t.pages).sum();
+        self.paused = false;
+        self.metrics.update(|s| {
+            s.iterations = round;
+            s.remaining_pages = 0;
+            s.verify_ms = verify.verify_ms;
+            s.verify = Some(verify);
+            if let Some(p) = s.postcopy.as_mut() {
+                p.requested_pages = served;
+                p.demand_pages = served;
+                p.background_pages = background;
+                p.duration_ms = duration_ms;
+            }
+        });
+        self.metrics.finish(Status::Completed, None);
+        self.metrics
+            .update(|s| s.total_time_ms = s.total_time_ms.saturating_sub(s.verify_ms));
+        if let Err(e) = vm.hand_off(new_epoch) {
+            tracing::error!("the VM runs on the target but the local VMM did not stop: {e}");
+        }
+        if let Some(c) = &self.control {
+            c.shutdown();
+        }
+        Ok(Outcome { epoch: new_epoch })
+    }
+
     fn connect(
         &self,
         transport: &dyn Transport,
@@ -669,7 +919,7 @@ impl Migration<'_> {
         let hello = Hello {
             session: *session,
             stream,
-            streams: self.streams,
+            streams: self.streams + u16::from(self.cfg.mode.may_postcopy()),
             vm: vm.into(),
         };
         handshake::connect(&mut *conn, key, &hello).map_err(|e| match e {
@@ -889,6 +1139,7 @@ impl Migration<'_> {
         &mut self,
         state: &VmState,
         streams: Vec<StreamTotals>,
+        postcopy: bool,
     ) -> Result<(), MigrationError> {
         let phase = "sending the state";
         if state.blob.len() > crate::vm::STATE_BYTES_MAX {
@@ -915,6 +1166,7 @@ impl Migration<'_> {
             state_len: state.blob.len() as u64,
             state_crc: crc32c::crc32c(&state.blob),
             progress: state.progress,
+            postcopy,
         };
         self.send_control(&prepare)
             .map_err(|source| MigrationError::Protocol { phase, source })
@@ -964,6 +1216,14 @@ impl Migration<'_> {
         tracing::warn!("migration failed: {e}");
         if let Some(p) = self.pipeline.take() {
             p.stop(true);
+        }
+        if let Some(p) = self.priority.take() {
+            p.shutdown();
+        }
+        if matches!(e, MigrationError::PostcopyBroken(_)) {
+            // The VM runs on the target; this side must never run it again.
+            tracing::error!("post-copy broke off; the VM stays paused on the source");
+            return;
         }
         if matches!(e, MigrationError::CommitUnknown(_)) {
             // COMMIT may have arrived: the target decides. Never resume here.

@@ -279,9 +279,9 @@ pub fn migrate_in<V: TargetVm>(
         phase: "receiving the spec",
         source,
     })?;
-    let (spec, epoch) = match (h.kind, h.seq) {
+    let (spec, epoch, mode) = match (h.kind, h.seq) {
         (FrameKind::Control, 1) => match wire::decode_control(&p) {
-            Ok(ControlMsg::Spec { spec, epoch }) => (spec, epoch),
+            Ok(ControlMsg::Spec { spec, epoch, mode }) => (spec, epoch, mode),
             Ok(other) => {
                 return Err(fail(
                     &metrics,
@@ -328,6 +328,24 @@ pub fn migrate_in<V: TargetVm>(
         ));
         return Err(fail(&metrics, abort_early(&mut ctl_tx, e)));
     }
+    // With post-copy possible, the last connection is the priority stream.
+    let mut data = data;
+    let priority = if mode.may_postcopy() {
+        if data.len() < 2 || spec.disk.is_some() {
+            let e = MigrationError::Invalid(format!(
+                "mode {mode} needs a data stream besides the priority stream, and no disk"
+            ));
+            return Err(fail(&metrics, abort_early(&mut ctl_tx, e)));
+        }
+        data.pop()
+    } else {
+        None
+    };
+    let streams = data.len();
+    metrics.update(|s| {
+        s.streams = streams as u32;
+        s.mode = mode.name().into();
+    });
     let reserved = cfg.reserve.as_ref().and_then(|r| r.take(&spec));
     // Whatever happens from here, refill the reserve once this migration is over.
     let _refill = RefillOnDrop(cfg.reserve.clone());
@@ -342,7 +360,9 @@ pub fn migrate_in<V: TargetVm>(
         "guest memory ready ({} MiB)",
         mem.bytes() >> 20
     );
-    if cfg.prefault && !from_reserve {
+    // Post-copy maps pages for the guest with UFFDIO_CONTINUE, which needs
+    // every page in the memfd: always pre-fault then.
+    if (cfg.prefault || mode.may_postcopy()) && !from_reserve {
         mem.prefault();
     }
     // Where each stage runs (crate::numa): receivers near the NIC, decoders
@@ -390,6 +410,7 @@ pub fn migrate_in<V: TargetVm>(
         control: Mutex::new((ctl_tx, 0)),
         metrics: metrics.clone(),
         disk: image.as_mut().map(|i| i.take_sink()),
+        postcopy: std::sync::OnceLock::new(),
     });
     let result = (|| {
         let receivers = Receivers::start(shared.clone(), data, plan).map_err(tx_transport)?;
@@ -398,8 +419,14 @@ pub fn migrate_in<V: TargetVm>(
             receivers: Some(receivers),
             events: None,
             cfg,
+            priority,
+            stale: None,
+            pc_threads: None,
         };
         let r = session.run(&mut vm, control, epoch);
+        if let Some(t) = session.pc_threads.take() {
+            t.stop();
+        }
         if let Some(rx) = session.receivers.take() {
             rx.stop();
         }
@@ -422,6 +449,16 @@ pub fn migrate_in<V: TargetVm>(
                 vm,
                 disk_path,
             })
+        }
+        Err(e @ MigrationError::PostcopyBroken(_)) => {
+            // The VM runs here and owns its state: never quit it. Its guest
+            // waits for the pages it lacks.
+            tracing::error!("{e}");
+            metrics.update(|s| {
+                s.status = Status::Unknown;
+                s.error = Some(e.to_string());
+            });
+            Err(e)
         }
         Err(e) => {
             let _ = shared.send_control(
@@ -598,6 +635,12 @@ struct Session<'a> {
     receivers: Option<Receivers>,
     events: Option<Receiver<Event>>,
     cfg: &'a TargetConfig,
+    /// The priority stream, until post-copy starts.
+    priority: Option<Box<dyn Conn>>,
+    /// The stale bitmap of a post-copy switch (u64 words).
+    stale: Option<Vec<u64>>,
+    /// Post-copy's threads, once started.
+    pc_threads: Option<crate::postcopy::target::Threads>,
 }
 
 impl Session<'_> {
@@ -653,6 +696,24 @@ impl Session<'_> {
                         source,
                     })
                 }
+                Event::Frame(FrameKind::Stale, words) => {
+                    let want = self.shared.mem.pages().div_ceil(64) as usize * 8;
+                    if self.stale.is_some() || prepared || self.priority.is_none() {
+                        return Err(protocol("switchover", "an unexpected stale bitmap".into()));
+                    }
+                    if words.len() != want {
+                        return Err(protocol(
+                            "switchover",
+                            format!("stale bitmap of {} bytes, want {want}", words.len()),
+                        ));
+                    }
+                    self.stale = Some(
+                        words
+                            .chunks_exact(8)
+                            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                            .collect(),
+                    );
+                }
                 Event::Frame(FrameKind::State, blob) => {
                     if state.is_some() || prepared {
                         return Err(protocol("switchover", "a second state blob".into()));
@@ -672,6 +733,7 @@ impl Session<'_> {
                             state_len,
                             state_crc,
                             progress,
+                            postcopy,
                         } => {
                             if prepared {
                                 return Err(protocol("switchover", "a second PREPARE".into()));
@@ -696,6 +758,20 @@ impl Session<'_> {
                                 s.status = Status::Committing;
                                 s.guest_progress_at_pause = progress;
                             });
+                            if postcopy {
+                                self.start_postcopy(vm, VmState { blob, progress })?;
+                                self.send(&ControlMsg::Prepared {
+                                    verify: Default::default(),
+                                })?;
+                                prepared = true;
+                                continue;
+                            }
+                            if self.stale.is_some() {
+                                return Err(protocol(
+                                    "switchover",
+                                    "a stale bitmap for a pre-copy switch".into(),
+                                ));
+                            }
                             let verify = vm.restore(&VmState { blob, progress })?;
                             self.shared.metrics.update(|s| {
                                 s.verify_ms = verify.verify_ms;
@@ -719,10 +795,17 @@ impl Session<'_> {
                             }
                             vm.run(new_epoch)?;
                             // From here on the VM runs here: nothing may undo it.
+                            if let Some(t) = &self.pc_threads {
+                                t.postcopy().running();
+                            }
                             if let Err(e) = self.send(&ControlMsg::Committed) {
                                 tracing::warn!(
                                     "the VM runs here, but COMMITTED could not be sent: {e}"
                                 );
+                            }
+                            if self.pc_threads.is_some() {
+                                self.finish_postcopy(vm)
+                                    .map_err(MigrationError::PostcopyBroken)?;
                             }
                             return Ok(new_epoch);
                         }
@@ -745,6 +828,127 @@ impl Session<'_> {
                 }
             }
         }
+    }
+
+    /// PREPARE of a post-copy switch: the VMM restores the state over a
+    /// userfaultfd, and the fault and priority threads start.
+    fn start_postcopy<V: TargetVm>(
+        &mut self,
+        vm: &mut V,
+        state: VmState,
+    ) -> Result<(), MigrationError> {
+        let stale = self
+            .stale
+            .take()
+            .ok_or_else(|| protocol("switchover", "post-copy PREPARE without a stale bitmap".into()))?;
+        let priority = self
+            .priority
+            .take()
+            .ok_or_else(|| protocol("switchover", "post-copy PREPARE without a priority stream".into()))?;
+        let uf = vm.restore_postcopy(&state)?;
+        let pc = crate::postcopy::target::TargetPostcopy::new(
+            uf,
+            self.shared.mem.clone(),
+            &stale,
+            priority.try_clone().map_err(|source| MigrationError::Transport {
+                phase: "post-copy",
+                source,
+            })?,
+        )
+        .map_err(|e| protocol("switchover", e))?;
+        let pc = Arc::new(pc);
+        tracing::info!(
+            stale = self.shared.mem.pages() - pc.states.present_count(),
+            "post-copy: the VMM's memory is registered; ready to run"
+        );
+        let stream = self.shared.applied.len() as u16 + 1;
+        let threads = crate::postcopy::target::Threads::start(pc.clone(), priority, stream)
+            .map_err(|source| MigrationError::Transport {
+                phase: "post-copy",
+                source,
+            })?;
+        // From here on, data receivers claim every page they write.
+        let _ = self.shared.postcopy.set(pc.clone());
+        self.shared
+            .metrics
+            .update(|s| s.postcopy = Some(pc.stats()));
+        self.pc_threads = Some(threads);
+        Ok(())
+    }
+
+    /// The guest runs here: wait until every page is present, requesting
+    /// what the background push did not bring; then close the VMM's
+    /// userfaultfd and tell the source.
+    fn finish_postcopy<V: TargetVm>(&mut self, vm: &mut V) -> Result<(), String> {
+        let pc = self
+            .pc_threads
+            .as_ref()
+            .expect("post-copy started")
+            .postcopy()
+            .clone();
+        let metrics = self.shared.metrics.clone();
+        metrics.update(|s| s.status = Status::Postcopy);
+        let mut push_done: Option<Instant> = None;
+        let mut last_sweep = Instant::now();
+        let events = self.events.take().expect("reader running");
+        let result = loop {
+            if pc.states.complete() {
+                break Ok(());
+            }
+            if let Some(e) = pc.failure.message() {
+                break Err(e);
+            }
+            if let Some(e) = self.shared.failure.message() {
+                break Err(e);
+            }
+            if let Err(e) = vm.check() {
+                break Err(format!("the VMM: {e}"));
+            }
+            match events.recv_timeout(Duration::from_millis(20)) {
+                Ok(Event::Frame(FrameKind::Control, p)) => match wire::decode_control(&p) {
+                    Ok(ControlMsg::PushDone { round }) => {
+                        tracing::info!(round, "post-copy: the source pushed every stale page");
+                        push_done = Some(Instant::now());
+                    }
+                    Ok(other) => break Err(format!("unexpected {other:?} during post-copy")),
+                    Err(e) => break Err(format!("control stream: {e}")),
+                },
+                Ok(Event::Frame(kind, _)) => {
+                    break Err(format!("unexpected {kind:?} frame during post-copy"))
+                }
+                Ok(Event::Failed(e)) => break Err(format!("control stream: {e}")),
+                Err(RecvTimeoutError::Disconnected) => break Err("control stream closed".into()),
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            metrics.update(|s| s.postcopy = Some(pc.stats()));
+            // Everything was pushed and has had time to land: whatever no
+            // receiver claimed is missing (a copy failed its check).
+            if push_done.is_some_and(|t| t.elapsed() > crate::postcopy::target::SWEEP_AFTER)
+                && last_sweep.elapsed() > crate::postcopy::target::SWEEP_AFTER
+            {
+                last_sweep = Instant::now();
+                match pc.request_unclaimed() {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(pages = n, "post-copy: requested pages nothing brought"),
+                    Err(e) => break Err(format!("priority stream: {e}")),
+                }
+            }
+        };
+        self.events = Some(events);
+        metrics.update(|s| s.postcopy = Some(pc.stats()));
+        result?;
+        tracing::info!(stats = ?pc.stats(), "post-copy complete: every page is here");
+        if let Some(t) = self.pc_threads.take() {
+            t.stop();
+        }
+        let verify = vm.postcopy_done().map_err(|e| e.to_string())?;
+        metrics.update(|s| {
+            s.verify_ms = verify.verify_ms;
+            s.verify = Some(verify.clone());
+        });
+        self.send(&ControlMsg::PostcopyDone { verify })
+            .map_err(|e| e.to_string())?;
+        Ok(())
     }
 
     fn send(&self, msg: &ControlMsg) -> Result<(), MigrationError> {

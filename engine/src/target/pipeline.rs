@@ -37,6 +37,7 @@ use ferry_compress::{decode, decode_delta, Codec, PAGE_SIZE, PAYLOAD_BYTES_MAX};
 use ferry_transport::Conn;
 
 use crate::bitmap::AtomicBitmap;
+use crate::postcopy::target::TargetPostcopy;
 use crate::memory::{GuestMem, PageIndex};
 use crate::metrics::Metrics;
 use crate::numa::{touched_buffer, Placement, Stage};
@@ -74,6 +75,9 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// The disk image being written, when the VM has a disk.
     pub disk: Option<DiskSink>,
+    /// Set at a post-copy switch: from then on every page written is first
+    /// claimed, and handed to the guest once written.
+    pub postcopy: std::sync::OnceLock<Arc<TargetPostcopy>>,
 }
 
 /// Where received disk blocks go.
@@ -128,6 +132,8 @@ impl Shared {
 }
 
 struct DecodeJob {
+    /// Post-copy: the page was claimed for this copy; hand it over once written.
+    postcopy: bool,
     stream: u16,
     page: u64,
     codec: Codec,
@@ -251,6 +257,24 @@ fn decode_stage(
             .mem
             .page(PageIndex(job.page))
             .expect("page checked by the receiver");
+        if job.postcopy {
+            let pc = shared.postcopy.get().expect("post-copy started");
+            match decode_postcopy(&job, &slice, &mut page_buf) {
+                Ok(()) => {
+                    slice.copy_from(&page_buf[..]);
+                    shared.written.set(job.page);
+                    pc.complete(job.page, 1, false);
+                }
+                // The source's memory is frozen, so this copy is damaged:
+                // the page goes back to missing and is requested again.
+                Err(e) => pc.reject(job.page, &e),
+            }
+            progress[job.stream as usize - 1]
+                .done
+                .fetch_add(1, Ordering::Release);
+            let _ = pool.try_send(job.buf);
+            continue;
+        }
         let fail = |e: String| format!("stream {}: page {}: {e}", job.stream, job.page);
         if job.codec == Codec::Lz4 {
             if crc32c::crc32c(&job.buf) != job.crc {
@@ -282,6 +306,27 @@ fn decode_stage(
             .done
             .fetch_add(1, Ordering::Release);
         let _ = pool.try_send(job.buf);
+    }
+    Ok(())
+}
+
+/// Decodes a post-copy page (lz4 or XOR delta) into `out`.
+fn decode_postcopy(
+    job: &DecodeJob,
+    slice: &vm_memory::VolatileSlice<'_>,
+    out: &mut [u8],
+) -> Result<(), String> {
+    if job.codec == Codec::Lz4 {
+        if crc32c::crc32c(&job.buf) != job.crc {
+            return Err("CRC mismatch on a compressed page".into());
+        }
+        decode(Codec::Lz4, &job.buf, out).map_err(|e| e.to_string())?;
+    } else {
+        slice.copy_to(out);
+        decode_delta(job.codec, &job.buf, out).map_err(|e| e.to_string())?;
+        if crc32c::crc32c(out) != job.crc {
+            return Err("XOR delta does not rebuild the page it was made for".into());
+        }
     }
     Ok(())
 }
@@ -527,14 +572,20 @@ impl RecvStage {
     }
 
     fn pages(&mut self, table: &[u8]) -> Result<(), WireError> {
+        if let Some(pc) = self.shared.postcopy.get().cloned() {
+            return self.pages_postcopy(table, &pc);
+        }
+        self.pages_precopy(table)
+    }
+
+    /// Checks a page table and fills `self.entries`.
+    fn check_table(&mut self, table: &[u8], total_pages: u64) -> Result<(), WireError> {
         if table.is_empty() || !table.len().is_multiple_of(PageEntry::BYTES) {
             return Err(WireError::Malformed {
                 what: "page table",
                 detail: format!("{} bytes", table.len()),
             });
         }
-        let mem = self.shared.mem.clone();
-        let total_pages = mem.pages();
         // Check the whole table before touching memory.
         self.entries.clear();
         for raw_entry in table.chunks_exact(PageEntry::BYTES) {
@@ -564,6 +615,126 @@ impl RecvStage {
             }
             self.entries.push(e);
         }
+        Ok(())
+    }
+
+    /// Post-copy: every page is claimed before it is written; a page that
+    /// another copy already claimed is read off the wire and dropped, and a
+    /// written page goes to the guest at once.
+    fn pages_postcopy(&mut self, table: &[u8], pc: &TargetPostcopy) -> Result<(), WireError> {
+        let mem = self.shared.mem.clone();
+        self.check_table(table, mem.pages())?;
+        let entries = std::mem::take(&mut self.entries);
+        let mut data_bytes = 0u64;
+        let mut i = 0;
+        while i < entries.len() {
+            let e = entries[i];
+            let slice = mem.page(PageIndex(e.page)).expect("index checked above");
+            data_bytes += e.len as u64;
+            let mine = pc.states.claim(e.page);
+            match (e.codec, mine) {
+                (Codec::Zero, true) => {
+                    if self.shared.written.get(e.page) {
+                        slice.copy_from(&ZERO_PAGE[..]);
+                    }
+                    pc.complete(e.page, 1, false);
+                    i += 1;
+                }
+                (Codec::Raw, true) => {
+                    // Consecutive raw pages this copy claimed: one receive
+                    // straight into guest memory, one CONTINUE.
+                    let mut n = 1;
+                    while i + n < entries.len()
+                        && entries[i + n].codec == Codec::Raw
+                        && entries[i + n].page == e.page + n as u64
+                        && mem.pages_left_in_region(PageIndex(e.page)) > n as u64
+                        && pc.states.claim(e.page + n as u64)
+                    {
+                        n += 1;
+                    }
+                    let run = mem
+                        .pages_slice(PageIndex(e.page), n as u64)
+                        .expect("run inside one region");
+                    self.conn.recv_exact_volatile(&run)?;
+                    let mut good_from = e.page;
+                    for (k, re) in entries[i..i + n].iter().enumerate() {
+                        let page = run
+                            .subslice(k * PAGE_SIZE, PAGE_SIZE)
+                            .expect("inside the run");
+                        if crc32c_guest(&page) != re.crc {
+                            if re.page > good_from {
+                                pc.complete(good_from, re.page - good_from, false);
+                            }
+                            pc.reject(re.page, "CRC mismatch in the background push");
+                            good_from = re.page + 1;
+                        } else {
+                            self.shared.written.set(re.page);
+                        }
+                    }
+                    let end = e.page + n as u64;
+                    if end > good_from {
+                        pc.complete(good_from, end - good_from, false);
+                    }
+                    data_bytes += (n as u64 - 1) * PAGE_SIZE as u64;
+                    i += n;
+                }
+                (Codec::Zero, false) => {
+                    pc.duplicate();
+                    i += 1;
+                }
+                (_, false) => {
+                    // Someone else's page: off the wire, dropped.
+                    self.scratch.resize(e.len as usize, 0);
+                    self.conn.recv_exact(&mut self.scratch[..e.len as usize])?;
+                    pc.duplicate();
+                    i += 1;
+                }
+                (codec, true) => {
+                    let mut buf = self
+                        .pool
+                        .try_recv()
+                        .unwrap_or_else(|_| Vec::with_capacity(PAYLOAD_BYTES_MAX));
+                    buf.resize(e.len as usize, 0);
+                    self.conn.recv_exact(&mut buf)?;
+                    self.progress[self.stream as usize - 1]
+                        .queued
+                        .fetch_add(1, Ordering::Relaxed);
+                    let job = DecodeJob {
+                        postcopy: true,
+                        stream: self.stream,
+                        page: e.page,
+                        codec,
+                        crc: e.crc,
+                        buf,
+                    };
+                    if self.jobs.send(job).is_err() {
+                        return Err(WireError::Malformed {
+                            what: "decode stage",
+                            detail: self
+                                .shared
+                                .failure
+                                .message()
+                                .unwrap_or_else(|| "stopped".into()),
+                        });
+                    }
+                    i += 1;
+                }
+            }
+        }
+        let n = entries.len() as u64;
+        self.entries = entries;
+        self.shared
+            .metrics
+            .wire_bytes
+            .fetch_add(data_bytes, Ordering::Relaxed);
+        self.shared.pages[self.stream as usize - 1].fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn pages_precopy(&mut self, table: &[u8]) -> Result<(), WireError> {
+        let mem = self.shared.mem.clone();
+        let total_pages = mem.pages();
+        self.check_table(table, total_pages)?;
         let entries = std::mem::take(&mut self.entries);
         let (mut zero, mut lz4, mut raw, mut data_bytes) = (0u64, 0u64, 0u64, 0u64);
         let (mut xor, mut xor_bytes) = (0u64, 0u64);
@@ -621,6 +792,7 @@ impl RecvStage {
                         .queued
                         .fetch_add(1, Ordering::Relaxed);
                     let job = DecodeJob {
+                        postcopy: false,
                         stream: self.stream,
                         page: e.page,
                         codec: e.codec,

@@ -65,6 +65,59 @@ pub const STREAMS_MAX: u16 = 64;
 pub const PAGES_PER_FRAME_MAX: usize = 64;
 /// Cap on a control frame's JSON payload: specs and reports are a few KiB.
 pub const CONTROL_BYTES_MAX: usize = 1 << 20;
+/// Cap on a `Stale` bitmap: one bit per page of 1 TiB of guest memory.
+pub const STALE_BYTES_MAX: usize = (1 << 40) / 4096 / 8;
+
+/// How the VM moves (`--mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Pre-copy rounds, then stop-and-copy: the VM runs on the target only
+    /// with all of its memory there.
+    #[default]
+    Precopy,
+    /// The VM moves right after its device state; memory follows (demand
+    /// faults on a priority stream, the rest pushed in the background).
+    Postcopy,
+    /// Pre-copy rounds first; switch to post-copy when pre-copy does not
+    /// converge (or stop-and-copy when it does).
+    Hybrid,
+}
+
+impl Mode {
+    /// The name used on command lines and in metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Precopy => "precopy",
+            Mode::Postcopy => "postcopy",
+            Mode::Hybrid => "hybrid",
+        }
+    }
+    /// Whether the session carries a priority stream (post-copy may happen).
+    pub fn may_postcopy(self) -> bool {
+        self != Mode::Precopy
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "precopy" => Ok(Mode::Precopy),
+            "postcopy" => Ok(Mode::Postcopy),
+            "hybrid" => Ok(Mode::Hybrid),
+            other => Err(format!(
+                "unknown mode {other:?} (precopy, postcopy or hybrid)"
+            )),
+        }
+    }
+}
 
 /// Frame kinds. 0 is reserved as invalid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,6 +137,9 @@ pub enum FrameKind {
     State = 11,
     /// Acknowledgement of applied frames (control stream, target to source).
     Ack = 12,
+    /// Post-copy switch: the pages whose copy on the target is not current,
+    /// one bit per page, u64 words LE (control stream, before PREPARE).
+    Stale = 13,
     /// A table of [`PageEntry`]s followed by the page bytes (data streams).
     Pages = 20,
     /// End of a round on this stream (data streams).
@@ -91,6 +147,9 @@ pub enum FrameKind {
     /// Disk blocks: the same table and payload layout as `Pages`, where an
     /// entry's `page` is a 4 KiB block index of the disk (data streams).
     Blocks = 22,
+    /// Post-copy: pages the target's guest is waiting for, u64 LE page
+    /// indices (the priority stream, target to source).
+    Request = 23,
 }
 
 impl FrameKind {
@@ -104,9 +163,11 @@ impl FrameKind {
             10 => Self::Control,
             11 => Self::State,
             12 => Self::Ack,
+            13 => Self::Stale,
             20 => Self::Pages,
             21 => Self::RoundEnd,
             22 => Self::Blocks,
+            23 => Self::Request,
             _ => return None,
         })
     }
@@ -122,6 +183,8 @@ impl FrameKind {
             Self::Ack => ACK_BYTES,
             Self::Pages | Self::Blocks => PAGES_PER_FRAME_MAX * PageEntry::BYTES,
             Self::RoundEnd => 4,
+            Self::Stale => STALE_BYTES_MAX,
+            Self::Request => PAGES_PER_FRAME_MAX * 8,
         }
     }
 }
@@ -391,6 +454,10 @@ pub enum ControlMsg {
         spec: VmSpec,
         /// The epoch it runs with on the source.
         epoch: u64,
+        /// How it moves. With post-copy possible, the last data connection
+        /// is the priority stream (demand pages), not a pre-copy stream.
+        #[serde(default)]
+        mode: Mode,
     },
     /// Target: memory and VMM are ready; send pages.
     SpecAck,
@@ -404,6 +471,10 @@ pub enum ControlMsg {
         state_crc: u32,
         /// Guest progress counter at the pause.
         progress: u64,
+        /// The switch is to post-copy: a `Stale` frame came before, and
+        /// the VM runs on the target before all of its memory is there.
+        #[serde(default)]
+        postcopy: bool,
     },
     /// Target: holds everything; the VMM restored the state.
     Prepared {
@@ -417,6 +488,17 @@ pub enum ControlMsg {
     },
     /// Target: the VM runs here now.
     Committed,
+    /// Source, post-copy: every stale page was pushed (data streams up to
+    /// `round`); whatever the target still misses it must request.
+    PushDone {
+        /// The post-copy round's number (its `RoundEnd`s).
+        round: u32,
+    },
+    /// Target, post-copy: every page is here; the source may let go.
+    PostcopyDone {
+        /// The target VMM's check of the memory, taken now.
+        verify: VerifyReport,
+    },
     /// Either side: the migration stops; the VM stays on the source.
     Abort {
         /// Why.

@@ -123,8 +123,19 @@ fn control_messages_round_trip() {
         state_len: 10,
         state_crc: 1,
         progress: 5,
+        postcopy: true,
     };
     assert_eq!(decode_control(&encode_control(&m)).unwrap(), m);
+    // A peer that predates post-copy sends neither `mode` nor `postcopy`.
+    let old = br#"{"type":"prepare","streams":[],"state_len":0,"state_crc":0,"progress":0}"#;
+    assert!(matches!(
+        decode_control(old).unwrap(),
+        ControlMsg::Prepare { postcopy: false, .. }
+    ));
+    for m in ["precopy", "postcopy", "hybrid"] {
+        assert_eq!(m.parse::<Mode>().unwrap().name(), m);
+    }
+    assert!("pre-copy".parse::<Mode>().is_err());
     assert!(decode_control(b"{\"type\":\"nope\"}").is_err());
     assert!(decode_control(b"\xff").is_err());
 }

@@ -1,0 +1,263 @@
+//! Post-copy: the VM runs on the target before all of its memory is there.
+//!
+//! ```text
+//!  source (guest paused, memory frozen)                 target (guest running)
+//!  ── Stale bitmap, State, PREPARE{postcopy} ─────────▶ VMM: restore, userfaultfd over its
+//!                                                       mapping (minor + missing), unmap all
+//!  ◀──────────────────────────────────────── PREPARED   present pages: mapped in the background
+//!  ── COMMIT ─────────────────────────────────────────▶ VMM runs; vCPU touches a stale page:
+//!                                                       the kernel parks it, ferryd reads the fault
+//!  demand thread ◀── Request{page} ── priority stream ── fault thread
+//!  guest memory ── Pages (raw/zero) ── priority stream ─▶ priority receiver: claim, write through
+//!                                                       ferryd's mapping, UFFDIO_CONTINUE (wakes it)
+//!  background push (pipeline, data streams): stale     ─▶ data receivers: claim, write, CONTINUE
+//!  pages from the last fault on, round k+1, PUSH_DONE      (a page already claimed is dropped)
+//!  ◀───────────────────────────── POSTCOPY_DONE ──────── every page present; VMM closes the uffd
+//!  hand-off: the source VMM quits
+//! ```
+//!
+//! The target VMM keeps guest memory in the memfd ferryd writes through its
+//! own mapping; the VMM's mapping is registered with a userfaultfd in minor
+//! mode, so a page the guest touches first is mapped only once ferryd has
+//! written all of it and said so with `UFFDIO_CONTINUE`. ferryd never needs
+//! `UFFDIO_COPY`, and the receive paths stay the pre-copy ones (raw pages
+//! land straight in guest memory).
+//!
+//! Every page moves at most once after the switch: [`PageStates`] gives each
+//! page to the first receiver that claims it (priority or background); any
+//! later copy of it is read off the wire and dropped. A page the guest has
+//! been given is never written by ferryd again, so no late copy can
+//! overwrite what the guest wrote since.
+
+pub(crate) mod source;
+pub(crate) mod target;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+/// Per-page state on the target during post-copy, three bitmaps:
+/// `claimed` (a receiver took the page, or it was current at the switch),
+/// `present` (its bytes are in memory: the guest may have it), and
+/// `faulted` (a guest access waits for it).
+pub(crate) struct PageStates {
+    pages: u64,
+    claimed: Vec<AtomicU64>,
+    present: Vec<AtomicU64>,
+    faulted: Vec<AtomicU64>,
+    requested: Vec<AtomicU64>,
+    present_count: AtomicU64,
+}
+
+fn bit(i: u64) -> (usize, u64) {
+    ((i / 64) as usize, 1u64 << (i % 64))
+}
+
+impl PageStates {
+    /// Every page is missing except those not set in `stale` (u64 words).
+    pub(crate) fn new(pages: u64, stale: &[u64]) -> Self {
+        let words = pages.div_ceil(64) as usize;
+        assert_eq!(stale.len(), words, "stale bitmap size");
+        let mut count = 0;
+        let current: Vec<AtomicU64> = (0..words)
+            .map(|w| {
+                let valid = if w + 1 == words && pages % 64 != 0 {
+                    (1u64 << (pages % 64)) - 1
+                } else {
+                    !0
+                };
+                let have = !stale[w] & valid;
+                count += have.count_ones() as u64;
+                AtomicU64::new(have)
+            })
+            .collect();
+        let zeros = || (0..words).map(|_| AtomicU64::new(0)).collect::<Vec<_>>();
+        PageStates {
+            pages,
+            claimed: current
+                .iter()
+                .map(|a| AtomicU64::new(a.load(Ordering::Relaxed)))
+                .collect(),
+            present: current,
+            faulted: zeros(),
+            requested: zeros(),
+            present_count: AtomicU64::new(count),
+        }
+    }
+
+    /// Takes `page` for writing; false when another copy already took it.
+    pub(crate) fn claim(&self, page: u64) -> bool {
+        let (w, b) = bit(page);
+        self.claimed[w].fetch_or(b, Ordering::AcqRel) & b == 0
+    }
+
+    /// Gives a claimed page back (its copy failed its check): the next
+    /// request fetches it again.
+    pub(crate) fn release(&self, page: u64) {
+        let (w, b) = bit(page);
+        self.requested[w].fetch_and(!b, Ordering::AcqRel);
+        self.claimed[w].fetch_and(!b, Ordering::AcqRel);
+    }
+
+    /// Marks a claimed page as written. Returns false if it already was.
+    pub(crate) fn set_present(&self, page: u64) -> bool {
+        let (w, b) = bit(page);
+        let fresh = self.present[w].fetch_or(b, Ordering::SeqCst) & b == 0;
+        if fresh {
+            self.present_count.fetch_add(1, Ordering::AcqRel);
+        }
+        fresh
+    }
+
+    pub(crate) fn is_present(&self, page: u64) -> bool {
+        let (w, b) = bit(page);
+        self.present[w].load(Ordering::SeqCst) & b != 0
+    }
+
+    /// Notes that the guest waits for `page`.
+    pub(crate) fn set_faulted(&self, page: u64) {
+        let (w, b) = bit(page);
+        self.faulted[w].fetch_or(b, Ordering::SeqCst);
+    }
+
+    /// Clears and returns the faulted mark.
+    pub(crate) fn take_faulted(&self, page: u64) -> bool {
+        let (w, b) = bit(page);
+        self.faulted[w].load(Ordering::SeqCst) & b != 0
+            && self.faulted[w].fetch_and(!b, Ordering::SeqCst) & b != 0
+    }
+
+    /// Marks `page` as requested; false if it already was.
+    pub(crate) fn mark_requested(&self, page: u64) -> bool {
+        let (w, b) = bit(page);
+        self.requested[w].fetch_or(b, Ordering::AcqRel) & b == 0
+    }
+
+    pub(crate) fn present_count(&self) -> u64 {
+        self.present_count.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn complete(&self) -> bool {
+        self.present_count() == self.pages
+    }
+
+    /// Runs of present pages (for mapping them ahead of the guest).
+    pub(crate) fn present_runs(&self) -> Vec<(u64, u64)> {
+        runs_of(&self.present, self.pages, true)
+    }
+
+    /// Pages no receiver has claimed yet (nothing is on its way for them).
+    pub(crate) fn unclaimed(&self) -> Vec<(u64, u64)> {
+        runs_of(&self.claimed, self.pages, false)
+    }
+}
+
+fn runs_of(words: &[AtomicU64], pages: u64, want: bool) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut start: Option<u64> = None;
+    for (wi, w) in words.iter().enumerate() {
+        let v = w.load(Ordering::Acquire);
+        let v = if want { v } else { !v };
+        let base = wi as u64 * 64;
+        // Whole words that neither start nor end a run.
+        if (start.is_none() && v == 0) || (start.is_some() && v == !0 && base + 64 <= pages) {
+            continue;
+        }
+        for b in 0..64 {
+            let i = base + b;
+            if i >= pages {
+                break;
+            }
+            let set = v & (1 << b) != 0;
+            match (set, start) {
+                (true, None) => start = Some(i),
+                (false, Some(s)) => {
+                    out.push((s, i - s));
+                    start = None;
+                }
+                _ => {}
+            }
+        }
+    }
+    if let Some(s) = start {
+        out.push((s, pages - s));
+    }
+    out
+}
+
+/// Demand-fault latencies: exact percentiles from every sample (one u32
+/// per fault), and a log2 histogram like QEMU's `postcopy-latency-dist`.
+#[derive(Default)]
+pub(crate) struct Latencies {
+    samples_us: Vec<u32>,
+    hist: Vec<u64>,
+}
+
+impl Latencies {
+    pub(crate) fn add(&mut self, us: u64) {
+        self.samples_us.push(us.min(u32::MAX as u64) as u32);
+        let b = (64 - us.max(1).leading_zeros() - 1) as usize;
+        if self.hist.len() <= b {
+            self.hist.resize(b + 1, 0);
+        }
+        self.hist[b] += 1;
+    }
+
+    pub(crate) fn fill(&self, s: &mut PostcopyStats) {
+        let mut v = self.samples_us.clone();
+        v.sort_unstable();
+        let pct = |p: f64| -> u64 {
+            if v.is_empty() {
+                return 0;
+            }
+            let i = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1;
+            v[i] as u64
+        };
+        s.fault_latency_p50_us = pct(0.50);
+        s.fault_latency_p99_us = pct(0.99);
+        s.fault_latency_max_us = v.last().copied().unwrap_or(0) as u64;
+        s.fault_latency_mean_us = if v.is_empty() {
+            0
+        } else {
+            v.iter().map(|&x| x as u64).sum::<u64>() / v.len() as u64
+        };
+        s.fault_latency_hist = self.hist.clone();
+    }
+}
+
+/// Post-copy numbers of one migration (`postcopy` in `ferry status`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PostcopyStats {
+    /// Pages whose target copy was not current at the switch (they moved
+    /// after it).
+    pub stale_pages: u64,
+    /// Guest faults on pages that were not there yet (each waited for a
+    /// request to the source). Target side.
+    pub faults: u64,
+    /// First touches of pages that were there but not yet mapped (answered
+    /// at once). Target side.
+    pub faults_present: u64,
+    /// Demand-fault latency, from reading the fault to the page mapped:
+    /// median, 99th percentile, mean and maximum, microseconds.
+    pub fault_latency_p50_us: u64,
+    /// 99th percentile.
+    pub fault_latency_p99_us: u64,
+    /// Mean.
+    pub fault_latency_mean_us: u64,
+    /// Maximum.
+    pub fault_latency_max_us: u64,
+    /// Bucket i counts faults with latency in [2^i, 2^(i+1)) microseconds.
+    pub fault_latency_hist: Vec<u64>,
+    /// Pages that arrived on the priority stream (demand) and were used.
+    pub demand_pages: u64,
+    /// Pages that arrived by the background push and were used.
+    pub background_pages: u64,
+    /// Copies dropped because the page had already arrived the other way.
+    pub duplicate_pages: u64,
+    /// Pages requested on the priority stream (target) / served (source).
+    pub requested_pages: u64,
+    /// From the guest running on the target to every page present, ms.
+    pub duration_ms: u64,
+    /// The pre-copy round after which the migration switched (0: none ran).
+    pub switch_after_round: u32,
+}

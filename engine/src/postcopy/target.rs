@@ -1,0 +1,555 @@
+//! The target side of post-copy: the fault thread, the priority receiver,
+//! the mapper, and the page hand-over every receiver goes through.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ferry_compress::Codec;
+use ferry_transport::Conn;
+use userfaultfd::{Event, Uffd};
+
+use super::{Latencies, PageStates, PostcopyStats};
+use crate::source::pipeline::Failure;
+use crate::vm::Userfault;
+use crate::wire::{self, FrameHeader, FrameKind, PageEntry, WireError, HEADER_BYTES};
+use crate::{GuestMem, PageIndex, PAGE_SIZE};
+
+/// Where the guest's view of memory is: region i covers pages
+/// `first..first + pages` at `host` in the VMM's address space.
+struct HostRegion {
+    first: u64,
+    pages: u64,
+    host: u64,
+}
+
+/// The target's post-copy state, shared by every receiver.
+pub(crate) struct TargetPostcopy {
+    uffd: Uffd,
+    regions: Vec<HostRegion>,
+    pub(crate) states: PageStates,
+    mem: Arc<GuestMem>,
+    /// Pages the guest waits for, and since when.
+    waiting: Mutex<HashMap<u64, Instant>>,
+    latencies: Mutex<Latencies>,
+    faults: AtomicU64,
+    faults_present: AtomicU64,
+    demand_pages: AtomicU64,
+    background_pages: AtomicU64,
+    duplicates: AtomicU64,
+    requested: AtomicU64,
+    stale: u64,
+    /// The priority stream's sending half (requests) and its seq.
+    requests: Mutex<(Box<dyn Conn>, u64)>,
+    stop: AtomicBool,
+    pub(crate) failure: Failure,
+    /// Set when the guest started running here.
+    running_since: Mutex<Option<Instant>>,
+}
+
+impl TargetPostcopy {
+    /// Takes over the VMM's userfaultfd. `stale` (u64 words) marks the pages
+    /// whose copy here is not current; everything else is present.
+    pub(crate) fn new(
+        uf: Userfault,
+        mem: Arc<GuestMem>,
+        stale: &[u64],
+        priority: Box<dyn Conn>,
+    ) -> Result<Self, String> {
+        let specs = mem.region_specs();
+        if uf.host_addrs.len() != specs.len() {
+            return Err(format!(
+                "the VMM mapped {} regions, the spec has {}",
+                uf.host_addrs.len(),
+                specs.len()
+            ));
+        }
+        let mut first = 0;
+        let mut regions = Vec::new();
+        for (r, &host) in specs.iter().zip(&uf.host_addrs) {
+            if host % PAGE_SIZE as u64 != 0 {
+                return Err(format!("region at {host:#x} is not page aligned"));
+            }
+            let pages = r.size / PAGE_SIZE as u64;
+            regions.push(HostRegion { first, pages, host });
+            first += pages;
+        }
+        // SAFETY: `into_raw_fd` hands us sole ownership of a descriptor
+        // the VMM sent as its userfaultfd; `Uffd` closes it on drop.
+        let uffd = unsafe { Uffd::from_raw_fd(uf.fd.into_raw_fd()) };
+        // Non-blocking reads: the fault thread polls with a timeout.
+        set_nonblocking(uffd.as_raw_fd()).map_err(|e| format!("userfaultfd: {e}"))?;
+        let states = PageStates::new(mem.pages(), stale);
+        let stale_pages = mem.pages() - states.present_count();
+        Ok(TargetPostcopy {
+            uffd,
+            regions,
+            states,
+            mem,
+            waiting: Mutex::default(),
+            latencies: Mutex::default(),
+            faults: AtomicU64::new(0),
+            faults_present: AtomicU64::new(0),
+            demand_pages: AtomicU64::new(0),
+            background_pages: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            requested: AtomicU64::new(0),
+            stale: stale_pages,
+            requests: Mutex::new((priority, 0)),
+            stop: AtomicBool::new(false),
+            failure: Failure::default(),
+            running_since: Mutex::new(None),
+        })
+    }
+
+    fn host_of(&self, page: u64) -> u64 {
+        let r = self
+            .regions
+            .iter()
+            .find(|r| page >= r.first && page < r.first + r.pages)
+            .expect("page inside guest memory");
+        r.host + (page - r.first) * PAGE_SIZE as u64
+    }
+
+    fn page_of(&self, addr: u64) -> Option<u64> {
+        self.regions.iter().find_map(|r| {
+            let end = r.host + r.pages * PAGE_SIZE as u64;
+            (addr >= r.host && addr < end).then(|| r.first + (addr - r.host) / PAGE_SIZE as u64)
+        })
+    }
+
+    /// Maps `first..first + n` (claimed pages, now written) for the guest.
+    fn map(&self, first: u64, n: u64) {
+        let mut p = first;
+        let end = first + n;
+        while p < end {
+            // A run never crosses a region: the host address jumps there.
+            let region_end = self
+                .regions
+                .iter()
+                .find(|r| p >= r.first && p < r.first + r.pages)
+                .map_or(end, |r| r.first + r.pages)
+                .min(end);
+            let len = (region_end - p) * PAGE_SIZE as u64;
+            let start = self.host_of(p);
+            match self
+                .uffd
+                .r#continue(start as *mut libc::c_void, len as usize, true)
+            {
+                Ok(mapped) if mapped >= len => p = region_end,
+                // Partly mapped (EAGAIN after progress): go on from there.
+                Ok(mapped) if mapped > 0 => p += mapped / PAGE_SIZE as u64,
+                Ok(_) | Err(_) if region_end - p > 1 => {
+                    // Some page of the run is mapped already (the guest's
+                    // first touch of a present page raced us): page by page.
+                    for q in p..region_end {
+                        self.map_one(q);
+                    }
+                    p = region_end;
+                }
+                Ok(_) | Err(_) => {
+                    self.map_one(p);
+                    p += 1;
+                }
+            }
+        }
+    }
+
+    /// Maps one page; a page mapped already is fine, but its waiter (if any)
+    /// is woken explicitly.
+    fn map_one(&self, page: u64) {
+        let start = self.host_of(page) as *mut libc::c_void;
+        for _ in 0..100 {
+            match self.uffd.r#continue(start, PAGE_SIZE, true) {
+                Ok(_) => return,
+                Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EEXIST => {
+                    let _ = self.uffd.wake(start, PAGE_SIZE);
+                    return;
+                }
+                Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EAGAIN => {
+                    std::thread::yield_now();
+                }
+                Err(e) => {
+                    self.failure.fail(format!(
+                        "mapping page {page} for the guest (UFFDIO_CONTINUE) failed: {e:?}; \
+                         the target VMM may be gone"
+                    ));
+                    return;
+                }
+            }
+        }
+        self.failure
+            .fail(format!("mapping page {page}: UFFDIO_CONTINUE kept failing"));
+    }
+
+    /// A receiver wrote pages `first..first + n` (all claimed by it): hand
+    /// them to the guest.
+    pub(crate) fn complete(&self, first: u64, n: u64, demand: bool) {
+        for p in first..first + n {
+            self.states.set_present(p);
+        }
+        self.map(first, n);
+        let ctr = if demand {
+            &self.demand_pages
+        } else {
+            &self.background_pages
+        };
+        ctr.fetch_add(n, Ordering::Relaxed);
+        for p in first..first + n {
+            if self.states.take_faulted(p) {
+                self.fault_resolved(p);
+            }
+        }
+    }
+
+    fn fault_resolved(&self, page: u64) {
+        let since = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&page);
+        if let Some(t) = since {
+            self.latencies
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .add(t.elapsed().as_micros() as u64);
+        }
+    }
+
+    /// A copy of a page that another copy beat: counted and dropped.
+    pub(crate) fn duplicate(&self) {
+        self.duplicates.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A claimed page whose copy failed its check: it goes back to missing,
+    /// and a waiting guest's request is sent again.
+    pub(crate) fn reject(&self, page: u64, why: &str) {
+        tracing::warn!("post-copy: page {page} rejected ({why}); requesting it again");
+        self.states.release(page);
+        if self.waiting_for(page) {
+            let _ = self.request(&[page]);
+        }
+    }
+
+    fn waiting_for(&self, page: u64) -> bool {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&page)
+    }
+
+    /// Sends requests for `pages` (ascending) on the priority stream.
+    fn request(&self, pages: &[u64]) -> Result<(), WireError> {
+        let mut c = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        for chunk in pages.chunks(wire::PAGES_PER_FRAME_MAX) {
+            let payload: Vec<u8> = chunk.iter().flat_map(|p| p.to_le_bytes()).collect();
+            c.1 += 1;
+            let seq = c.1;
+            wire::send_frame(&mut *c.0, FrameKind::Request, 0, seq, &payload)?;
+            self.requested
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Requests every page nothing is on its way for (after the source
+    /// pushed everything: pages rejected on the way, for example).
+    pub(crate) fn request_unclaimed(&self) -> Result<u64, WireError> {
+        let mut want = Vec::new();
+        for (first, n) in self.states.unclaimed() {
+            for p in first..first + n {
+                if self.states.mark_requested(p) {
+                    want.push(p);
+                }
+            }
+        }
+        self.request(&want)?;
+        Ok(want.len() as u64)
+    }
+
+    /// One guest fault at `addr`.
+    fn fault(&self, addr: u64, batch: &mut Vec<u64>) {
+        let Some(page) = self.page_of(addr) else {
+            tracing::warn!("post-copy: fault at {addr:#x} outside guest memory");
+            return;
+        };
+        if self.states.is_present(page) {
+            // Here already, just not mapped yet for the guest.
+            self.faults_present.fetch_add(1, Ordering::Relaxed);
+            self.map_one(page);
+            return;
+        }
+        self.faults.fetch_add(1, Ordering::Relaxed);
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(page)
+            .or_insert_with(Instant::now);
+        self.states.set_faulted(page);
+        // The page may have arrived between the check and the mark: then
+        // its receiver may not have seen the mark.
+        if self.states.is_present(page) {
+            if self.states.take_faulted(page) {
+                self.map_one(page);
+                self.fault_resolved(page);
+            }
+            return;
+        }
+        if self.states.mark_requested(page) {
+            batch.push(page);
+        }
+    }
+
+    /// The fault thread: reads the guest's faults and requests their pages.
+    fn fault_loop(&self) {
+        let mut batch = Vec::with_capacity(wire::PAGES_PER_FRAME_MAX);
+        let mut buf = userfaultfd::EventBuffer::new(64);
+        while !self.stop.load(Ordering::Acquire) && !self.failure.is_set() {
+            let mut pfd = libc::pollfd {
+                fd: self.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            let rc = unsafe { libc::poll(&mut pfd, 1, 50) };
+            if rc <= 0 {
+                continue;
+            }
+            let events = match self.uffd.read_events(&mut buf) {
+                Ok(ev) => ev,
+                Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EAGAIN => {
+                    continue
+                }
+                Err(e) => {
+                    self.failure
+                        .fail(format!("reading guest faults (userfaultfd) failed: {e:?}"));
+                    return;
+                }
+            };
+            batch.clear();
+            for ev in events {
+                match ev {
+                    Ok(Event::Pagefault { addr, .. }) => self.fault(addr as u64, &mut batch),
+                    Ok(other) => tracing::debug!("post-copy: userfaultfd event {other:?}"),
+                    Err(e) => tracing::warn!("post-copy: bad userfaultfd event: {e}"),
+                }
+            }
+            batch.sort_unstable();
+            if let Err(e) = self.request(&batch) {
+                self.failure
+                    .fail(format!("sending page requests on the priority stream: {e}"));
+                return;
+            }
+        }
+    }
+
+    /// The priority receiver: demand pages from the source.
+    fn priority_loop(&self, mut conn: Box<dyn Conn>, stream: u16) -> Result<(), WireError> {
+        let mut seq = 0u64;
+        let mut table = Vec::new();
+        let mut entries: Vec<PageEntry> = Vec::new();
+        let mut scratch = vec![0u8; PAGE_SIZE];
+        let pages = self.mem.pages();
+        loop {
+            let mut hb = [0u8; HEADER_BYTES];
+            match conn.recv_exact(&mut hb) {
+                Ok(()) => {}
+                Err(_) if self.stop.load(Ordering::Acquire) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+            let h = FrameHeader::decode(&hb)?;
+            if h.kind != FrameKind::Pages || h.stream != stream {
+                return Err(WireError::Unexpected {
+                    kind: h.kind,
+                    context: "priority stream from the source",
+                });
+            }
+            if h.seq != seq + 1 {
+                return Err(WireError::Sequence {
+                    stream,
+                    expected: seq + 1,
+                    got: h.seq,
+                });
+            }
+            seq = h.seq;
+            table.resize(h.len as usize, 0);
+            conn.recv_exact(&mut table)?;
+            if wire::frame_crc(h.kind, h.stream, h.len, h.seq, &table) != h.crc {
+                return Err(WireError::Crc(h.kind));
+            }
+            entries.clear();
+            if table.is_empty() || !table.len().is_multiple_of(PageEntry::BYTES) {
+                return Err(WireError::Malformed {
+                    what: "priority page table",
+                    detail: format!("{} bytes", table.len()),
+                });
+            }
+            for raw in table.chunks_exact(PageEntry::BYTES) {
+                let e = PageEntry::decode(raw)?;
+                if e.page >= pages || !matches!(e.codec, Codec::Raw | Codec::Zero) {
+                    return Err(WireError::Malformed {
+                        what: "priority page entry",
+                        detail: format!("page {} codec {:?}", e.page, e.codec),
+                    });
+                }
+                entries.push(e);
+            }
+            for e in &entries {
+                let mine = self.states.claim(e.page);
+                let slice = self.mem.page(PageIndex(e.page)).expect("checked above");
+                match (e.codec, mine) {
+                    (Codec::Raw, true) => {
+                        conn.recv_exact_volatile(&slice)?;
+                        if crate::wire::crc::crc32c_guest(&slice) != e.crc {
+                            self.reject(e.page, "CRC mismatch on the priority stream");
+                            continue;
+                        }
+                    }
+                    (Codec::Raw, false) => {
+                        conn.recv_exact(&mut scratch)?;
+                        self.duplicate();
+                        continue;
+                    }
+                    (_, true) => slice.copy_from(&[0u8; PAGE_SIZE][..]),
+                    (_, false) => {
+                        self.duplicate();
+                        continue;
+                    }
+                }
+                self.complete(e.page, 1, true);
+            }
+        }
+    }
+
+    /// Maps every page that is here already, so the guest's first touch of
+    /// it costs no fault (runs in the background; a touch before it gets
+    /// there is answered by the fault thread).
+    fn map_present(&self) {
+        for (first, n) in self.states.present_runs() {
+            if self.stop.load(Ordering::Acquire) || self.failure.is_set() {
+                return;
+            }
+            let mut p = first;
+            while p < first + n {
+                let k = (first + n - p).min(512);
+                self.map(p, k);
+                p += k;
+            }
+        }
+    }
+
+    /// Notes that the guest runs now (post-copy's clock starts).
+    pub(crate) fn running(&self) {
+        *self.running_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// The numbers so far.
+    pub(crate) fn stats(&self) -> PostcopyStats {
+        let mut s = PostcopyStats {
+            stale_pages: self.stale,
+            faults: self.faults.load(Ordering::Relaxed),
+            faults_present: self.faults_present.load(Ordering::Relaxed),
+            demand_pages: self.demand_pages.load(Ordering::Relaxed),
+            background_pages: self.background_pages.load(Ordering::Relaxed),
+            duplicate_pages: self.duplicates.load(Ordering::Relaxed),
+            requested_pages: self.requested.load(Ordering::Relaxed),
+            duration_ms: self
+                .running_since
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .map_or(0, |t| t.elapsed().as_millis() as u64),
+            ..Default::default()
+        };
+        self.latencies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .fill(&mut s);
+        s
+    }
+}
+
+fn set_nonblocking(fd: i32) -> std::io::Result<()> {
+    // SAFETY: fcntl on a descriptor we own; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The threads of the target's post-copy: fault reader, priority receiver,
+/// and the mapper of present pages.
+pub(crate) struct Threads {
+    pc: Arc<TargetPostcopy>,
+    threads: Vec<JoinHandle<()>>,
+    priority: Box<dyn Conn>,
+}
+
+impl Threads {
+    /// Starts them. `priority` is the priority stream (index `stream`).
+    pub(crate) fn start(
+        pc: Arc<TargetPostcopy>,
+        priority: Box<dyn Conn>,
+        stream: u16,
+    ) -> Result<Self, ferry_transport::TransportError> {
+        let keep = priority.try_clone()?;
+        let mut threads = Vec::new();
+        let p = pc.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("ferry-pc-faults".into())
+                .spawn(move || p.fault_loop())
+                .expect("spawning a thread"),
+        );
+        let p = pc.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("ferry-pc-demand".into())
+                .spawn(move || {
+                    if let Err(e) = p.priority_loop(priority, stream) {
+                        if !p.stop.load(Ordering::Acquire) {
+                            p.failure.fail(format!("priority stream: {e}"));
+                        }
+                    }
+                })
+                .expect("spawning a thread"),
+        );
+        let p = pc.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("ferry-pc-map".into())
+                .spawn(move || p.map_present())
+                .expect("spawning a thread"),
+        );
+        Ok(Threads {
+            pc,
+            threads,
+            priority: keep,
+        })
+    }
+
+    /// The shared state.
+    pub(crate) fn postcopy(&self) -> &Arc<TargetPostcopy> {
+        &self.pc
+    }
+
+    /// Stops them (the priority stream is shut down).
+    pub(crate) fn stop(mut self) {
+        self.pc.stop.store(true, Ordering::Release);
+        self.priority.shutdown();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// How long the target waits, after the source said everything was pushed,
+/// before it requests whatever is still missing.
+pub(crate) const SWEEP_AFTER: Duration = Duration::from_millis(200);
