@@ -192,6 +192,7 @@ pub(crate) struct PushOrder {
     cursor: u64,
     last_hint: u64,
     left: u64,
+    last_step: Option<u64>,
 }
 
 impl PushOrder {
@@ -202,12 +203,16 @@ impl PushOrder {
             cursor: 0,
             last_hint: NO_HINT,
             left,
+            last_step: None,
         }
     }
 
     /// The next step's runs of pages to push (those not served on demand
-    /// meanwhile), or `None` when everything was pushed.
-    pub(crate) fn next(&mut self, demand: &Demand) -> Option<Vec<(u64, u64)>> {
+    /// meanwhile), or `None` when everything was pushed. The flag says the
+    /// step lies below the previous one (a jump back to a fault, or the
+    /// wrap-around): pages gathered for frames must be flushed first, since
+    /// a frame's pages ascend.
+    pub(crate) fn next(&mut self, demand: &Demand) -> Option<(bool, Vec<(u64, u64)>)> {
         let pages = self.todo.pages();
         if self.left == 0 || pages == 0 {
             return None;
@@ -244,7 +249,9 @@ impl PushOrder {
                 }
             }
             self.todo.clear_range(step, n);
-            return Some(out);
+            let back = self.last_step.is_some_and(|l| step < l);
+            self.last_step = Some(step);
+            return Some((back, out));
         }
     }
 }

@@ -818,9 +818,14 @@ impl Migration<'_> {
             let pipeline = self.pipeline.as_mut().expect("pipeline running");
             pipeline.set_resend(true, true);
             let mut order = crate::postcopy::source::PushOrder::new(pending.clone());
-            while let Some(runs) = order.next(&demand) {
+            while let Some((back, runs)) = order.next(&demand) {
                 if demand.failure.is_set() {
                     return Err(broken(demand.failure.message().unwrap_or_default()));
+                }
+                if back {
+                    pipeline
+                        .flush_all()
+                        .map_err(|e| broken(format!("background push: {e}")))?;
                 }
                 for (first, count) in runs {
                     pipeline

@@ -579,6 +579,15 @@ impl Pipeline {
         )
     }
 
+    /// Sends every stream's gathered pages now, so that the pages queued
+    /// next start new frames (a frame's pages must ascend).
+    pub fn flush_all(&mut self) -> Result<(), String> {
+        for s in 1..=self.streams {
+            self.flush(s)?;
+        }
+        Ok(())
+    }
+
     /// Marks the pages queued from now on as sent before (or not). Frames
     /// never mix rounds: every round ends with [`Self::end_round`].
     /// `last` marks the final round: a page the delta cache does not hold
