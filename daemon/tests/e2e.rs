@@ -75,7 +75,11 @@ fn wait_vm(d: &Ferryd, name: &str, state: &str) -> VmInfo {
 }
 
 fn migrate(from: &Ferryd, to: &Ferryd, name: &str) -> Snapshot {
-    let o = from.ferry(&[
+    migrate_with(from, to, name, &[])
+}
+
+fn migrate_with(from: &Ferryd, to: &Ferryd, name: &str, extra: &[&str]) -> Snapshot {
+    let mut args = vec![
         "migrate",
         name,
         "--to",
@@ -83,7 +87,9 @@ fn migrate(from: &Ferryd, to: &Ferryd, name: &str) -> Snapshot {
         "--streams",
         "2",
         "--json",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let o = from.ferry(&args);
     let snap: Snapshot = serde_json::from_slice(&o.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}\n{}", common::stderr(&o), from.log_text()));
     assert_eq!(
@@ -144,6 +150,79 @@ fn migrates_there_and_back() {
     assert!(incoming
         .iter()
         .any(|s| s.role == "target" && s.status == Status::Completed));
+}
+
+/// Post-copy with the real VMM: its vCPU faults on guest memory behind a
+/// userfaultfd, ferryd serves the faults; then back with hybrid, whose
+/// capped pre-copy cannot keep up with the guest.
+#[test]
+fn postcopy_there_and_hybrid_back() {
+    let Some(vmm) = probe() else { return };
+    let keys = TempDir::new("e2e-key");
+    let key = common::write_key(keys.path());
+    let opts = || Opts {
+        key: Some(key.clone()),
+        vmm_command: Some(vmm.clone()),
+        ..Opts::default()
+    };
+    let (a, b) = (Ferryd::start_with(opts()), Ferryd::start_with(opts()));
+    let mut reaper = Reaper {
+        children: Vec::new(),
+        pids: Vec::new(),
+    };
+    let source = Command::new(&vmm)
+        .arg("--link")
+        .arg(&a.link_socket)
+        .args(["--name", "pc", "--mem-mib", "64", "--workload", "dirty:64"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(a.dir.path().join("source-vmm.log")).unwrap())
+        .spawn()
+        .expect("start ferry-vmm");
+    reaper.children.push(source);
+    wait_vm(&a, "pc", "running");
+    // Let the workload dirty memory before it moves.
+    std::thread::sleep(Duration::from_millis(500));
+
+    let there = migrate_with(&a, &b, "pc", &["--mode", "postcopy"]);
+    reaper.pids.extend(spawned_pids(&b));
+    let pc = there.postcopy.clone().expect("post-copy figures");
+    assert_eq!(pc.switch_after_round, 0);
+    assert!(pc.stale_pages > 0, "{pc:?}");
+    let verify = there.verify.clone().expect("the target VMM's check");
+    assert!(
+        verify.checked && verify.pages_checked > 0 && verify.pages_bad == 0,
+        "{verify:?}"
+    );
+    // The target side saw the guest's faults.
+    let incoming: Vec<Snapshot> = b.client().get("/api/v1/migrations").unwrap();
+    let t = incoming.iter().find(|s| s.role == "target").expect("target record");
+    let tpc = t.postcopy.clone().expect("target post-copy figures");
+    assert!(tpc.faults > 0, "{tpc:?}");
+    assert_eq!(tpc.demand_pages + tpc.background_pages, tpc.stale_pages, "{tpc:?}");
+    let on_b = wait_vm(&b, "pc", "running");
+    assert_eq!(on_b.epoch, 1);
+    assert_eq!(wait_vm(&a, "pc", "migrated-away").epoch, 1);
+
+    let back = migrate_with(
+        &b,
+        &a,
+        "pc",
+        &["--mode", "hybrid", "--bandwidth-mib-s", "16"],
+    );
+    reaper.pids.extend(spawned_pids(&a));
+    let pc = back
+        .postcopy
+        .clone()
+        .unwrap_or_else(|| panic!("hybrid did not switch to post-copy: {:#?}", back.rounds));
+    assert!(pc.switch_after_round >= 2, "{pc:?}");
+    let verify = back.verify.clone().expect("the target VMM's check");
+    assert!(verify.pages_checked > 0 && verify.pages_bad == 0, "{verify:?}");
+    let first = wait_vm(&a, "pc", "running");
+    assert_eq!(first.epoch, 2);
+    std::thread::sleep(Duration::from_millis(300));
+    let later = vm(&a, "pc").unwrap();
+    assert!(later.progress > first.progress, "{first:?} then {later:?}");
 }
 
 #[test]

@@ -398,27 +398,89 @@ pub struct TargetLog {
     pub running: Option<u64>,
     /// Why it was aborted.
     pub aborted: Option<String>,
+    /// Post-copy: the pages its guest wrote while pages were still moving,
+    /// with the version it wrote last (the test checks no late copy
+    /// overwrote them).
+    pub postcopy_writes: std::collections::HashMap<u64, u64>,
+    /// Post-copy: pages its guest read or wrote before post-copy ended.
+    pub postcopy_touches: u64,
 }
 
 /// A target VM that records requests; shares its log with the test.
+///
+/// For post-copy it registers its own mapping of guest memory (the "VMM's"
+/// view, separate from the engine's) with a userfaultfd, and its guest, a
+/// thread, reads and rewrites pages through it from `run` on: every access
+/// to a page that has not arrived blocks in the kernel until the engine
+/// maps it, as a vCPU would.
 pub struct MemTargetVm {
-    mem_crc: Box<dyn Fn() -> u32 + Send>,
+    view: Arc<GuestMem>,
     /// The shared log.
     pub log: Arc<Mutex<TargetLog>>,
     /// How long `run` takes (a slow VMM start, for tests of the COMMIT window).
     pub run_delay: Duration,
+    userfault: Option<userfaultfd::Uffd>,
+    guest: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
 }
 
 impl MemTargetVm {
     /// A target over `mem`; `log` tells the test what happened.
     pub fn new(mem: &GuestMem, log: Arc<Mutex<TargetLog>>) -> Self {
         let fd = mem.memfd().try_clone_to_owned().expect("dup memfd");
-        let mem2 = GuestMem::from_memfd(fd, &mem.region_specs()).expect("map memfd");
+        let view = GuestMem::from_memfd(fd, &mem.region_specs()).expect("map memfd");
         MemTargetVm {
-            mem_crc: Box::new(move || mem_crc(&mem2)),
+            view: Arc::new(view),
             log,
             run_delay: Duration::ZERO,
+            userfault: None,
+            guest: None,
         }
+    }
+
+    fn stop_guest(&mut self) {
+        if let Some((stop, t)) = self.guest.take() {
+            stop.store(true, Ordering::Release);
+            // A guest blocked on a page that never comes is woken by the
+            // userfaultfd's release below.
+            self.userfault = None;
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for MemTargetVm {
+    fn drop(&mut self) {
+        self.stop_guest();
+    }
+}
+
+/// The post-copy guest of [`MemTargetVm`]: touches pages at random, reading
+/// most and rewriting every fourth with a new version, until stopped.
+fn postcopy_guest(view: &GuestMem, log: &Mutex<TargetLog>, stop: &AtomicBool) {
+    let pages = view.pages();
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut version = 1_000_000;
+    let mut word = [0u8; 8];
+    while !stop.load(Ordering::Acquire) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let page = x % pages;
+        if x.is_multiple_of(4) {
+            version += 1;
+            write_page(view, page, version);
+            log.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .postcopy_writes
+                .insert(page, version);
+        } else {
+            view.page(PageIndex(page))
+                .expect("in range")
+                .read_slice(&mut word, 0)
+                .expect("page read");
+        }
+        log.lock().unwrap_or_else(|p| p.into_inner()).postcopy_touches += 1;
+        std::thread::sleep(Duration::from_micros(200));
     }
 }
 
@@ -440,7 +502,7 @@ impl TargetVm for MemTargetVm {
     fn restore(&mut self, state: &VmState) -> Result<VerifyReport, VmError> {
         self.log.lock().unwrap_or_else(|p| p.into_inner()).restored = Some(state.clone());
         let start = Instant::now();
-        let mem_hash = format!("{:08x}", (self.mem_crc)());
+        let mem_hash = format!("{:08x}", mem_crc(&self.view));
         let verify_ms = start.elapsed().as_millis() as u64;
         Ok(VerifyReport {
             checked: true,
@@ -453,7 +515,68 @@ impl TargetVm for MemTargetVm {
     fn run(&mut self, epoch: u64) -> Result<(), VmError> {
         std::thread::sleep(self.run_delay);
         self.log.lock().unwrap_or_else(|p| p.into_inner()).running = Some(epoch);
+        if self.userfault.is_some() {
+            let stop = Arc::new(AtomicBool::new(false));
+            let (view, log, s) = (self.view.clone(), self.log.clone(), stop.clone());
+            let t = std::thread::Builder::new()
+                .name("memvm-pc-guest".into())
+                .spawn(move || postcopy_guest(&view, &log, &s))
+                .expect("spawning a thread");
+            self.guest = Some((stop, t));
+        }
         Ok(())
+    }
+
+    fn restore_postcopy(&mut self, state: &VmState) -> Result<crate::vm::Userfault, VmError> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        use userfaultfd::{FeatureFlags, RegisterMode, UffdBuilder};
+        let err = |message: String| VmError::Request {
+            op: "restore_postcopy",
+            message,
+        };
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).restored = Some(state.clone());
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(true)
+            .require_features(FeatureFlags::from_bits_retain(1 << 10)) // MINOR_SHMEM
+            .create()
+            .map_err(|e| err(format!("userfaultfd: {e:?}")))?;
+        let ranges = ferry_transport::MappedMemory::ranges(&*self.view);
+        for &(ptr, len) in &ranges {
+            uffd.register_with_mode(
+                ptr.cast(),
+                len,
+                RegisterMode::MISSING | RegisterMode::MINOR,
+            )
+            .map_err(|e| err(format!("registering: {e:?}")))?;
+            // SAFETY: exactly one of our live shared mappings; for shared
+            // memory MADV_DONTNEED drops page-table entries only.
+            if unsafe { libc::madvise(ptr.cast(), len, libc::MADV_DONTNEED) } != 0 {
+                return Err(err(format!("madvise: {}", std::io::Error::last_os_error())));
+            }
+        }
+        // SAFETY: dup of a descriptor we own; the copy is owned by the result.
+        let dup = unsafe { libc::dup(uffd.as_raw_fd()) };
+        if dup < 0 {
+            return Err(err(format!("dup: {}", std::io::Error::last_os_error())));
+        }
+        self.userfault = Some(uffd);
+        Ok(crate::vm::Userfault {
+            // SAFETY: `dup` returned a fresh descriptor nothing else owns.
+            fd: unsafe { OwnedFd::from_raw_fd(dup) },
+            host_addrs: ranges.iter().map(|r| r.0 as u64).collect(),
+        })
+    }
+
+    fn postcopy_done(&mut self) -> Result<VerifyReport, VmError> {
+        self.stop_guest();
+        self.userfault = None;
+        Ok(VerifyReport {
+            checked: true,
+            mem_hash: format!("{:08x}", mem_crc(&self.view)),
+            ..VerifyReport::default()
+        })
     }
 
     fn check(&mut self) -> Result<(), VmError> {

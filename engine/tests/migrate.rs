@@ -70,6 +70,7 @@ struct Run {
     source_mem: Arc<GuestMem>,
     target_log: Arc<Mutex<TargetLog>>,
     target_crc: Option<u32>,
+    target_mem: Option<Arc<GuestMem>>,
     snapshot: ferry_engine::Snapshot,
 }
 
@@ -141,7 +142,7 @@ fn migrate_pattern(
     let acceptor = Arc::new(Acceptor::new(key_dst));
     let target_log = Arc::new(Mutex::new(TargetLog::default()));
     let tlog = target_log.clone();
-    let target = std::thread::spawn(move || -> Result<(u64, u32), String> {
+    let target = std::thread::spawn(move || -> Result<(u64, u32, Arc<GuestMem>), String> {
         loop {
             let conn = match listener.accept(Some(Duration::from_secs(5))) {
                 Ok(Some(c)) => c,
@@ -168,7 +169,7 @@ fn migrate_pattern(
                         Ok(vm)
                     })
                     .map_err(|e| e.to_string())?;
-                    return Ok((out.epoch, mem_crc(&out.mem)));
+                    return Ok((out.epoch, mem_crc(&out.mem), out.mem));
                 }
                 Ok(None) => {}
                 Err(e) => return Err(e.to_string()),
@@ -193,6 +194,7 @@ fn migrate_pattern(
     Run {
         result,
         target_crc: target.as_ref().ok().map(|t| t.1),
+        target_mem: target.as_ref().ok().map(|t| t.2.clone()),
         target: target.map(|t| t.0),
         source_vm: vm,
         source_mem: mem,
@@ -218,11 +220,15 @@ fn check_invariant(r: &Run) {
             assert_eq!(r.source_vm.handed_off, Some(8));
             assert!(!r.source_vm.running(), "source still runs after hand-off");
             assert_eq!(r.target.as_ref().ok(), Some(&8), "target did not run it");
-            assert_eq!(
-                r.target_crc,
-                Some(mem_crc(&r.source_mem)),
-                "target memory differs from the source at pause"
-            );
+            if r.snapshot.postcopy.is_some() {
+                check_postcopy_memory(r);
+            } else {
+                assert_eq!(
+                    r.target_crc,
+                    Some(mem_crc(&r.source_mem)),
+                    "target memory differs from the source at pause"
+                );
+            }
             assert_eq!(r.snapshot.status, Status::Completed);
         }
         Err(MigrationError::CommitUnknown(_)) => {
@@ -239,6 +245,98 @@ fn check_invariant(r: &Run) {
             assert!(r.snapshot.status.is_final());
         }
     }
+}
+
+/// After post-copy every page on the target holds either what its guest
+/// wrote there last, or the source's page at the pause: nothing lost, and
+/// no late copy from the source over a page the guest had rewritten.
+fn check_postcopy_memory(r: &Run) {
+    use vm_memory::Bytes;
+    let target = r.target_mem.as_ref().expect("target memory");
+    let log = r.target_log.lock().unwrap();
+    let (mut a, mut b) = (vec![0u8; 4096], vec![0u8; 4096]);
+    for p in 0..target.pages() {
+        let page = ferry_engine::PageIndex(p);
+        target.page(page).unwrap().read_slice(&mut a, 0).unwrap();
+        match log.postcopy_writes.get(&p) {
+            Some(&v) => {
+                let want = ferry_engine::memvm::stamp(p, v).to_le_bytes();
+                assert!(
+                    a.chunks_exact(8).all(|w| w == want),
+                    "page {p}: the target guest's write of version {v} was lost"
+                );
+            }
+            None => {
+                r.source_mem.page(page).unwrap().read_slice(&mut b, 0).unwrap();
+                assert!(a == b, "page {p} differs from the source's at the pause");
+            }
+        }
+    }
+}
+
+fn postcopy_cfg(mode: ferry_engine::Mode) -> SourceConfig {
+    SourceConfig {
+        mode,
+        ..cfg(3)
+    }
+}
+
+#[test]
+fn postcopy_runs_the_guest_on_the_target_before_its_memory_and_loses_nothing() {
+    let t = InProcTransport::new();
+    let key = Key::generate().unwrap();
+    let r = migrate(
+        &t,
+        64,
+        2000,
+        postcopy_cfg(ferry_engine::Mode::Postcopy),
+        key.clone(),
+        key,
+        Cancel::new(),
+    );
+    check_invariant(&r);
+    assert!(r.result.is_ok(), "{:?}", r.result);
+    let pc = r.snapshot.postcopy.clone().expect("post-copy stats");
+    assert_eq!(pc.switch_after_round, 0, "postcopy runs no pre-copy round");
+    assert!(pc.stale_pages > 0);
+    assert_eq!(r.snapshot.iterations, 1, "one post-copy round");
+    let log = r.target_log.lock().unwrap();
+    assert!(log.postcopy_touches > 0, "the target guest ran during post-copy");
+}
+
+#[test]
+fn hybrid_switches_to_postcopy_when_precopy_cannot_converge() {
+    let t = InProcTransport::new();
+    let key = Key::generate().unwrap();
+    // The guest dirties 4x what the capped link carries.
+    let cfg = SourceConfig {
+        bandwidth_mib_s: Some(16),
+        ..postcopy_cfg(ferry_engine::Mode::Hybrid)
+    };
+    let r = migrate(&t, 32, 16_000, cfg, key.clone(), key, Cancel::new());
+    check_invariant(&r);
+    assert!(r.result.is_ok(), "{:?}", r.result);
+    let pc = r.snapshot.postcopy.clone().expect("switched to post-copy");
+    assert!(pc.switch_after_round >= 2, "{pc:?}");
+    assert!(pc.stale_pages > 0 && pc.stale_pages < 8192, "{pc:?}");
+}
+
+#[test]
+fn hybrid_that_converges_stops_and_copies() {
+    let t = InProcTransport::new();
+    let key = Key::generate().unwrap();
+    let r = migrate(
+        &t,
+        32,
+        0,
+        postcopy_cfg(ferry_engine::Mode::Hybrid),
+        key.clone(),
+        key,
+        Cancel::new(),
+    );
+    check_invariant(&r);
+    assert!(r.result.is_ok(), "{:?}", r.result);
+    assert!(r.snapshot.postcopy.is_none(), "an idle guest converges");
 }
 
 #[test]

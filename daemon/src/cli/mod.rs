@@ -56,7 +56,7 @@ pub enum Cmd {
     #[command(subcommand)]
     Vm(VmCmd),
     /// Migrate a VM to another host and follow it to the end.
-    Migrate(MigrateArgs),
+    Migrate(Box<MigrateArgs>),
     /// All migrations as a table, or one in full.
     Status {
         /// A migration id; without it, all migrations.

@@ -61,7 +61,7 @@ impl PageStates {
         let mut count = 0;
         let current: Vec<AtomicU64> = (0..words)
             .map(|w| {
-                let valid = if w + 1 == words && pages % 64 != 0 {
+                let valid = if w + 1 == words && !pages.is_multiple_of(64) {
                     (1u64 << (pages % 64)) - 1
                 } else {
                     !0
@@ -260,4 +260,103 @@ pub struct PostcopyStats {
     pub duration_ms: u64,
     /// The pre-copy round after which the migration switched (0: none ran).
     pub switch_after_round: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::source::{Demand, PushOrder, PUSH_STEP};
+    use super::*;
+    use crate::bitmap::DirtyBitmap;
+
+    #[test]
+    fn pages_not_stale_start_present_and_claimed() {
+        // 130 pages: two full words and two bits of a third.
+        let stale = [0b1010u64, !0, 0b01];
+        let s = PageStates::new(130, &stale);
+        assert_eq!(s.present_count(), 130 - 2 - 64 - 1);
+        assert!(s.is_present(0) && !s.is_present(1) && !s.is_present(3));
+        assert!(!s.claim(0), "a current page is never claimed again");
+        assert!(s.claim(1), "the first copy of a stale page claims it");
+        assert!(!s.claim(1), "a second copy does not");
+        assert!(s.set_present(1) && !s.set_present(1));
+        assert_eq!(
+            s.unclaimed(),
+            vec![(3, 1), (64, 65)],
+            "page 129 is current; bits past it are not pages"
+        );
+        s.release(3); // unclaimed anyway
+        assert!(s.claim(3));
+        s.release(3);
+        assert!(s.claim(3), "a released page can be claimed again");
+        assert!(!s.complete());
+    }
+
+    #[test]
+    fn faulted_marks_are_taken_once() {
+        let s = PageStates::new(64, &[!0]);
+        s.set_faulted(5);
+        assert!(s.take_faulted(5));
+        assert!(!s.take_faulted(5));
+        assert!(s.mark_requested(5) && !s.mark_requested(5));
+    }
+
+    #[test]
+    fn runs_cover_words_and_ends() {
+        let words: Vec<AtomicU64> = [!0u64, !0, 0, 1 << 63]
+            .iter()
+            .map(|&w| AtomicU64::new(w))
+            .collect();
+        assert_eq!(runs_of(&words, 256, true), vec![(0, 128), (255, 1)]);
+        assert_eq!(runs_of(&words, 256, false), vec![(128, 127)]);
+        assert_eq!(runs_of(&words, 200, true), vec![(0, 128)]);
+    }
+
+    #[test]
+    fn latencies_give_percentiles_and_a_log2_histogram() {
+        let mut l = Latencies::default();
+        for us in 1..=100 {
+            l.add(us);
+        }
+        let mut s = PostcopyStats::default();
+        l.fill(&mut s);
+        assert_eq!(s.fault_latency_p50_us, 50);
+        assert_eq!(s.fault_latency_p99_us, 99);
+        assert_eq!(s.fault_latency_max_us, 100);
+        // [1,2) [2,4) [4,8) ... [64,128)
+        assert_eq!(s.fault_latency_hist, vec![1, 2, 4, 8, 16, 32, 37]);
+    }
+
+    fn demand(pages: u64) -> Demand {
+        Demand::new(pages)
+    }
+
+    #[test]
+    fn push_visits_every_page_once_from_the_latest_fault() {
+        let pages = 4 * PUSH_STEP + 10;
+        let mut todo = DirtyBitmap::new(pages);
+        todo.set_range(0, pages);
+        let d = demand(pages);
+        let mut order = PushOrder::new(todo);
+        // The first step starts at 0; then a fault in step 3 moves the
+        // push there; pages served on demand are skipped.
+        let (back, first) = order.next(&d).unwrap();
+        assert!(!back);
+        assert_eq!(first, vec![(0, PUSH_STEP)]);
+        d.served.set(3 * PUSH_STEP + 1);
+        d.hint(3 * PUSH_STEP + 1);
+        let (back, at_fault) = order.next(&d).unwrap();
+        assert!(!back, "forward jump keeps frames ascending");
+        assert_eq!(
+            at_fault,
+            vec![(3 * PUSH_STEP, 1), (3 * PUSH_STEP + 2, PUSH_STEP - 2)]
+        );
+        let mut seen = PUSH_STEP * 2 - 1;
+        let mut backs = 0;
+        while let Some((back, runs)) = order.next(&d) {
+            backs += usize::from(back);
+            seen += runs.iter().map(|r| r.1).sum::<u64>();
+        }
+        assert_eq!(seen, pages - 1, "every page but the served one, once");
+        assert_eq!(backs, 1, "one wrap-around");
+    }
 }

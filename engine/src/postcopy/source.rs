@@ -35,6 +35,23 @@ pub(crate) struct DemandServer {
     conn: Box<dyn Conn>,
 }
 
+impl Demand {
+    pub(crate) fn new(pages: u64) -> Self {
+        Demand {
+            served: AtomicBitmap::new(pages),
+            hint: AtomicU64::new(NO_HINT),
+            pages: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            failure: Failure::default(),
+        }
+    }
+
+    /// Notes the latest requested page: the push moves there.
+    pub(crate) fn hint(&self, page: u64) {
+        self.hint.store(page, Ordering::Release);
+    }
+}
+
 impl DemandServer {
     /// Serves requests on `conn` (stream `stream`) from `mem`, which the
     /// paused guest no longer changes.
@@ -44,13 +61,7 @@ impl DemandServer {
         stream: u16,
         wire_bytes: Arc<AtomicU64>,
     ) -> Result<Self, ferry_transport::TransportError> {
-        let demand = Arc::new(Demand {
-            served: AtomicBitmap::new(mem.pages()),
-            hint: AtomicU64::new(NO_HINT),
-            pages: AtomicU64::new(0),
-            stop: AtomicBool::new(false),
-            failure: Failure::default(),
-        });
+        let demand = Arc::new(Demand::new(mem.pages()));
         let keep = conn.try_clone()?;
         let d = demand.clone();
         let thread = std::thread::Builder::new()
@@ -139,7 +150,7 @@ fn serve(
         }
         want.sort_unstable();
         want.dedup();
-        d.hint.store(want[0], Ordering::Release);
+        d.hint(want[0]);
         // One frame: the table, then each raw page straight from memory.
         table.clear();
         let mut segs_pages = Vec::with_capacity(want.len());

@@ -577,15 +577,19 @@ impl Migration<'_> {
                     disk_blocks: self.last_disk_sent,
                 });
             });
+            // Hybrid: a stop within the downtime budget is a stop-and-copy;
+            // anything else pre-copy would do next (spend extra downtime,
+            // throttle the guest, go on iterating past the round cap, give
+            // up) is worse than post-copy's few milliseconds.
+            let in_budget =
+                d.action == Action::StopAndCopy && d.estimate_ms <= self.cfg.downtime_ms;
             if self.cfg.mode == Mode::Hybrid
-                && d.action != Action::StopAndCopy
-                && (d.action == Action::GiveUp
+                && !in_budget
+                && (d.action != Action::Iterate
                     || d.class == "memory-intensive"
                     || d.throttle_pct > 0
                     || round >= HYBRID_ROUNDS_MAX)
             {
-                // Pre-copy does not converge (or would need the guest
-                // throttled): the rest goes post-copy.
                 tracing::info!(round, pending = stats.pending_pages, "switching to post-copy");
                 break Switch::Postcopy;
             }
