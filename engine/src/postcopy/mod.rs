@@ -36,6 +36,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
+/// Raises the calling thread's scheduling priority (nice -10): the demand
+/// path's threads (fault reader, priority receiver, demand server) wake for
+/// each fault while the background push keeps every core busy, and a vCPU
+/// waits for them. Without the privilege (CAP_SYS_NICE) it stays as it is.
+pub(crate) fn raise_priority() {
+    // SAFETY: gettid and setpriority on the calling thread; no memory passed.
+    let rc = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, -10)
+    };
+    if rc != 0 {
+        tracing::debug!(
+            "post-copy: cannot raise a demand thread's priority: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Per-page state on the target during post-copy, three bitmaps:
 /// `claimed` (a receiver took the page, or it was current at the switch),
 /// `present` (its bytes are in memory: the guest may have it), and

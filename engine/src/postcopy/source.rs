@@ -67,6 +67,7 @@ impl DemandServer {
         let thread = std::thread::Builder::new()
             .name("ferry-pc-serve".into())
             .spawn(move || {
+                super::raise_priority();
                 if let Err(e) = serve(&d, &mem, conn, stream, &wire_bytes) {
                     if !d.stop.load(Ordering::Acquire) {
                         d.failure.fail(format!("priority stream: {e}"));
@@ -109,7 +110,9 @@ fn serve(
         let mut hb = [0u8; HEADER_BYTES];
         match conn.recv_exact(&mut hb) {
             Ok(()) => {}
-            Err(e) if e.is_disconnect() && d.stop.load(Ordering::Acquire) => return Ok(()),
+            // The target closes the stream once it holds every page; a
+            // target that died is noticed on the control stream.
+            Err(e) if e.is_disconnect() => return Ok(()),
             Err(e) => return Err(e.into()),
         }
         let h = FrameHeader::decode(&hb)?;

@@ -219,6 +219,15 @@ impl TargetPostcopy {
         }
     }
 
+    /// A run of written pages to hand over with one `complete`.
+    pub(crate) fn batch(&self) -> Handover<'_> {
+        Handover {
+            pc: self,
+            first: 0,
+            n: 0,
+        }
+    }
+
     /// A copy of a page that another copy beat: counted and dropped.
     pub(crate) fn duplicate(&self) {
         self.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -471,6 +480,41 @@ impl TargetPostcopy {
     }
 }
 
+/// Written pages gathered into runs, so that consecutive pages are mapped
+/// with one `UFFDIO_CONTINUE` (background pages only).
+pub(crate) struct Handover<'a> {
+    pc: &'a TargetPostcopy,
+    first: u64,
+    n: u64,
+}
+
+impl Handover<'_> {
+    /// Adds a written page; a page that does not extend the run flushes it.
+    pub(crate) fn add(&mut self, page: u64) {
+        if self.n > 0 && page == self.first + self.n && self.n < 512 {
+            self.n += 1;
+            return;
+        }
+        self.flush();
+        self.first = page;
+        self.n = 1;
+    }
+
+    /// Hands the run over now.
+    pub(crate) fn flush(&mut self) {
+        if self.n > 0 {
+            self.pc.complete(self.first, self.n, false);
+            self.n = 0;
+        }
+    }
+}
+
+impl Drop for Handover<'_> {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
 fn set_nonblocking(fd: i32) -> std::io::Result<()> {
     // SAFETY: fcntl on a descriptor we own; no memory is passed.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
@@ -505,7 +549,10 @@ impl Threads {
         threads.push(
             std::thread::Builder::new()
                 .name("ferry-pc-faults".into())
-                .spawn(move || p.fault_loop())
+                .spawn(move || {
+                    super::raise_priority();
+                    p.fault_loop()
+                })
                 .expect("spawning a thread"),
         );
         let p = pc.clone();
@@ -513,6 +560,7 @@ impl Threads {
             std::thread::Builder::new()
                 .name("ferry-pc-demand".into())
                 .spawn(move || {
+                    super::raise_priority();
                     if let Err(e) = p.priority_loop(priority, stream) {
                         if !p.stop.load(Ordering::Acquire) {
                             p.failure.fail(format!("priority stream: {e}"));

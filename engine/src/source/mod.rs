@@ -820,7 +820,9 @@ impl Migration<'_> {
             // fault on, as a last round (the guest is paused here).
             round += 1;
             let pipeline = self.pipeline.as_mut().expect("pipeline running");
-            pipeline.set_resend(true, true);
+            // Pages sent in a pre-copy round go as XOR deltas against the
+            // copy the target holds; after a pure post-copy switch none was.
+            pipeline.set_resend(switch_after > 0, true);
             let mut order = crate::postcopy::source::PushOrder::new(pending.clone());
             while let Some((back, runs)) = order.next(&demand) {
                 if demand.failure.is_set() {

@@ -252,18 +252,34 @@ fn decode_stage(
     pool: Sender<Vec<u8>>,
 ) -> Result<(), String> {
     let mut page_buf = vec![0u8; PAGE_SIZE];
-    for job in rx {
+    // Post-copy: decoded pages are handed to the guest in runs, flushed
+    // whenever the queue runs dry (a waiting vCPU never waits for more).
+    let mut done = None;
+    loop {
+        let job = match rx.try_recv() {
+            Ok(j) => j,
+            Err(_) => {
+                if let Some(d) = done.as_mut() {
+                    crate::postcopy::target::Handover::flush(d);
+                }
+                match rx.recv() {
+                    Ok(j) => j,
+                    Err(_) => break,
+                }
+            }
+        };
         let slice = shared
             .mem
             .page(PageIndex(job.page))
             .expect("page checked by the receiver");
         if job.postcopy {
             let pc = shared.postcopy.get().expect("post-copy started");
+            let batch = done.get_or_insert_with(|| pc.batch());
             match decode_postcopy(&job, &slice, &mut page_buf) {
                 Ok(()) => {
                     slice.copy_from(&page_buf[..]);
                     shared.written.set(job.page);
-                    pc.complete(job.page, 1, false);
+                    batch.add(job.page);
                 }
                 // The source's memory is frozen, so this copy is damaged:
                 // the page goes back to missing and is requested again.
@@ -626,6 +642,7 @@ impl RecvStage {
         self.check_table(table, mem.pages())?;
         let entries = std::mem::take(&mut self.entries);
         let mut data_bytes = 0u64;
+        let mut done = pc.batch();
         let mut i = 0;
         while i < entries.len() {
             let e = entries[i];
@@ -637,12 +654,12 @@ impl RecvStage {
                     if self.shared.written.get(e.page) {
                         slice.copy_from(&ZERO_PAGE[..]);
                     }
-                    pc.complete(e.page, 1, false);
+                    done.add(e.page);
                     i += 1;
                 }
                 (Codec::Raw, true) => {
                     // Consecutive raw pages this copy claimed: one receive
-                    // straight into guest memory, one CONTINUE.
+                    // straight into guest memory.
                     let mut n = 1;
                     while i + n < entries.len()
                         && entries[i + n].codec == Codec::Raw
@@ -656,24 +673,16 @@ impl RecvStage {
                         .pages_slice(PageIndex(e.page), n as u64)
                         .expect("run inside one region");
                     self.conn.recv_exact_volatile(&run)?;
-                    let mut good_from = e.page;
                     for (k, re) in entries[i..i + n].iter().enumerate() {
                         let page = run
                             .subslice(k * PAGE_SIZE, PAGE_SIZE)
                             .expect("inside the run");
-                        if crc32c_guest(&page) != re.crc {
-                            if re.page > good_from {
-                                pc.complete(good_from, re.page - good_from, false);
-                            }
-                            pc.reject(re.page, "CRC mismatch in the background push");
-                            good_from = re.page + 1;
-                        } else {
+                        if crc32c_guest(&page) == re.crc {
                             self.shared.written.set(re.page);
+                            done.add(re.page);
+                        } else {
+                            pc.reject(re.page, "CRC mismatch in the background push");
                         }
-                    }
-                    let end = e.page + n as u64;
-                    if end > good_from {
-                        pc.complete(good_from, end - good_from, false);
                     }
                     data_bytes += (n as u64 - 1) * PAGE_SIZE as u64;
                     i += n;
@@ -721,6 +730,7 @@ impl RecvStage {
                 }
             }
         }
+        done.flush();
         let n = entries.len() as u64;
         self.entries = entries;
         self.shared
