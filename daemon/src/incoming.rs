@@ -198,6 +198,16 @@ fn receive(d: &Arc<Daemon>, session: IncomingSession) {
                 Some("internal error: VM committed but never created".into()),
             );
         }
+        (Ok(Err(e @ MigrationError::PostcopyBroken(_))), _, spawned) => {
+            // The VM ran here from COMMIT on: never throw it away. Its VMM
+            // keeps the guest (waiting for the pages it lacks) and the
+            // source keeps it paused; recovery is the operator's for now.
+            let pid = spawned.as_ref().map(|(c, _)| c.id());
+            tracing::error!(
+                "migration {id}: {e}. VM {name} is left with its VMM (pid {pid:?}), \
+                 waiting for pages; stop that VMM by hand once {peer} is dealt with"
+            );
+        }
         (Ok(Err(e)), vm_id, spawned) => {
             tracing::warn!("migration {id}: receiving VM {name} from {peer} failed: {e}");
             if !metrics.status().is_final() {

@@ -362,7 +362,7 @@ impl Outgoing {
                     epoch: outcome.epoch,
                 }
             }
-            Ok(Err(e @ MigrationError::CommitUnknown(_))) => {
+            Ok(Err(e @ (MigrationError::CommitUnknown(_) | MigrationError::PostcopyBroken(_)))) => {
                 tracing::error!(
                     "migration {id}: {e}. VM {} stays PAUSED here; find out from {} whether it runs there",
                     self.vm,

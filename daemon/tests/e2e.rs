@@ -196,10 +196,17 @@ fn postcopy_there_and_hybrid_back() {
     );
     // The target side saw the guest's faults.
     let incoming: Vec<Snapshot> = b.client().get("/api/v1/migrations").unwrap();
-    let t = incoming.iter().find(|s| s.role == "target").expect("target record");
+    let t = incoming
+        .iter()
+        .find(|s| s.role == "target")
+        .expect("target record");
     let tpc = t.postcopy.clone().expect("target post-copy figures");
     assert!(tpc.faults > 0, "{tpc:?}");
-    assert_eq!(tpc.demand_pages + tpc.background_pages, tpc.stale_pages, "{tpc:?}");
+    assert_eq!(
+        tpc.demand_pages + tpc.background_pages,
+        tpc.stale_pages,
+        "{tpc:?}"
+    );
     let on_b = wait_vm(&b, "pc", "running");
     assert_eq!(on_b.epoch, 1);
     assert_eq!(wait_vm(&a, "pc", "migrated-away").epoch, 1);
@@ -217,7 +224,10 @@ fn postcopy_there_and_hybrid_back() {
         .unwrap_or_else(|| panic!("hybrid did not switch to post-copy: {:#?}", back.rounds));
     assert!(pc.switch_after_round >= 2, "{pc:?}");
     let verify = back.verify.clone().expect("the target VMM's check");
-    assert!(verify.pages_checked > 0 && verify.pages_bad == 0, "{verify:?}");
+    assert!(
+        verify.pages_checked > 0 && verify.pages_bad == 0,
+        "{verify:?}"
+    );
     let first = wait_vm(&a, "pc", "running");
     assert_eq!(first.epoch, 2);
     std::thread::sleep(Duration::from_millis(300));

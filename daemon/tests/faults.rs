@@ -505,6 +505,47 @@ fn target_ferryd_killed_during_precopy() {
     w.done("target_ferryd_killed_during_precopy");
 }
 
+/// kill -9 of the target ferryd during post-copy. After COMMIT the VM
+/// belongs to the target, so the source must never run it again: it ends
+/// `unknown` ("post-copy broke off"), its guest paused and never resumed,
+/// its VMM (and memory) kept. The target VMM keeps its guest too, waiting
+/// for pages: recovery is not built yet (docs/operations.md).
+#[test]
+fn target_ferryd_killed_during_postcopy_never_resumes_the_source() {
+    let Some(vmm) = probe() else { return };
+    let mut w = World::start(
+        &vmm,
+        Setup {
+            mem_mib: 128,
+            workload: ENDLESS_WORKLOAD,
+            ..Setup::default()
+        },
+    );
+    // A capped push keeps post-copy going for seconds.
+    let id = w.migrate(&["--mode", "postcopy", "--bandwidth-mib-s", "16"]);
+    let s = w.wait_source(&id, "post-copy", |s| s.status == Status::Postcopy);
+    assert_eq!(s.epoch, 1, "the hand-off was recorded before COMMIT");
+    let spawned = w.target_vmms();
+    assert_eq!(spawned.len(), 1, "{spawned:?}");
+    w.dst.kill9();
+    let s = w.wait_source(&id, "unknown", |s| s.status == Status::Unknown);
+    let error = s.error.unwrap_or_default();
+    assert!(error.contains("post-copy broke off"), "{error}");
+    // The source VMM reports its pause only when it resumes or quits.
+    assert!(
+        !w.source_pauses().iter().any(|e| e == "resumed"),
+        "the source must not resume: {:?}",
+        w.source_pauses()
+    );
+    assert!(w.source_vmm_alive(), "the source keeps the VM's memory");
+    let listed = vm(&w.src, VM).expect("the source still lists the VM");
+    assert_eq!(listed.state, VmState::Paused, "{listed:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!w.source_pauses().iter().any(|e| e == "resumed"));
+    assert_eq!(w.target_vmms(), spawned, "the target VMM keeps the guest");
+    w.done("target_ferryd_killed_during_postcopy_never_resumes_the_source");
+}
+
 /// kill -9 of the target VMM in pre-copy: the target finds out at PREPARE
 /// (restore fails), aborts, reaps the VMM; the source resumes.
 #[test]

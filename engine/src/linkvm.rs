@@ -173,12 +173,10 @@ impl TargetVm for LinkVm {
             .call(&LinkMsg::RestorePostcopy, &state.blob)
             .map_err(link_err("restore_postcopy"))?;
         match r.msg {
-            LinkMsg::PostcopyReady { host_addrs } if r.fds.len() == 1 => {
-                Ok(crate::vm::Userfault {
-                    fd: r.fds.remove(0),
-                    host_addrs,
-                })
-            }
+            LinkMsg::PostcopyReady { host_addrs } if r.fds.len() == 1 => Ok(crate::vm::Userfault {
+                fd: r.fds.remove(0),
+                host_addrs,
+            }),
             LinkMsg::PostcopyReady { .. } => Err(VmError::Request {
                 op: "restore_postcopy",
                 message: format!("the reply carried {} descriptors, not 1", r.fds.len()),

@@ -479,7 +479,9 @@ fn postcopy_guest(view: &GuestMem, log: &Mutex<TargetLog>, stop: &AtomicBool) {
                 .read_slice(&mut word, 0)
                 .expect("page read");
         }
-        log.lock().unwrap_or_else(|p| p.into_inner()).postcopy_touches += 1;
+        log.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .postcopy_touches += 1;
         std::thread::sleep(Duration::from_micros(200));
     }
 }
@@ -544,12 +546,8 @@ impl TargetVm for MemTargetVm {
             .map_err(|e| err(format!("userfaultfd: {e:?}")))?;
         let ranges = ferry_transport::MappedMemory::ranges(&*self.view);
         for &(ptr, len) in &ranges {
-            uffd.register_with_mode(
-                ptr.cast(),
-                len,
-                RegisterMode::MISSING | RegisterMode::MINOR,
-            )
-            .map_err(|e| err(format!("registering: {e:?}")))?;
+            uffd.register_with_mode(ptr.cast(), len, RegisterMode::MISSING | RegisterMode::MINOR)
+                .map_err(|e| err(format!("registering: {e:?}")))?;
             // SAFETY: exactly one of our live shared mappings; for shared
             // memory MADV_DONTNEED drops page-table entries only.
             if unsafe { libc::madvise(ptr.cast(), len, libc::MADV_DONTNEED) } != 0 {

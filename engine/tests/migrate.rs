@@ -231,8 +231,21 @@ fn check_invariant(r: &Run) {
             }
             assert_eq!(r.snapshot.status, Status::Completed);
         }
-        Err(MigrationError::CommitUnknown(_)) => {
+        Err(MigrationError::CommitUnknown(_)) if r.snapshot.mode == "precopy" => {
             panic!("commit unknown is not expected with these faults")
+        }
+        Err(e @ (MigrationError::CommitUnknown(_) | MigrationError::PostcopyBroken(_))) => {
+            // After COMMIT the target may run the VM: the source must never
+            // run it again, whatever the target did.
+            assert!(!r.source_vm.running(), "source resumed after {e}");
+            assert!(r.source_vm.handed_off.is_none(), "{e}");
+            assert_eq!(r.snapshot.status, Status::Unknown, "{e}");
+            if matches!(e, MigrationError::PostcopyBroken(_)) {
+                // COMMITTED arrived: the target ran the VM and kept it.
+                let log = r.target_log.lock().unwrap();
+                assert_eq!(log.running, Some(8), "{e}");
+                assert!(log.aborted.is_none(), "the target quit a running VM: {e}");
+            }
         }
         Err(e) => {
             assert!(r.source_vm.running(), "source VM not resumed after {e}");
@@ -267,7 +280,11 @@ fn check_postcopy_memory(r: &Run) {
                 );
             }
             None => {
-                r.source_mem.page(page).unwrap().read_slice(&mut b, 0).unwrap();
+                r.source_mem
+                    .page(page)
+                    .unwrap()
+                    .read_slice(&mut b, 0)
+                    .unwrap();
                 assert!(a == b, "page {p} differs from the source's at the pause");
             }
         }
@@ -275,10 +292,7 @@ fn check_postcopy_memory(r: &Run) {
 }
 
 fn postcopy_cfg(mode: ferry_engine::Mode) -> SourceConfig {
-    SourceConfig {
-        mode,
-        ..cfg(3)
-    }
+    SourceConfig { mode, ..cfg(3) }
 }
 
 #[test]
@@ -301,7 +315,10 @@ fn postcopy_runs_the_guest_on_the_target_before_its_memory_and_loses_nothing() {
     assert!(pc.stale_pages > 0);
     assert_eq!(r.snapshot.iterations, 1, "one post-copy round");
     let log = r.target_log.lock().unwrap();
-    assert!(log.postcopy_touches > 0, "the target guest ran during post-copy");
+    assert!(
+        log.postcopy_touches > 0,
+        "the target guest ran during post-copy"
+    );
 }
 
 #[test]
@@ -651,6 +668,74 @@ fn seeded_faults_never_split_the_vm() {
         let rate = [0, 2000][(seed % 2) as usize];
         eprintln!("seed {seed}: {fault:?}, guest rate {rate} pages/s");
         let r = migrate(&t, 8, rate, cfg(streams), k.clone(), k, Cancel::new());
+        eprintln!(
+            "seed {seed}: {:?}",
+            r.result.as_ref().map_err(|e| e.to_string())
+        );
+        check_invariant(&r);
+    }
+}
+
+/// The same seeded faults in post-copy and hybrid migrations, on any
+/// connection including the priority stream: before COMMIT the VM stays on
+/// the source; after it the source never runs it again, and a target that
+/// ran it never gives it up.
+#[test]
+fn seeded_faults_never_split_a_postcopy_vm() {
+    let seeds: u64 = std::env::var("FERRY_FAULT_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
+    let streams = 2u32;
+    for seed in 0..seeds {
+        let mut x = (seed + 1000).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let t = InProcTransport::new();
+        // Control, the data streams, and the priority stream.
+        let conn = ConnIndex((next() % (streams as u64 + 2)) as u32);
+        let dir = if next() % 3 == 0 {
+            Dir::ListenerToConnector
+        } else {
+            Dir::ConnectorToListener
+        };
+        let offset = match conn.0 {
+            0 => next() % 4096,
+            c if c == streams + 1 => next() % (64 << 10),
+            _ => next() % (2 << 20),
+        };
+        let fault = if next() % 2 == 0 {
+            Fault::CutAfter {
+                conn,
+                dir,
+                bytes: offset,
+            }
+        } else {
+            Fault::FlipBit {
+                conn,
+                dir,
+                offset,
+                bit: (next() % 8) as u8,
+            }
+        };
+        t.fault_plan([fault]);
+        let k = Key::generate().unwrap();
+        let mode = if seed % 2 == 0 {
+            ferry_engine::Mode::Postcopy
+        } else {
+            ferry_engine::Mode::Hybrid
+        };
+        let c = SourceConfig {
+            mode,
+            bandwidth_mib_s: (mode == ferry_engine::Mode::Hybrid).then_some(8),
+            ..cfg(streams)
+        };
+        eprintln!("seed {seed}: {mode} {fault:?}");
+        let r = migrate(&t, 8, 4000, c, k.clone(), k, Cancel::new());
         eprintln!(
             "seed {seed}: {:?}",
             r.result.as_ref().map_err(|e| e.to_string())

@@ -434,10 +434,15 @@ impl LinkServer {
     /// Post-copy restore: the state is loaded, guest memory registered with
     /// a userfaultfd and unmapped. Returns the mapping's address and the
     /// descriptor to pass (this side keeps its own copy open).
-    fn restore_postcopy(&mut self, blob: &[u8]) -> Result<(u64, std::os::fd::RawFd), LinkServerError> {
+    fn restore_postcopy(
+        &mut self,
+        blob: &[u8],
+    ) -> Result<(u64, std::os::fd::RawFd), LinkServerError> {
         use std::os::fd::AsRawFd;
         if self.userfault.is_some() {
-            return Err(LinkServerError::Protocol("a second post-copy restore".into()));
+            return Err(LinkServerError::Protocol(
+                "a second post-copy restore".into(),
+            ));
         }
         // Restore first: it reads no guest memory, and nothing may touch
         // memory between the unmapping and the first fault ferryd serves.

@@ -173,7 +173,8 @@ impl GuestRam {
     /// or `vm.unprivileged_userfaultfd = 1`.
     pub fn register_userfault(&self) -> Result<userfaultfd::Uffd, MemError> {
         use userfaultfd::{FeatureFlags, RegisterMode, UffdBuilder};
-        let err = |what: &str, e: &dyn std::fmt::Debug| MemError::Userfault(format!("{what}: {e:?}"));
+        let err =
+            |what: &str, e: &dyn std::fmt::Debug| MemError::Userfault(format!("{what}: {e:?}"));
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)

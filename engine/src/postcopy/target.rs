@@ -329,9 +329,7 @@ impl TargetPostcopy {
             }
             let events = match self.uffd.read_events(&mut buf) {
                 Ok(ev) => ev,
-                Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EAGAIN => {
-                    continue
-                }
+                Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EAGAIN => continue,
                 Err(e) => {
                     self.failure
                         .fail(format!("reading guest faults (userfaultfd) failed: {e:?}"));

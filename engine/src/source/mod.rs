@@ -235,7 +235,9 @@ pub fn migrate_out(
         Err(e) => {
             let status = match e {
                 MigrationError::Cancelled => Status::Cancelled,
-                MigrationError::CommitUnknown(_) | MigrationError::PostcopyBroken(_) => Status::Unknown,
+                MigrationError::CommitUnknown(_) | MigrationError::PostcopyBroken(_) => {
+                    Status::Unknown
+                }
                 _ => Status::Failed,
             };
             m.fail(vm, &e);
@@ -590,7 +592,11 @@ impl Migration<'_> {
                     || d.throttle_pct > 0
                     || round >= HYBRID_ROUNDS_MAX)
             {
-                tracing::info!(round, pending = stats.pending_pages, "switching to post-copy");
+                tracing::info!(
+                    round,
+                    pending = stats.pending_pages,
+                    "switching to post-copy"
+                );
                 break Switch::Postcopy;
             }
             match d.action {
@@ -731,11 +737,7 @@ impl Migration<'_> {
             self.set_throttle(vm, 0)?;
         }
         let stale_pages = pending.count();
-        let totals = self
-            .pipeline
-            .as_ref()
-            .expect("pipeline running")
-            .totals();
+        let totals = self.pipeline.as_ref().expect("pipeline running").totals();
         // The stale bitmap covers memory pages only (no disk in post-copy).
         let words = self.mem.pages().div_ceil(64) as usize;
         let stale: Vec<u8> = pending.words_mut()[..words]
@@ -745,8 +747,14 @@ impl Migration<'_> {
         let phase = "sending the stale bitmap";
         let control = self.control.as_mut().expect("control stream open");
         self.control_seq += 1;
-        wire::send_frame(&mut **control, FrameKind::Stale, 0, self.control_seq, &stale)
-            .map_err(|source| MigrationError::Protocol { phase, source })?;
+        wire::send_frame(
+            &mut **control,
+            FrameKind::Stale,
+            0,
+            self.control_seq,
+            &stale,
+        )
+        .map_err(|source| MigrationError::Protocol { phase, source })?;
         self.metrics
             .wire_bytes
             .fetch_add(stale.len() as u64 + 24, Ordering::Relaxed);
@@ -778,19 +786,25 @@ impl Migration<'_> {
         })?;
         let new_epoch = epoch + 1;
         self.metrics.update(|s| s.epoch = new_epoch);
-        tracing::info!(epoch = new_epoch, stale_pages, "hand-off recorded; sending COMMIT (post-copy)");
+        tracing::info!(
+            epoch = new_epoch,
+            stale_pages,
+            "hand-off recorded; sending COMMIT (post-copy)"
+        );
         self.commit_sent = true;
         let committed = self
             .send_control(&ControlMsg::Commit { epoch: new_epoch })
             .map_err(|e| MigrationError::CommitUnknown(format!("sending COMMIT failed: {e}")))
-            .and_then(|()| match self.wait_control("waiting for COMMITTED", self.cfg.io_timeout) {
-                Ok(ControlMsg::Committed) => Ok(()),
-                Err(e @ MigrationError::PeerAborted(_)) => Err(e),
-                Ok(other) => Err(MigrationError::CommitUnknown(format!(
-                    "the target answered COMMIT with {other:?}"
-                ))),
-                Err(e) => Err(MigrationError::CommitUnknown(e.to_string())),
-            });
+            .and_then(
+                |()| match self.wait_control("waiting for COMMITTED", self.cfg.io_timeout) {
+                    Ok(ControlMsg::Committed) => Ok(()),
+                    Err(e @ MigrationError::PeerAborted(_)) => Err(e),
+                    Ok(other) => Err(MigrationError::CommitUnknown(format!(
+                        "the target answered COMMIT with {other:?}"
+                    ))),
+                    Err(e) => Err(MigrationError::CommitUnknown(e.to_string())),
+                },
+            );
         if let Err(e) = committed {
             server.stop();
             return Err(e);

@@ -837,23 +837,29 @@ impl Session<'_> {
         vm: &mut V,
         state: VmState,
     ) -> Result<(), MigrationError> {
-        let stale = self
-            .stale
-            .take()
-            .ok_or_else(|| protocol("switchover", "post-copy PREPARE without a stale bitmap".into()))?;
-        let priority = self
-            .priority
-            .take()
-            .ok_or_else(|| protocol("switchover", "post-copy PREPARE without a priority stream".into()))?;
+        let stale = self.stale.take().ok_or_else(|| {
+            protocol(
+                "switchover",
+                "post-copy PREPARE without a stale bitmap".into(),
+            )
+        })?;
+        let priority = self.priority.take().ok_or_else(|| {
+            protocol(
+                "switchover",
+                "post-copy PREPARE without a priority stream".into(),
+            )
+        })?;
         let uf = vm.restore_postcopy(&state)?;
         let pc = crate::postcopy::target::TargetPostcopy::new(
             uf,
             self.shared.mem.clone(),
             &stale,
-            priority.try_clone().map_err(|source| MigrationError::Transport {
-                phase: "post-copy",
-                source,
-            })?,
+            priority
+                .try_clone()
+                .map_err(|source| MigrationError::Transport {
+                    phase: "post-copy",
+                    source,
+                })?,
         )
         .map_err(|e| protocol("switchover", e))?;
         let pc = Arc::new(pc);
@@ -929,7 +935,9 @@ impl Session<'_> {
                 last_sweep = Instant::now();
                 match pc.request_unclaimed() {
                     Ok(0) => {}
-                    Ok(n) => tracing::info!(pages = n, "post-copy: requested pages nothing brought"),
+                    Ok(n) => {
+                        tracing::info!(pages = n, "post-copy: requested pages nothing brought")
+                    }
                     Err(e) => break Err(format!("priority stream: {e}")),
                 }
             }

@@ -37,10 +37,10 @@ use ferry_compress::{decode, decode_delta, Codec, PAGE_SIZE, PAYLOAD_BYTES_MAX};
 use ferry_transport::Conn;
 
 use crate::bitmap::AtomicBitmap;
-use crate::postcopy::target::TargetPostcopy;
 use crate::memory::{GuestMem, PageIndex};
 use crate::metrics::Metrics;
 use crate::numa::{touched_buffer, Placement, Stage};
+use crate::postcopy::target::TargetPostcopy;
 use crate::source::pipeline::{owner_stream, Failure};
 use crate::wire::crc::crc32c_guest;
 use crate::wire::{

@@ -130,7 +130,10 @@ fn control_messages_round_trip() {
     let old = br#"{"type":"prepare","streams":[],"state_len":0,"state_crc":0,"progress":0}"#;
     assert!(matches!(
         decode_control(old).unwrap(),
-        ControlMsg::Prepare { postcopy: false, .. }
+        ControlMsg::Prepare {
+            postcopy: false,
+            ..
+        }
     ));
     for m in ["precopy", "postcopy", "hybrid"] {
         assert_eq!(m.parse::<Mode>().unwrap().name(), m);
