@@ -75,6 +75,10 @@ pub struct MigrateRequest {
     /// (pre-copy rounds, then post-copy when they do not converge).
     #[serde(default)]
     pub mode: Option<String>,
+    /// Post-copy: how long to keep reconnecting after the connection to the
+    /// target broke, seconds, 1..=3600 (default 60).
+    #[serde(default)]
+    pub postcopy_grace_s: Option<u64>,
     /// Downtime a policy may spend to force convergence of a guest that
     /// dirties memory faster than the link carries it, ms (default 2000).
     #[serde(default)]

@@ -60,6 +60,8 @@ pub struct Daemon {
     pub shutdown: AtomicBool,
     /// Pre-faulted memory for incoming migrations (`--reserve-mib`).
     pub reserve: Option<Arc<ferry_engine::memory::Reserve>>,
+    /// Incoming post-copy migrations a reconnecting source may resume.
+    pub resumes: Arc<ferry_engine::target::Resumes>,
 }
 
 impl Daemon {
@@ -162,6 +164,7 @@ pub fn start(cfg: Config, transport: Arc<dyn Transport>) -> Result<Running, Daem
         shutdown: AtomicBool::new(false),
         reserve: (cfg.reserve_mib > 0)
             .then(|| ferry_engine::memory::Reserve::new(cfg.reserve_mib << 20)),
+        resumes: ferry_engine::target::Resumes::new(),
         cfg,
     });
     let server = Arc::new(server);

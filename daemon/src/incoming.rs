@@ -114,6 +114,11 @@ fn receive(d: &Arc<Daemon>, session: IncomingSession) {
         );
         return;
     }
+    // A session that resumes a post-copy whose connection broke goes to
+    // that migration; any other is a new migration.
+    let Some(session) = d.resumes.route(session) else {
+        return;
+    };
     let id = session.id().to_string();
     let name = session.vm_name().to_string();
     let peer = session.peer().to_string();
@@ -138,6 +143,7 @@ fn receive(d: &Arc<Daemon>, session: IncomingSession) {
                 cancel,
                 disk_dir: Some(d.cfg.disk_dir()),
                 placement: d.cfg.placement.clone(),
+                resumes: Some(d.resumes.clone()),
                 ..TargetConfig::default()
             },
             Arc::clone(&metrics),

@@ -182,6 +182,14 @@ pub fn source_config(req: &MigrateRequest) -> Result<SourceConfig, ApiError> {
     if let Some(m) = &req.mode {
         cfg.mode = m.parse().map_err(|e| bad(format!("\"mode\": {e}")))?;
     }
+    if let Some(g) = req.postcopy_grace_s {
+        if !(1..=3600).contains(&g) {
+            return Err(bad(format!(
+                "\"postcopy_grace_s\" must be 1 to 3600, got {g}"
+            )));
+        }
+        cfg.postcopy_grace = Duration::from_secs(g);
+    }
     if let Some(ms) = req.downtime_max_ms {
         if !(1..=DOWNTIME_MS_MAX).contains(&ms) {
             return Err(bad(format!(

@@ -162,6 +162,31 @@ impl NftTable {
         }
         Ok(NftTable(name))
     }
+
+    /// Answers every packet to `addr` with a TCP reset: established
+    /// connections break at once, new ones are refused.
+    fn reset_to(addr: &str, dir: &Path) -> Result<Self, String> {
+        let (ip, port) = addr.rsplit_once(':').ok_or("no port")?;
+        let name = format!("ferry_faults_{}", ferry_daemon::util::random_hex(6));
+        let rules = format!(
+            "table inet {name} {{\n chain input {{\n  type filter hook input priority -100; policy accept;\n  \
+             ip daddr {ip} tcp dport {port} reject with tcp reset\n }}\n}}\n"
+        );
+        let file = dir.join(format!("{name}.nft"));
+        std::fs::write(&file, rules).map_err(|e| e.to_string())?;
+        let o = Command::new("nft")
+            .arg("-f")
+            .arg(&file)
+            .output()
+            .map_err(|e| format!("cannot run nft: {e}"))?;
+        if !o.status.success() {
+            return Err(format!(
+                "nft -f failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+        }
+        Ok(NftTable(name))
+    }
 }
 
 impl Drop for NftTable {
@@ -506,10 +531,11 @@ fn target_ferryd_killed_during_precopy() {
 }
 
 /// kill -9 of the target ferryd during post-copy. After COMMIT the VM
-/// belongs to the target, so the source must never run it again: it ends
-/// `unknown` ("post-copy broke off"), its guest paused and never resumed,
-/// its VMM (and memory) kept. The target VMM keeps its guest too, waiting
-/// for pages: recovery is not built yet (docs/operations.md).
+/// belongs to the target, so the source must never run it again: once its
+/// reconnect attempts run out it ends `unknown` ("post-copy broke off"), its
+/// guest paused and never resumed, its VMM (and memory) kept. The target VMM
+/// keeps its guest too, waiting for pages: a restarted target ferryd cannot
+/// take it back yet (docs/operations.md).
 #[test]
 fn target_ferryd_killed_during_postcopy_never_resumes_the_source() {
     let Some(vmm) = probe() else { return };
@@ -521,8 +547,16 @@ fn target_ferryd_killed_during_postcopy_never_resumes_the_source() {
             ..Setup::default()
         },
     );
-    // A capped push keeps post-copy going for seconds.
-    let id = w.migrate(&["--mode", "postcopy", "--bandwidth-mib-s", "16"]);
+    // A capped push keeps post-copy going for seconds; the source tries to
+    // reconnect for 2 s, then gives up.
+    let id = w.migrate(&[
+        "--mode",
+        "postcopy",
+        "--bandwidth-mib-s",
+        "16",
+        "--postcopy-grace-s",
+        "2",
+    ]);
     let s = w.wait_source(&id, "post-copy", |s| s.status == Status::Postcopy);
     assert_eq!(s.epoch, 1, "the hand-off was recorded before COMMIT");
     let spawned = w.target_vmms();
@@ -762,6 +796,64 @@ fn cut_link_fails_within_the_io_timeout() {
         "the source noticed the dead link after {took:?}, io timeout {io_timeout:?}"
     );
     w.done("cut_link_fails_within_the_io_timeout");
+}
+
+/// Every connection of a post-copy reset by the network for 1.5 s (nft
+/// `reject with tcp reset`, and new connections refused meanwhile): the
+/// guest keeps running on the target, the source reconnects once the rule
+/// is gone, the target says which pages it still lacks, and the migration
+/// completes with every page stamp good.
+#[test]
+fn postcopy_resumes_after_the_network_resets_its_connections() {
+    let Some(vmm) = probe() else { return };
+    if let Err(e) = std::net::TcpListener::bind("127.0.0.2:0") {
+        eprintln!("SKIP: cannot bind 127.0.0.2: {e}");
+        return;
+    }
+    let probe_dir = TempDir::new("faults-nft");
+    match NftTable::reset_to("127.0.0.2:9", probe_dir.path()) {
+        Ok(t) => drop(t),
+        Err(e) => {
+            eprintln!("SKIP: nftables unusable here: {e}");
+            return;
+        }
+    }
+    let w = World::start(
+        &vmm,
+        Setup {
+            mem_mib: 128,
+            workload: ENDLESS_WORKLOAD,
+            target_listen: Some("127.0.0.2:0".into()),
+            ..Setup::default()
+        },
+    );
+    let id = w.migrate(&["--mode", "postcopy", "--bandwidth-mib-s", "16"]);
+    w.wait_source(&id, "post-copy", |s| s.status == Status::Postcopy);
+    let rule = NftTable::reset_to(w.dst.listen(), w.dir.path()).expect("nft rule");
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(rule);
+    let s = w.wait_source(&id, "completed", |s| s.status.is_final());
+    assert_eq!(s.status, Status::Completed, "{s:?}");
+    let pc = s.postcopy.clone().expect("post-copy figures");
+    assert!(pc.reconnects >= 1, "{pc:?}");
+    let verify = s.verify.clone().expect("the target VMM's check");
+    assert!(
+        verify.checked && verify.pages_checked > 0 && verify.pages_bad == 0,
+        "{verify:?}"
+    );
+    // The guest runs on the target and only there.
+    let on_target = wait_for(
+        common::DEADLINE,
+        || vm(&w.dst, VM).filter(|v| v.state == VmState::Running),
+        || format!("not running on the target:\n{}", w.dst.log_text()),
+    );
+    assert_eq!(on_target.epoch, 1);
+    assert!(
+        !w.source_pauses().iter().any(|e| e == "resumed"),
+        "the source resumed: {:?}",
+        w.source_pauses()
+    );
+    w.done("postcopy_resumes_after_the_network_resets_its_connections");
 }
 
 // ------------------------------------------------------- hostile connections

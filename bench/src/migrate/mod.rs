@@ -316,6 +316,7 @@ fn run_on(tb: &mut Testbed, args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResu
         time_max_s: args.time_max_s,
         policy: args.policy.map(|p| p.name().to_string()),
         mode: Some(args.mode.name().into()),
+        postcopy_grace_s: None,
         downtime_max_ms: args.downtime_max_ms,
         xor_cache_mib: args.xor_cache_mib,
         disk_fs_aware: args.disk_fs_aware,

@@ -124,6 +124,10 @@ pub struct MigrateArgs {
     /// then post-copy when they do not converge) [default: precopy].
     #[arg(long, value_name = "MODE")]
     pub mode: Option<String>,
+    /// Post-copy: keep reconnecting for S seconds after the connection to
+    /// the target broke (1-3600) [default: 60].
+    #[arg(long, value_name = "S")]
+    pub postcopy_grace_s: Option<u64>,
     /// Downtime mp / adaptive may spend to force convergence of a guest that
     /// dirties memory faster than the link carries it, ms [default: 2000].
     #[arg(long, value_name = "MS")]
@@ -278,6 +282,7 @@ fn migrate(client: &Client, a: &MigrateArgs) -> Result<u8, Fail> {
         time_max_s: a.time_max_s,
         policy: a.policy.clone(),
         mode: a.mode.clone(),
+        postcopy_grace_s: a.postcopy_grace_s,
         downtime_max_ms: a.downtime_max_ms,
         xor_cache_mib: a.xor_cache_mib,
         disk_fs_aware: a.disk_fs_aware,

@@ -23,7 +23,7 @@
 //! `UFFDIO_COPY`, and the receive paths stay the pre-copy ones (raw pages
 //! land straight in guest memory).
 //!
-//! Every page moves at most once after the switch: [`PageStates`] gives each
+//! Every page moves at most once after the switch: the page states give each
 //! page to the first receiver that claims it (priority or background); any
 //! later copy of it is read off the wire and dropped. A page the guest has
 //! been given is never written by ferryd again, so no late copy can
@@ -153,6 +153,40 @@ impl PageStates {
         self.requested[w].fetch_or(b, Ordering::AcqRel) & b == 0
     }
 
+    /// After a connection broke: pages claimed but not written (their copy
+    /// was cut off) and requests in flight are forgotten, so that the next
+    /// connection fetches them again. Call with every receiver stopped.
+    pub(crate) fn forget_unfinished(&self) {
+        for ((c, r), p) in self.claimed.iter().zip(&self.requested).zip(&self.present) {
+            let have = p.load(Ordering::SeqCst);
+            c.fetch_and(have, Ordering::AcqRel);
+            r.fetch_and(have, Ordering::AcqRel);
+        }
+    }
+
+    /// The pages not present, as u64 words (bits past the last page clear).
+    pub(crate) fn missing_words(&self) -> Vec<u64> {
+        let words = self.present.len();
+        self.present
+            .iter()
+            .enumerate()
+            .map(|(w, p)| {
+                let valid = if w + 1 == words && !self.pages.is_multiple_of(64) {
+                    (1u64 << (self.pages % 64)) - 1
+                } else {
+                    !0
+                };
+                !p.load(Ordering::SeqCst) & valid
+            })
+            .collect()
+    }
+
+    /// Forgets that `page` was requested (the request could not be sent).
+    pub(crate) fn unmark_requested(&self, page: u64) {
+        let (w, b) = bit(page);
+        self.requested[w].fetch_and(!b, Ordering::AcqRel);
+    }
+
     pub(crate) fn present_count(&self) -> u64 {
         self.present_count.load(Ordering::Acquire)
     }
@@ -280,6 +314,9 @@ pub struct PostcopyStats {
     pub duration_ms: u64,
     /// The pre-copy round after which the migration switched (0: none ran).
     pub switch_after_round: u32,
+    /// Times the connection broke and post-copy resumed on a new one.
+    #[serde(default)]
+    pub reconnects: u32,
 }
 
 #[cfg(test)]

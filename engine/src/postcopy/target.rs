@@ -42,10 +42,14 @@ pub(crate) struct TargetPostcopy {
     duplicates: AtomicU64,
     requested: AtomicU64,
     stale: u64,
-    /// The priority stream's sending half (requests) and its seq.
-    requests: Mutex<(Box<dyn Conn>, u64)>,
+    /// The priority stream's sending half (requests) and its seq; `None`
+    /// while the connection to the source is down.
+    requests: Mutex<Option<(Box<dyn Conn>, u64)>>,
     stop: AtomicBool,
+    /// Failures that end post-copy here (the VMM is gone).
     pub(crate) failure: Failure,
+    /// The connection to the source broke (a new one may resume).
+    link_error: Mutex<Option<String>>,
     /// Set when the guest started running here.
     running_since: Mutex<Option<Instant>>,
 }
@@ -98,9 +102,10 @@ impl TargetPostcopy {
             duplicates: AtomicU64::new(0),
             requested: AtomicU64::new(0),
             stale: stale_pages,
-            requests: Mutex::new((priority, 0)),
+            requests: Mutex::new(Some((priority, 0))),
             stop: AtomicBool::new(false),
             failure: Failure::default(),
+            link_error: Mutex::new(None),
             running_since: Mutex::new(None),
         })
     }
@@ -238,8 +243,8 @@ impl TargetPostcopy {
     pub(crate) fn reject(&self, page: u64, why: &str) {
         tracing::warn!("post-copy: page {page} rejected ({why}); requesting it again");
         self.states.release(page);
-        if self.waiting_for(page) {
-            let _ = self.request(&[page]);
+        if self.waiting_for(page) && self.states.mark_requested(page) {
+            self.request(&[page]);
         }
     }
 
@@ -250,23 +255,78 @@ impl TargetPostcopy {
             .contains_key(&page)
     }
 
-    /// Sends requests for `pages` (ascending) on the priority stream.
-    fn request(&self, pages: &[u64]) -> Result<(), WireError> {
-        let mut c = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        for chunk in pages.chunks(wire::PAGES_PER_FRAME_MAX) {
-            let payload: Vec<u8> = chunk.iter().flat_map(|p| p.to_le_bytes()).collect();
-            c.1 += 1;
-            let seq = c.1;
-            wire::send_frame(&mut *c.0, FrameKind::Request, 0, seq, &payload)?;
-            self.requested
-                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+    /// Sends requests for `pages` (ascending) on the priority stream. While
+    /// the connection is down they are forgotten (not failed): the pages
+    /// are requested again once a new connection is up.
+    fn request(&self, pages: &[u64]) {
+        if pages.is_empty() {
+            return;
         }
-        Ok(())
+        let mut c = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sent = 0;
+        if let Some((conn, seq)) = c.as_mut() {
+            for chunk in pages.chunks(wire::PAGES_PER_FRAME_MAX) {
+                let payload: Vec<u8> = chunk.iter().flat_map(|p| p.to_le_bytes()).collect();
+                *seq += 1;
+                if let Err(e) = wire::send_frame(&mut **conn, FrameKind::Request, 0, *seq, &payload)
+                {
+                    self.link_broke(format!("sending page requests: {e}"));
+                    *c = None;
+                    break;
+                }
+                sent += chunk.len();
+                self.requested
+                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+        }
+        for &p in &pages[sent..] {
+            self.states.unmark_requested(p);
+        }
+    }
+
+    fn link_broke(&self, why: String) {
+        let mut l = self.link_error.lock().unwrap_or_else(|p| p.into_inner());
+        if l.is_none() {
+            tracing::warn!("post-copy: the connection to the source broke: {why}");
+            *l = Some(why);
+        }
+    }
+
+    /// Why the connection to the source broke, if it did.
+    pub(crate) fn link_error(&self) -> Option<String> {
+        self.link_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The connection is down: requests wait for the next one; pages cut
+    /// off on the way are forgotten. Call with every receiver stopped.
+    pub(crate) fn disconnected(&self) {
+        *self.requests.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.states.forget_unfinished();
+    }
+
+    /// A new connection is up: requests go on `priority`, and every page a
+    /// guest waits for is requested again.
+    pub(crate) fn reconnected(&self, priority: Box<dyn Conn>) {
+        *self.requests.lock().unwrap_or_else(|p| p.into_inner()) = Some((priority, 0));
+        *self.link_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let mut waiting: Vec<u64> = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .filter(|&p| !self.states.is_present(p) && self.states.mark_requested(p))
+            .collect();
+        waiting.sort_unstable();
+        self.request(&waiting);
     }
 
     /// Requests every page nothing is on its way for (after the source
     /// pushed everything: pages rejected on the way, for example).
-    pub(crate) fn request_unclaimed(&self) -> Result<u64, WireError> {
+    pub(crate) fn request_unclaimed(&self) -> u64 {
         let mut want = Vec::new();
         for (first, n) in self.states.unclaimed() {
             for p in first..first + n {
@@ -275,8 +335,8 @@ impl TargetPostcopy {
                 }
             }
         }
-        self.request(&want)?;
-        Ok(want.len() as u64)
+        self.request(&want);
+        want.len() as u64
     }
 
     /// One guest fault at `addr`.
@@ -345,16 +405,17 @@ impl TargetPostcopy {
                 }
             }
             batch.sort_unstable();
-            if let Err(e) = self.request(&batch) {
-                self.failure
-                    .fail(format!("sending page requests on the priority stream: {e}"));
-                return;
-            }
+            self.request(&batch);
         }
     }
 
     /// The priority receiver: demand pages from the source.
-    fn priority_loop(&self, mut conn: Box<dyn Conn>, stream: u16) -> Result<(), WireError> {
+    fn priority_loop(
+        &self,
+        mut conn: Box<dyn Conn>,
+        stream: u16,
+        stop: &AtomicBool,
+    ) -> Result<(), WireError> {
         let mut seq = 0u64;
         let mut table = Vec::new();
         let mut entries: Vec<PageEntry> = Vec::new();
@@ -364,7 +425,9 @@ impl TargetPostcopy {
             let mut hb = [0u8; HEADER_BYTES];
             match conn.recv_exact(&mut hb) {
                 Ok(()) => {}
-                Err(_) if self.stop.load(Ordering::Acquire) => return Ok(()),
+                Err(_) if stop.load(Ordering::Acquire) || self.stop.load(Ordering::Acquire) => {
+                    return Ok(())
+                }
                 Err(e) => return Err(e.into()),
             }
             let h = FrameHeader::decode(&hb)?;
@@ -527,12 +590,17 @@ fn set_nonblocking(fd: i32) -> std::io::Result<()> {
 }
 
 /// The threads of the target's post-copy: fault reader, priority receiver,
-/// and the mapper of present pages.
+/// and the mapper of present pages. The priority receiver is restarted on
+/// each new connection; the others live as long as post-copy.
 pub(crate) struct Threads {
     pc: Arc<TargetPostcopy>,
     threads: Vec<JoinHandle<()>>,
-    priority: Box<dyn Conn>,
+    priority: Option<PriorityThread>,
 }
+
+/// The priority receiver: its thread, a handle on its stream (to shut it
+/// down), and its stop flag.
+type PriorityThread = (JoinHandle<()>, Box<dyn Conn>, Arc<AtomicBool>);
 
 impl Threads {
     /// Starts them. `priority` is the priority stream (index `stream`).
@@ -541,7 +609,6 @@ impl Threads {
         priority: Box<dyn Conn>,
         stream: u16,
     ) -> Result<Self, ferry_transport::TransportError> {
-        let keep = priority.try_clone()?;
         let mut threads = Vec::new();
         let p = pc.clone();
         threads.push(
@@ -556,29 +623,50 @@ impl Threads {
         let p = pc.clone();
         threads.push(
             std::thread::Builder::new()
-                .name("ferry-pc-demand".into())
-                .spawn(move || {
-                    super::raise_priority();
-                    if let Err(e) = p.priority_loop(priority, stream) {
-                        if !p.stop.load(Ordering::Acquire) {
-                            p.failure.fail(format!("priority stream: {e}"));
-                        }
-                    }
-                })
-                .expect("spawning a thread"),
-        );
-        let p = pc.clone();
-        threads.push(
-            std::thread::Builder::new()
                 .name("ferry-pc-map".into())
                 .spawn(move || p.map_present())
                 .expect("spawning a thread"),
         );
-        Ok(Threads {
+        let mut t = Threads {
             pc,
             threads,
-            priority: keep,
-        })
+            priority: None,
+        };
+        t.start_priority(priority, stream)?;
+        Ok(t)
+    }
+
+    /// Starts the priority receiver on `conn`.
+    pub(crate) fn start_priority(
+        &mut self,
+        conn: Box<dyn Conn>,
+        stream: u16,
+    ) -> Result<(), ferry_transport::TransportError> {
+        let keep = conn.try_clone()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, st) = (self.pc.clone(), stop.clone());
+        let t = std::thread::Builder::new()
+            .name("ferry-pc-demand".into())
+            .spawn(move || {
+                super::raise_priority();
+                if let Err(e) = p.priority_loop(conn, stream, &st) {
+                    if !st.load(Ordering::Acquire) {
+                        p.link_broke(format!("priority stream: {e}"));
+                    }
+                }
+            })
+            .expect("spawning a thread");
+        self.priority = Some((t, keep, stop));
+        Ok(())
+    }
+
+    /// Stops the priority receiver (its stream is shut down).
+    pub(crate) fn stop_priority(&mut self) {
+        if let Some((t, conn, stop)) = self.priority.take() {
+            stop.store(true, Ordering::Release);
+            conn.shutdown();
+            let _ = t.join();
+        }
     }
 
     /// The shared state.
@@ -586,10 +674,10 @@ impl Threads {
         &self.pc
     }
 
-    /// Stops them (the priority stream is shut down).
+    /// Stops them all.
     pub(crate) fn stop(mut self) {
         self.pc.stop.store(true, Ordering::Release);
-        self.priority.shutdown();
+        self.stop_priority();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }

@@ -62,6 +62,10 @@ pub struct SourceConfig {
     pub placement: crate::numa::PlacementPolicy,
     /// Pre-copy, post-copy, or pre-copy rounds then post-copy.
     pub mode: Mode,
+    /// How long a post-copy whose connection broke keeps reconnecting
+    /// before it gives up (the VM stays on the target, the source keeps it
+    /// paused).
+    pub postcopy_grace: Duration,
 }
 
 /// A disk that moves with the VM: a raw image the VMM keeps writing while
@@ -101,6 +105,7 @@ impl Default for SourceConfig {
             disk: None,
             placement: crate::numa::PlacementPolicy::Auto,
             mode: Mode::Precopy,
+            postcopy_grace: Duration::from_secs(60),
         }
     }
 }
@@ -257,6 +262,8 @@ pub fn migrate_out(
 /// What the control reader thread forwards.
 enum Event {
     Control(ControlMsg),
+    /// A resumed post-copy: the pages the target still lacks (u64 words).
+    Stale(Vec<u8>),
     /// The target said ABORT: it holds no running VM.
     Aborted(String),
     /// The control stream failed.
@@ -291,6 +298,35 @@ struct Migration<'a> {
     /// The priority stream (post-copy's demand pages), when the mode may
     /// switch to post-copy.
     priority: Option<Box<dyn Conn>>,
+}
+
+impl Event {
+    fn name(&self) -> &'static str {
+        match self {
+            Event::Control(_) => "a control message",
+            Event::Stale(_) => "a stale bitmap",
+            Event::Aborted(_) => "ABORT",
+            Event::Failed(_) => "a failure",
+        }
+    }
+}
+
+/// How post-copy over one connection ended, short of completing.
+enum PushEnd {
+    /// The connection broke; a new one may resume.
+    Broke(String),
+    /// Nothing can go on.
+    Fatal(String),
+}
+
+/// What reconnecting needs.
+struct Reconnect<'a> {
+    transport: &'a dyn Transport,
+    to: &'a str,
+    key: &'a Key,
+    vm: &'a str,
+    /// The id of the session being resumed.
+    session: [u8; 16],
 }
 
 /// How pre-copy ends.
@@ -624,7 +660,16 @@ impl Migration<'_> {
 
         let expected_ms = match switch {
             Switch::StopAndCopy(ms) => ms,
-            Switch::Postcopy => return self.postcopy(vm, &mut pending, &mut dirty, round, epoch),
+            Switch::Postcopy => {
+                let r = Reconnect {
+                    transport,
+                    to,
+                    key,
+                    vm: &spec.name,
+                    session,
+                };
+                return self.postcopy(vm, &mut pending, &mut dirty, round, epoch, &r);
+            }
         };
         // Switchover: pause, final round, state, PREPARE.
         self.check_cancel()?;
@@ -723,6 +768,7 @@ impl Migration<'_> {
         dirty: &mut DirtyBitmap,
         mut round: u32,
         epoch: u64,
+        reconnect: &Reconnect<'_>,
     ) -> Result<Outcome, MigrationError> {
         self.check_cancel()?;
         let switch_after = round;
@@ -828,79 +874,56 @@ impl Migration<'_> {
             }
         }
         let broken = MigrationError::PostcopyBroken;
-        let demand = server.demand().clone();
-        let result = (|| {
-            // The background push: every stale page once, from the latest
-            // fault on, as a last round (the guest is paused here).
+        let mut server = server;
+        let mut todo = pending.clone();
+        let mut resend = switch_after > 0;
+        let (mut served, mut background) = (0u64, 0u64);
+        let result = loop {
             round += 1;
-            let pipeline = self.pipeline.as_mut().expect("pipeline running");
-            // Pages sent in a pre-copy round go as XOR deltas against the
-            // copy the target holds; after a pure post-copy switch none was.
-            pipeline.set_resend(switch_after > 0, true);
-            let mut order = crate::postcopy::source::PushOrder::new(pending.clone());
-            while let Some((back, runs)) = order.next(&demand) {
-                if demand.failure.is_set() {
-                    return Err(broken(demand.failure.message().unwrap_or_default()));
-                }
-                if back {
-                    pipeline
-                        .flush_all()
-                        .map_err(|e| broken(format!("background push: {e}")))?;
-                }
-                for (first, count) in runs {
-                    pipeline
-                        .send_run(&self.mem, first, count)
-                        .map_err(|e| broken(format!("background push: {e}")))?;
-                }
-            }
-            pipeline
-                .end_round(round, self.cfg.io_timeout * 6)
-                .map_err(|e| broken(format!("background push: {e}")))?;
-            let pushed_ms = running_at.elapsed().as_millis() as u64;
-            tracing::info!(round, pushed_ms, "post-copy: every stale page pushed");
-            self.send_control(&ControlMsg::PushDone { round })
-                .map_err(|e| broken(format!("sending PUSH_DONE: {e}")))?;
-            // The target says when it holds every page; it may still be
-            // requesting the last ones. Silence for long means it is gone.
-            let mut last = (0, 0);
-            let mut quiet_since = Instant::now();
-            loop {
-                match self.wait_control("waiting for POSTCOPY_DONE", Duration::from_secs(1)) {
-                    Ok(ControlMsg::PostcopyDone { verify }) => return Ok(verify),
-                    Ok(other) => {
-                        return Err(broken(format!("unexpected {other:?} during post-copy")))
+            let demand = server.demand().clone();
+            let r = self.postcopy_push(&demand, todo.clone(), round, resend, running_at);
+            served += demand.pages.load(Ordering::Relaxed);
+            server.stop();
+            match r {
+                Ok(verify) => break Ok(verify),
+                Err(PushEnd::Fatal(e)) => break Err(broken(e)),
+                Err(PushEnd::Broke(e)) => {
+                    // The connection broke: the guest on the target waits
+                    // for the pages it touches. Reconnect and go on with
+                    // what the target still lacks.
+                    tracing::warn!("post-copy: {e}; reconnecting");
+                    if let Some(p) = self.pipeline.take() {
+                        background += p.totals().iter().map(|t| t.pages).sum::<u64>();
+                        p.stop(true);
                     }
-                    Err(MigrationError::Transport { .. }) if !demand.failure.is_set() => {
-                        let now = (
-                            demand.pages.load(Ordering::Relaxed),
-                            self.acked.iter().map(|a| a.load(Ordering::Relaxed)).sum(),
-                        );
-                        if now != last {
-                            last = now;
-                            quiet_since = Instant::now();
-                        } else if quiet_since.elapsed() > self.cfg.io_timeout {
-                            return Err(broken(format!(
-                                "the target sent nothing for {:?}",
-                                self.cfg.io_timeout
-                            )));
+                    if let Some(c) = self.control.take() {
+                        c.shutdown();
+                    }
+                    self.events = None;
+                    match self.resume_postcopy(reconnect, pending, &wire_bytes) {
+                        Ok((missing, s)) => {
+                            todo = missing;
+                            server = s;
+                            self.metrics.update(|s| {
+                                if let Some(p) = s.postcopy.as_mut() {
+                                    p.reconnects += 1;
+                                }
+                            });
+                            // A new pipeline's delta caches are empty.
+                            resend = false;
                         }
-                    }
-                    Err(e) => {
-                        let e = demand.failure.message().unwrap_or_else(|| e.to_string());
-                        return Err(broken(e));
+                        Err(e2) => break Err(broken(format!("{e}; {e2}"))),
                     }
                 }
             }
-        })();
-        let served = demand.pages.load(Ordering::Relaxed);
-        server.stop();
+        };
         self.metrics
             .wire_bytes
             .fetch_add(wire_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
         let verify = result?;
         let duration_ms = running_at.elapsed().as_millis() as u64;
         let totals = self.finish_pipeline();
-        let background: u64 = totals.iter().map(|t| t.pages).sum();
+        let background = background + totals.iter().map(|t| t.pages).sum::<u64>();
         self.paused = false;
         self.metrics.update(|s| {
             s.iterations = round;
@@ -924,6 +947,249 @@ impl Migration<'_> {
             c.shutdown();
         }
         Ok(Outcome { epoch: new_epoch })
+    }
+
+    /// One connection's share of post-copy: push `todo` in the background
+    /// (from the latest fault on) while the demand server answers faults,
+    /// then wait until the target holds every page.
+    fn postcopy_push(
+        &mut self,
+        demand: &crate::postcopy::source::Demand,
+        todo: DirtyBitmap,
+        round: u32,
+        resend: bool,
+        running_at: Instant,
+    ) -> Result<crate::link::VerifyReport, PushEnd> {
+        let broke = |what: &str, e: String| PushEnd::Broke(format!("{what}: {e}"));
+        let pipeline = self.pipeline.as_mut().expect("pipeline running");
+        // Pages sent in a pre-copy round go as XOR deltas against the copy
+        // the target holds; after a pure post-copy switch none was.
+        pipeline.set_resend(resend, true);
+        let mut order = crate::postcopy::source::PushOrder::new(todo);
+        while let Some((back, runs)) = order.next(demand) {
+            if let Some(e) = demand.failure.message() {
+                return Err(broke("priority stream", e));
+            }
+            if back {
+                pipeline
+                    .flush_all()
+                    .map_err(|e| broke("background push", e))?;
+            }
+            for (first, count) in runs {
+                pipeline
+                    .send_run(&self.mem, first, count)
+                    .map_err(|e| broke("background push", e))?;
+            }
+        }
+        pipeline
+            .end_round(round, self.cfg.io_timeout * 6)
+            .map_err(|e| broke("background push", e))?;
+        let pushed_ms = running_at.elapsed().as_millis() as u64;
+        tracing::info!(round, pushed_ms, "post-copy: every stale page pushed");
+        self.send_control(&ControlMsg::PushDone { round })
+            .map_err(|e| broke("sending PUSH_DONE", e.to_string()))?;
+        // The target says when it holds every page; it may still be
+        // requesting the last ones. Silence for long means it is gone.
+        let events = self.events.as_ref().expect("control reader running");
+        let mut last = (0, 0);
+        let mut quiet_since = Instant::now();
+        loop {
+            match events.recv_timeout(Duration::from_secs(1)) {
+                Ok(Event::Control(ControlMsg::PostcopyDone { verify })) => return Ok(verify),
+                Ok(Event::Control(other)) => {
+                    return Err(PushEnd::Fatal(format!(
+                        "unexpected {other:?} during post-copy"
+                    )))
+                }
+                Ok(Event::Stale(_)) => {
+                    return Err(PushEnd::Fatal(
+                        "unexpected stale bitmap during post-copy".into(),
+                    ))
+                }
+                Ok(Event::Aborted(r)) => {
+                    return Err(PushEnd::Fatal(format!("the target aborted post-copy: {r}")))
+                }
+                Ok(Event::Failed(e)) => return Err(broke("control stream", e)),
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    return Err(broke("control stream", "closed".into()))
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            }
+            if let Some(e) = demand.failure.message() {
+                return Err(broke("priority stream", e));
+            }
+            let now = (
+                demand.pages.load(Ordering::Relaxed),
+                self.acked.iter().map(|a| a.load(Ordering::Relaxed)).sum(),
+            );
+            if now != last {
+                last = now;
+                quiet_since = Instant::now();
+            } else if quiet_since.elapsed() > self.cfg.io_timeout {
+                return Err(PushEnd::Broke(format!(
+                    "the target sent nothing for {:?}",
+                    self.cfg.io_timeout
+                )));
+            }
+        }
+    }
+
+    /// Reconnects a post-copy whose connection broke, with backoff, for up
+    /// to `postcopy_grace`: a new session that RESUMEs this one. Returns
+    /// the pages the target still lacks and the new demand server.
+    fn resume_postcopy(
+        &mut self,
+        r: &Reconnect<'_>,
+        stale: &DirtyBitmap,
+        wire_bytes: &Arc<AtomicU64>,
+    ) -> Result<(DirtyBitmap, crate::postcopy::source::DemandServer), String> {
+        let deadline = Instant::now() + self.cfg.postcopy_grace;
+        let mut delay = Duration::from_millis(100);
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match self.try_resume(r, stale, wire_bytes) {
+                Ok(x) => {
+                    tracing::info!(attempt, "post-copy resumed");
+                    return Ok(x);
+                }
+                Err(PushEnd::Fatal(e)) => return Err(e),
+                Err(PushEnd::Broke(e)) => {
+                    if let Some(p) = self.pipeline.take() {
+                        p.stop(true);
+                    }
+                    if let Some(c) = self.control.take() {
+                        c.shutdown();
+                    }
+                    self.events = None;
+                    if Instant::now() + delay > deadline {
+                        return Err(format!(
+                            "could not reconnect within {:?} ({attempt} attempts; last: {e})",
+                            self.cfg.postcopy_grace
+                        ));
+                    }
+                    tracing::info!(
+                        attempt,
+                        "post-copy: reconnecting failed ({e}); again in {delay:?}"
+                    );
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    fn try_resume(
+        &mut self,
+        r: &Reconnect<'_>,
+        stale: &DirtyBitmap,
+        wire_bytes: &Arc<AtomicU64>,
+    ) -> Result<(DirtyBitmap, crate::postcopy::source::DemandServer), PushEnd> {
+        let broke = |e: MigrationError| PushEnd::Broke(e.to_string());
+        let session = crate::key::random_bytes();
+        let mut control = self
+            .connect(r.transport, r.to, r.key, &session, 0, r.vm)
+            .map_err(broke)?;
+        let mut data = Vec::with_capacity(self.streams as usize);
+        for i in 1..=self.streams {
+            data.push(
+                self.connect(r.transport, r.to, r.key, &session, i, r.vm)
+                    .map_err(broke)?,
+            );
+        }
+        let priority = self
+            .connect(r.transport, r.to, r.key, &session, self.streams + 1, r.vm)
+            .map_err(broke)?;
+        let hex: String = r.session.iter().map(|b| format!("{b:02x}")).collect();
+        self.control_seq = 1;
+        wire::send_frame(
+            &mut *control,
+            FrameKind::Control,
+            0,
+            1,
+            &wire::encode_control(&ControlMsg::Resume { session: hex }),
+        )
+        .map_err(|e| PushEnd::Broke(e.to_string()))?;
+        let mut reader = control
+            .try_clone()
+            .map_err(|e| PushEnd::Broke(e.to_string()))?;
+        reader
+            .set_timeout(None)
+            .map_err(|e| PushEnd::Broke(e.to_string()))?;
+        self.control = Some(control);
+        let acked: Arc<Vec<AtomicU64>> =
+            Arc::new((0..self.streams).map(|_| AtomicU64::new(0)).collect());
+        self.acked = acked.clone();
+        self.events = Some(spawn_control_reader(
+            ControlReader {
+                conn: reader,
+                seq: 0,
+            },
+            acked,
+        ));
+        match self.wait_control("resuming post-copy", self.cfg.io_timeout) {
+            Ok(ControlMsg::Resumed) => {}
+            Ok(other) => {
+                return Err(PushEnd::Fatal(format!(
+                    "the target answered RESUME with {other:?}"
+                )))
+            }
+            Err(MigrationError::PeerAborted(reason)) => {
+                return Err(PushEnd::Fatal(format!(
+                    "the target refused to resume: {reason}"
+                )))
+            }
+            Err(e) => return Err(broke(e)),
+        }
+        let events = self.events.as_ref().expect("reader running");
+        let words = match events.recv_timeout(self.cfg.io_timeout) {
+            Ok(Event::Stale(w)) => w,
+            Ok(Event::Failed(e)) => return Err(PushEnd::Broke(e)),
+            Ok(other) => {
+                return Err(PushEnd::Fatal(format!(
+                    "expected the target's missing pages, got {}",
+                    other.name()
+                )))
+            }
+            Err(_) => return Err(PushEnd::Broke("no missing-page bitmap".into())),
+        };
+        let pages = self.mem.pages();
+        if words.len() != pages.div_ceil(64) as usize * 8 {
+            return Err(PushEnd::Fatal(format!(
+                "the target's missing-page bitmap has {} bytes",
+                words.len()
+            )));
+        }
+        let mut missing = DirtyBitmap::new(stale.pages());
+        for (w, c) in missing.words_mut().iter_mut().zip(words.chunks_exact(8)) {
+            *w = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+        }
+        // Only pages that were stale can be missing.
+        missing.and_with(stale);
+        tracing::info!(
+            missing = missing.count(),
+            "post-copy: the target still lacks these"
+        );
+        self.pipeline = Some(
+            Pipeline::start(
+                self.mem.clone(),
+                data,
+                self.metrics.clone(),
+                self.cfg.bandwidth_mib_s.map(|b| Arc::new(Throttle::new(b))),
+                0,
+                None,
+                &self.cfg.placement,
+            )
+            .map_err(|e| PushEnd::Broke(e.to_string()))?,
+        );
+        let server = crate::postcopy::source::DemandServer::start(
+            self.mem.clone(),
+            priority,
+            self.streams + 1,
+            wire_bytes.clone(),
+        )
+        .map_err(|e| PushEnd::Broke(e.to_string()))?;
+        Ok((missing, server))
     }
 
     fn connect(
@@ -983,6 +1249,7 @@ impl Migration<'_> {
             Some(Event::Failed(e)) => Err(control_broken("pre-copy", e)),
             Some(Event::Aborted(e)) => Err(MigrationError::PeerAborted(e)),
             Some(Event::Control(m)) => Err(unexpected("pre-copy", Incoming::Control(m))),
+            Some(Event::Stale(w)) => Err(unexpected("pre-copy", Incoming::Stale(Words(w)))),
         }
     }
 
@@ -1207,6 +1474,7 @@ impl Migration<'_> {
         loop {
             match events.recv_timeout(Duration::from_millis(50)) {
                 Ok(Event::Control(m)) => return Ok(m),
+                Ok(Event::Stale(w)) => return Err(unexpected(phase, Incoming::Stale(Words(w)))),
                 Ok(Event::Aborted(e)) => return Err(MigrationError::PeerAborted(e)),
                 Ok(Event::Failed(e)) => return Err(control_broken(phase, e)),
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
@@ -1304,6 +1572,16 @@ fn control_broken(phase: &'static str, e: String) -> MigrationError {
 enum Incoming {
     Control(ControlMsg),
     Ack(wire::Ack),
+    Stale(Words),
+}
+
+/// A bitmap's bytes; debug-printed by size only.
+struct Words(Vec<u8>);
+
+impl std::fmt::Debug for Words {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "bitmap of {} bytes", self.0.len())
+    }
 }
 
 fn unexpected(phase: &'static str, got: Incoming) -> MigrationError {
@@ -1338,6 +1616,7 @@ impl ControlReader {
         match h.kind {
             FrameKind::Control => Ok(Incoming::Control(wire::decode_control(&p)?)),
             FrameKind::Ack => Ok(Incoming::Ack(wire::Ack::decode(&p)?)),
+            FrameKind::Stale => Ok(Incoming::Stale(Words(p))),
             kind => Err(WireError::Unexpected {
                 kind,
                 context: "control stream from the target",
@@ -1369,6 +1648,11 @@ fn spawn_control_reader(mut reader: ControlReader, acked: Arc<Vec<AtomicU64>>) -
                 }
                 Ok(Incoming::Control(m)) => {
                     if tx.send(Event::Control(m)).is_err() {
+                        return;
+                    }
+                }
+                Ok(Incoming::Stale(Words(w))) => {
+                    if tx.send(Event::Stale(w)).is_err() {
                         return;
                     }
                 }

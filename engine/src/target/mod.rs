@@ -24,6 +24,7 @@ use crate::link::VmSpec;
 use crate::metrics::Status;
 use crate::source::pipeline::Failure;
 use crate::wire::handshake::{self, Hello};
+use crate::wire::FrameHeader;
 use crate::wire::{self, ControlMsg, FrameKind, StreamTotals, WireError};
 use crate::{GuestMem, Key, Metrics, MigrationError, TargetVm, VmState};
 
@@ -65,6 +66,8 @@ pub struct IncomingSession {
     peer: String,
     control: Box<dyn Conn>,
     data: Vec<Box<dyn Conn>>,
+    /// The first control frame, when [`Resumes::route`] read it already.
+    first: Option<(FrameHeader, Vec<u8>)>,
 }
 
 impl IncomingSession {
@@ -144,6 +147,7 @@ impl Acceptor {
             peer,
             control,
             data: conns.collect(),
+            first: None,
         }))
     }
 
@@ -182,6 +186,90 @@ impl Acceptor {
     }
 }
 
+/// Post-copy migrations whose connection to the source broke, waiting for
+/// the source to reconnect. A daemon keeps one and passes every assembled
+/// session through [`Resumes::route`] before [`migrate_in`].
+#[derive(Default, Debug)]
+pub struct Resumes {
+    waiting: Mutex<HashMap<String, crossbeam_channel::Sender<IncomingSession>>>,
+}
+
+impl Resumes {
+    /// An empty registry.
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, crossbeam_channel::Sender<IncomingSession>>>
+    {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers `id` as resumable: sessions that resume it arrive on the
+    /// channel until [`Self::forget`].
+    fn wait(&self, id: &str) -> Receiver<IncomingSession> {
+        let (tx, rx) = bounded(1);
+        self.lock().insert(id.to_string(), tx);
+        rx
+    }
+
+    fn forget(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    /// Reads the session's first control frame. A RESUME of a waiting
+    /// post-copy is handed to it (`None`); a RESUME of anything else is
+    /// refused with ABORT (`None`); any other session comes back, first
+    /// frame kept, for [`migrate_in`].
+    pub fn route(&self, mut session: IncomingSession) -> Option<IncomingSession> {
+        let first = match wire::recv_frame(&mut *session.control) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!("session {}: no first control frame: {e}", session.id);
+                return None;
+            }
+        };
+        let resume = match (&first.0.kind, first.0.seq) {
+            (FrameKind::Control, 1) => match wire::decode_control(&first.1) {
+                Ok(ControlMsg::Resume { session: id }) => Some(id),
+                _ => None,
+            },
+            _ => None,
+        };
+        let Some(id) = resume else {
+            session.first = Some(first);
+            return Some(session);
+        };
+        let tx = self.lock().get(&id).cloned();
+        match tx {
+            Some(tx) => {
+                tracing::info!("session {} resumes post-copy migration {id}", session.id);
+                if let Err(e) = tx.try_send(session) {
+                    tracing::warn!("post-copy migration {id} stopped waiting: {e}");
+                }
+            }
+            None => {
+                tracing::warn!(
+                    "session {} resumes {id}, which is not waiting here",
+                    session.id
+                );
+                let _ = wire::send_frame(
+                    &mut *session.control,
+                    FrameKind::Control,
+                    0,
+                    1,
+                    &wire::encode_control(&ControlMsg::Abort {
+                        reason: format!("no post-copy migration {id} waits here to resume"),
+                    }),
+                );
+            }
+        }
+        None
+    }
+}
+
 /// Settings of the receiving side.
 #[derive(Clone, Debug)]
 pub struct TargetConfig {
@@ -200,6 +288,12 @@ pub struct TargetConfig {
     pub disk_dir: Option<std::path::PathBuf>,
     /// Which CPUs the receivers and decoders run on ([`crate::numa`]).
     pub placement: crate::numa::PlacementPolicy,
+    /// Post-copy migrations wait here for the source to reconnect after a
+    /// network fault; `None`: a broken connection ends post-copy.
+    pub resumes: Option<Arc<Resumes>>,
+    /// How long a post-copy with a broken connection waits for the source
+    /// to reconnect.
+    pub postcopy_grace: Duration,
 }
 
 impl Default for TargetConfig {
@@ -211,6 +305,8 @@ impl Default for TargetConfig {
             cancel: crate::Cancel::new(),
             disk_dir: None,
             placement: crate::numa::PlacementPolicy::Auto,
+            resumes: None,
+            postcopy_grace: Duration::from_secs(60),
         }
     }
 }
@@ -244,6 +340,7 @@ pub fn migrate_in<V: TargetVm>(
         vm: vm_name,
         mut control,
         data,
+        first,
         ..
     } = session;
     let streams = data.len();
@@ -275,10 +372,13 @@ pub fn migrate_in<V: TargetVm>(
         d.set_timeout(Some(cfg.io_timeout)).map_err(tx_transport)?;
     }
     // SPEC
-    let (h, p) = wire::recv_frame(&mut *control).map_err(|source| MigrationError::Protocol {
-        phase: "receiving the spec",
-        source,
-    })?;
+    let (h, p) = match first {
+        Some(f) => f,
+        None => wire::recv_frame(&mut *control).map_err(|source| MigrationError::Protocol {
+            phase: "receiving the spec",
+            source,
+        })?,
+    };
     let (spec, epoch, mode) = match (h.kind, h.seq) {
         (FrameKind::Control, 1) => match wire::decode_control(&p) {
             Ok(ControlMsg::Spec { spec, epoch, mode }) => (spec, epoch, mode),
@@ -413,17 +513,24 @@ pub fn migrate_in<V: TargetVm>(
         postcopy: std::sync::OnceLock::new(),
     });
     let result = (|| {
-        let receivers = Receivers::start(shared.clone(), data, plan).map_err(tx_transport)?;
+        let receivers =
+            Receivers::start(shared.clone(), data, plan.clone()).map_err(tx_transport)?;
         let mut session = Session {
-            shared: &shared,
+            shared: shared.clone(),
+            session_id: session_id.clone(),
             receivers: Some(receivers),
             events: None,
             cfg,
             priority,
             stale: None,
             pc_threads: None,
+            resume_rx: None,
+            plan: plan.clone(),
         };
         let r = session.run(&mut vm, control, epoch);
+        if let Some(r) = &cfg.resumes {
+            r.forget(&session_id);
+        }
         if let Some(t) = session.pc_threads.take() {
             t.stop();
         }
@@ -630,8 +737,19 @@ enum Event {
     Failed(WireError),
 }
 
+/// How post-copy over one connection ended, short of completing.
+enum PostcopyEnd {
+    /// The connection broke; a new one may resume.
+    Broke(String),
+    /// Nothing can go on (the VMM is gone).
+    Fatal(String),
+}
+
 struct Session<'a> {
-    shared: &'a Arc<Shared>,
+    /// This connection's shared state (a resumed post-copy gets a new one).
+    shared: Arc<Shared>,
+    /// The migration's id (a resuming source names it).
+    session_id: String,
     receivers: Option<Receivers>,
     events: Option<Receiver<Event>>,
     cfg: &'a TargetConfig,
@@ -641,6 +759,10 @@ struct Session<'a> {
     stale: Option<Vec<u64>>,
     /// Post-copy's threads, once started.
     pc_threads: Option<crate::postcopy::target::Threads>,
+    /// Sessions resuming this post-copy (registered from PREPARE on).
+    resume_rx: Option<Receiver<IncomingSession>>,
+    /// Where receivers run (for a resumed post-copy's new ones).
+    plan: crate::numa::Placement,
 }
 
 impl Session<'_> {
@@ -879,6 +1001,8 @@ impl Session<'_> {
             .metrics
             .update(|s| s.postcopy = Some(pc.stats()));
         self.pc_threads = Some(threads);
+        // From here a source that lost its connection may come back.
+        self.resume_rx = self.cfg.resumes.as_ref().map(|r| r.wait(&self.session_id));
         Ok(())
     }
 
@@ -894,57 +1018,52 @@ impl Session<'_> {
             .clone();
         let metrics = self.shared.metrics.clone();
         metrics.update(|s| s.status = Status::Postcopy);
-        let mut push_done: Option<Instant> = None;
-        let mut last_sweep = Instant::now();
-        let events = self.events.take().expect("reader running");
-        let result = loop {
-            if pc.states.complete() {
-                break Ok(());
-            }
-            if let Some(e) = pc.failure.message() {
-                break Err(e);
-            }
-            if let Some(e) = self.shared.failure.message() {
-                break Err(e);
-            }
-            if let Err(e) = vm.check() {
-                break Err(format!("the VMM: {e}"));
-            }
-            match events.recv_timeout(Duration::from_millis(20)) {
-                Ok(Event::Frame(FrameKind::Control, p)) => match wire::decode_control(&p) {
-                    Ok(ControlMsg::PushDone { round }) => {
-                        tracing::info!(round, "post-copy: the source pushed every stale page");
-                        push_done = Some(Instant::now());
+        let mut resumed: Option<IncomingSession> = None;
+        loop {
+            let broke = match self.postcopy_connected(vm, &pc, &mut resumed) {
+                Ok(()) => break,
+                Err(PostcopyEnd::Fatal(e)) => return Err(e),
+                Err(PostcopyEnd::Broke(e)) => e,
+            };
+            // The connection to the source broke: the guest goes on, and
+            // waits only when it touches a page that is not here.
+            let Some(waiting) = self.resume_rx.clone() else {
+                return Err(broke);
+            };
+            self.disconnect(&pc);
+            let session = match resumed.take() {
+                Some(s) => s,
+                None => {
+                    tracing::warn!(
+                        "post-copy: {broke}; waiting up to {:?} for the source to reconnect",
+                        self.cfg.postcopy_grace
+                    );
+                    let deadline = Instant::now() + self.cfg.postcopy_grace;
+                    loop {
+                        match waiting.recv_timeout(Duration::from_millis(200)) {
+                            Ok(s) => break s,
+                            Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {
+                                if let Err(e) = vm.check() {
+                                    return Err(format!("the VMM: {e}"));
+                                }
+                                metrics.update(|s| s.postcopy = Some(pc.stats()));
+                            }
+                            Err(_) => {
+                                return Err(format!(
+                                    "{broke}; the source did not reconnect within {:?}",
+                                    self.cfg.postcopy_grace
+                                ))
+                            }
+                        }
                     }
-                    Ok(other) => break Err(format!("unexpected {other:?} during post-copy")),
-                    Err(e) => break Err(format!("control stream: {e}")),
-                },
-                Ok(Event::Frame(kind, _)) => {
-                    break Err(format!("unexpected {kind:?} frame during post-copy"))
                 }
-                Ok(Event::Failed(e)) => break Err(format!("control stream: {e}")),
-                Err(RecvTimeoutError::Disconnected) => break Err("control stream closed".into()),
-                Err(RecvTimeoutError::Timeout) => {}
+            };
+            if let Err(e) = self.reconnect(&pc, session) {
+                tracing::warn!("post-copy: resuming failed: {e}");
+                self.shared.failure.fail(format!("resuming failed: {e}"));
             }
-            metrics.update(|s| s.postcopy = Some(pc.stats()));
-            // Everything was pushed and has had time to land: whatever no
-            // receiver claimed is missing (a copy failed its check).
-            if push_done.is_some_and(|t| t.elapsed() > crate::postcopy::target::SWEEP_AFTER)
-                && last_sweep.elapsed() > crate::postcopy::target::SWEEP_AFTER
-            {
-                last_sweep = Instant::now();
-                match pc.request_unclaimed() {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        tracing::info!(pages = n, "post-copy: requested pages nothing brought")
-                    }
-                    Err(e) => break Err(format!("priority stream: {e}")),
-                }
-            }
-        };
-        self.events = Some(events);
+        }
         metrics.update(|s| s.postcopy = Some(pc.stats()));
-        result?;
         tracing::info!(stats = ?pc.stats(), "post-copy complete: every page is here");
         if let Some(t) = self.pc_threads.take() {
             t.stop();
@@ -956,6 +1075,174 @@ impl Session<'_> {
         });
         self.send(&ControlMsg::PostcopyDone { verify })
             .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Post-copy over one connection: until every page is here, or the
+    /// connection breaks.
+    fn postcopy_connected<V: TargetVm>(
+        &mut self,
+        vm: &mut V,
+        pc: &crate::postcopy::target::TargetPostcopy,
+        resumed: &mut Option<IncomingSession>,
+    ) -> Result<(), PostcopyEnd> {
+        let metrics = self.shared.metrics.clone();
+        let mut push_done: Option<Instant> = None;
+        let mut last_sweep = Instant::now();
+        let broke = PostcopyEnd::Broke;
+        let Some(events) = self.events.take() else {
+            return Err(broke("no control stream".into()));
+        };
+        let result = loop {
+            if pc.states.complete() {
+                break Ok(());
+            }
+            if let Some(e) = pc.failure.message() {
+                break Err(PostcopyEnd::Fatal(e));
+            }
+            if let Err(e) = vm.check() {
+                break Err(PostcopyEnd::Fatal(format!("the VMM: {e}")));
+            }
+            if let Some(e) = pc.link_error() {
+                break Err(broke(e));
+            }
+            if let Some(e) = self.shared.failure.message() {
+                break Err(broke(e));
+            }
+            // The source may notice a broken connection first and be back
+            // before anything failed here.
+            if let Some(s) = self.resume_rx.as_ref().and_then(|r| r.try_recv().ok()) {
+                *resumed = Some(s);
+                break Err(broke("the source reconnected".into()));
+            }
+            match events.recv_timeout(Duration::from_millis(20)) {
+                Ok(Event::Frame(FrameKind::Control, p)) => match wire::decode_control(&p) {
+                    Ok(ControlMsg::PushDone { round }) => {
+                        tracing::info!(round, "post-copy: the source pushed every stale page");
+                        push_done = Some(Instant::now());
+                    }
+                    Ok(other) => {
+                        break Err(broke(format!("unexpected {other:?} during post-copy")))
+                    }
+                    Err(e) => break Err(broke(format!("control stream: {e}"))),
+                },
+                Ok(Event::Frame(kind, _)) => {
+                    break Err(broke(format!("unexpected {kind:?} frame during post-copy")))
+                }
+                Ok(Event::Failed(e)) => break Err(broke(format!("control stream: {e}"))),
+                Err(RecvTimeoutError::Disconnected) => {
+                    break Err(broke("control stream closed".into()))
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            metrics.update(|s| s.postcopy = Some(pc.stats()));
+            // Everything was pushed and has had time to land: whatever no
+            // receiver claimed is missing (a copy failed its check).
+            if push_done.is_some_and(|t| t.elapsed() > crate::postcopy::target::SWEEP_AFTER)
+                && last_sweep.elapsed() > crate::postcopy::target::SWEEP_AFTER
+            {
+                last_sweep = Instant::now();
+                let n = pc.request_unclaimed();
+                if n > 0 {
+                    tracing::info!(pages = n, "post-copy: requested pages nothing brought");
+                }
+            }
+        };
+        self.events = Some(events);
+        result
+    }
+
+    /// The connection broke: stop everything that used it. Pages cut off on
+    /// the way are forgotten, so that the next connection brings them.
+    fn disconnect(&mut self, pc: &crate::postcopy::target::TargetPostcopy) {
+        if let Some(rx) = self.receivers.take() {
+            rx.stop();
+        }
+        if let Some(t) = self.pc_threads.as_mut() {
+            t.stop_priority();
+        }
+        if let Ok(c) = self.shared.control.lock() {
+            c.0.shutdown();
+        }
+        self.events = None;
+        pc.disconnected();
+    }
+
+    /// A source reconnected: the post-copy goes on over `session`'s
+    /// connections. It learns which pages are still missing here.
+    fn reconnect(
+        &mut self,
+        pc: &Arc<crate::postcopy::target::TargetPostcopy>,
+        session: IncomingSession,
+    ) -> Result<(), String> {
+        let IncomingSession {
+            control, mut data, ..
+        } = session;
+        let streams = self.shared.applied.len();
+        if data.len() != streams + 1 {
+            return Err(format!(
+                "the resumed session has {} data streams, this migration {}",
+                data.len(),
+                streams + 1
+            ));
+        }
+        let priority = data.pop().expect("checked above");
+        let tx = |e: ferry_transport::TransportError| e.to_string();
+        let mut ctl_tx = control.try_clone().map_err(tx)?;
+        ctl_tx.set_timeout(Some(self.cfg.io_timeout)).map_err(tx)?;
+        let mut reader = control;
+        reader.set_timeout(None).map_err(tx)?;
+        for d in &data {
+            d.try_clone()
+                .and_then(|mut d| d.set_timeout(Some(self.cfg.io_timeout)))
+                .map_err(tx)?;
+        }
+        let old = &self.shared;
+        let pages = old.mem.pages();
+        // What earlier connections wrote is not known page by page any
+        // more: a zero page then always clears its page.
+        let written = AtomicBitmap::new(pages);
+        for p in 0..pages {
+            written.set(p);
+        }
+        let shared = Arc::new(Shared {
+            mem: old.mem.clone(),
+            written,
+            suspect: AtomicBitmap::new(pages),
+            applied: (0..streams).map(|_| AtomicU64::new(0)).collect(),
+            pages: (0..streams).map(|_| AtomicU64::new(0)).collect(),
+            failure: Failure::default(),
+            control: Mutex::new((ctl_tx, 0)),
+            metrics: old.metrics.clone(),
+            disk: None,
+            postcopy: std::sync::OnceLock::new(),
+        });
+        let _ = shared.postcopy.set(pc.clone());
+        self.shared = shared;
+        self.receivers =
+            Some(Receivers::start(self.shared.clone(), data, self.plan.clone()).map_err(tx)?);
+        self.events = Some(spawn_reader(reader));
+        // Requests go on the new priority stream from now on.
+        pc.reconnected(priority.try_clone().map_err(tx)?);
+        self.pc_threads
+            .as_mut()
+            .expect("post-copy started")
+            .start_priority(priority, streams as u16 + 1)
+            .map_err(tx)?;
+        self.send(&ControlMsg::Resumed).map_err(|e| e.to_string())?;
+        let missing: Vec<u8> = pc
+            .states
+            .missing_words()
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        self.shared
+            .send_control(FrameKind::Stale, &missing)
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            missing = pages - pc.states.present_count(),
+            "post-copy resumed on a new connection"
+        );
         Ok(())
     }
 
@@ -971,7 +1258,7 @@ impl Session<'_> {
     /// Waits until every stream applied up to its announced last frame, then
     /// checks page counts and that no page is left suspect.
     fn check_totals(&self, totals: &[StreamTotals]) -> Result<(), MigrationError> {
-        let s = self.shared;
+        let s = &self.shared;
         if totals.len() != s.applied.len() {
             return Err(protocol(
                 "prepare",

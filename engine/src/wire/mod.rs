@@ -494,6 +494,15 @@ pub enum ControlMsg {
         /// The post-copy round's number (its `RoundEnd`s).
         round: u32,
     },
+    /// Source, first frame of a new session after a post-copy connection
+    /// broke: it continues migration `session` (the target answers
+    /// `Resumed` and a `Stale` frame of the pages it still lacks, or ABORT).
+    Resume {
+        /// The id (hex) of the session being resumed.
+        session: String,
+    },
+    /// Target: the post-copy continues on this session.
+    Resumed,
     /// Target, post-copy: every page is here; the source may let go.
     PostcopyDone {
         /// The target VMM's check of the memory, taken now.

@@ -38,7 +38,7 @@ fn header_rejects_bad_values() {
     let mut b = good;
     b[0] = 0;
     assert!(matches!(FrameHeader::decode(&b), Err(WireError::Magic(_))));
-    for kind in [0u8, 5, 9, 13, 19, 23, 255] {
+    for kind in [0u8, 5, 9, 14, 19, 24, 255] {
         let mut b = good;
         b[2] = kind;
         assert!(matches!(FrameHeader::decode(&b), Err(WireError::UnknownKind(k)) if k == kind));
