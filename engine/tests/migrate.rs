@@ -63,6 +63,10 @@ fn populate(mem: &GuestMem) {
     }
 }
 
+/// What the target side of a test migration ends with: the epoch, a CRC
+/// of its memory, and the memory.
+type TargetResult = Result<(u64, u32, Arc<GuestMem>), String>;
+
 struct Run {
     result: Result<u64, MigrationError>,
     target: Result<u64, String>,
@@ -142,14 +146,12 @@ fn migrate_pattern(
     let acceptor = Arc::new(Acceptor::new(key_dst));
     let target_log = Arc::new(Mutex::new(TargetLog::default()));
     let tlog = target_log.clone();
-    let target = std::thread::spawn(move || -> Result<(u64, u32, Arc<GuestMem>), String> {
+    let target = std::thread::spawn(move || -> TargetResult {
         // Accepts sessions until the migration ends: a post-copy whose
         // connection broke is resumed by a later session (Resumes::route).
         let resumes = Resumes::new();
         let started = std::time::Instant::now();
-        let mut migration: Option<
-            std::thread::JoinHandle<Result<(u64, u32, Arc<GuestMem>), String>>,
-        > = None;
+        let mut migration: Option<std::thread::JoinHandle<TargetResult>> = None;
         loop {
             if migration.as_ref().is_some_and(|m| m.is_finished()) {
                 return migration.take().unwrap().join().unwrap();
