@@ -64,10 +64,9 @@ pub fn follow(client: &Client, id: &str, mode: Mode) -> Result<u8, Fail> {
     let error = snap.error.as_deref().unwrap_or("no reason given");
     match snap.status {
         Status::Completed => Ok(0),
-        Status::Unknown => Err(Fail::new(
-            EXIT_UNKNOWN,
-            format!("migration {id}: commit outcome unknown: {error}"),
-        )),
+        // The error says which: "commit outcome unknown: ..." or
+        // "post-copy broke off: ...".
+        Status::Unknown => Err(Fail::new(EXIT_UNKNOWN, format!("migration {id}: {error}"))),
         Status::Cancelled => Err(Fail::new(
             EXIT_FAILED,
             format!(
@@ -126,6 +125,7 @@ fn round(s: &Snapshot) -> String {
     match s.status {
         Status::Setup => "round 0".into(),
         Status::Active | Status::Switchover => format!("round {}", s.iterations + 1),
+        Status::Postcopy => "post-copy".into(),
         _ => format!("{} rounds", s.iterations),
     }
 }
