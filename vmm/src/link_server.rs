@@ -22,6 +22,11 @@
 //!                                           first; ends any throttle (full speed)
 //! Restore + blob   Restored{verify}         target, before Run; verify checks the
 //!                                           memory and the disk window, and hashes
+//! RestorePostcopy  PostcopyReady + uffd      target, post-copy: restore, register RAM
+//!   + blob                                  with a userfaultfd (minor + missing),
+//!                                           unmap it; the uffd is kept open here too
+//! PostcopyDone     Verified{verify}         every page arrived: close the uffd, check
+//!                                           memory (guest paused for the check)
 //! Run              Ok                       target: the VM runs from here on
 //! GetStats         Stats{progress,running,phase,throttle_pct}
 //! Throttle{p}      Ok (Error if p > 99)     vCPU runs (100-p)% of wall time; 0 = full
