@@ -18,6 +18,8 @@ struct E2eRun {
     /// Whether the migration must complete (else it must give up and the
     /// VM must be verified still running on the source).
     complete: bool,
+    /// Whether it must have switched to post-copy.
+    postcopy: bool,
 }
 
 /// Small guests, so the stage takes about a minute and a half on 2 cores:
@@ -31,7 +33,9 @@ struct E2eRun {
 /// on both sides), and an ext4 image with deleted files moved file-system
 /// aware (e2fsck and every file compared on the target); the give-up run
 /// has a disk too, which the target must not keep. One runs both ferryds on
-/// the io_uring transport.
+/// the io_uring transport. Two move the guest post-copy: straight after its
+/// state, and (hybrid) after pre-copy rounds that cannot keep up with a
+/// capped link.
 const E2E_RUNS: &[E2eRun] = &[
     E2eRun {
         mem_mib: 256,
@@ -39,6 +43,7 @@ const E2E_RUNS: &[E2eRun] = &[
         netns: false,
         extra: &[],
         complete: true,
+        postcopy: false,
     },
     E2eRun {
         mem_mib: 512,
@@ -46,6 +51,7 @@ const E2E_RUNS: &[E2eRun] = &[
         netns: false,
         extra: &[],
         complete: true,
+        postcopy: false,
     },
     E2eRun {
         mem_mib: 256,
@@ -60,6 +66,7 @@ const E2E_RUNS: &[E2eRun] = &[
             "20",
         ],
         complete: true,
+        postcopy: false,
     },
     E2eRun {
         mem_mib: 128,
@@ -77,6 +84,7 @@ const E2E_RUNS: &[E2eRun] = &[
             "10",
         ],
         complete: true,
+        postcopy: false,
     },
     E2eRun {
         mem_mib: 256,
@@ -84,6 +92,7 @@ const E2E_RUNS: &[E2eRun] = &[
         netns: true,
         extra: &[],
         complete: true,
+        postcopy: false,
     },
     E2eRun {
         mem_mib: 256,
@@ -91,6 +100,23 @@ const E2E_RUNS: &[E2eRun] = &[
         netns: false,
         extra: &["--transport", "uring"],
         complete: true,
+        postcopy: false,
+    },
+    E2eRun {
+        mem_mib: 256,
+        workload: "dirty:64",
+        netns: false,
+        extra: &["--mode", "postcopy"],
+        complete: true,
+        postcopy: true,
+    },
+    E2eRun {
+        mem_mib: 128,
+        workload: "dirty:96:fill",
+        netns: false,
+        extra: &["--mode", "hybrid", "--bandwidth-mib-s", "48", "--no-blast"],
+        complete: true,
+        postcopy: true,
     },
     E2eRun {
         mem_mib: 256,
@@ -98,6 +124,7 @@ const E2E_RUNS: &[E2eRun] = &[
         netns: false,
         extra: &["--bandwidth-mib-s", "64", "--no-blast"],
         complete: true,
+        postcopy: false,
     },
     E2eRun {
         mem_mib: 128,
@@ -117,6 +144,7 @@ const E2E_RUNS: &[E2eRun] = &[
             "0.0625",
         ],
         complete: false,
+        postcopy: false,
     },
 ];
 /// ferry-bench's own deadline for a migration in CI; a 512 MiB guest
@@ -339,7 +367,7 @@ fn end_to_end() -> Result<Outcome> {
             c.arg("--netns");
         }
         c.args(run.extra);
-        match e2e_one(&mut c, run.complete) {
+        match e2e_one(&mut c, run.complete, run.postcopy) {
             Ok(line) => {
                 println!("e2e {name}: {line}");
                 done += 1;
@@ -363,15 +391,23 @@ fn end_to_end() -> Result<Outcome> {
 }
 
 /// Runs one `ferry-bench migrate --json`; returns its summary line.
-fn e2e_one(c: &mut Command, complete: bool) -> Result<String> {
+fn e2e_one(c: &mut Command, complete: bool, postcopy: bool) -> Result<String> {
     let (status, out) = sh::output_with_timeout(c, E2E_RUN_TIMEOUT)?;
-    judge_migration(status.success(), &status.to_string(), &out, complete)
+    let line = judge_migration(status.success(), &status.to_string(), &out, complete)?;
+    if !postcopy {
+        return Ok(line);
+    }
+    let v: serde_json::Value = serde_json::from_str(out.trim())?;
+    let p = &v["postcopy"];
+    if !p.is_object() {
+        bail!("it never switched to post-copy: {line}");
+    }
+    Ok(format!(
+        "{line}; post-copy after round {}: {} stale pages, {} faults (p99 {} us)",
+        p["switch_after_round"], p["stale_pages"], p["faults"], p["fault_latency_p99_us"]
+    ))
 }
 
-/// Judges the JSON a `ferry-bench migrate --json` printed (`out`) and how
-/// it exited (`exit_ok`, described by `exit`): the summary line when the
-/// migration ended as it must (`complete`: completed, else gave up with
-/// the VM still on the source) and verified, else why not.
 pub fn judge_migration(exit_ok: bool, exit: &str, out: &str, complete: bool) -> Result<String> {
     let v: serde_json::Value = serde_json::from_str(out.trim()).with_context(|| {
         format!(

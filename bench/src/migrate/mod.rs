@@ -350,6 +350,7 @@ fn run_on(tb: &mut Testbed, args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResu
     let postcopy = target_snap.postcopy.clone().map(|mut t| {
         if let Some(s) = &snap.postcopy {
             t.switch_after_round = s.switch_after_round;
+            t.reconnects = s.reconnects;
         }
         t
     });

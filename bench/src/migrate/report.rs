@@ -409,6 +409,13 @@ impl fmt::Display for BenchResult {
             if !hist.is_empty() {
                 writeln!(f, "  latency dist    {}", hist.join(" "))?;
             }
+            if p.reconnects > 0 {
+                writeln!(
+                    f,
+                    "  reconnects      {} (the connection broke and post-copy resumed)",
+                    p.reconnects
+                )?;
+            }
             if let Some(r) = self.postcopy_time_ratio {
                 writeln!(
                     f,
