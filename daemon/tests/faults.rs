@@ -856,6 +856,53 @@ fn postcopy_resumes_after_the_network_resets_its_connections() {
     w.done("postcopy_resumes_after_the_network_resets_its_connections");
 }
 
+/// A post-copy whose link goes silent (nft drops every packet, as a dead
+/// cable would) for longer than the source's io timeout: the source notices
+/// the silence, reconnects once the link is back, and the migration
+/// completes with every page stamp good.
+#[test]
+fn postcopy_resumes_after_a_silent_link() {
+    let Some(vmm) = probe() else { return };
+    if let Err(e) = std::net::TcpListener::bind("127.0.0.2:0") {
+        eprintln!("SKIP: cannot bind 127.0.0.2: {e}");
+        return;
+    }
+    let probe_dir = TempDir::new("faults-nft");
+    match NftTable::drop_to("127.0.0.2:9", probe_dir.path()) {
+        Ok(t) => drop(t),
+        Err(e) => {
+            eprintln!("SKIP: nftables unusable here: {e}");
+            return;
+        }
+    }
+    let w = World::start(
+        &vmm,
+        Setup {
+            mem_mib: 128,
+            workload: ENDLESS_WORKLOAD,
+            target_listen: Some("127.0.0.2:0".into()),
+            ..Setup::default()
+        },
+    );
+    let id = w.migrate(&["--mode", "postcopy", "--bandwidth-mib-s", "8"]);
+    w.wait_source(&id, "post-copy", |s| s.status == Status::Postcopy);
+    let rule = NftTable::drop_to(w.dst.listen(), w.dir.path()).expect("nft rule");
+    let io_timeout = SourceConfig::default().io_timeout;
+    std::thread::sleep(io_timeout + Duration::from_secs(2));
+    drop(rule);
+    let s = w.wait_source_for(&id, "completed", io_timeout * 4, |s| s.status.is_final());
+    assert_eq!(s.status, Status::Completed, "{s:?}");
+    let pc = s.postcopy.clone().expect("post-copy figures");
+    assert!(pc.reconnects >= 1, "{pc:?}");
+    let verify = s.verify.clone().expect("the target VMM's check");
+    assert!(
+        verify.pages_checked > 0 && verify.pages_bad == 0,
+        "{verify:?}"
+    );
+    assert!(!w.source_pauses().iter().any(|e| e == "resumed"));
+    w.done("postcopy_resumes_after_a_silent_link");
+}
+
 // ------------------------------------------------------- hostile connections
 
 /// One frame with a valid CRC, built by hand.
