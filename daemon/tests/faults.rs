@@ -580,6 +580,41 @@ fn target_ferryd_killed_during_postcopy_never_resumes_the_source() {
     w.done("target_ferryd_killed_during_postcopy_never_resumes_the_source");
 }
 
+/// kill -9 of the source VMM during post-copy: the guest runs on the
+/// target, and its memory is a memfd the source ferryd maps too, so every
+/// page it still needs is served from there and the migration completes.
+#[test]
+fn source_vmm_killed_during_postcopy_loses_nothing() {
+    let Some(vmm) = probe() else { return };
+    let mut w = World::start(
+        &vmm,
+        Setup {
+            mem_mib: 128,
+            workload: ENDLESS_WORKLOAD,
+            ..Setup::default()
+        },
+    );
+    let id = w.migrate(&["--mode", "postcopy", "--bandwidth-mib-s", "16"]);
+    w.wait_source(&id, "post-copy", |s| s.status == Status::Postcopy);
+    let c = w.guard.source.as_mut().expect("source VMM");
+    signal(c.id() as i32, Signal::SIGKILL);
+    let _ = c.wait();
+    let s = w.wait_source(&id, "completed", |s| s.status.is_final());
+    assert_eq!(s.status, Status::Completed, "{s:?}");
+    let verify = s.verify.clone().expect("the target VMM's check");
+    assert!(
+        verify.checked && verify.pages_checked > 0 && verify.pages_bad == 0,
+        "{verify:?}"
+    );
+    let on_target = wait_for(
+        common::DEADLINE,
+        || vm(&w.dst, VM).filter(|v| v.state == VmState::Running),
+        || format!("not running on the target:\n{}", w.dst.log_text()),
+    );
+    assert_eq!(on_target.epoch, 1);
+    w.done("source_vmm_killed_during_postcopy_loses_nothing");
+}
+
 /// kill -9 of the target VMM in pre-copy: the target finds out at PREPARE
 /// (restore fails), aborts, reaps the VMM; the source resumes.
 #[test]
