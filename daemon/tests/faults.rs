@@ -134,6 +134,23 @@ impl Drop for Guard {
     }
 }
 
+/// Whether the link-fault tests can run: a target on 127.0.0.2 and
+/// nftables rules of both kinds (prints why not, and the test skips).
+fn nft_on_127_0_0_2() -> bool {
+    if let Err(e) = std::net::TcpListener::bind("127.0.0.2:0") {
+        eprintln!("SKIP: cannot bind 127.0.0.2: {e}");
+        return false;
+    }
+    let probe_dir = TempDir::new("faults-nft");
+    for rule in [NftTable::drop_to, NftTable::reset_to] {
+        if let Err(e) = rule("127.0.0.2:9", probe_dir.path()) {
+            eprintln!("SKIP: nftables unusable here: {e}");
+            return false;
+        }
+    }
+    true
+}
+
 /// Deletes an nftables table on drop.
 struct NftTable(String);
 
@@ -141,36 +158,22 @@ impl NftTable {
     /// Drops every packet to `addr` (`127.0.0.2:port`) at input: to the
     /// sender it looks like a dead link, not a refused one.
     fn drop_to(addr: &str, dir: &Path) -> Result<Self, String> {
-        let (ip, port) = addr.rsplit_once(':').ok_or("no port")?;
-        let name = format!("ferry_faults_{}", ferry_daemon::util::random_hex(6));
-        let rules = format!(
-            "table inet {name} {{\n chain input {{\n  type filter hook input priority -100; policy accept;\n  \
-             ip daddr {ip} tcp dport {port} drop\n }}\n}}\n"
-        );
-        let file = dir.join(format!("{name}.nft"));
-        std::fs::write(&file, rules).map_err(|e| e.to_string())?;
-        let o = Command::new("nft")
-            .arg("-f")
-            .arg(&file)
-            .output()
-            .map_err(|e| format!("cannot run nft: {e}"))?;
-        if !o.status.success() {
-            return Err(format!(
-                "nft -f failed: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            ));
-        }
-        Ok(NftTable(name))
+        Self::add(addr, dir, "drop")
     }
 
     /// Answers every packet to `addr` with a TCP reset: established
     /// connections break at once, new ones are refused.
     fn reset_to(addr: &str, dir: &Path) -> Result<Self, String> {
+        Self::add(addr, dir, "reject with tcp reset")
+    }
+
+    /// A table whose input chain applies `verdict` to TCP packets to `addr`.
+    fn add(addr: &str, dir: &Path, verdict: &str) -> Result<Self, String> {
         let (ip, port) = addr.rsplit_once(':').ok_or("no port")?;
         let name = format!("ferry_faults_{}", ferry_daemon::util::random_hex(6));
         let rules = format!(
             "table inet {name} {{\n chain input {{\n  type filter hook input priority -100; policy accept;\n  \
-             ip daddr {ip} tcp dport {port} reject with tcp reset\n }}\n}}\n"
+             ip daddr {ip} tcp dport {port} {verdict}\n }}\n}}\n"
         );
         let file = dir.join(format!("{name}.nft"));
         std::fs::write(&file, rules).map_err(|e| e.to_string())?;
@@ -786,17 +789,8 @@ fn cancel_during_switchover() {
 #[test]
 fn cut_link_fails_within_the_io_timeout() {
     let Some(vmm) = probe() else { return };
-    if let Err(e) = std::net::TcpListener::bind("127.0.0.2:0") {
-        eprintln!("SKIP: cannot bind 127.0.0.2: {e}");
+    if !nft_on_127_0_0_2() {
         return;
-    }
-    let probe_dir = TempDir::new("faults-nft");
-    match NftTable::drop_to("127.0.0.2:9", probe_dir.path()) {
-        Ok(t) => drop(t),
-        Err(e) => {
-            eprintln!("SKIP: nftables unusable here: {e}");
-            return;
-        }
     }
     let mut w = World::start(
         &vmm,
@@ -841,17 +835,8 @@ fn cut_link_fails_within_the_io_timeout() {
 #[test]
 fn postcopy_resumes_after_the_network_resets_its_connections() {
     let Some(vmm) = probe() else { return };
-    if let Err(e) = std::net::TcpListener::bind("127.0.0.2:0") {
-        eprintln!("SKIP: cannot bind 127.0.0.2: {e}");
+    if !nft_on_127_0_0_2() {
         return;
-    }
-    let probe_dir = TempDir::new("faults-nft");
-    match NftTable::reset_to("127.0.0.2:9", probe_dir.path()) {
-        Ok(t) => drop(t),
-        Err(e) => {
-            eprintln!("SKIP: nftables unusable here: {e}");
-            return;
-        }
     }
     let w = World::start(
         &vmm,
@@ -898,17 +883,8 @@ fn postcopy_resumes_after_the_network_resets_its_connections() {
 #[test]
 fn postcopy_resumes_after_a_silent_link() {
     let Some(vmm) = probe() else { return };
-    if let Err(e) = std::net::TcpListener::bind("127.0.0.2:0") {
-        eprintln!("SKIP: cannot bind 127.0.0.2: {e}");
+    if !nft_on_127_0_0_2() {
         return;
-    }
-    let probe_dir = TempDir::new("faults-nft");
-    match NftTable::drop_to("127.0.0.2:9", probe_dir.path()) {
-        Ok(t) => drop(t),
-        Err(e) => {
-            eprintln!("SKIP: nftables unusable here: {e}");
-            return;
-        }
     }
     let w = World::start(
         &vmm,

@@ -107,34 +107,19 @@ fn serve(
     let pages = mem.pages();
     let mut table = Vec::with_capacity(wire::PAGES_PER_FRAME_MAX * PageEntry::BYTES);
     loop {
-        let mut hb = [0u8; HEADER_BYTES];
-        match conn.recv_exact(&mut hb) {
-            Ok(()) => {}
+        let payload = match wire::recv_next(
+            &mut *conn,
+            FrameKind::Request,
+            0,
+            &mut rseq,
+            "priority stream from the target",
+        ) {
+            Ok(p) => p,
             // The target closes the stream once it holds every page; a
             // target that died is noticed on the control stream.
-            Err(e) if e.is_disconnect() => return Ok(()),
-            Err(e) => return Err(e.into()),
-        }
-        let h = FrameHeader::decode(&hb)?;
-        if h.kind != FrameKind::Request || h.stream != 0 {
-            return Err(WireError::Unexpected {
-                kind: h.kind,
-                context: "priority stream from the target",
-            });
-        }
-        if h.seq != rseq + 1 {
-            return Err(WireError::Sequence {
-                stream,
-                expected: rseq + 1,
-                got: h.seq,
-            });
-        }
-        rseq = h.seq;
-        let mut payload = vec![0u8; h.len as usize];
-        conn.recv_exact(&mut payload)?;
-        if wire::frame_crc(h.kind, h.stream, h.len, h.seq, &payload) != h.crc {
-            return Err(WireError::Crc(h.kind));
-        }
+            Err(WireError::Transport(e)) if e.is_disconnect() => return Ok(()),
+            Err(e) => return Err(e),
+        };
         if payload.is_empty() || !payload.len().is_multiple_of(8) {
             return Err(WireError::Malformed {
                 what: "page request",

@@ -15,7 +15,7 @@ use userfaultfd::{Event, Uffd};
 use super::{Latencies, PageStates, PostcopyStats};
 use crate::source::pipeline::Failure;
 use crate::vm::Userfault;
-use crate::wire::{self, FrameHeader, FrameKind, PageEntry, WireError, HEADER_BYTES};
+use crate::wire::{self, FrameKind, PageEntry, WireError};
 use crate::{GuestMem, PageIndex, PAGE_SIZE};
 
 /// Where the guest's view of memory is: region i covers pages
@@ -417,39 +417,23 @@ impl TargetPostcopy {
         stop: &AtomicBool,
     ) -> Result<(), WireError> {
         let mut seq = 0u64;
-        let mut table = Vec::new();
         let mut entries: Vec<PageEntry> = Vec::new();
         let mut scratch = vec![0u8; PAGE_SIZE];
         let pages = self.mem.pages();
         loop {
-            let mut hb = [0u8; HEADER_BYTES];
-            match conn.recv_exact(&mut hb) {
-                Ok(()) => {}
+            let table = match wire::recv_next(
+                &mut *conn,
+                FrameKind::Pages,
+                stream,
+                &mut seq,
+                "priority stream from the source",
+            ) {
+                Ok(t) => t,
                 Err(_) if stop.load(Ordering::Acquire) || self.stop.load(Ordering::Acquire) => {
                     return Ok(())
                 }
-                Err(e) => return Err(e.into()),
-            }
-            let h = FrameHeader::decode(&hb)?;
-            if h.kind != FrameKind::Pages || h.stream != stream {
-                return Err(WireError::Unexpected {
-                    kind: h.kind,
-                    context: "priority stream from the source",
-                });
-            }
-            if h.seq != seq + 1 {
-                return Err(WireError::Sequence {
-                    stream,
-                    expected: seq + 1,
-                    got: h.seq,
-                });
-            }
-            seq = h.seq;
-            table.resize(h.len as usize, 0);
-            conn.recv_exact(&mut table)?;
-            if wire::frame_crc(h.kind, h.stream, h.len, h.seq, &table) != h.crc {
-                return Err(WireError::Crc(h.kind));
-            }
+                Err(e) => return Err(e),
+            };
             entries.clear();
             if table.is_empty() || !table.len().is_multiple_of(PageEntry::BYTES) {
                 return Err(WireError::Malformed {

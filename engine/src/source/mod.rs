@@ -719,20 +719,7 @@ impl Migration<'_> {
         let new_epoch = epoch + 1;
         self.metrics.update(|s| s.epoch = new_epoch);
         tracing::info!(epoch = new_epoch, "hand-off recorded; sending COMMIT");
-        self.commit_sent = true;
-        self.send_control(&ControlMsg::Commit { epoch: new_epoch })
-            .map_err(|e| MigrationError::CommitUnknown(format!("sending COMMIT failed: {e}")))?;
-        match self.wait_control("waiting for COMMITTED", self.cfg.io_timeout) {
-            Ok(ControlMsg::Committed) => {}
-            // An explicit ABORT means the target did not run the VM: it is ours again.
-            Err(e @ MigrationError::PeerAborted(_)) => return Err(e),
-            Ok(other) => {
-                return Err(MigrationError::CommitUnknown(format!(
-                    "the target answered COMMIT with {other:?}"
-                )))
-            }
-            Err(e) => return Err(MigrationError::CommitUnknown(e.to_string())),
-        }
+        self.commit(new_epoch)?;
         let downtime_ms = (paused_at.elapsed().as_millis() as u64).saturating_sub(verify.verify_ms);
         self.paused = false;
         self.logging = false;
@@ -755,6 +742,24 @@ impl Migration<'_> {
             c.shutdown();
         }
         Ok(Outcome { epoch: new_epoch })
+    }
+
+    /// Sends COMMIT (the hand-off is recorded) and waits for COMMITTED.
+    /// Any answer but COMMITTED or an explicit ABORT leaves the outcome to
+    /// the target: [`MigrationError::CommitUnknown`].
+    fn commit(&mut self, new_epoch: u64) -> Result<(), MigrationError> {
+        self.commit_sent = true;
+        self.send_control(&ControlMsg::Commit { epoch: new_epoch })
+            .map_err(|e| MigrationError::CommitUnknown(format!("sending COMMIT failed: {e}")))?;
+        match self.wait_control("waiting for COMMITTED", self.cfg.io_timeout) {
+            Ok(ControlMsg::Committed) => Ok(()),
+            // An explicit ABORT means the target did not run the VM: it is ours again.
+            Err(e @ MigrationError::PeerAborted(_)) => Err(e),
+            Ok(other) => Err(MigrationError::CommitUnknown(format!(
+                "the target answered COMMIT with {other:?}"
+            ))),
+            Err(e) => Err(MigrationError::CommitUnknown(e.to_string())),
+        }
     }
 
     /// The switch to post-copy and the post-copy phase (see
@@ -837,21 +842,7 @@ impl Migration<'_> {
             stale_pages,
             "hand-off recorded; sending COMMIT (post-copy)"
         );
-        self.commit_sent = true;
-        let committed = self
-            .send_control(&ControlMsg::Commit { epoch: new_epoch })
-            .map_err(|e| MigrationError::CommitUnknown(format!("sending COMMIT failed: {e}")))
-            .and_then(
-                |()| match self.wait_control("waiting for COMMITTED", self.cfg.io_timeout) {
-                    Ok(ControlMsg::Committed) => Ok(()),
-                    Err(e @ MigrationError::PeerAborted(_)) => Err(e),
-                    Ok(other) => Err(MigrationError::CommitUnknown(format!(
-                        "the target answered COMMIT with {other:?}"
-                    ))),
-                    Err(e) => Err(MigrationError::CommitUnknown(e.to_string())),
-                },
-            );
-        if let Err(e) = committed {
+        if let Err(e) = self.commit(new_epoch) {
             server.stop();
             return Err(e);
         }

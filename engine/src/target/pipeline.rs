@@ -634,6 +634,36 @@ impl RecvStage {
         Ok(())
     }
 
+    /// Receives an encoded page's payload and queues it for this stream's
+    /// decoder (`postcopy`: the page was claimed; hand it over once written).
+    fn queue_decode(&mut self, e: PageEntry, postcopy: bool) -> Result<(), WireError> {
+        let mut buf = self
+            .pool
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(PAYLOAD_BYTES_MAX));
+        buf.resize(e.len as usize, 0);
+        self.conn.recv_exact(&mut buf)?;
+        self.progress[self.stream as usize - 1]
+            .queued
+            .fetch_add(1, Ordering::Relaxed);
+        let job = DecodeJob {
+            postcopy,
+            stream: self.stream,
+            page: e.page,
+            codec: e.codec,
+            crc: e.crc,
+            buf,
+        };
+        self.jobs.send(job).map_err(|_| WireError::Malformed {
+            what: "decode stage",
+            detail: self
+                .shared
+                .failure
+                .message()
+                .unwrap_or_else(|| "stopped".into()),
+        })
+    }
+
     /// Post-copy: every page is claimed before it is written; a page that
     /// another copy already claimed is read off the wire and dropped, and a
     /// written page goes to the guest at once.
@@ -698,34 +728,8 @@ impl RecvStage {
                     pc.duplicate();
                     i += 1;
                 }
-                (codec, true) => {
-                    let mut buf = self
-                        .pool
-                        .try_recv()
-                        .unwrap_or_else(|_| Vec::with_capacity(PAYLOAD_BYTES_MAX));
-                    buf.resize(e.len as usize, 0);
-                    self.conn.recv_exact(&mut buf)?;
-                    self.progress[self.stream as usize - 1]
-                        .queued
-                        .fetch_add(1, Ordering::Relaxed);
-                    let job = DecodeJob {
-                        postcopy: true,
-                        stream: self.stream,
-                        page: e.page,
-                        codec,
-                        crc: e.crc,
-                        buf,
-                    };
-                    if self.jobs.send(job).is_err() {
-                        return Err(WireError::Malformed {
-                            what: "decode stage",
-                            detail: self
-                                .shared
-                                .failure
-                                .message()
-                                .unwrap_or_else(|| "stopped".into()),
-                        });
-                    }
+                (_, true) => {
+                    self.queue_decode(e, true)?;
                     i += 1;
                 }
             }
@@ -792,33 +796,7 @@ impl RecvStage {
                     i += n;
                 }
                 Codec::Lz4 | Codec::Xor | Codec::XorLz4 => {
-                    let mut buf = self
-                        .pool
-                        .try_recv()
-                        .unwrap_or_else(|_| Vec::with_capacity(PAYLOAD_BYTES_MAX));
-                    buf.resize(e.len as usize, 0);
-                    self.conn.recv_exact(&mut buf)?;
-                    self.progress[self.stream as usize - 1]
-                        .queued
-                        .fetch_add(1, Ordering::Relaxed);
-                    let job = DecodeJob {
-                        postcopy: false,
-                        stream: self.stream,
-                        page: e.page,
-                        codec: e.codec,
-                        crc: e.crc,
-                        buf,
-                    };
-                    if self.jobs.send(job).is_err() {
-                        return Err(WireError::Malformed {
-                            what: "decode stage",
-                            detail: self
-                                .shared
-                                .failure
-                                .message()
-                                .unwrap_or_else(|| "stopped".into()),
-                        });
-                    }
+                    self.queue_decode(e, false)?;
                     if e.codec == Codec::Lz4 {
                         lz4 += 1;
                     } else {

@@ -555,6 +555,34 @@ pub fn recv_frame(conn: &mut dyn Conn) -> Result<(FrameHeader, Vec<u8>), WireErr
     Ok((h, payload))
 }
 
+/// Reads the next whole frame of a stream that carries only `kind` frames
+/// with id `stream`, numbered on from `*seq` (updated), CRC checked;
+/// returns its payload.
+pub fn recv_next(
+    conn: &mut dyn Conn,
+    kind: FrameKind,
+    stream: u16,
+    seq: &mut u64,
+    context: &'static str,
+) -> Result<Vec<u8>, WireError> {
+    let (h, payload) = recv_frame(conn)?;
+    if h.kind != kind || h.stream != stream {
+        return Err(WireError::Unexpected {
+            kind: h.kind,
+            context,
+        });
+    }
+    if h.seq != *seq + 1 {
+        return Err(WireError::Sequence {
+            stream,
+            expected: *seq + 1,
+            got: h.seq,
+        });
+    }
+    *seq = h.seq;
+    Ok(payload)
+}
+
 /// Encodes a control message.
 pub fn encode_control(msg: &ControlMsg) -> Vec<u8> {
     let v = serde_json::to_vec(msg).expect("control messages always serialise");
