@@ -392,10 +392,12 @@ pub fn stage() -> Result<Outcome> {
     // inside the TCG guest) occasionally crashes the guest kernel, or hangs
     // it (once, before the guest VMM even registered): that is the
     // emulator, not ferry. Boot once more; a second crash or hang fails.
-    let trouble = guest_panic(&console).or_else(|| {
-        (status.code() == Some(124))
-            .then(|| format!("the VM hung: it did not finish within {VM_TIMEOUT_S} s"))
-    });
+    let trouble = guest_panic(&console)
+        .map(|p| format!("the guest kernel panicked ({p})"))
+        .or_else(|| {
+            (status.code() == Some(124))
+                .then(|| format!("the VM hung: it did not finish within {VM_TIMEOUT_S} s"))
+        });
     if let Some(panic) = trouble {
         println!("xtask rdma: {panic}; booting the VM once more");
         retried = Some(panic);
@@ -434,7 +436,7 @@ pub fn stage() -> Result<Outcome> {
     }
     ok.push(format!("the VM ran {vm_took}"));
     if let Some(first) = retried {
-        ok.push(format!("after one retry: on the first boot {first}"));
+        ok.push(format!("after one retry: on the first boot, {first}"));
     }
     if failed.is_empty() {
         Ok(Outcome::Ok(ok.join("; ")))
