@@ -380,19 +380,7 @@ impl Migration<'_> {
             phase: "setup",
             source,
         };
-        let mut reader_conn = control.try_clone().map_err(setup_err)?;
-        reader_conn.set_timeout(None).map_err(setup_err)?;
-        self.control = Some(control);
-        let acked: Arc<Vec<AtomicU64>> =
-            Arc::new((0..self.streams).map(|_| AtomicU64::new(0)).collect());
-        self.acked = acked.clone();
-        self.events = Some(spawn_control_reader(
-            ControlReader {
-                conn: reader_conn,
-                seq: 0,
-            },
-            acked,
-        ));
+        self.start_control_reader(control).map_err(setup_err)?;
         match self.wait_control("waiting for the target", SLOW_STEP_TIMEOUT)? {
             ControlMsg::SpecAck => {}
             other => {
@@ -742,6 +730,29 @@ impl Migration<'_> {
             c.shutdown();
         }
         Ok(Outcome { epoch: new_epoch })
+    }
+
+    /// Makes `control` this migration's control stream, with a reader
+    /// thread that counts the target's acks (fresh per connection) and
+    /// forwards everything else.
+    fn start_control_reader(
+        &mut self,
+        control: Box<dyn Conn>,
+    ) -> Result<(), ferry_transport::TransportError> {
+        let mut reader = control.try_clone()?;
+        reader.set_timeout(None)?;
+        self.control = Some(control);
+        let acked: Arc<Vec<AtomicU64>> =
+            Arc::new((0..self.streams).map(|_| AtomicU64::new(0)).collect());
+        self.acked = acked.clone();
+        self.events = Some(spawn_control_reader(
+            ControlReader {
+                conn: reader,
+                seq: 0,
+            },
+            acked,
+        ));
+        Ok(())
     }
 
     /// Sends COMMIT (the hand-off is recorded) and waits for COMMITTED.
@@ -1101,23 +1112,8 @@ impl Migration<'_> {
             &wire::encode_control(&ControlMsg::Resume { session: hex }),
         )
         .map_err(|e| PushEnd::Broke(e.to_string()))?;
-        let mut reader = control
-            .try_clone()
+        self.start_control_reader(control)
             .map_err(|e| PushEnd::Broke(e.to_string()))?;
-        reader
-            .set_timeout(None)
-            .map_err(|e| PushEnd::Broke(e.to_string()))?;
-        self.control = Some(control);
-        let acked: Arc<Vec<AtomicU64>> =
-            Arc::new((0..self.streams).map(|_| AtomicU64::new(0)).collect());
-        self.acked = acked.clone();
-        self.events = Some(spawn_control_reader(
-            ControlReader {
-                conn: reader,
-                seq: 0,
-            },
-            acked,
-        ));
         match self.wait_control("resuming post-copy", self.cfg.io_timeout) {
             Ok(ControlMsg::Resumed) => {}
             Ok(other) => {
