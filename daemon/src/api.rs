@@ -79,6 +79,10 @@ pub struct MigrateRequest {
     /// target broke, seconds, 1..=3600 (default 60).
     #[serde(default)]
     pub postcopy_grace_s: Option<u64>,
+    /// Post-copy: interval of the target's checkpoints, ms, 0 (none) or
+    /// 10..=60000 (default 1000). Half the grace must cover two.
+    #[serde(default)]
+    pub checkpoint_ms: Option<u64>,
     /// Downtime a policy may spend to force convergence of a guest that
     /// dirties memory faster than the link carries it, ms (default 2000).
     #[serde(default)]

@@ -190,6 +190,23 @@ pub fn source_config(req: &MigrateRequest) -> Result<SourceConfig, ApiError> {
         }
         cfg.postcopy_grace = Duration::from_secs(g);
     }
+    if let Some(ms) = req.checkpoint_ms {
+        if ms != 0 && !(10..=60_000).contains(&ms) {
+            return Err(bad(format!(
+                "\"checkpoint_ms\" must be 0 (none) or 10 to 60000, got {ms}"
+            )));
+        }
+        cfg.checkpoint_interval = Duration::from_millis(ms);
+    }
+    let lease_ms = cfg.postcopy_grace.as_millis() as u64 / 2;
+    let ckpt_ms = cfg.checkpoint_interval.as_millis() as u64;
+    if cfg.mode.may_postcopy() && ckpt_ms > 0 && lease_ms < 2 * ckpt_ms {
+        return Err(bad(format!(
+            "a post-copy grace of {} s is too short for checkpoints every {ckpt_ms} ms: \
+             the target's lease (half the grace) must cover two",
+            cfg.postcopy_grace.as_secs()
+        )));
+    }
     if let Some(ms) = req.downtime_max_ms {
         if !(1..=DOWNTIME_MS_MAX).contains(&ms) {
             return Err(bad(format!(
@@ -298,6 +315,7 @@ pub fn start_outgoing(d: &Arc<Daemon>, req: MigrateRequest) -> Result<String, Ap
                 Done::Back {
                     link: lent.link,
                     paused: false,
+                    epoch: None,
                 },
             );
         }
@@ -377,7 +395,11 @@ impl Outgoing {
                     self.to
                 );
                 self.mark_unknown(e.to_string());
-                Done::Back { link, paused: true }
+                Done::Back {
+                    link,
+                    paused: true,
+                    epoch: None,
+                }
             }
             Ok(Err(e)) => {
                 tracing::warn!("migration {id}: {e}; VM {} keeps running here", self.vm);
@@ -388,9 +410,14 @@ impl Outgoing {
                     };
                     self.metrics.finish(status, Some(e.to_string()));
                 }
+                // Taken back after a lost post-copy: ownership moved back
+                // with a new epoch.
+                let epoch = matches!(e, MigrationError::TakenBack(_))
+                    .then(|| self.metrics.snapshot().epoch);
                 Done::Back {
                     link: resumable(link),
                     paused: false,
+                    epoch,
                 }
             }
             Err(panic) => {
@@ -400,7 +427,11 @@ impl Outgoing {
                     self.vm
                 );
                 self.mark_unknown(format!("ferryd's migration thread panicked: {msg}"));
-                Done::Back { link, paused: true }
+                Done::Back {
+                    link,
+                    paused: true,
+                    epoch: None,
+                }
             }
         };
         self.d.vms.migration_done(&self.vm, &vm_id, done);

@@ -168,6 +168,8 @@ pub enum Done {
         link: LinkVm,
         /// True when the VM must stay paused.
         paused: bool,
+        /// A new epoch: the VM was taken back from a lost post-copy.
+        epoch: Option<u64>,
     },
 }
 
@@ -373,8 +375,15 @@ impl VmTable {
             return;
         };
         match done {
-            Done::Back { link, paused } => {
+            Done::Back {
+                link,
+                paused,
+                epoch,
+            } => {
                 e.link = Some(link);
+                if let Some(epoch) = epoch {
+                    e.epoch = epoch;
+                }
                 e.state = if paused {
                     VmState::Paused
                 } else {

@@ -66,4 +66,13 @@ pub enum MigrationError {
     /// and its memory, so that the pages can still be served.
     #[error("post-copy broke off: {0}; the VM runs on the target, the source keeps it paused with its memory")]
     PostcopyBroken(String),
+    /// Post-copy lost its target (gone past the grace, or its guest stopped
+    /// for good): the source runs the VM again from the last checkpoint the
+    /// target sent back. Guest time since that checkpoint is lost.
+    #[error("post-copy failed: {0}")]
+    TakenBack(String),
+    /// Target side: the guest here was stopped for good during post-copy
+    /// (lease ran out, or an error here); the source takes the VM back.
+    #[error("post-copy stopped here: {0}; the source takes the VM back from its last checkpoint")]
+    Fenced(String),
 }

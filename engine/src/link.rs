@@ -297,6 +297,11 @@ pub enum LinkMsg {
         /// The VMM's own check of its memory (paused for the check).
         verify: VerifyReport,
     },
+    /// ferryd -> source VMM, post-copy take-back: the paused VM's vCPU and
+    /// device state become this state (binary payload), a checkpoint of the
+    /// target whose pages ferryd wrote into guest memory. Reply: `Ok`; the
+    /// VM runs again on `Resume`.
+    Rollback,
     /// ferryd -> target VMM: COMMIT arrived; start the vCPUs.
     Run,
     /// ferryd -> VMM: report live numbers. Reply: `Stats`.
@@ -337,6 +342,7 @@ impl LinkMsg {
             LinkMsg::Resume => "resume",
             LinkMsg::Quit { .. } => "quit",
             LinkMsg::Restore => "restore",
+            LinkMsg::Rollback => "rollback",
             LinkMsg::Restored { .. } => "restored",
             LinkMsg::RestorePostcopy => "restore_postcopy",
             LinkMsg::PostcopyReady { .. } => "postcopy_ready",
@@ -415,6 +421,16 @@ impl Link {
         // SAFETY: one live pollfd, count 1, zero timeout: poll only reports.
         let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
         rc > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+    }
+
+    /// The process at the other end (SO_PEERCRED).
+    pub fn peer_pid(&self) -> Result<i32, LinkError> {
+        nix::sys::socket::getsockopt(&self.sock, nix::sys::socket::sockopt::PeerCredentials)
+            .map(|c| c.pid())
+            .map_err(|e| LinkError::Io {
+                op: "SO_PEERCRED",
+                source: e.into(),
+            })
     }
 
     /// Shuts the socket down both ways.

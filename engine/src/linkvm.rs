@@ -139,6 +139,21 @@ impl SourceVm for LinkVm {
     fn set_throttle(&mut self, percent: u8) -> Result<(), VmError> {
         self.simple("throttle", LinkMsg::Throttle { percent })
     }
+
+    fn can_rollback(&self) -> bool {
+        true
+    }
+
+    fn rollback(&mut self, state: &VmState) -> Result<(), VmError> {
+        let r = self
+            .link
+            .call(&LinkMsg::Rollback, &state.blob)
+            .map_err(link_err("rollback"))?;
+        match r.msg {
+            LinkMsg::Ok => Ok(()),
+            other => Err(expect("rollback", &other, "ok")),
+        }
+    }
 }
 
 impl TargetVm for LinkVm {
@@ -196,6 +211,42 @@ impl TargetVm for LinkVm {
         }
     }
 
+    fn start_checkpoints(&mut self) -> Result<bool, VmError> {
+        self.simple("start_dirty_log", LinkMsg::StartDirtyLog)?;
+        Ok(true)
+    }
+
+    fn checkpoint_begin(&mut self, bitmap: &mut [u64]) -> Result<VmState, VmError> {
+        let state = SourceVm::pause(self)?;
+        self.dirty_log("sync_dirty_log", LinkMsg::SyncDirtyLog, bitmap)?;
+        Ok(state)
+    }
+
+    fn checkpoint_end(&mut self) -> Result<(), VmError> {
+        self.simple("resume", LinkMsg::Resume)
+    }
+
+    fn stop_checkpoints(&mut self) -> Result<(), VmError> {
+        self.simple("stop_dirty_log", LinkMsg::StopDirtyLog)
+    }
+
+    /// Kills the VMM process at the other end of the link (found with
+    /// SO_PEERCRED, held as a pidfd so that a reused pid is never hit).
+    fn fencer(&mut self) -> Option<crate::vm::Fencer> {
+        let pid = match self.link.peer_pid() {
+            Ok(p) if p > 0 => p,
+            Ok(_) | Err(_) => return None,
+        };
+        let pidfd = match pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!("cannot hold the VMM's process (pid {pid}): {e}");
+                return None;
+            }
+        };
+        Some(Box::new(move || kill_and_wait(&pidfd, pid)))
+    }
+
     fn abort(&mut self, reason: &str) {
         let _ = self.link.send(
             &LinkMsg::Quit {
@@ -206,6 +257,57 @@ impl TargetVm for LinkVm {
         );
         let _ = self.link.recv();
         self.link.shutdown();
+    }
+}
+
+fn pidfd_open(pid: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
+    // or -1; no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// SIGKILLs the process behind `pidfd` and waits (up to 10 s) until it has
+/// exited: its vCPUs run no more once this returns `Ok`.
+fn kill_and_wait(pidfd: &std::os::fd::OwnedFd, pid: i32) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: pidfd_send_signal on a pidfd we own; no siginfo is passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        // ESRCH: it has exited already.
+        if e.raw_os_error() != Some(libc::ESRCH) {
+            return Err(format!("cannot kill the VMM (pid {pid}): {e}"));
+        }
+    }
+    let mut pfd = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // A pidfd becomes readable when its process has exited.
+    // SAFETY: one valid pollfd for the duration of the call.
+    let rc = unsafe { libc::poll(&mut pfd, 1, 10_000) };
+    if rc == 1 {
+        tracing::warn!("the VMM (pid {pid}) is killed: its guest runs no more");
+        Ok(())
+    } else {
+        Err(format!(
+            "the VMM (pid {pid}) was sent SIGKILL but had not exited after 10 s"
+        ))
     }
 }
 

@@ -117,6 +117,10 @@ pub struct MemSourceVm {
     pub resumes: u32,
     /// Every percentage `set_throttle` accepted, in order.
     pub throttles: Vec<u8>,
+    /// Post-copy take-back: the checkpoint state it was rolled back to.
+    pub rolled_back: Option<VmState>,
+    /// When `resume` was last called.
+    pub resumed_at: Option<Instant>,
 }
 
 impl MemSourceVm {
@@ -154,6 +158,8 @@ impl MemSourceVm {
             handed_off: None,
             resumes: 0,
             throttles: Vec::new(),
+            rolled_back: None,
+            resumed_at: None,
         };
         vm.start_guest();
         vm
@@ -362,6 +368,7 @@ impl SourceVm for MemSourceVm {
 
     fn resume(&mut self) -> Result<(), VmError> {
         self.resumes += 1;
+        self.resumed_at = Some(Instant::now());
         // As ferry-vmm: a VM that stays here runs at full speed again.
         self.shared.throttle_pct.store(0, Ordering::SeqCst);
         if self.writer.is_none() {
@@ -373,6 +380,21 @@ impl SourceVm for MemSourceVm {
     fn hand_off(&mut self, epoch: u64) -> Result<(), VmError> {
         self.stop_guest();
         self.handed_off = Some(epoch);
+        Ok(())
+    }
+
+    fn can_rollback(&self) -> bool {
+        true
+    }
+
+    fn rollback(&mut self, state: &VmState) -> Result<(), VmError> {
+        if self.writer.is_some() {
+            return Err(VmError::Request {
+                op: "rollback",
+                message: "the VM runs".into(),
+            });
+        }
+        self.rolled_back = Some(state.clone());
         Ok(())
     }
 
@@ -404,6 +426,16 @@ pub struct TargetLog {
     pub postcopy_writes: std::collections::HashMap<u64, u64>,
     /// Post-copy: pages its guest read or wrote before post-copy ended.
     pub postcopy_touches: u64,
+    /// Post-copy: every write of its guest, (page, version), in order; the
+    /// guest's progress counter is its length.
+    pub writes: Vec<(u64, u64)>,
+    /// Post-copy: the progress counter at each checkpoint.
+    pub checkpoints: Vec<u64>,
+    /// When its guest was stopped for good (fenced); nothing was written
+    /// after.
+    pub fenced: Option<Instant>,
+    /// Set by a test: the VMM "dies" (its guest stops, `check` fails).
+    pub die: bool,
 }
 
 /// A target VM that records requests; shares its log with the test.
@@ -421,6 +453,25 @@ pub struct MemTargetVm {
     pub run_delay: Duration,
     userfault: Option<userfaultfd::Uffd>,
     guest: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
+    /// Pauses and stops of the post-copy guest, and its dirty log.
+    ctl: Arc<GuestCtl>,
+}
+
+/// The post-copy guest's controls: a write happens only with `state`
+/// locked, not paused and not stopped (a write never faults: its page was
+/// read first), so that pausing or fencing it never waits for a fault.
+#[derive(Default)]
+struct GuestCtl {
+    state: Mutex<CtlState>,
+    resumed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct CtlState {
+    paused: bool,
+    fenced: bool,
+    /// Checkpoints on: the pages written since the last checkpoint.
+    dirty: Option<DirtyBitmap>,
 }
 
 impl MemTargetVm {
@@ -434,6 +485,7 @@ impl MemTargetVm {
             run_delay: Duration::ZERO,
             userfault: None,
             guest: None,
+            ctl: Arc::default(),
         }
     }
 
@@ -456,7 +508,7 @@ impl Drop for MemTargetVm {
 
 /// The post-copy guest of [`MemTargetVm`]: touches pages at random, reading
 /// most and rewriting every fourth with a new version, until stopped.
-fn postcopy_guest(view: &GuestMem, log: &Mutex<TargetLog>, stop: &AtomicBool) {
+fn postcopy_guest(view: &GuestMem, log: &Mutex<TargetLog>, stop: &AtomicBool, ctl: &GuestCtl) {
     let pages = view.pages();
     let mut x: u64 = 0x2545_F491_4F6C_DD1D;
     let mut version = 1_000_000;
@@ -466,18 +518,27 @@ fn postcopy_guest(view: &GuestMem, log: &Mutex<TargetLog>, stop: &AtomicBool) {
         x ^= x >> 7;
         x ^= x << 17;
         let page = x % pages;
+        // Every access reads first: the fault (if any) happens here.
+        view.page(PageIndex(page))
+            .expect("in range")
+            .read_slice(&mut word, 0)
+            .expect("page read");
         if x.is_multiple_of(4) {
+            let mut st = ctl.state.lock().unwrap_or_else(|p| p.into_inner());
+            while st.paused && !st.fenced {
+                st = ctl.resumed.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+            if st.fenced || stop.load(Ordering::Acquire) {
+                return;
+            }
             version += 1;
             write_page(view, page, version);
-            log.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .postcopy_writes
-                .insert(page, version);
-        } else {
-            view.page(PageIndex(page))
-                .expect("in range")
-                .read_slice(&mut word, 0)
-                .expect("page read");
+            if let Some(d) = st.dirty.as_mut() {
+                d.set(page);
+            }
+            let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
+            l.postcopy_writes.insert(page, version);
+            l.writes.push((page, version));
         }
         log.lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -519,10 +580,15 @@ impl TargetVm for MemTargetVm {
         self.log.lock().unwrap_or_else(|p| p.into_inner()).running = Some(epoch);
         if self.userfault.is_some() {
             let stop = Arc::new(AtomicBool::new(false));
-            let (view, log, s) = (self.view.clone(), self.log.clone(), stop.clone());
+            let (view, log, s, ctl) = (
+                self.view.clone(),
+                self.log.clone(),
+                stop.clone(),
+                self.ctl.clone(),
+            );
             let t = std::thread::Builder::new()
                 .name("memvm-pc-guest".into())
-                .spawn(move || postcopy_guest(&view, &log, &s))
+                .spawn(move || postcopy_guest(&view, &log, &s, &ctl))
                 .expect("spawning a thread");
             self.guest = Some((stop, t));
         }
@@ -578,7 +644,72 @@ impl TargetVm for MemTargetVm {
     }
 
     fn check(&mut self) -> Result<(), VmError> {
+        if self.log.lock().unwrap_or_else(|p| p.into_inner()).die {
+            self.stop_guest();
+            return Err(VmError::Request {
+                op: "check",
+                message: "the VMM died (test)".into(),
+            });
+        }
         Ok(())
+    }
+
+    fn start_checkpoints(&mut self) -> Result<bool, VmError> {
+        self.ctl
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .dirty = Some(DirtyBitmap::new(self.view.pages()));
+        Ok(true)
+    }
+
+    fn checkpoint_begin(&mut self, bitmap: &mut [u64]) -> Result<VmState, VmError> {
+        let mut st = self.ctl.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.paused = true;
+        if let Some(d) = st.dirty.as_mut() {
+            for (o, w) in bitmap.iter_mut().zip(d.words_mut().iter_mut()) {
+                *o |= std::mem::take(w);
+            }
+        }
+        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        let progress = log.writes.len() as u64;
+        log.checkpoints.push(progress);
+        Ok(VmState {
+            blob: progress.to_le_bytes().to_vec(),
+            progress,
+        })
+    }
+
+    fn checkpoint_end(&mut self) -> Result<(), VmError> {
+        self.ctl
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .paused = false;
+        self.ctl.resumed.notify_all();
+        Ok(())
+    }
+
+    fn stop_checkpoints(&mut self) -> Result<(), VmError> {
+        self.ctl
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .dirty = None;
+        Ok(())
+    }
+
+    fn fencer(&mut self) -> Option<crate::vm::Fencer> {
+        let (ctl, log) = (self.ctl.clone(), self.log.clone());
+        Some(Box::new(move || {
+            ctl.state.lock().unwrap_or_else(|p| p.into_inner()).fenced = true;
+            ctl.resumed.notify_all();
+            log.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .fenced
+                .get_or_insert_with(Instant::now);
+            Ok(())
+        }))
     }
 
     fn abort(&mut self, reason: &str) {

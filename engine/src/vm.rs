@@ -102,7 +102,29 @@ pub trait SourceVm: Send {
         let _ = percent;
         Err(VmError::Unsupported { op: "set_throttle" })
     }
+    /// Post-copy take-back: the paused VM's vCPU and device state become
+    /// `state` (a checkpoint of the target's, whose pages the engine wrote
+    /// into guest memory already). The engine then calls
+    /// [`Self::resume`]. Never called while the VM runs.
+    ///
+    /// Optional: without it a source can take a VM back only from the
+    /// instant of the switch (no checkpoint applied). The default refuses
+    /// with [`VmError::Unsupported`].
+    fn rollback(&mut self, state: &VmState) -> Result<(), VmError> {
+        let _ = state;
+        Err(VmError::Unsupported { op: "rollback" })
+    }
+    /// Whether [`Self::rollback`] works. Without it, post-copy asks the
+    /// target for no checkpoints.
+    fn can_rollback(&self) -> bool {
+        false
+    }
 }
+
+/// Stops a target's guest for good from any thread, even while the engine
+/// is inside a request to the VMM: kills the VMM and returns once it is
+/// gone (an error if that could not be confirmed).
+pub type Fencer = Box<dyn FnOnce() -> Result<(), String> + Send>;
 
 /// The target side: a VM being received.
 pub trait TargetVm: Send {
@@ -136,6 +158,40 @@ pub trait TargetVm: Send {
         Err(VmError::Unsupported {
             op: "postcopy_done",
         })
+    }
+    /// Post-copy, after [`Self::restore_postcopy`] and before `run`: starts
+    /// logging the guest's writes for checkpoints. Returns false when the
+    /// VM cannot checkpoint (the default): post-copy then runs without
+    /// them, and a lost target loses the VM.
+    fn start_checkpoints(&mut self) -> Result<bool, VmError> {
+        Ok(false)
+    }
+    /// Pauses the vCPUs, ORs into `bitmap` the pages the guest wrote since
+    /// the last call (or since `start_checkpoints`), and returns the state
+    /// of this instant. The guest stays paused until
+    /// [`Self::checkpoint_end`]: the engine copies the pages meanwhile.
+    fn checkpoint_begin(&mut self, bitmap: &mut [u64]) -> Result<VmState, VmError> {
+        let _ = bitmap;
+        Err(VmError::Unsupported {
+            op: "checkpoint_begin",
+        })
+    }
+    /// Runs the vCPUs again after [`Self::checkpoint_begin`].
+    fn checkpoint_end(&mut self) -> Result<(), VmError> {
+        Err(VmError::Unsupported {
+            op: "checkpoint_end",
+        })
+    }
+    /// Post-copy is over and the source let go: stops the logging
+    /// `start_checkpoints` began.
+    fn stop_checkpoints(&mut self) -> Result<(), VmError> {
+        Ok(())
+    }
+    /// A way to stop the guest for good from another thread (the lease
+    /// watchdog of post-copy). Required when `start_checkpoints` returns
+    /// true; the default has none.
+    fn fencer(&mut self) -> Option<Fencer> {
+        None
     }
 }
 

@@ -76,7 +76,13 @@ struct Run {
     target_crc: Option<u32>,
     target_mem: Option<Arc<GuestMem>>,
     snapshot: ferry_engine::Snapshot,
+    /// The source's memory before the migration (guests that write
+    /// nothing on the source).
+    source_before: Option<Vec<u8>>,
 }
+
+/// Something a test does while the migration runs (from its own thread).
+type During = Box<dyn FnOnce(Arc<Mutex<TargetLog>>) + Send>;
 
 fn migrate(
     t: &InProcTransport,
@@ -122,6 +128,7 @@ fn migrate_slow_target(
         cancel,
         run_delay,
         target_cancel,
+        None,
     )
 }
 
@@ -137,10 +144,22 @@ fn migrate_pattern(
     cancel: Cancel,
     run_delay: Duration,
     target_cancel: Cancel,
+    during: Option<During>,
 ) -> Run {
     let spec = spec(mib);
     let mem = Arc::new(GuestMem::create(&spec).unwrap());
     populate(&mem);
+    let source_before = (rate == 0).then(|| {
+        use vm_memory::Bytes;
+        let mut all = vec![0u8; (mem.pages() * 4096) as usize];
+        for (p, chunk) in all.chunks_exact_mut(4096).enumerate() {
+            mem.page(ferry_engine::PageIndex(p as u64))
+                .unwrap()
+                .read_slice(chunk, 0)
+                .unwrap();
+        }
+        all
+    });
     let mut vm = MemSourceVm::with_pattern(mem.clone(), rate, 42, hot, partial);
     let mut listener = t.listen("target").unwrap();
     let acceptor = Arc::new(Acceptor::new(key_dst));
@@ -204,6 +223,10 @@ fn migrate_pattern(
             }));
         }
     });
+    let action = during.map(|f| {
+        let log = target_log.clone();
+        std::thread::spawn(move || f(log))
+    });
     let metrics = Arc::new(Metrics::new("m1", "vm0", "source", "target"));
     let result = migrate_out(
         t,
@@ -219,6 +242,9 @@ fn migrate_pattern(
     )
     .map(|o| o.epoch);
     let target = target.join().unwrap();
+    if let Some(a) = action {
+        a.join().unwrap();
+    }
     Run {
         result,
         target_crc: target.as_ref().ok().map(|t| t.1),
@@ -228,6 +254,7 @@ fn migrate_pattern(
         source_mem: mem,
         target_log,
         snapshot: metrics.snapshot(),
+        source_before,
     }
 }
 
@@ -276,6 +303,10 @@ fn check_invariant(r: &Run) {
                 assert!(log.aborted.is_none(), "the target quit a running VM: {e}");
             }
         }
+        Err(e @ MigrationError::TakenBack(_)) => {
+            assert!(r.source_vm.running(), "source VM not resumed after {e}");
+            check_taken_back(r);
+        }
         Err(e) => {
             assert!(r.source_vm.running(), "source VM not resumed after {e}");
             assert!(r.source_vm.handed_off.is_none());
@@ -318,6 +349,171 @@ fn check_postcopy_memory(r: &Run) {
             }
         }
     }
+}
+
+/// After a take-back: the target's guest was stopped before the source's
+/// ran, the source runs the VM from the checkpoint it rolled back to, and
+/// its memory holds, page by page, the target guest's last write before
+/// that checkpoint or else what it held before the migration.
+fn check_taken_back(r: &Run) {
+    use vm_memory::Bytes;
+    let e = r.result.as_ref().unwrap_err();
+    assert!(r.source_vm.running(), "source VM not resumed after {e}");
+    assert!(r.source_vm.handed_off.is_none(), "{e}");
+    assert!(r.target.is_err(), "the target kept the VM after {e}");
+    assert_eq!(r.snapshot.status, Status::Failed, "{e}");
+    assert_eq!(r.snapshot.epoch, 9, "ownership came back with a new epoch");
+    let log = r.target_log.lock().unwrap();
+    let fenced = log.fenced.expect("the target's guest was not stopped");
+    let resumed = r.source_vm.resumed_at.expect("the source never resumed");
+    assert!(
+        fenced < resumed,
+        "the source ran the VM before the target's guest was stopped"
+    );
+    let progress = r.source_vm.rolled_back.as_ref().map_or(0, |s| s.progress);
+    let from = r
+        .snapshot
+        .postcopy
+        .as_ref()
+        .and_then(|p| p.taken_back_from)
+        .expect("taken_back_from");
+    assert_eq!(from == 0, r.source_vm.rolled_back.is_none());
+    assert!(
+        progress == 0 || log.checkpoints.contains(&progress),
+        "rolled back to progress {progress}, not a checkpoint: {:?}",
+        log.checkpoints
+    );
+    let Some(before) = &r.source_before else {
+        return;
+    };
+    let mut last = std::collections::HashMap::new();
+    for &(p, v) in &log.writes[..progress as usize] {
+        last.insert(p, v);
+    }
+    let mut a = vec![0u8; 4096];
+    for p in 0..r.source_mem.pages() {
+        r.source_mem
+            .page(ferry_engine::PageIndex(p))
+            .unwrap()
+            .read_slice(&mut a, 0)
+            .unwrap();
+        match last.get(&p) {
+            Some(&v) => {
+                let want = ferry_engine::memvm::stamp(p, v).to_le_bytes();
+                assert!(
+                    a.chunks_exact(8).all(|w| w == want),
+                    "page {p}: the target guest's write {v} before the checkpoint is missing"
+                );
+            }
+            None => assert!(
+                a[..] == before[p as usize * 4096..(p as usize + 1) * 4096],
+                "page {p} changed, but not by a write before the checkpoint"
+            ),
+        }
+    }
+}
+
+/// Waits (up to 30 s) until the target has taken `n` checkpoints.
+fn wait_checkpoints(log: &Mutex<TargetLog>, n: usize) {
+    let t0 = std::time::Instant::now();
+    while log.lock().unwrap().checkpoints.len() < n {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no {n} checkpoints in 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn takeback_cfg(checkpoint_ms: u64, grace_s: u64) -> SourceConfig {
+    SourceConfig {
+        // 32 MiB at 4 MiB/s: post-copy lasts seconds.
+        bandwidth_mib_s: Some(4),
+        checkpoint_interval: Duration::from_millis(checkpoint_ms),
+        postcopy_grace: Duration::from_secs(grace_s),
+        ..postcopy_cfg(ferry_engine::Mode::Postcopy)
+    }
+}
+
+/// [`migrate_pattern`] of an idle source guest with `during` alongside.
+fn migrate_during(t: &InProcTransport, cfg: SourceConfig, during: During) -> Run {
+    let key = Key::generate().unwrap();
+    migrate_pattern(
+        t,
+        32,
+        (0, 0, false),
+        cfg,
+        (key.clone(), key),
+        Cancel::new(),
+        Duration::ZERO,
+        Cancel::new(),
+        Some(during),
+    )
+}
+
+#[test]
+fn postcopy_takes_the_vm_back_from_its_last_checkpoint_when_the_target_vmm_dies() {
+    let t = InProcTransport::new();
+    // A long grace: the take-back must come from the target's FENCED, not
+    // from the grace running out.
+    let r = migrate_during(
+        &t,
+        takeback_cfg(100, 120),
+        Box::new(|log| {
+            wait_checkpoints(&log, 4);
+            log.lock().unwrap().die = true;
+        }),
+    );
+    let e = r.result.as_ref().unwrap_err();
+    assert!(
+        matches!(e, MigrationError::TakenBack(m) if m.contains("the target stopped")),
+        "{e}"
+    );
+    check_taken_back(&r);
+    let pc = r.snapshot.postcopy.clone().unwrap();
+    assert!(pc.checkpoints >= 1, "{pc:?}");
+    assert!(pc.taken_back_from.unwrap() >= 1, "{pc:?}");
+}
+
+#[test]
+fn postcopy_takes_the_vm_back_after_a_partition_longer_than_the_lease() {
+    let t = InProcTransport::new();
+    let t2 = t.clone();
+    let r = migrate_during(
+        &t,
+        takeback_cfg(200, 3),
+        Box::new(move |log| {
+            wait_checkpoints(&log, 3);
+            t2.partition(true);
+        }),
+    );
+    let e = r.result.as_ref().unwrap_err();
+    assert!(matches!(e, MigrationError::TakenBack(_)), "{e}");
+    check_taken_back(&r);
+    // The target stopped its guest by itself (nobody could tell it).
+    let target = r.target.as_ref().unwrap_err();
+    assert!(target.contains("no checkpoint acknowledged"), "{target}");
+}
+
+#[test]
+fn postcopy_rides_out_a_partition_shorter_than_the_lease() {
+    let t = InProcTransport::new();
+    let t2 = t.clone();
+    let r = migrate_during(
+        &t,
+        takeback_cfg(200, 8),
+        Box::new(move |log| {
+            wait_checkpoints(&log, 3);
+            t2.partition(true);
+            std::thread::sleep(Duration::from_millis(600));
+            t2.partition(false);
+        }),
+    );
+    check_invariant(&r);
+    assert!(r.result.is_ok(), "{:?}", r.result);
+    let pc = r.snapshot.postcopy.clone().unwrap();
+    assert!(pc.reconnects >= 1, "{pc:?}");
+    assert!(r.target_log.lock().unwrap().fenced.is_none());
 }
 
 fn postcopy_cfg(mode: ferry_engine::Mode) -> SourceConfig {
@@ -475,6 +671,7 @@ fn xor_delta_moves_rewritten_pages_as_small_deltas_and_keeps_every_write() {
         Cancel::new(),
         Duration::ZERO,
         Cancel::new(),
+        None,
     );
     assert!(r.result.is_ok(), "{:?}", r.result);
     check_invariant(&r);
@@ -519,6 +716,7 @@ fn with_a_cache_as_large_as_the_guest_every_first_resend_is_a_delta() {
         Cancel::new(),
         Duration::ZERO,
         Cancel::new(),
+        None,
     );
     assert!(r.result.is_ok(), "{:?}", r.result);
     check_invariant(&r);
@@ -552,6 +750,7 @@ fn without_xor_delta_the_same_pages_cost_their_full_size() {
         Cancel::new(),
         Duration::ZERO,
         Cancel::new(),
+        None,
     );
     assert!(r.result.is_ok(), "{:?}", r.result);
     check_invariant(&r);
@@ -577,6 +776,7 @@ fn hot_pages_are_held_for_the_final_round() {
         Cancel::new(),
         Duration::ZERO,
         Cancel::new(),
+        None,
     );
     check_invariant(&r);
     let rounds = &r.snapshot.rounds;

@@ -28,13 +28,22 @@
 //! PostcopyDone     Verified{verify}         every page arrived: close the uffd, check
 //!                                           memory (guest paused for the check)
 //! Run              Ok                       target: the VM runs from here on
+//! Rollback + blob  Ok                       source, paused, post-copy take-back: the
+//!                                           vCPU state becomes the checkpoint's
+//!                                           (ferryd wrote its pages); Resume runs it
 //! GetStats         Stats{progress,running,phase,throttle_pct}
 //! Throttle{p}      Ok (Error if p > 99)     vCPU runs (100-p)% of wall time; 0 = full
 //! Quit             Ok, then exit 0          hashes paused memory (--report) first
 //! anything else    Error{message}
 //! ```
 //!
-//! When the link reaches EOF (ferryd died) the VMM does not guess: a running
+//! A post-copy target whose guest runs under a lease (StartDirtyLog after
+//! RestorePostcopy: ferryd checkpoints it) pauses for checkpoints without
+//! hashing memory, and when its link reaches EOF it exits at once: nobody
+//! renews the lease any more, and the source takes the VM back from the
+//! last checkpoint.
+//!
+//! Otherwise, when the link reaches EOF (ferryd died) the VMM does not guess: a running
 //! guest keeps running, and a paused guest stays paused, because ferryd may
 //! already have handed it to another host and resuming could run it twice.
 //! The operator decides (kill the VMM to discard it). A running guest that
@@ -92,6 +101,10 @@ pub struct LinkServer {
     /// Post-copy: the userfaultfd over guest memory, kept open until
     /// `PostcopyDone` (ferryd dying must leave faulting vCPUs waiting).
     userfault: Option<userfaultfd::Uffd>,
+    /// Restored for post-copy (until the dirty log stops).
+    postcopy: bool,
+    /// Post-copy under a lease: ferryd checkpoints this guest.
+    leased: bool,
 }
 
 fn expect_registered(r: Received) -> Result<(String, Option<VmSpec>, Received), LinkServerError> {
@@ -146,6 +159,8 @@ impl LinkServer {
             report,
             pending_hash: None,
             userfault: None,
+            postcopy: false,
+            leased: false,
         })
     }
 
@@ -215,6 +230,8 @@ impl LinkServer {
             report,
             pending_hash: None,
             userfault: None,
+            postcopy: false,
+            leased: false,
         })
     }
 
@@ -286,6 +303,10 @@ impl LinkServer {
         Ok(match req.msg {
             LinkMsg::StartDirtyLog => {
                 m.start_dirty_log()?;
+                if self.postcopy && !self.leased {
+                    tracing::info!("post-copy: checkpoints on; this VMM exits if ferryd goes");
+                    self.leased = true;
+                }
                 (LinkMsg::Ok, vec![])
             }
             LinkMsg::PeekDirtyLog => {
@@ -311,14 +332,22 @@ impl LinkServer {
             }
             LinkMsg::StopDirtyLog => {
                 m.stop_dirty_log()?;
+                self.leased = false;
+                self.postcopy = false;
                 (LinkMsg::Ok, vec![])
             }
             LinkMsg::Pause => {
                 let fresh = m.lifecycle() != Lifecycle::Paused;
                 let p = m.pause()?;
-                tracing::info!("paused at progress {} in {:?}", p.progress, p.latency);
-                if fresh {
-                    self.start_hash(p.progress, p.latency.as_micros() as u64);
+                if self.leased {
+                    // A checkpoint: brief, frequent, and memory may still be
+                    // arriving; no hash.
+                    tracing::debug!("checkpoint pause at progress {}", p.progress);
+                } else {
+                    tracing::info!("paused at progress {} in {:?}", p.progress, p.latency);
+                    if fresh {
+                        self.start_hash(p.progress, p.latency.as_micros() as u64);
+                    }
                 }
                 (
                     LinkMsg::Paused {
@@ -332,8 +361,10 @@ impl LinkServer {
                 let m = &mut self.machine;
                 m.resume()?;
                 let progress = m.counters()?.progress;
-                tracing::info!("resumed at progress {progress}");
-                self.event("resumed", json!({"progress": progress}));
+                if !self.leased {
+                    tracing::info!("resumed at progress {progress}");
+                    self.event("resumed", json!({"progress": progress}));
+                }
                 (LinkMsg::Ok, vec![])
             }
             LinkMsg::Restore => {
@@ -345,6 +376,15 @@ impl LinkServer {
                     serde_json::to_value(&verify).unwrap_or_default(),
                 );
                 (LinkMsg::Restored { verify }, vec![])
+            }
+            LinkMsg::Rollback => {
+                m.rollback(&req.bin)?;
+                // Memory changed under the paused state: its hash is moot.
+                self.pending_hash = None;
+                let progress = self.machine.counters()?.progress;
+                tracing::warn!("rolled back to a post-copy checkpoint at progress {progress}");
+                self.event("rolled_back", json!({"progress": progress}));
+                (LinkMsg::Ok, vec![])
             }
             LinkMsg::PostcopyDone => {
                 // Every page is here and mapped: closing our descriptor (after
@@ -461,6 +501,7 @@ impl LinkServer {
         tracing::info!("restored for post-copy; guest memory behind a userfaultfd");
         self.event("restored", json!({"postcopy": true}));
         self.userfault = Some(uffd);
+        self.postcopy = true;
         Ok((self.machine.ram().host_addr(), fd))
     }
 
@@ -528,6 +569,16 @@ impl LinkServer {
 
     fn link_closed(&mut self) -> Outcome {
         let state = self.machine.lifecycle();
+        if self.leased {
+            // Nobody renews the lease: the source takes the VM back from the
+            // last checkpoint, so this guest must not run on.
+            tracing::error!(
+                "ferryd link closed during post-copy under a lease; exiting so that the \
+                 guest runs only on the source"
+            );
+            self.event("link_closed", json!({"state": "leased", "exit": true}));
+            std::process::exit(3);
+        }
         let throttle_pct = self.machine.throttle_pct();
         if throttle_pct > 0 {
             match self.machine.set_throttle(0) {

@@ -268,6 +268,35 @@ impl Machine {
         Ok(())
     }
 
+    /// Post-copy take-back: loads `blob` (a checkpoint of the target,
+    /// whose pages ferryd wrote into memory) into the paused VM. It stays
+    /// paused until `resume`.
+    pub fn rollback(&mut self, blob: &[u8]) -> Result<(), MachineError> {
+        if self.lifecycle != Lifecycle::Paused {
+            return Err(self.lifecycle_err("rollback"));
+        }
+        let state = VmStateBlob::decode(blob)?;
+        let dev = &state.device;
+        if dev.mem_bytes != self.config.mem_bytes
+            || state.vcpus.len() != 1
+            || dev.workload != self.config.workload
+        {
+            return Err(MachineError::Mismatch(format!(
+                "checkpoint is for {} bytes, {} vCPUs and workload {}; this VM has {} bytes, \
+                 1 vCPU and workload {}",
+                dev.mem_bytes,
+                state.vcpus.len(),
+                dev.workload,
+                self.config.mem_bytes,
+                self.config.workload
+            )));
+        }
+        self.vcpu.restore(state.vcpus[0], self.pacing())?;
+        // The state of the pause is not this VM's any more.
+        self.paused = None;
+        Ok(())
+    }
+
     /// Runs the guest: from Ready or Paused; no-op when running.
     pub fn run(&mut self) -> Result<(), MachineError> {
         match self.lifecycle {

@@ -227,6 +227,7 @@ fn migrate_args(args: &CompareArgs, transport: Transport, streams: u32) -> Migra
         bandwidth_mib_s: None,
         policy: None,
         mode: ferry_engine::Mode::Precopy,
+        checkpoint_ms: None,
         downtime_max_ms: None,
         xor_cache_mib: None,
         time_max_s: args.time_max_s,

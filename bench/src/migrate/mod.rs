@@ -123,6 +123,10 @@ pub struct MigrateArgs {
     /// they do not converge).
     #[arg(long, default_value = "precopy")]
     pub mode: ferry_engine::Mode,
+    /// Post-copy: the target's checkpoint interval, ms; 0: none (default:
+    /// ferryd's, 1000).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub checkpoint_ms: Option<u64>,
     /// Downtime a policy may spend to force convergence of a guest that
     /// dirties faster than the link carries, ms (default: ferryd's).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=60_000))]
@@ -317,6 +321,7 @@ fn run_on(tb: &mut Testbed, args: &MigrateArgs, ui: &mut Ui) -> Result<BenchResu
         policy: args.policy.map(|p| p.name().to_string()),
         mode: Some(args.mode.name().into()),
         postcopy_grace_s: None,
+        checkpoint_ms: args.checkpoint_ms,
         downtime_max_ms: args.downtime_max_ms,
         xor_cache_mib: args.xor_cache_mib,
         disk_fs_aware: args.disk_fs_aware,

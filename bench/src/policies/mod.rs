@@ -181,6 +181,7 @@ fn migrate_args(
         bandwidth_mib_s: Some(args.bandwidth_mib_s),
         policy: Some(p),
         mode: ferry_engine::Mode::Precopy,
+        checkpoint_ms: None,
         downtime_max_ms: args.downtime_max_ms,
         xor_cache_mib: args.xor_cache_mib,
         time_max_s: Some(args.time_max_s),

@@ -128,6 +128,12 @@ pub struct MigrateArgs {
     /// the target broke (1-3600) [default: 60].
     #[arg(long, value_name = "S")]
     pub postcopy_grace_s: Option<u64>,
+    /// Post-copy: the target sends back a checkpoint (pages its guest wrote,
+    /// vCPU state) every MS milliseconds; a lost target's VM is taken back
+    /// from the last one. 0 turns checkpoints (and take-back) off
+    /// [default: 1000].
+    #[arg(long, value_name = "MS")]
+    pub checkpoint_ms: Option<u64>,
     /// Downtime mp / adaptive may spend to force convergence of a guest that
     /// dirties memory faster than the link carries it, ms [default: 2000].
     #[arg(long, value_name = "MS")]
@@ -283,6 +289,7 @@ fn migrate(client: &Client, a: &MigrateArgs) -> Result<u8, Fail> {
         policy: a.policy.clone(),
         mode: a.mode.clone(),
         postcopy_grace_s: a.postcopy_grace_s,
+        checkpoint_ms: a.checkpoint_ms,
         downtime_max_ms: a.downtime_max_ms,
         xor_cache_mib: a.xor_cache_mib,
         disk_fs_aware: a.disk_fs_aware,

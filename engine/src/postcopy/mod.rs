@@ -29,6 +29,7 @@
 //! been given is never written by ferryd again, so no late copy can
 //! overwrite what the guest wrote since.
 
+pub(crate) mod checkpoint;
 pub(crate) mod source;
 pub(crate) mod target;
 
@@ -317,6 +318,23 @@ pub struct PostcopyStats {
     /// Times the connection broke and post-copy resumed on a new one.
     #[serde(default)]
     pub reconnects: u32,
+    /// Checkpoints the target sent back and the source applied (target:
+    /// acknowledged).
+    #[serde(default)]
+    pub checkpoints: u64,
+    /// Pages in them.
+    #[serde(default)]
+    pub checkpoint_pages: u64,
+    /// Target: the longest guest pause a checkpoint took, microseconds.
+    #[serde(default)]
+    pub checkpoint_pause_max_us: u64,
+    /// Target: the mean checkpoint pause, microseconds.
+    #[serde(default)]
+    pub checkpoint_pause_mean_us: u64,
+    /// Source: the target was lost and the VM runs here again, from this
+    /// checkpoint (0: from the switch, before any checkpoint).
+    #[serde(default)]
+    pub taken_back_from: Option<u64>,
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ pub mod pipeline;
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver};
@@ -62,10 +62,16 @@ pub struct SourceConfig {
     pub placement: crate::numa::PlacementPolicy,
     /// Pre-copy, post-copy, or pre-copy rounds then post-copy.
     pub mode: Mode,
-    /// How long a post-copy whose connection broke keeps reconnecting
-    /// before it gives up (the VM stays on the target, the source keeps it
-    /// paused).
+    /// How long a post-copy keeps reconnecting to a target it lost (from
+    /// the last word it heard) before it takes the VM back from the last
+    /// checkpoint. The target stops its guest for good after half of it
+    /// without a committed checkpoint, so the two never both run.
     pub postcopy_grace: Duration,
+    /// Post-copy: how often the target sends back a checkpoint (the pages
+    /// its guest wrote and its vCPU state), bounding the guest time a
+    /// take-back loses. Zero: no checkpoints, and a lost target loses the
+    /// VM (the source keeps it paused).
+    pub checkpoint_interval: Duration,
 }
 
 /// A disk that moves with the VM: a raw image the VMM keeps writing while
@@ -106,6 +112,7 @@ impl Default for SourceConfig {
             placement: crate::numa::PlacementPolicy::Auto,
             mode: Mode::Precopy,
             postcopy_grace: Duration::from_secs(60),
+            checkpoint_interval: Duration::from_secs(1),
         }
     }
 }
@@ -218,10 +225,16 @@ pub fn migrate_out(
         cfg,
         metrics: metrics.clone(),
         cancel,
+        checkpoints: cfg.mode.may_postcopy().then(|| {
+            Arc::new(crate::postcopy::checkpoint::SourceCheckpoints::new(
+                mem.clone(),
+            ))
+        }),
         mem,
         streams,
         control: None,
-        control_seq: 0,
+        rollback_ok: vm.can_rollback(),
+
         events: None,
         pipeline: None,
         paused: false,
@@ -266,6 +279,8 @@ enum Event {
     Stale(Vec<u8>),
     /// The target said ABORT: it holds no running VM.
     Aborted(String),
+    /// Post-copy: the target's guest is stopped for good (FENCED).
+    Fenced(String),
     /// The control stream failed.
     Failed(String),
 }
@@ -278,8 +293,12 @@ struct Migration<'a> {
     cancel: &'a Cancel,
     mem: Arc<GuestMem>,
     streams: u16,
-    control: Option<Box<dyn Conn>>,
-    control_seq: u64,
+    control: Option<Control>,
+    /// Post-copy with checkpoints: what the target sent back.
+    checkpoints: Option<Arc<crate::postcopy::checkpoint::SourceCheckpoints>>,
+    /// The VM can be rolled back to a checkpoint.
+    rollback_ok: bool,
+
     events: Option<Receiver<Event>>,
     pipeline: Option<Pipeline>,
     paused: bool,
@@ -306,6 +325,7 @@ impl Event {
             Event::Control(_) => "a control message",
             Event::Stale(_) => "a stale bitmap",
             Event::Aborted(_) => "ABORT",
+            Event::Fenced(_) => "FENCED",
             Event::Failed(_) => "a failure",
         }
     }
@@ -317,6 +337,8 @@ enum PushEnd {
     Broke(String),
     /// Nothing can go on.
     Fatal(String),
+    /// The target's guest is stopped for good (FENCED).
+    Fenced(String),
 }
 
 /// What reconnecting needs.
@@ -352,7 +374,7 @@ impl Migration<'_> {
     ) -> Result<Outcome, MigrationError> {
         let session: [u8; 16] = self.cfg.session.unwrap_or_else(crate::key::random_bytes);
         let mut data = Vec::with_capacity(self.streams as usize);
-        let mut control = self.connect(transport, to, key, &session, 0, &spec.name)?;
+        let control = self.connect(transport, to, key, &session, 0, &spec.name)?;
         for i in 1..=self.streams {
             data.push(self.connect(transport, to, key, &session, i, &spec.name)?);
         }
@@ -361,19 +383,6 @@ impl Migration<'_> {
             self.priority = Some(self.connect(transport, to, key, &session, p, &spec.name)?);
         }
         self.check_cancel()?;
-        // SPEC: the target creates memory and starts its VMM.
-        self.control_seq += 1;
-        let msg = wire::encode_control(&ControlMsg::Spec {
-            spec: spec.clone(),
-            epoch,
-            mode: self.cfg.mode,
-        });
-        wire::send_frame(&mut *control, FrameKind::Control, 0, self.control_seq, &msg).map_err(
-            |source| MigrationError::Protocol {
-                phase: "sending the spec",
-                source,
-            },
-        )?;
         // The reader thread owns receiving from here on; waits below poll its
         // channel, so a cancel is seen within 50 ms whatever the target does.
         let setup_err = |source| MigrationError::Transport {
@@ -381,6 +390,16 @@ impl Migration<'_> {
             source,
         };
         self.start_control_reader(control).map_err(setup_err)?;
+        // SPEC: the target creates memory and starts its VMM.
+        self.send_control(&ControlMsg::Spec {
+            spec: spec.clone(),
+            epoch,
+            mode: self.cfg.mode,
+        })
+        .map_err(|source| MigrationError::Protocol {
+            phase: "sending the spec",
+            source,
+        })?;
         match self.wait_control("waiting for the target", SLOW_STEP_TIMEOUT)? {
             ControlMsg::SpecAck => {}
             other => {
@@ -697,7 +716,7 @@ impl Migration<'_> {
         self.send_state_and_prepare(&state, totals, false)?;
         self.metrics.update(|s| s.status = Status::Committing);
         let verify = match self.wait_control("waiting for PREPARED", SLOW_STEP_TIMEOUT)? {
-            ControlMsg::Prepared { verify } => verify,
+            ControlMsg::Prepared { verify, .. } => verify,
             ControlMsg::Abort { reason } => return Err(MigrationError::PeerAborted(reason)),
             other => return Err(unexpected("waiting for PREPARED", Incoming::Control(other))),
         };
@@ -727,7 +746,7 @@ impl Migration<'_> {
             tracing::error!("the VM runs on the target but the local VMM did not stop: {e}");
         }
         if let Some(c) = &self.control {
-            c.shutdown();
+            c.handle.shutdown();
         }
         Ok(Outcome { epoch: new_epoch })
     }
@@ -741,7 +760,15 @@ impl Migration<'_> {
     ) -> Result<(), ferry_transport::TransportError> {
         let mut reader = control.try_clone()?;
         reader.set_timeout(None)?;
-        self.control = Some(control);
+        let handle = control.try_clone()?;
+        let tx = Arc::new(Mutex::new(ControlTx {
+            conn: control,
+            seq: 0,
+        }));
+        self.control = Some(Control {
+            tx: tx.clone(),
+            handle,
+        });
         let acked: Arc<Vec<AtomicU64>> =
             Arc::new((0..self.streams).map(|_| AtomicU64::new(0)).collect());
         self.acked = acked.clone();
@@ -749,6 +776,10 @@ impl Migration<'_> {
             ControlReader {
                 conn: reader,
                 seq: 0,
+                pages: self.mem.pages(),
+                checkpoints: self.checkpoints.clone(),
+                staging: None,
+                tx,
             },
             acked,
         ));
@@ -807,16 +838,8 @@ impl Migration<'_> {
             .flat_map(|w| w.to_le_bytes())
             .collect();
         let phase = "sending the stale bitmap";
-        let control = self.control.as_mut().expect("control stream open");
-        self.control_seq += 1;
-        wire::send_frame(
-            &mut **control,
-            FrameKind::Stale,
-            0,
-            self.control_seq,
-            &stale,
-        )
-        .map_err(|source| MigrationError::Protocol { phase, source })?;
+        self.send_frame(FrameKind::Stale, &stale)
+            .map_err(|source| MigrationError::Protocol { phase, source })?;
         self.metrics
             .wire_bytes
             .fetch_add(stale.len() as u64 + 24, Ordering::Relaxed);
@@ -826,10 +849,18 @@ impl Migration<'_> {
             s.guest_progress_at_pause = state.progress;
             s.remaining_pages = stale_pages;
         });
-        match self.wait_control("waiting for PREPARED", SLOW_STEP_TIMEOUT)? {
-            ControlMsg::Prepared { .. } => {}
+        // Whether a lost target can be replaced: it checkpoints (and keeps a
+        // lease), and this VM can roll back to a checkpoint.
+        let take_back = match self.wait_control("waiting for PREPARED", SLOW_STEP_TIMEOUT)? {
+            ControlMsg::Prepared { checkpoints, .. } => checkpoints && self.checkpoint_ms() > 0,
             ControlMsg::Abort { reason } => return Err(MigrationError::PeerAborted(reason)),
             other => return Err(unexpected("waiting for PREPARED", Incoming::Control(other))),
+        };
+        if !take_back {
+            // Nothing may be applied to guest memory then.
+            if let Some(c) = &self.checkpoints {
+                c.close();
+            }
         }
         self.check_cancel()?;
         // Serve pages from now on: the target's VMM touches guest memory as
@@ -853,9 +884,17 @@ impl Migration<'_> {
             stale_pages,
             "hand-off recorded; sending COMMIT (post-copy)"
         );
-        if let Err(e) = self.commit(new_epoch) {
-            server.stop();
-            return Err(e);
+        // With take-back, a COMMIT whose outcome is unknown is a broken
+        // connection: either the target runs the VM (and a resume finds
+        // it) or it does not (and the lease rule makes taking it back safe).
+        let mut broke_at_commit = None;
+        match self.commit(new_epoch) {
+            Ok(()) => {}
+            Err(MigrationError::CommitUnknown(e)) if take_back => broke_at_commit = Some(e),
+            Err(e) => {
+                server.stop();
+                return Err(e);
+            }
         }
         // The VM runs on the target from here; this side only serves pages.
         let running_at = Instant::now();
@@ -881,28 +920,66 @@ impl Migration<'_> {
         let mut resend = switch_after > 0;
         let (mut served, mut background) = (0u64, 0u64);
         let result = loop {
-            round += 1;
-            let demand = server.demand().clone();
-            let r = self.postcopy_push(&demand, todo.clone(), round, resend, running_at);
-            served += demand.pages.load(Ordering::Relaxed);
+            let r = match broke_at_commit.take() {
+                Some(e) => Err(PushEnd::Broke(format!("COMMIT: {e}"))),
+                None => {
+                    round += 1;
+                    let demand = server.demand().clone();
+                    let r = self.postcopy_push(&demand, todo.clone(), round, resend, running_at);
+                    served += demand.pages.load(Ordering::Relaxed);
+                    r
+                }
+            };
             server.stop();
             match r {
-                Ok(verify) => break Ok(verify),
-                Err(PushEnd::Fatal(e)) => break Err(broken(e)),
+                Ok(verify) => {
+                    // Never taken back from here on; tell the target.
+                    if let Some(c) = &self.checkpoints {
+                        c.close();
+                    }
+                    match self.send_control(&ControlMsg::Released) {
+                        Ok(()) => break Ok(verify),
+                        Err(e) => {
+                            tracing::warn!(
+                                "post-copy: sending RELEASED failed ({e}); reconnecting"
+                            );
+                            self.stop_connection(&mut background);
+                            match self.resume_postcopy(reconnect, pending, &wire_bytes, false) {
+                                Ok((_, s)) => {
+                                    s.stop();
+                                    if let Err(e) = self.send_control(&ControlMsg::Released) {
+                                        tracing::error!(
+                                            "post-copy: RELEASED could not be sent ({e}); \
+                                             the target will stop the VM when its lease ends"
+                                        );
+                                    }
+                                }
+                                Err(e) => tracing::error!(
+                                    "post-copy: RELEASED could not be sent ({e}); \
+                                     the target will stop the VM when its lease ends"
+                                ),
+                            }
+                            break Ok(verify);
+                        }
+                    }
+                }
+                Err(PushEnd::Fenced(e)) if take_back => {
+                    self.stop_connection(&mut background);
+                    break Err(self.take_back(vm, format!("the target stopped: {e}"), &state));
+                }
+                Err(PushEnd::Fenced(e) | PushEnd::Fatal(e)) => break Err(broken(e)),
                 Err(PushEnd::Broke(e)) => {
+                    if let Some(why) = take_back.then(|| self.fenced_after_break()).flatten() {
+                        self.stop_connection(&mut background);
+                        let why = format!("the target stopped: {why} ({e})");
+                        break Err(self.take_back(vm, why, &state));
+                    }
                     // The connection broke: the guest on the target waits
                     // for the pages it touches. Reconnect and go on with
                     // what the target still lacks.
                     tracing::warn!("post-copy: {e}; reconnecting");
-                    if let Some(p) = self.pipeline.take() {
-                        background += p.totals().iter().map(|t| t.pages).sum::<u64>();
-                        p.stop(true);
-                    }
-                    if let Some(c) = self.control.take() {
-                        c.shutdown();
-                    }
-                    self.events = None;
-                    match self.resume_postcopy(reconnect, pending, &wire_bytes) {
+                    self.stop_connection(&mut background);
+                    match self.resume_postcopy(reconnect, pending, &wire_bytes, take_back) {
                         Ok((missing, s)) => {
                             todo = missing;
                             server = s;
@@ -914,6 +991,9 @@ impl Migration<'_> {
                             // A new pipeline's delta caches are empty.
                             resend = false;
                         }
+                        Err(e2) if take_back => {
+                            break Err(self.take_back(vm, format!("{e}; {e2}"), &state))
+                        }
                         Err(e2) => break Err(broken(format!("{e}; {e2}"))),
                     }
                 }
@@ -922,6 +1002,7 @@ impl Migration<'_> {
         self.metrics
             .wire_bytes
             .fetch_add(wire_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.checkpoint_stats();
         let verify = result?;
         let duration_ms = running_at.elapsed().as_millis() as u64;
         let totals = self.finish_pipeline();
@@ -946,9 +1027,108 @@ impl Migration<'_> {
             tracing::error!("the VM runs on the target but the local VMM did not stop: {e}");
         }
         if let Some(c) = &self.control {
-            c.shutdown();
+            c.handle.shutdown();
         }
         Ok(Outcome { epoch: new_epoch })
+    }
+
+    /// The checkpoint interval the target is asked for: none when this VM
+    /// cannot roll back to one.
+    fn checkpoint_ms(&self) -> u64 {
+        if self.rollback_ok && self.checkpoints.is_some() && !self.cfg.postcopy_grace.is_zero() {
+            self.cfg.checkpoint_interval.as_millis() as u64
+        } else {
+            0
+        }
+    }
+
+    /// A connection broke: a target that stopped its guest says FENCED on
+    /// the control stream before it lets go of its connections, and that
+    /// word may still be on its way when a data stream fails. Waits for it
+    /// briefly (until the control stream fails too).
+    fn fenced_after_break(&self) -> Option<String> {
+        let events = self.events.as_ref()?;
+        let deadline = Instant::now() + Duration::from_millis(500);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match events.recv_timeout(left) {
+                Ok(Event::Fenced(r)) => return Some(r),
+                Ok(Event::Failed(_)) | Ok(Event::Aborted(_)) | Err(_) => return None,
+                Ok(Event::Control(_) | Event::Stale(_)) => {}
+            }
+        }
+    }
+
+    /// Stops everything that used the current connection.
+    fn stop_connection(&mut self, background: &mut u64) {
+        if let Some(p) = self.pipeline.take() {
+            *background += p.totals().iter().map(|t| t.pages).sum::<u64>();
+            p.stop(true);
+        }
+        if let Some(c) = self.control.take() {
+            c.handle.shutdown();
+        }
+        self.events = None;
+    }
+
+    /// The target is lost for good (or says its guest is stopped): run the
+    /// VM here again from the last applied checkpoint (or from the switch,
+    /// before any). Returns the migration's error.
+    fn take_back(
+        &mut self,
+        vm: &mut dyn SourceVm,
+        why: String,
+        at_switch: &VmState,
+    ) -> MigrationError {
+        let applied = self.checkpoints.as_ref().and_then(|c| c.close());
+        let (from, progress) = applied
+            .as_ref()
+            .map_or((0, at_switch.progress), |a| (a.id, a.state.progress));
+        tracing::warn!(
+            checkpoint = from,
+            pages = applied.as_ref().map_or(0, |a| a.pages),
+            progress,
+            "post-copy: {why}; taking the VM back"
+        );
+        if let Some(a) = &applied {
+            if let Err(e) = vm.rollback(&a.state) {
+                return MigrationError::PostcopyBroken(format!(
+                    "{why}; rolling the VM back to checkpoint {} failed: {e}",
+                    a.id
+                ));
+            }
+        }
+        if let Err(e) = vm.resume() {
+            return MigrationError::PostcopyBroken(format!(
+                "{why}; the VM could not be resumed here from checkpoint {from}: {e}"
+            ));
+        }
+        self.paused = false;
+        // Ownership moves back: an epoch past the target's.
+        self.metrics.update(|s| {
+            s.epoch += 1;
+            s.guest_progress_at_pause = progress;
+            if let Some(p) = s.postcopy.as_mut() {
+                p.taken_back_from = Some(from);
+            }
+        });
+        self.checkpoint_stats();
+        MigrationError::TakenBack(format!(
+            "{why}; the VM runs here again from checkpoint {from} (guest progress {progress})"
+        ))
+    }
+
+    /// Copies the checkpoint counters into the metrics.
+    fn checkpoint_stats(&self) {
+        if let Some(c) = &self.checkpoints {
+            let (n, pages) = c.totals();
+            self.metrics.update(|s| {
+                if let Some(p) = s.postcopy.as_mut() {
+                    p.checkpoints = n;
+                    p.checkpoint_pages = pages;
+                }
+            });
+        }
     }
 
     /// One connection's share of post-copy: push `todo` in the background
@@ -1011,6 +1191,7 @@ impl Migration<'_> {
                 Ok(Event::Aborted(r)) => {
                     return Err(PushEnd::Fatal(format!("the target aborted post-copy: {r}")))
                 }
+                Ok(Event::Fenced(r)) => return Err(PushEnd::Fenced(r)),
                 Ok(Event::Failed(e)) => return Err(broke("control stream", e)),
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
                     return Err(broke("control stream", "closed".into()))
@@ -1039,13 +1220,20 @@ impl Migration<'_> {
     /// Reconnects a post-copy whose connection broke, with backoff, for up
     /// to `postcopy_grace`: a new session that RESUMEs this one. Returns
     /// the pages the target still lacks and the new demand server.
+    /// With `take_back`, the grace runs from the last word heard from the
+    /// target (the lease rule), and a refusal is retried like a failure:
+    /// the answer that counts is the one at the deadline.
     fn resume_postcopy(
         &mut self,
         r: &Reconnect<'_>,
         stale: &DirtyBitmap,
         wire_bytes: &Arc<AtomicU64>,
+        take_back: bool,
     ) -> Result<(DirtyBitmap, crate::postcopy::source::DemandServer), String> {
-        let deadline = Instant::now() + self.cfg.postcopy_grace;
+        let deadline = match (&self.checkpoints, take_back) {
+            (Some(c), true) => c.last_heard() + self.cfg.postcopy_grace,
+            _ => Instant::now() + self.cfg.postcopy_grace,
+        };
         let mut delay = Duration::from_millis(100);
         let mut attempt = 0u32;
         loop {
@@ -1055,13 +1243,13 @@ impl Migration<'_> {
                     tracing::info!(attempt, "post-copy resumed");
                     return Ok(x);
                 }
-                Err(PushEnd::Fatal(e)) => return Err(e),
-                Err(PushEnd::Broke(e)) => {
+                Err(PushEnd::Fatal(e) | PushEnd::Fenced(e)) if !take_back => return Err(e),
+                Err(PushEnd::Fatal(e) | PushEnd::Fenced(e) | PushEnd::Broke(e)) => {
                     if let Some(p) = self.pipeline.take() {
                         p.stop(true);
                     }
                     if let Some(c) = self.control.take() {
-                        c.shutdown();
+                        c.handle.shutdown();
                     }
                     self.events = None;
                     if Instant::now() + delay > deadline {
@@ -1089,7 +1277,7 @@ impl Migration<'_> {
     ) -> Result<(DirtyBitmap, crate::postcopy::source::DemandServer), PushEnd> {
         let broke = |e: MigrationError| PushEnd::Broke(e.to_string());
         let session = crate::key::random_bytes();
-        let mut control = self
+        let control = self
             .connect(r.transport, r.to, r.key, &session, 0, r.vm)
             .map_err(broke)?;
         let mut data = Vec::with_capacity(self.streams as usize);
@@ -1103,16 +1291,9 @@ impl Migration<'_> {
             .connect(r.transport, r.to, r.key, &session, self.streams + 1, r.vm)
             .map_err(broke)?;
         let hex: String = r.session.iter().map(|b| format!("{b:02x}")).collect();
-        self.control_seq = 1;
-        wire::send_frame(
-            &mut *control,
-            FrameKind::Control,
-            0,
-            1,
-            &wire::encode_control(&ControlMsg::Resume { session: hex }),
-        )
-        .map_err(|e| PushEnd::Broke(e.to_string()))?;
         self.start_control_reader(control)
+            .map_err(|e| PushEnd::Broke(e.to_string()))?;
+        self.send_control(&ControlMsg::Resume { session: hex })
             .map_err(|e| PushEnd::Broke(e.to_string()))?;
         match self.wait_control("resuming post-copy", self.cfg.io_timeout) {
             Ok(ControlMsg::Resumed) => {}
@@ -1234,7 +1415,7 @@ impl Migration<'_> {
         match self.events.as_ref().and_then(|r| r.try_recv().ok()) {
             None => Ok(()),
             Some(Event::Failed(e)) => Err(control_broken("pre-copy", e)),
-            Some(Event::Aborted(e)) => Err(MigrationError::PeerAborted(e)),
+            Some(Event::Aborted(e) | Event::Fenced(e)) => Err(MigrationError::PeerAborted(e)),
             Some(Event::Control(m)) => Err(unexpected("pre-copy", Incoming::Control(m))),
             Some(Event::Stale(w)) => Err(unexpected("pre-copy", Incoming::Stale(Words(w)))),
         }
@@ -1402,16 +1583,18 @@ impl Migration<'_> {
         totals
     }
 
-    fn send_control(&mut self, msg: &ControlMsg) -> Result<(), WireError> {
-        let control = self.control.as_mut().expect("control stream open");
-        self.control_seq += 1;
-        wire::send_frame(
-            &mut **control,
-            FrameKind::Control,
-            0,
-            self.control_seq,
-            &wire::encode_control(msg),
-        )
+    fn send_control(&self, msg: &ControlMsg) -> Result<(), WireError> {
+        self.send_frame(FrameKind::Control, &wire::encode_control(msg))
+    }
+
+    fn send_frame(&self, kind: FrameKind, payload: &[u8]) -> Result<(), WireError> {
+        self.control
+            .as_ref()
+            .expect("control stream open")
+            .tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(kind, payload)
     }
 
     fn send_state_and_prepare(
@@ -1427,16 +1610,8 @@ impl Migration<'_> {
                 state.blob.len()
             )));
         }
-        let control = self.control.as_mut().expect("control stream open");
-        self.control_seq += 1;
-        wire::send_frame(
-            &mut **control,
-            FrameKind::State,
-            0,
-            self.control_seq,
-            &state.blob,
-        )
-        .map_err(|source| MigrationError::Protocol { phase, source })?;
+        self.send_frame(FrameKind::State, &state.blob)
+            .map_err(|source| MigrationError::Protocol { phase, source })?;
         self.metrics
             .wire_bytes
             .fetch_add(state.blob.len() as u64 + 24, Ordering::Relaxed);
@@ -1446,6 +1621,8 @@ impl Migration<'_> {
             state_crc: crc32c::crc32c(&state.blob),
             progress: state.progress,
             postcopy,
+            grace_ms: self.cfg.postcopy_grace.as_millis() as u64,
+            checkpoint_ms: if postcopy { self.checkpoint_ms() } else { 0 },
         };
         self.send_control(&prepare)
             .map_err(|source| MigrationError::Protocol { phase, source })
@@ -1462,7 +1639,11 @@ impl Migration<'_> {
             match events.recv_timeout(Duration::from_millis(50)) {
                 Ok(Event::Control(m)) => return Ok(m),
                 Ok(Event::Stale(w)) => return Err(unexpected(phase, Incoming::Stale(Words(w)))),
-                Ok(Event::Aborted(e)) => return Err(MigrationError::PeerAborted(e)),
+                // A target's guest stopped for good before COMMITTED never
+                // ran past the switch: as good as an ABORT.
+                Ok(Event::Aborted(e) | Event::Fenced(e)) => {
+                    return Err(MigrationError::PeerAborted(e))
+                }
                 Ok(Event::Failed(e)) => return Err(control_broken(phase, e)),
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
                     return Err(MigrationError::Transport {
@@ -1516,7 +1697,7 @@ impl Migration<'_> {
             });
         }
         if let Some(c) = self.control.take() {
-            c.shutdown();
+            c.handle.shutdown();
         }
         if self.paused {
             match vm.resume() {
@@ -1560,6 +1741,8 @@ enum Incoming {
     Control(ControlMsg),
     Ack(wire::Ack),
     Stale(Words),
+    /// Part of a checkpoint, staged by the reader.
+    Checkpoint,
 }
 
 /// A bitmap's bytes; debug-printed by size only.
@@ -1578,9 +1761,37 @@ fn unexpected(phase: &'static str, got: Incoming) -> MigrationError {
     }
 }
 
+/// The sending half of the control stream. The control reader shares it:
+/// it acknowledges checkpoints as soon as they are applied.
+struct ControlTx {
+    conn: Box<dyn Conn>,
+    seq: u64,
+}
+
+impl ControlTx {
+    fn send(&mut self, kind: FrameKind, payload: &[u8]) -> Result<(), WireError> {
+        self.seq += 1;
+        wire::send_frame(&mut *self.conn, kind, 0, self.seq, payload)
+    }
+}
+
+/// This migration's control stream: the shared sender, and a handle to
+/// shut it down without waiting for a send in progress.
+struct Control {
+    tx: Arc<Mutex<ControlTx>>,
+    handle: Box<dyn Conn>,
+}
+
 struct ControlReader {
     conn: Box<dyn Conn>,
     seq: u64,
+    /// Guest pages (checkpoint pages are checked against it).
+    pages: u64,
+    /// Post-copy with checkpoints: where they go.
+    checkpoints: Option<Arc<crate::postcopy::checkpoint::SourceCheckpoints>>,
+    /// A checkpoint being received.
+    staging: Option<crate::postcopy::checkpoint::Staging>,
+    tx: Arc<Mutex<ControlTx>>,
 }
 
 impl ControlReader {
@@ -1600,15 +1811,55 @@ impl ControlReader {
             });
         }
         self.seq = h.seq;
+        if let Some(c) = &self.checkpoints {
+            c.heard();
+        }
         match h.kind {
             FrameKind::Control => Ok(Incoming::Control(wire::decode_control(&p)?)),
             FrameKind::Ack => Ok(Incoming::Ack(wire::Ack::decode(&p)?)),
             FrameKind::Stale => Ok(Incoming::Stale(Words(p))),
+            FrameKind::CheckpointPages if self.checkpoints.is_some() => {
+                self.staging
+                    .get_or_insert_with(Default::default)
+                    .add_pages(&p, self.pages)?;
+                Ok(Incoming::Checkpoint)
+            }
+            FrameKind::State if self.checkpoints.is_some() => {
+                self.staging
+                    .get_or_insert_with(Default::default)
+                    .set_state(p)?;
+                Ok(Incoming::Checkpoint)
+            }
             kind => Err(WireError::Unexpected {
                 kind,
                 context: "control stream from the target",
             }),
         }
+    }
+
+    /// Checkpoint `id` is announced complete: apply it, acknowledge it.
+    fn commit_checkpoint(
+        &mut self,
+        id: u64,
+        pages: u64,
+        state_len: u64,
+        state_crc: u32,
+        progress: u64,
+    ) -> Result<(), WireError> {
+        let Some(c) = &self.checkpoints else {
+            return Err(WireError::Violation(
+                "a checkpoint in a migration without checkpoints".into(),
+            ));
+        };
+        let staging = self.staging.take().unwrap_or_default();
+        if c.commit(staging, id, pages, state_len, state_crc, progress)? {
+            tracing::debug!(id, pages, progress, "post-copy: checkpoint applied");
+            self.tx.lock().unwrap_or_else(|p| p.into_inner()).send(
+                FrameKind::Control,
+                &wire::encode_control(&ControlMsg::CheckpointAck { id }),
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -1631,6 +1882,25 @@ fn spawn_control_reader(mut reader: ControlReader, acked: Arc<Vec<AtomicU64>>) -
                 }
                 Ok(Incoming::Control(ControlMsg::Abort { reason })) => {
                     let _ = tx.send(Event::Aborted(reason));
+                    return;
+                }
+                Ok(Incoming::Checkpoint) => {}
+                Ok(Incoming::Control(ControlMsg::Checkpoint {
+                    id,
+                    pages,
+                    state_len,
+                    state_crc,
+                    progress,
+                })) => {
+                    if let Err(e) =
+                        reader.commit_checkpoint(id, pages, state_len, state_crc, progress)
+                    {
+                        let _ = tx.send(Event::Failed(e.to_string()));
+                        return;
+                    }
+                }
+                Ok(Incoming::Control(ControlMsg::Fenced { reason })) => {
+                    let _ = tx.send(Event::Fenced(reason));
                     return;
                 }
                 Ok(Incoming::Control(m)) => {

@@ -526,6 +526,9 @@ pub fn migrate_in<V: TargetVm>(
             pc_threads: None,
             resume_rx: None,
             plan: plan.clone(),
+            ckpt: None,
+            watchdog: None,
+            done_verify: None,
         };
         let r = session.run(&mut vm, control, epoch);
         if let Some(r) = &cfg.resumes {
@@ -763,7 +766,16 @@ struct Session<'a> {
     resume_rx: Option<Receiver<IncomingSession>>,
     /// Where receivers run (for a resumed post-copy's new ones).
     plan: crate::numa::Placement,
+    /// Post-copy checkpoints, when the source can take the VM back.
+    ckpt: Option<crate::postcopy::checkpoint::Checkpointer>,
+    /// The lease on running the guest, with checkpoints.
+    watchdog: Option<crate::postcopy::checkpoint::Watchdog>,
+    /// Post-copy: every page is here, and the VMM's check of it.
+    done_verify: Option<crate::link::VerifyReport>,
 }
+
+/// The shortest checkpoint interval a source may ask for.
+const CHECKPOINT_MS_MIN: u64 = 10;
 
 impl Session<'_> {
     fn run<V: TargetVm>(
@@ -856,6 +868,8 @@ impl Session<'_> {
                             state_crc,
                             progress,
                             postcopy,
+                            grace_ms,
+                            checkpoint_ms,
                         } => {
                             if prepared {
                                 return Err(protocol("switchover", "a second PREPARE".into()));
@@ -881,9 +895,15 @@ impl Session<'_> {
                                 s.guest_progress_at_pause = progress;
                             });
                             if postcopy {
-                                self.start_postcopy(vm, VmState { blob, progress })?;
+                                self.start_postcopy(
+                                    vm,
+                                    VmState { blob, progress },
+                                    grace_ms,
+                                    checkpoint_ms,
+                                )?;
                                 self.send(&ControlMsg::Prepared {
                                     verify: Default::default(),
+                                    checkpoints: self.watchdog.is_some(),
                                 })?;
                                 prepared = true;
                                 continue;
@@ -899,7 +919,10 @@ impl Session<'_> {
                                 s.verify_ms = verify.verify_ms;
                                 s.verify = Some(verify.clone());
                             });
-                            self.send(&ControlMsg::Prepared { verify })?;
+                            self.send(&ControlMsg::Prepared {
+                                verify,
+                                checkpoints: false,
+                            })?;
                             prepared = true;
                         }
                         ControlMsg::Commit { epoch: new_epoch } => {
@@ -926,8 +949,7 @@ impl Session<'_> {
                                 );
                             }
                             if self.pc_threads.is_some() {
-                                self.finish_postcopy(vm)
-                                    .map_err(MigrationError::PostcopyBroken)?;
+                                self.finish_postcopy(vm)?;
                             }
                             return Ok(new_epoch);
                         }
@@ -958,7 +980,18 @@ impl Session<'_> {
         &mut self,
         vm: &mut V,
         state: VmState,
+        grace_ms: u64,
+        checkpoint_ms: u64,
     ) -> Result<(), MigrationError> {
+        if checkpoint_ms > 0 && grace_ms / 2 < 2 * checkpoint_ms.max(CHECKPOINT_MS_MIN) {
+            return Err(protocol(
+                "switchover",
+                format!(
+                    "a post-copy grace of {grace_ms} ms is too short for checkpoints every \
+                     {checkpoint_ms} ms (the lease, half the grace, must cover two)"
+                ),
+            ));
+        }
         let stale = self.stale.take().ok_or_else(|| {
             protocol(
                 "switchover",
@@ -997,19 +1030,130 @@ impl Session<'_> {
             })?;
         // From here on, data receivers claim every page they write.
         let _ = self.shared.postcopy.set(pc.clone());
-        self.shared
-            .metrics
-            .update(|s| s.postcopy = Some(pc.stats()));
+        self.publish(&pc);
         self.pc_threads = Some(threads);
+        if checkpoint_ms > 0 {
+            self.start_checkpoints(vm, &pc, grace_ms, checkpoint_ms)?;
+        }
         // From here a source that lost its connection may come back.
         self.resume_rx = self.cfg.resumes.as_ref().map(|r| r.wait(&self.session_id));
         Ok(())
     }
 
+    /// Checkpoints for a post-copy whose source can take the VM back:
+    /// the VMM logs the guest's writes, and a watchdog holds the lease.
+    fn start_checkpoints<V: TargetVm>(
+        &mut self,
+        vm: &mut V,
+        pc: &Arc<crate::postcopy::target::TargetPostcopy>,
+        grace_ms: u64,
+        checkpoint_ms: u64,
+    ) -> Result<(), MigrationError> {
+        use crate::postcopy::checkpoint::{Checkpointer, Lease, Watchdog};
+        if !vm.start_checkpoints()? {
+            tracing::warn!("post-copy: the VM cannot checkpoint; a lost source or target loses it");
+            return Ok(());
+        }
+        let Some(fencer) = vm.fencer() else {
+            tracing::warn!(
+                "post-copy: no way to stop the VMM from outside; running without checkpoints"
+            );
+            return Ok(());
+        };
+        let fence_after = Duration::from_millis(grace_ms / 2);
+        let lease = Lease::new(Instant::now(), fence_after);
+        let p = pc.clone();
+        self.watchdog = Some(Watchdog::start(lease, fencer, move |why| {
+            p.failure.fail(format!("the guest was stopped: {why}"))
+        }));
+        self.ckpt = Some(Checkpointer::new(
+            Duration::from_millis(checkpoint_ms.max(CHECKPOINT_MS_MIN)),
+            self.shared.mem.pages(),
+        ));
+        tracing::info!(
+            checkpoint_ms,
+            fence_after_ms = grace_ms / 2,
+            "post-copy: checkpoints on; the guest runs here under a lease"
+        );
+        Ok(())
+    }
+
+    /// Post-copy failed here for good. With a lease, the guest is stopped
+    /// (the VMM killed) and the source told, so that it takes the VM back
+    /// at once; without, the guest is left as it is.
+    fn postcopy_failed(&mut self, why: String) -> MigrationError {
+        match &self.watchdog {
+            Some(w) => {
+                let why = w.fence_now(why);
+                let _ = self.send(&ControlMsg::Fenced {
+                    reason: why.clone(),
+                });
+                MigrationError::Fenced(why)
+            }
+            None => MigrationError::PostcopyBroken(why),
+        }
+    }
+
+    /// Publishes the post-copy numbers.
+    fn publish(&self, pc: &crate::postcopy::target::TargetPostcopy) {
+        let mut st = pc.stats();
+        if let Some(c) = &self.ckpt {
+            st.checkpoints = c.stats.acked;
+            st.checkpoint_pages = c.stats.pages;
+            st.checkpoint_pause_max_us = c.stats.pause_max_us;
+            st.checkpoint_pause_mean_us = c.stats.pause_total_us / c.stats.taken.max(1);
+        }
+        self.shared.metrics.update(|s| s.postcopy = Some(st));
+    }
+
+    /// One checkpoint: the guest paused while its written pages are copied,
+    /// then sent on the control stream.
+    fn checkpoint<V: TargetVm>(
+        &mut self,
+        vm: &mut V,
+        pc: &crate::postcopy::target::TargetPostcopy,
+    ) -> Result<(), PostcopyEnd> {
+        let pages = self.shared.mem.pages();
+        let mut dirty = vec![0u64; pages.div_ceil(64) as usize];
+        let taken = Instant::now();
+        let state = vm
+            .checkpoint_begin(&mut dirty)
+            .map_err(|e| PostcopyEnd::Fatal(format!("checkpoint: {e}")))?;
+        let c = self.ckpt.as_mut().expect("checkpoints on");
+        let (list, dropped) = c.gather(&mut dirty, |p| pc.states.is_present(p), pages);
+        let data = crate::postcopy::checkpoint::copy_pages(&self.shared.mem, &list);
+        vm.checkpoint_end()
+            .map_err(|e| PostcopyEnd::Fatal(format!("resuming after a checkpoint: {e}")))?;
+        let pause = taken.elapsed();
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "checkpoint: the dirty log named pages not here yet"
+            );
+        }
+        let id = c.sent(&list, taken, pause);
+        tracing::debug!(
+            id,
+            pages = list.len(),
+            ?pause,
+            "post-copy: checkpoint taken"
+        );
+        let shared = self.shared.clone();
+        crate::postcopy::checkpoint::send(
+            &mut |kind, payload| shared.send_control(kind, payload),
+            id,
+            &list,
+            &data,
+            &state,
+        )
+        .map_err(|e| PostcopyEnd::Broke(format!("sending checkpoint {id}: {e}")))
+    }
+
     /// The guest runs here: wait until every page is present, requesting
     /// what the background push did not bring; then close the VMM's
-    /// userfaultfd and tell the source.
-    fn finish_postcopy<V: TargetVm>(&mut self, vm: &mut V) -> Result<(), String> {
+    /// userfaultfd and tell the source (and, under a lease, wait until it
+    /// lets go).
+    fn finish_postcopy<V: TargetVm>(&mut self, vm: &mut V) -> Result<(), MigrationError> {
         let pc = self
             .pc_threads
             .as_ref()
@@ -1022,37 +1166,51 @@ impl Session<'_> {
         loop {
             let broke = match self.postcopy_connected(vm, &pc, &mut resumed) {
                 Ok(()) => break,
-                Err(PostcopyEnd::Fatal(e)) => return Err(e),
+                Err(PostcopyEnd::Fatal(e)) => return Err(self.postcopy_failed(e)),
                 Err(PostcopyEnd::Broke(e)) => e,
             };
+            if let Some(c) = self.ckpt.as_mut() {
+                c.disconnected();
+            }
             // The connection to the source broke: the guest goes on, and
             // waits only when it touches a page that is not here.
             let Some(waiting) = self.resume_rx.clone() else {
-                return Err(broke);
+                return Err(self.postcopy_failed(broke));
             };
             self.disconnect(&pc);
             let session = match resumed.take() {
                 Some(s) => s,
                 None => {
-                    tracing::warn!(
-                        "post-copy: {broke}; waiting up to {:?} for the source to reconnect",
-                        self.cfg.postcopy_grace
-                    );
-                    let deadline = Instant::now() + self.cfg.postcopy_grace;
+                    let grace = self.cfg.postcopy_grace;
+                    match &self.watchdog {
+                        Some(w) => tracing::warn!(
+                            "post-copy: {broke}; waiting for the source to reconnect \
+                             (the guest here is stopped in {:?} without it)",
+                            w.lease().left()
+                        ),
+                        None => tracing::warn!(
+                            "post-copy: {broke}; waiting up to {grace:?} for the source to reconnect"
+                        ),
+                    }
+                    let deadline = Instant::now() + grace;
                     loop {
                         match waiting.recv_timeout(Duration::from_millis(200)) {
                             Ok(s) => break s,
-                            Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {
-                                if let Err(e) = vm.check() {
-                                    return Err(format!("the VMM: {e}"));
+                            Err(RecvTimeoutError::Timeout)
+                                if self.watchdog.is_some() || Instant::now() < deadline =>
+                            {
+                                if let Some(why) = pc.failure.message() {
+                                    return Err(self.postcopy_failed(why));
                                 }
-                                metrics.update(|s| s.postcopy = Some(pc.stats()));
+                                if let Err(e) = vm.check() {
+                                    return Err(self.postcopy_failed(format!("the VMM: {e}")));
+                                }
+                                self.publish(&pc);
                             }
                             Err(_) => {
-                                return Err(format!(
-                                    "{broke}; the source did not reconnect within {:?}",
-                                    self.cfg.postcopy_grace
-                                ))
+                                return Err(self.postcopy_failed(format!(
+                                    "{broke}; the source did not reconnect within {grace:?}"
+                                )))
                             }
                         }
                     }
@@ -1063,23 +1221,18 @@ impl Session<'_> {
                 self.shared.failure.fail(format!("resuming failed: {e}"));
             }
         }
-        metrics.update(|s| s.postcopy = Some(pc.stats()));
+        self.publish(&pc);
         tracing::info!(stats = ?pc.stats(), "post-copy complete: every page is here");
-        if let Some(t) = self.pc_threads.take() {
-            t.stop();
+        if self.watchdog.take().is_some() {
+            if let Err(e) = vm.stop_checkpoints() {
+                tracing::warn!("post-copy: could not stop the VMM's dirty log: {e}");
+            }
         }
-        let verify = vm.postcopy_done().map_err(|e| e.to_string())?;
-        metrics.update(|s| {
-            s.verify_ms = verify.verify_ms;
-            s.verify = Some(verify.clone());
-        });
-        self.send(&ControlMsg::PostcopyDone { verify })
-            .map_err(|e| e.to_string())?;
         Ok(())
     }
 
-    /// Post-copy over one connection: until every page is here, or the
-    /// connection breaks.
+    /// Post-copy over one connection: until every page is here (and, under
+    /// a lease, the source let go), or the connection breaks.
     fn postcopy_connected<V: TargetVm>(
         &mut self,
         vm: &mut V,
@@ -1089,13 +1242,35 @@ impl Session<'_> {
         let metrics = self.shared.metrics.clone();
         let mut push_done: Option<Instant> = None;
         let mut last_sweep = Instant::now();
+        let mut done_sent = false;
         let broke = PostcopyEnd::Broke;
         let Some(events) = self.events.take() else {
             return Err(broke("no control stream".into()));
         };
         let result = loop {
-            if pc.states.complete() {
-                break Ok(());
+            if pc.states.complete() && !done_sent {
+                if self.done_verify.is_none() {
+                    if let Some(t) = self.pc_threads.take() {
+                        t.stop();
+                    }
+                    let verify = match vm.postcopy_done() {
+                        Ok(v) => v,
+                        Err(e) => break Err(PostcopyEnd::Fatal(format!("the VMM: {e}"))),
+                    };
+                    metrics.update(|s| {
+                        s.verify_ms = verify.verify_ms;
+                        s.verify = Some(verify.clone());
+                    });
+                    self.done_verify = Some(verify);
+                }
+                let verify = self.done_verify.clone().unwrap_or_default();
+                if let Err(e) = self.send(&ControlMsg::PostcopyDone { verify }) {
+                    break Err(broke(format!("sending POSTCOPY_DONE: {e}")));
+                }
+                done_sent = true;
+                if self.watchdog.is_none() {
+                    break Ok(());
+                }
             }
             if let Some(e) = pc.failure.message() {
                 break Err(PostcopyEnd::Fatal(e));
@@ -1115,11 +1290,32 @@ impl Session<'_> {
                 *resumed = Some(s);
                 break Err(broke("the source reconnected".into()));
             }
+            if self.ckpt.as_ref().is_some_and(|c| c.due()) {
+                if let Err(e) = self.checkpoint(vm, pc) {
+                    break Err(e);
+                }
+            }
             match events.recv_timeout(Duration::from_millis(20)) {
                 Ok(Event::Frame(FrameKind::Control, p)) => match wire::decode_control(&p) {
                     Ok(ControlMsg::PushDone { round }) => {
                         tracing::info!(round, "post-copy: the source pushed every stale page");
                         push_done = Some(Instant::now());
+                    }
+                    Ok(ControlMsg::CheckpointAck { id }) => {
+                        let taken = self.ckpt.as_mut().and_then(|c| c.acked(id));
+                        match (taken, &self.watchdog) {
+                            (Some(t), Some(w)) => w.lease().renew(t),
+                            _ => tracing::warn!(
+                                "post-copy: an ack for checkpoint {id}, not in flight"
+                            ),
+                        }
+                    }
+                    Ok(ControlMsg::Released) if done_sent => {
+                        if let Some(w) = &self.watchdog {
+                            w.lease().release();
+                        }
+                        tracing::info!("post-copy: the source let go of the VM");
+                        break Ok(());
                     }
                     Ok(other) => {
                         break Err(broke(format!("unexpected {other:?} during post-copy")))
@@ -1135,10 +1331,11 @@ impl Session<'_> {
                 }
                 Err(RecvTimeoutError::Timeout) => {}
             }
-            metrics.update(|s| s.postcopy = Some(pc.stats()));
+            self.publish(pc);
             // Everything was pushed and has had time to land: whatever no
             // receiver claimed is missing (a copy failed its check).
-            if push_done.is_some_and(|t| t.elapsed() > crate::postcopy::target::SWEEP_AFTER)
+            if !done_sent
+                && push_done.is_some_and(|t| t.elapsed() > crate::postcopy::target::SWEEP_AFTER)
                 && last_sweep.elapsed() > crate::postcopy::target::SWEEP_AFTER
             {
                 last_sweep = Instant::now();
@@ -1222,13 +1419,12 @@ impl Session<'_> {
         self.receivers =
             Some(Receivers::start(self.shared.clone(), data, self.plan.clone()).map_err(tx)?);
         self.events = Some(spawn_reader(reader));
-        // Requests go on the new priority stream from now on.
+        // Requests go on the new priority stream from now on (none once
+        // every page is here).
         pc.reconnected(priority.try_clone().map_err(tx)?);
-        self.pc_threads
-            .as_mut()
-            .expect("post-copy started")
-            .start_priority(priority, streams as u16 + 1)
-            .map_err(tx)?;
+        if let Some(t) = self.pc_threads.as_mut() {
+            t.start_priority(priority, streams as u16 + 1).map_err(tx)?;
+        }
         self.send(&ControlMsg::Resumed).map_err(|e| e.to_string())?;
         let missing: Vec<u8> = pc
             .states

@@ -150,6 +150,9 @@ pub enum FrameKind {
     /// Post-copy: pages the target's guest is waiting for, u64 LE page
     /// indices (the priority stream, target to source).
     Request = 23,
+    /// Post-copy checkpoint (control stream, target to source): n u64 LE
+    /// page indices, then those n pages' bytes, all under the frame CRC.
+    CheckpointPages = 24,
 }
 
 impl FrameKind {
@@ -168,6 +171,7 @@ impl FrameKind {
             21 => Self::RoundEnd,
             22 => Self::Blocks,
             23 => Self::Request,
+            24 => Self::CheckpointPages,
             _ => return None,
         })
     }
@@ -185,6 +189,7 @@ impl FrameKind {
             Self::RoundEnd => 4,
             Self::Stale => STALE_BYTES_MAX,
             Self::Request => PAGES_PER_FRAME_MAX * 8,
+            Self::CheckpointPages => PAGES_PER_FRAME_MAX * (8 + PAGE_SIZE),
         }
     }
 }
@@ -475,11 +480,25 @@ pub enum ControlMsg {
         /// the VM runs on the target before all of its memory is there.
         #[serde(default)]
         postcopy: bool,
+        /// Post-copy: how long the source waits for a lost target before it
+        /// takes the VM back, ms. The target stops its guest for good after
+        /// half of it without a committed checkpoint (0: no checkpoints,
+        /// no take-back).
+        #[serde(default)]
+        grace_ms: u64,
+        /// Post-copy: the interval between the target's checkpoints, ms
+        /// (0: none).
+        #[serde(default)]
+        checkpoint_ms: u64,
     },
     /// Target: holds everything; the VMM restored the state.
     Prepared {
         /// The target VMM's own check of the memory.
         verify: VerifyReport,
+        /// Post-copy: the target will send checkpoints and holds its guest
+        /// under a lease (the source may take a lost target's VM back).
+        #[serde(default)]
+        checkpoints: bool,
     },
     /// Source: the hand-off is recorded; run the VM with this epoch.
     Commit {
@@ -507,6 +526,38 @@ pub enum ControlMsg {
     PostcopyDone {
         /// The target VMM's check of the memory, taken now.
         verify: VerifyReport,
+    },
+    /// Source, post-copy: answer to `PostcopyDone`. The source let go of
+    /// the VM for good (it will never take it back); the target's guest
+    /// needs no checkpoints and no lease any more.
+    Released,
+    /// Target, post-copy: checkpoint `id` is complete. Before it came its
+    /// `CheckpointPages` frames (`pages` pages in all: the pages the guest
+    /// wrote since the last acknowledged checkpoint) and a `State` frame
+    /// with the vCPU and device state of the same instant.
+    Checkpoint {
+        /// Increasing, never reused.
+        id: u64,
+        /// Pages in its `CheckpointPages` frames.
+        pages: u64,
+        /// Length of its state blob.
+        state_len: u64,
+        /// CRC32C of its state blob.
+        state_crc: u32,
+        /// The guest's progress counter at the checkpoint.
+        progress: u64,
+    },
+    /// Source, post-copy: checkpoint `id` is applied to the source's copy of
+    /// guest memory; a take-back would resume from it.
+    CheckpointAck {
+        /// The checkpoint.
+        id: u64,
+    },
+    /// Target, post-copy: its guest is stopped for good (its VMM is gone or
+    /// was killed); the source takes the VM back from the last checkpoint.
+    Fenced {
+        /// Why.
+        reason: String,
     },
     /// Either side: the migration stops; the VM stays on the source.
     Abort {

@@ -38,7 +38,7 @@ fn header_rejects_bad_values() {
     let mut b = good;
     b[0] = 0;
     assert!(matches!(FrameHeader::decode(&b), Err(WireError::Magic(_))));
-    for kind in [0u8, 5, 9, 14, 19, 24, 255] {
+    for kind in [0u8, 5, 9, 14, 19, 25, 255] {
         let mut b = good;
         b[2] = kind;
         assert!(matches!(FrameHeader::decode(&b), Err(WireError::UnknownKind(k)) if k == kind));
@@ -124,6 +124,16 @@ fn control_messages_round_trip() {
         state_crc: 1,
         progress: 5,
         postcopy: true,
+        grace_ms: 60_000,
+        checkpoint_ms: 1000,
+    };
+    assert_eq!(decode_control(&encode_control(&m)).unwrap(), m);
+    let m = ControlMsg::Checkpoint {
+        id: 7,
+        pages: 3,
+        state_len: 100,
+        state_crc: 9,
+        progress: 42,
     };
     assert_eq!(decode_control(&encode_control(&m)).unwrap(), m);
     // A peer that predates post-copy sends neither `mode` nor `postcopy`.
@@ -132,8 +142,19 @@ fn control_messages_round_trip() {
         decode_control(old).unwrap(),
         ControlMsg::Prepare {
             postcopy: false,
+            grace_ms: 0,
+            checkpoint_ms: 0,
             ..
         }
+    ));
+    // Nor does it say whether it checkpoints.
+    let old = br#"{"type":"prepared","verify":{"checked":false,"mem_hash":"","pages_checked":0,"pages_bad":0,"verify_ms":0}}"#;
+    assert!(matches!(
+        decode_control(old),
+        Ok(ControlMsg::Prepared {
+            checkpoints: false,
+            ..
+        })
     ));
     for m in ["precopy", "postcopy", "hybrid"] {
         assert_eq!(m.parse::<Mode>().unwrap().name(), m);

@@ -142,6 +142,8 @@ struct HubState {
     plan: Vec<Fault>,
     /// Connections that may still be alive, for `cut`/`cut_all`.
     live: Vec<Weak<Link>>,
+    /// A partition is in force: every connect is refused.
+    partitioned: bool,
 }
 
 /// Locks a mutex, ignoring poisoning: every critical section here leaves the
@@ -213,6 +215,15 @@ impl InProcTransport {
         links.len()
     }
 
+    /// Starts (`true`: every live connection breaks, and connects are
+    /// refused) or ends a partition.
+    pub fn partition(&self, on: bool) {
+        lock(&self.hub.state).partitioned = on;
+        if on {
+            self.cut_all();
+        }
+    }
+
     /// How many connections this hub has made; the next gets this index.
     pub fn connections_made(&self) -> u32 {
         lock(&self.hub.state).connections_made
@@ -240,11 +251,13 @@ impl Transport for InProcTransport {
             addr: addr.to_owned(),
             source: io::Error::new(ErrorKind::ConnectionRefused, "no inproc listener"),
         };
-        let backlog = lock(&self.hub.state)
-            .listeners
-            .get(addr)
-            .cloned()
-            .ok_or_else(refused)?;
+        let backlog = {
+            let hub = lock(&self.hub.state);
+            if hub.partitioned {
+                return Err(refused());
+            }
+            hub.listeners.get(addr).cloned().ok_or_else(refused)?
+        };
         let deadline = Instant::now() + timeout;
         let mut queue = lock(&backlog.state);
         loop {
