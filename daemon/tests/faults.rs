@@ -161,6 +161,16 @@ impl NftTable {
         Self::add(addr, dir, "drop")
     }
 
+    /// Drops every packet to and from `addr`: a partition, both ways.
+    fn partition(addr: &str, dir: &Path) -> Result<Self, String> {
+        let (ip, port) = addr.rsplit_once(':').ok_or("no port")?;
+        Self::add(
+            addr,
+            dir,
+            &format!("drop\n  ip saddr {ip} tcp sport {port} drop"),
+        )
+    }
+
     /// Answers every packet to `addr` with a TCP reset: established
     /// connections break at once, new ones are refused.
     fn reset_to(addr: &str, dir: &Path) -> Result<Self, String> {
@@ -533,14 +543,80 @@ fn target_ferryd_killed_during_precopy() {
     w.done("target_ferryd_killed_during_precopy");
 }
 
-/// kill -9 of the target ferryd during post-copy. After COMMIT the VM
-/// belongs to the target, so the source must never run it again: once its
-/// reconnect attempts run out it ends `unknown` ("post-copy broke off"), its
-/// guest paused and never resumed, its VMM (and memory) kept. The target VMM
-/// keeps its guest too, waiting for pages: a restarted target ferryd cannot
-/// take it back yet (docs/operations.md).
+/// Post-copy flags for the take-back tests: a capped push keeps post-copy
+/// going for seconds; checkpoints every 200 ms; the target's lease is half
+/// of `grace_s`.
+fn takeback_args(grace_s: &'static str) -> Vec<&'static str> {
+    vec![
+        "--mode",
+        "postcopy",
+        "--bandwidth-mib-s",
+        "4",
+        "--checkpoint-ms",
+        "200",
+        "--postcopy-grace-s",
+        grace_s,
+    ]
+}
+
+/// Waits until migration `id` is in post-copy with `n` checkpoints applied
+/// on the source; returns the target VMM's pid.
+fn wait_checkpoints(w: &World, id: &str, n: u64) -> i32 {
+    let s = w.wait_source(id, "post-copy", |s| s.status == Status::Postcopy);
+    assert_eq!(s.epoch, 1, "the hand-off was recorded before COMMIT");
+    w.wait_source(id, "checkpointed", |s| {
+        s.postcopy.as_ref().is_some_and(|p| p.checkpoints >= n)
+    });
+    let spawned = w.target_vmms();
+    assert_eq!(spawned.len(), 1, "{spawned:?}");
+    spawned[0]
+}
+
+/// The source took the VM back after a lost post-copy: the target's guest
+/// was stopped first (its VMM is gone), the source VMM rolled back to a
+/// checkpoint whose memory passes the guest's own stamp check and runs
+/// again with a new epoch, from a progress no earlier than the switch.
+fn assert_taken_back(w: &mut World, s: &Snapshot, target_vmm: i32, how: &str) {
+    assert!(
+        proc_stat(target_vmm).is_none_or(|(state, _)| state == 'Z'),
+        "the source took the VM back while the target VMM {target_vmm} still runs"
+    );
+    assert_eq!(s.status, Status::Failed, "{s:?}");
+    let error = s.error.clone().unwrap_or_default();
+    assert!(error.contains(how), "{error}");
+    assert!(error.contains("runs here again from checkpoint"), "{error}");
+    assert_eq!(s.epoch, 2, "ownership came back with a new epoch");
+    let pc = s.postcopy.clone().expect("post-copy figures");
+    let from = pc.taken_back_from.expect("taken back");
+    assert!(
+        from >= 1,
+        "rolled back to a checkpoint, not the switch: {pc:?}"
+    );
+    let rolled = w.report("source", "rolled_back");
+    let verify = &rolled["verify"];
+    assert!(
+        verify["checked"] == true
+            && verify["pages_checked"].as_u64() > Some(0)
+            && verify["pages_bad"] == 0,
+        "the checkpoint's memory fails the guest's stamp check: {rolled}"
+    );
+    let at = rolled["progress"].as_u64().expect("progress");
+    assert_eq!(at, s.guest_progress_at_pause, "{rolled}");
+    w.assert_runs_on_source();
+    let listed = vm(&w.src, VM).expect("listed");
+    assert_eq!(listed.epoch, 2, "{listed:?}");
+    assert!(
+        progress(&w.src) > at,
+        "the guest runs on from the checkpoint"
+    );
+}
+
+/// kill -9 of the target ferryd during post-copy. Its VMM, whose guest
+/// runs under a lease, exits as its link closes; the source hears nothing
+/// more, and once the grace has passed since the last word it took the VM
+/// back from the last checkpoint the target sent.
 #[test]
-fn target_ferryd_killed_during_postcopy_never_resumes_the_source() {
+fn target_ferryd_killed_during_postcopy_the_source_takes_the_vm_back() {
     let Some(vmm) = probe() else { return };
     let mut w = World::start(
         &vmm,
@@ -550,37 +626,81 @@ fn target_ferryd_killed_during_postcopy_never_resumes_the_source() {
             ..Setup::default()
         },
     );
-    // A capped push keeps post-copy going for seconds; the source tries to
-    // reconnect for 2 s, then gives up.
-    let id = w.migrate(&[
-        "--mode",
-        "postcopy",
-        "--bandwidth-mib-s",
-        "16",
-        "--postcopy-grace-s",
-        "2",
-    ]);
-    let s = w.wait_source(&id, "post-copy", |s| s.status == Status::Postcopy);
-    assert_eq!(s.epoch, 1, "the hand-off was recorded before COMMIT");
-    let spawned = w.target_vmms();
-    assert_eq!(spawned.len(), 1, "{spawned:?}");
+    let id = w.migrate(&takeback_args("4"));
+    let target_vmm = wait_checkpoints(&w, &id, 2);
     w.dst.kill9();
-    let s = w.wait_source(&id, "unknown", |s| s.status == Status::Unknown);
-    let error = s.error.unwrap_or_default();
-    assert!(error.contains("post-copy broke off"), "{error}");
-    // The source VMM reports its pause only when it resumes or quits.
-    assert!(
-        !w.source_pauses().iter().any(|e| e == "resumed"),
-        "the source must not resume: {:?}",
-        w.source_pauses()
+    wait_for(
+        common::DEADLINE,
+        || {
+            proc_stat(target_vmm)
+                .is_none_or(|(s, _)| s == 'Z')
+                .then_some(())
+        },
+        || format!("the target VMM {target_vmm} outlived its ferryd"),
     );
-    assert!(w.source_vmm_alive(), "the source keeps the VM's memory");
-    let listed = vm(&w.src, VM).expect("the source still lists the VM");
-    assert_eq!(listed.state, VmState::Paused, "{listed:?}");
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(!w.source_pauses().iter().any(|e| e == "resumed"));
-    assert_eq!(w.target_vmms(), spawned, "the target VMM keeps the guest");
-    w.done("target_ferryd_killed_during_postcopy_never_resumes_the_source");
+    let s = w.wait_source(&id, "taken back", |s| s.status.is_final());
+    assert_taken_back(&mut w, &s, target_vmm, "could not reconnect");
+    w.done("target_ferryd_killed_during_postcopy_the_source_takes_the_vm_back");
+}
+
+/// kill -9 of the target VMM during post-copy: the target ferryd sees it
+/// gone, says FENCED, and the source takes the VM back at once (its grace
+/// of 60 s never comes into it).
+#[test]
+fn target_vmm_killed_during_postcopy_the_source_takes_the_vm_back_at_once() {
+    let Some(vmm) = probe() else { return };
+    let mut w = World::start(
+        &vmm,
+        Setup {
+            mem_mib: 128,
+            workload: ENDLESS_WORKLOAD,
+            ..Setup::default()
+        },
+    );
+    let id = w.migrate(&takeback_args("60"));
+    let target_vmm = wait_checkpoints(&w, &id, 2);
+    signal(target_vmm, Signal::SIGKILL);
+    let s = w.wait_source(&id, "taken back", |s| s.status.is_final());
+    assert_taken_back(&mut w, &s, target_vmm, "the target stopped");
+    let target_side = incoming(&w.dst).expect("the target saw it");
+    assert_eq!(target_side.status, Status::Failed, "{target_side:?}");
+    w.done("target_vmm_killed_during_postcopy_the_source_takes_the_vm_back_at_once");
+}
+
+/// The link goes silent during post-copy for longer than the grace: the
+/// target, whose checkpoints go unacknowledged, stops its guest when its
+/// lease (half the grace) runs out; the source takes the VM back once the
+/// whole grace has passed. At no moment do both run it.
+#[test]
+fn postcopy_partition_past_the_grace_the_source_takes_the_vm_back() {
+    let Some(vmm) = probe() else { return };
+    if !nft_on_127_0_0_2() {
+        return;
+    }
+    let mut w = World::start(
+        &vmm,
+        Setup {
+            mem_mib: 128,
+            workload: ENDLESS_WORKLOAD,
+            target_listen: Some("127.0.0.2:0".into()),
+            ..Setup::default()
+        },
+    );
+    let id = w.migrate(&takeback_args("4"));
+    let target_vmm = wait_checkpoints(&w, &id, 2);
+    let rule = NftTable::partition(w.dst.listen(), w.dir.path()).expect("nft rule");
+    let s = w.wait_source(&id, "taken back", |s| s.status.is_final());
+    assert_taken_back(&mut w, &s, target_vmm, "could not reconnect");
+    drop(rule);
+    let t = wait_for(
+        common::DEADLINE,
+        || incoming(&w.dst).filter(|s| s.status.is_final()),
+        || format!("the target never ended:\n{}", w.dst.log_text()),
+    );
+    let error = t.error.unwrap_or_default();
+    assert!(error.contains("no checkpoint acknowledged"), "{error}");
+    w.assert_target_clean(&[target_vmm]);
+    w.done("postcopy_partition_past_the_grace_the_source_takes_the_vm_back");
 }
 
 /// kill -9 of the source VMM during post-copy: the guest runs on the

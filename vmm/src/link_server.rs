@@ -382,8 +382,15 @@ impl LinkServer {
                 // Memory changed under the paused state: its hash is moot.
                 self.pending_hash = None;
                 let progress = self.machine.counters()?.progress;
-                tracing::warn!("rolled back to a post-copy checkpoint at progress {progress}");
-                self.event("rolled_back", json!({"progress": progress}));
+                // The guest's own check of the memory it will run on.
+                let verify = self.verify()?;
+                tracing::warn!(
+                    "rolled back to a post-copy checkpoint at progress {progress}; verify: {verify:?}"
+                );
+                self.event(
+                    "rolled_back",
+                    json!({"progress": progress, "verify": verify}),
+                );
                 (LinkMsg::Ok, vec![])
             }
             LinkMsg::PostcopyDone => {

@@ -23,7 +23,7 @@
 //!     └─────────────────────────────┴──────────▶ Failed (parked; Run refused)
 //! ```
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -125,9 +125,40 @@ enum Cmd {
     Quit,
 }
 
+/// The signal that kicks a vCPU out of KVM_RUN.
+const KICK_SIGNAL: libc::c_int = libc::SIGUSR2;
+/// How long a command waits before the vCPU is kicked (again).
+const KICK_EVERY: Duration = Duration::from_millis(10);
+
+extern "C" fn on_kick(_: libc::c_int) {}
+
+/// Installs a handler for [`KICK_SIGNAL`] that does nothing, without
+/// SA_RESTART, so that the signal interrupts KVM_RUN (EINTR) instead of
+/// killing the process.
+fn install_kick_handler() -> std::io::Result<()> {
+    static ONCE: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
+    let r = ONCE.get_or_init(|| {
+        // SAFETY: a zeroed sigaction is valid; the handler is an extern "C"
+        // fn that touches nothing, so it is async-signal-safe.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_kick as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            sa.sa_flags = 0;
+            if libc::sigaction(KICK_SIGNAL, &sa, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+            }
+        }
+        Ok(())
+    });
+    r.map_err(std::io::Error::from_raw_os_error)
+}
+
 #[derive(Debug, Default)]
 struct Shared {
     running: AtomicBool,
+    /// The vCPU thread (pthread_t), for kicks; 0 until it runs.
+    thread: AtomicU64,
     failure: Mutex<Option<String>>,
     /// Throttle percentage, 0..=THROTTLE_PCT_MAX; read at every exit.
     throttle_pct: AtomicU8,
@@ -146,6 +177,7 @@ impl VcpuHandle {
     /// [`VcpuHandle::restore`] before the first run). `disk` serves the
     /// guest's disk doorbell (None: the VM has no disk).
     pub fn spawn(vcpu: VcpuFd, pacing: Pacing, disk: Option<DiskPort>) -> std::io::Result<Self> {
+        install_kick_handler()?;
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared::default());
         let thread = Thread {
@@ -168,10 +200,31 @@ impl VcpuHandle {
         })
     }
 
+    /// Sends a command and waits for its answer. A vCPU inside KVM_RUN
+    /// reads commands only at its next exit, and one waiting on a page that
+    /// has not arrived (post-copy: a userfaultfd fault) makes none: it is
+    /// kicked with a signal every 10 ms until it answers (KVM_RUN then
+    /// returns EINTR; the guest re-executes the instruction later).
     fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, VcpuError> {
         let (reply, rx) = mpsc::channel();
         self.tx.send(make(reply)).map_err(|_| VcpuError::Gone)?;
-        rx.recv().map_err(|_| VcpuError::Gone)?
+        loop {
+            match rx.recv_timeout(KICK_EVERY) {
+                Ok(r) => return r,
+                Err(RecvTimeoutError::Disconnected) => return Err(VcpuError::Gone),
+                Err(RecvTimeoutError::Timeout) => self.kick(),
+            }
+        }
+    }
+
+    fn kick(&self) {
+        let t = self.shared.thread.load(Ordering::Acquire);
+        if t != 0 {
+            // SAFETY: pthread_kill to the vCPU thread, which lives as long
+            // as this handle (joined in Drop); the signal's handler (set in
+            // `install_kick_handler`) does nothing.
+            unsafe { libc::pthread_kill(t as libc::pthread_t, KICK_SIGNAL) };
+        }
     }
 
     /// Runs the guest (no-op when running).
@@ -244,6 +297,9 @@ enum Flow {
 
 impl Thread {
     fn main(mut self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        self.shared.thread.store(me as u64, Ordering::Release);
         loop {
             let cmd = if self.is_running() {
                 match self.rx.try_recv() {

@@ -416,6 +416,16 @@ impl fmt::Display for BenchResult {
                     p.reconnects
                 )?;
             }
+            if p.checkpoints > 0 {
+                writeln!(
+                    f,
+                    "  checkpoints     {} sent back ({} pages); guest paused {} us mean, {} us max each",
+                    p.checkpoints,
+                    p.checkpoint_pages,
+                    p.checkpoint_pause_mean_us,
+                    p.checkpoint_pause_max_us
+                )?;
+            }
             if let Some(r) = self.postcopy_time_ratio {
                 writeln!(
                     f,

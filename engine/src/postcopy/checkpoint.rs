@@ -89,6 +89,7 @@ pub(crate) struct Applied {
 /// heard from.
 pub(crate) struct SourceCheckpoints {
     mem: Arc<GuestMem>,
+    metrics: Arc<crate::Metrics>,
     base: Instant,
     /// Milliseconds after `base` of the last frame from the target.
     heard_ms: AtomicU64,
@@ -129,9 +130,10 @@ impl Staging {
 }
 
 impl SourceCheckpoints {
-    pub(crate) fn new(mem: Arc<GuestMem>) -> Self {
+    pub(crate) fn new(mem: Arc<GuestMem>, metrics: Arc<crate::Metrics>) -> Self {
         SourceCheckpoints {
             mem,
+            metrics,
             base: Instant::now(),
             heard_ms: AtomicU64::new(0),
             applied: Mutex::new(None),
@@ -194,8 +196,14 @@ impl SourceCheckpoints {
             state: VmState { blob, progress },
             pages,
         });
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.pages.fetch_add(pages, Ordering::Relaxed);
+        let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+        let total = self.pages.fetch_add(pages, Ordering::Relaxed) + pages;
+        self.metrics.update(|s| {
+            if let Some(p) = s.postcopy.as_mut() {
+                p.checkpoints = n;
+                p.checkpoint_pages = total;
+            }
+        });
         Ok(true)
     }
 
@@ -205,13 +213,61 @@ impl SourceCheckpoints {
         self.closed.store(true, Ordering::Release);
         applied.clone()
     }
+}
 
-    /// Checkpoints applied, and their pages.
-    pub(crate) fn totals(&self) -> (u64, u64) {
-        (
-            self.count.load(Ordering::Relaxed),
-            self.pages.load(Ordering::Relaxed),
-        )
+/// Source side, with take-back: breaks the current connection once the
+/// grace has passed since the target was last heard from, so that no send
+/// or receive waits on a dead link past the moment the VM may be taken back.
+pub(crate) struct GraceWatch {
+    handles: Arc<Mutex<Vec<Box<dyn ferry_transport::Conn>>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl GraceWatch {
+    pub(crate) fn start(heard: Arc<SourceCheckpoints>, grace: Duration) -> Self {
+        let handles: Arc<Mutex<Vec<Box<dyn ferry_transport::Conn>>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (h, st) = (handles.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("ferry-pc-grace".into())
+            .spawn(move || {
+                while !st.load(Ordering::Acquire) {
+                    if heard.last_heard().elapsed() > grace {
+                        let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
+                        if !h.is_empty() {
+                            tracing::warn!(
+                                "post-copy: nothing from the target for {grace:?}; \
+                                 breaking the connection"
+                            );
+                        }
+                        for c in h.drain(..) {
+                            c.shutdown();
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+            .expect("spawning a thread");
+        GraceWatch {
+            handles,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Watches a new connection's streams (the old ones are forgotten).
+    pub(crate) fn arm(&self, handles: Vec<Box<dyn ferry_transport::Conn>>) {
+        *self.handles.lock().unwrap_or_else(|p| p.into_inner()) = handles;
+    }
+}
+
+impl Drop for GraceWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

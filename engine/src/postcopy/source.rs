@@ -82,6 +82,11 @@ impl DemandServer {
         })
     }
 
+    /// A handle on the priority stream, to break it from another thread.
+    pub(crate) fn handle(&self) -> Option<Box<dyn Conn>> {
+        self.conn.try_clone().ok()
+    }
+
     pub(crate) fn demand(&self) -> &Arc<Demand> {
         &self.demand
     }

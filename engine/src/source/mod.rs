@@ -228,12 +228,14 @@ pub fn migrate_out(
         checkpoints: cfg.mode.may_postcopy().then(|| {
             Arc::new(crate::postcopy::checkpoint::SourceCheckpoints::new(
                 mem.clone(),
+                metrics.clone(),
             ))
         }),
         mem,
         streams,
         control: None,
         rollback_ok: vm.can_rollback(),
+        connect_deadline: None,
 
         events: None,
         pipeline: None,
@@ -298,6 +300,8 @@ struct Migration<'a> {
     checkpoints: Option<Arc<crate::postcopy::checkpoint::SourceCheckpoints>>,
     /// The VM can be rolled back to a checkpoint.
     rollback_ok: bool,
+    /// While resuming a post-copy: no connect waits past this.
+    connect_deadline: Option<Instant>,
 
     events: Option<Receiver<Event>>,
     pipeline: Option<Pipeline>,
@@ -916,6 +920,17 @@ impl Migration<'_> {
         }
         let broken = MigrationError::PostcopyBroken;
         let mut server = server;
+        let watch = match (&self.checkpoints, take_back) {
+            (Some(c), true) => {
+                let w = crate::postcopy::checkpoint::GraceWatch::start(
+                    c.clone(),
+                    self.cfg.postcopy_grace,
+                );
+                w.arm(self.connection_handles(&server));
+                Some(w)
+            }
+            _ => None,
+        };
         let mut todo = pending.clone();
         let mut resend = switch_after > 0;
         let (mut served, mut background) = (0u64, 0u64);
@@ -938,7 +953,12 @@ impl Migration<'_> {
                         c.close();
                     }
                     match self.send_control(&ControlMsg::Released) {
-                        Ok(()) => break Ok(verify),
+                        Ok(()) => {
+                            // Let the target read it before the connection
+                            // closes: it ends its side first.
+                            self.wait_target_close(Duration::from_secs(2));
+                            break Ok(verify);
+                        }
                         Err(e) => {
                             tracing::warn!(
                                 "post-copy: sending RELEASED failed ({e}); reconnecting"
@@ -983,6 +1003,9 @@ impl Migration<'_> {
                         Ok((missing, s)) => {
                             todo = missing;
                             server = s;
+                            if let Some(w) = &watch {
+                                w.arm(self.connection_handles(&server));
+                            }
                             self.metrics.update(|s| {
                                 if let Some(p) = s.postcopy.as_mut() {
                                     p.reconnects += 1;
@@ -1002,7 +1025,6 @@ impl Migration<'_> {
         self.metrics
             .wire_bytes
             .fetch_add(wire_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
-        self.checkpoint_stats();
         let verify = result?;
         let duration_ms = running_at.elapsed().as_millis() as u64;
         let totals = self.finish_pipeline();
@@ -1055,6 +1077,40 @@ impl Migration<'_> {
                 Ok(Event::Fenced(r)) => return Some(r),
                 Ok(Event::Failed(_)) | Ok(Event::Aborted(_)) | Err(_) => return None,
                 Ok(Event::Control(_) | Event::Stale(_)) => {}
+            }
+        }
+    }
+
+    /// Handles on every stream of the current connection.
+    fn connection_handles(
+        &self,
+        server: &crate::postcopy::source::DemandServer,
+    ) -> Vec<Box<dyn Conn>> {
+        let mut h: Vec<Box<dyn Conn>> = self
+            .pipeline
+            .as_ref()
+            .map(|p| p.handles())
+            .unwrap_or_default();
+        h.extend(server.handle());
+        h.extend(
+            self.control
+                .as_ref()
+                .and_then(|c| c.handle.try_clone().ok()),
+        );
+        h
+    }
+
+    /// Waits up to `limit` for the target to close the control stream.
+    fn wait_target_close(&self, limit: Duration) {
+        let Some(events) = self.events.as_ref() else {
+            return;
+        };
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match events.recv_timeout(left) {
+                Ok(Event::Failed(_)) | Err(_) => return,
+                Ok(_) => {}
             }
         }
     }
@@ -1112,23 +1168,9 @@ impl Migration<'_> {
                 p.taken_back_from = Some(from);
             }
         });
-        self.checkpoint_stats();
         MigrationError::TakenBack(format!(
             "{why}; the VM runs here again from checkpoint {from} (guest progress {progress})"
         ))
-    }
-
-    /// Copies the checkpoint counters into the metrics.
-    fn checkpoint_stats(&self) {
-        if let Some(c) = &self.checkpoints {
-            let (n, pages) = c.totals();
-            self.metrics.update(|s| {
-                if let Some(p) = s.postcopy.as_mut() {
-                    p.checkpoints = n;
-                    p.checkpoint_pages = pages;
-                }
-            });
-        }
     }
 
     /// One connection's share of post-copy: push `todo` in the background
@@ -1236,14 +1278,22 @@ impl Migration<'_> {
         };
         let mut delay = Duration::from_millis(100);
         let mut attempt = 0u32;
-        loop {
+        self.connect_deadline = Some(deadline);
+        let r = loop {
+            if attempt > 0 && Instant::now() >= deadline {
+                break Err(format!(
+                    "could not reconnect within {:?} of the last word from the target \
+                     ({attempt} attempts)",
+                    self.cfg.postcopy_grace
+                ));
+            }
             attempt += 1;
             match self.try_resume(r, stale, wire_bytes) {
                 Ok(x) => {
                     tracing::info!(attempt, "post-copy resumed");
-                    return Ok(x);
+                    break Ok(x);
                 }
-                Err(PushEnd::Fatal(e) | PushEnd::Fenced(e)) if !take_back => return Err(e),
+                Err(PushEnd::Fatal(e) | PushEnd::Fenced(e)) if !take_back => break Err(e),
                 Err(PushEnd::Fatal(e) | PushEnd::Fenced(e) | PushEnd::Broke(e)) => {
                     if let Some(p) = self.pipeline.take() {
                         p.stop(true);
@@ -1252,8 +1302,9 @@ impl Migration<'_> {
                         c.handle.shutdown();
                     }
                     self.events = None;
-                    if Instant::now() + delay > deadline {
-                        return Err(format!(
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() || (!take_back && delay > left) {
+                        break Err(format!(
                             "could not reconnect within {:?} ({attempt} attempts; last: {e})",
                             self.cfg.postcopy_grace
                         ));
@@ -1262,11 +1313,13 @@ impl Migration<'_> {
                         attempt,
                         "post-copy: reconnecting failed ({e}); again in {delay:?}"
                     );
-                    std::thread::sleep(delay);
+                    std::thread::sleep(delay.min(left));
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
             }
-        }
+        };
+        self.connect_deadline = None;
+        r
     }
 
     fn try_resume(
@@ -1370,10 +1423,19 @@ impl Migration<'_> {
         vm: &str,
     ) -> Result<Box<dyn Conn>, MigrationError> {
         let phase = "connecting";
+        // A resume never waits past its deadline (at least 100 ms a try).
+        let timeout = match self.connect_deadline {
+            Some(d) => self
+                .cfg
+                .connect_timeout
+                .min(d.saturating_duration_since(Instant::now()))
+                .max(Duration::from_millis(100)),
+            None => self.cfg.connect_timeout,
+        };
         let mut conn = transport
-            .connect(to, self.cfg.connect_timeout)
+            .connect(to, timeout)
             .map_err(|source| MigrationError::Transport { phase, source })?;
-        conn.set_timeout(Some(self.cfg.connect_timeout))
+        conn.set_timeout(Some(timeout))
             .map_err(|source| MigrationError::Transport { phase, source })?;
         let hello = Hello {
             session: *session,

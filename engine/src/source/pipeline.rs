@@ -643,6 +643,14 @@ impl Pipeline {
             .collect()
     }
 
+    /// Handles on the data streams, to break them from another thread.
+    pub fn handles(&self) -> Vec<Box<dyn Conn>> {
+        self.conns
+            .iter()
+            .filter_map(|c| c.try_clone().ok())
+            .collect()
+    }
+
     /// Stops all stages. With `abort`, unblocks senders stuck on a dead peer.
     pub fn stop(mut self, abort: bool) {
         if abort {

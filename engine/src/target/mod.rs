@@ -1169,6 +1169,11 @@ impl Session<'_> {
                 Err(PostcopyEnd::Fatal(e)) => return Err(self.postcopy_failed(e)),
                 Err(PostcopyEnd::Broke(e)) => e,
             };
+            // The source may have let go and closed before a checkpoint
+            // in flight here failed: its RELEASED is still to be read.
+            if self.done_verify.is_some() && self.released_after_break() {
+                break;
+            }
             if let Some(c) = self.ckpt.as_mut() {
                 c.disconnected();
             }
@@ -1229,6 +1234,32 @@ impl Session<'_> {
             }
         }
         Ok(())
+    }
+
+    /// After a break with POSTCOPY_DONE sent: whether RELEASED is among what
+    /// the control stream delivered before it ended (waits for its end up
+    /// to 500 ms). Releases the lease if so.
+    fn released_after_break(&mut self) -> bool {
+        let Some(events) = self.events.as_ref() else {
+            return false;
+        };
+        let deadline = Instant::now() + Duration::from_millis(500);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match events.recv_timeout(left) {
+                Ok(Event::Frame(FrameKind::Control, p)) => {
+                    if let Ok(ControlMsg::Released) = wire::decode_control(&p) {
+                        if let Some(w) = &self.watchdog {
+                            w.lease().release();
+                        }
+                        tracing::info!("post-copy: the source let go of the VM");
+                        return true;
+                    }
+                }
+                Ok(Event::Frame(..)) => {}
+                Ok(Event::Failed(_)) | Err(_) => return false,
+            }
+        }
     }
 
     /// Post-copy over one connection: until every page is here (and, under
