@@ -534,6 +534,13 @@ pub fn migrate_in<V: TargetVm>(
         if let Some(r) = &cfg.resumes {
             r.forget(&session_id);
         }
+        if r.is_ok() {
+            // Done: the source waits for this side to close first (its
+            // last word, RELEASED, must not be lost to a reset).
+            if let Ok(c) = session.shared.control.lock() {
+                c.0.shutdown();
+            }
+        }
         if let Some(t) = session.pc_threads.take() {
             t.stop();
         }
