@@ -22,6 +22,7 @@ pub mod api;
 pub mod blast;
 pub mod compare;
 pub mod experiment;
+pub mod faults;
 pub mod migrate;
 pub mod netns;
 pub mod policies;

@@ -252,6 +252,11 @@ pub fn run() -> Result<()> {
         None if !built => Ok(Outcome::Failed("not run: the release build failed".into())),
         None => end_to_end(),
     });
+    stage(&mut stages, "fault campaign", || match &kvm {
+        Some(why) => Ok(Outcome::Skipped(why.clone())),
+        None if !built => Ok(Outcome::Failed("not run: the release build failed".into())),
+        None => fault_campaign(),
+    });
     // After the end-to-end stage, not beside it: its emulated CPUs would
     // take both cores from the end-to-end migrations, whose give-up run
     // and downtime figures depend on timing. It needs no KVM on the host
@@ -388,6 +393,49 @@ fn end_to_end() -> Result<Outcome> {
     }
     notes.insert(0, format!("{done} migrations verified"));
     Ok(Outcome::Ok(notes.join("; ")))
+}
+
+/// The faults the CI campaign injects, in the phases it aims at: every
+/// fault a migration is built to survive there (the full campaign, with
+/// the faults it cannot survive yet, is `ferry-bench faults --cases 60`;
+/// docs/benchmarks.md). Each pair runs once, in this order.
+const CAMPAIGN_FAULTS: &str = "kill-dst-ferryd,kill-dst-vmm,cut-long";
+const CAMPAIGN_PHASES: &str = "switchover,postcopy";
+const CAMPAIGN_CASES: u32 = 6;
+/// xtask's deadline for the campaign (a case takes 5-25 s).
+const CAMPAIGN_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// `ferry-bench faults --strict` over [`CAMPAIGN_FAULTS`] x
+/// [`CAMPAIGN_PHASES`]: every case must survive.
+fn fault_campaign() -> Result<Outcome> {
+    if !sh::succeeds(Command::new("nft").args(["list", "tables"])) {
+        return Ok(Outcome::Skipped("nftables is not usable here".into()));
+    }
+    let bench = target_dir()?.join("release").join("ferry-bench");
+    let mut c = Command::new(&bench);
+    c.args([
+        "faults",
+        "--cases",
+        &CAMPAIGN_CASES.to_string(),
+        "--seed",
+        "1",
+        "--faults",
+        CAMPAIGN_FAULTS,
+        "--phases",
+        CAMPAIGN_PHASES,
+        "--strict",
+    ]);
+    let (status, out) = sh::output_with_timeout(&mut c, CAMPAIGN_TIMEOUT)?;
+    println!("{}", out.trim_end());
+    if !status.success() {
+        bail!("ferry-bench faults ({status}): not every case survived");
+    }
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("survived"))
+        .unwrap_or("survived")
+        .to_string();
+    Ok(Outcome::Ok(line))
 }
 
 /// Runs one `ferry-bench migrate --json`; returns its summary line.
