@@ -94,6 +94,9 @@ pub(crate) struct SourceCheckpoints {
     /// Milliseconds after `base` of the last frame from the target.
     heard_ms: AtomicU64,
     applied: Mutex<Option<Applied>>,
+    /// Set at the post-copy COMMIT: before it the source's guest may run,
+    /// and nothing from the target may touch its memory.
+    armed: AtomicBool,
     /// Set by a take-back (or the end): nothing is applied after it.
     closed: AtomicBool,
     count: AtomicU64,
@@ -137,6 +140,7 @@ impl SourceCheckpoints {
             base: Instant::now(),
             heard_ms: AtomicU64::new(0),
             applied: Mutex::new(None),
+            armed: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             count: AtomicU64::new(0),
             pages: AtomicU64::new(0),
@@ -178,6 +182,9 @@ impl SourceCheckpoints {
             return Err(bad("the state blob does not match its length/CRC".into()));
         }
         let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.armed.load(Ordering::Acquire) {
+            return Err(bad("before the post-copy switch".into()));
+        }
         if self.closed.load(Ordering::Acquire) {
             return Ok(false);
         }
@@ -205,6 +212,12 @@ impl SourceCheckpoints {
             }
         });
         Ok(true)
+    }
+
+    /// The post-copy COMMIT is about to go out (the source's guest is
+    /// paused for good): checkpoints may be applied from now on.
+    pub(crate) fn arm(&self) {
+        self.armed.store(true, Ordering::Release);
     }
 
     /// No checkpoint is applied from now on; returns the last one.
@@ -625,6 +638,70 @@ mod tests {
         assert!(lease.fenced().is_some());
         assert_eq!(dog.fence_now("again".into()), lease.fenced().unwrap());
         assert_eq!(fenced.load(Ordering::SeqCst), 1, "fenced once");
+    }
+
+    fn mem(pages: u64) -> Arc<GuestMem> {
+        let spec = crate::link::VmSpec {
+            name: "t".into(),
+            regions: vec![crate::link::RegionSpec {
+                gpa: 0,
+                size: pages * PAGE_SIZE as u64,
+                memfd_offset: 0,
+            }],
+            vcpus: 1,
+            vmm_config: serde_json::Value::Null,
+            disk: None,
+        };
+        Arc::new(GuestMem::create(&spec).unwrap())
+    }
+
+    fn staged(pages: &[u64], fill: u8, blob: &[u8]) -> Staging {
+        let mut st = Staging::default();
+        let data = vec![fill; pages.len() * PAGE_SIZE];
+        st.add_pages(&encode_pages(pages, &data), 16).unwrap();
+        st.set_state(blob.to_vec()).unwrap();
+        st
+    }
+
+    #[test]
+    fn the_source_applies_whole_checkpoints_only_after_the_switch_and_before_the_end() {
+        use vm_memory::Bytes;
+        let m = mem(16);
+        let metrics = Arc::new(crate::Metrics::new("m", "vm", "source", "peer"));
+        let c = SourceCheckpoints::new(m.clone(), metrics);
+        let blob = b"state".to_vec();
+        let crc = crc32c::crc32c(&blob);
+        let page = |p: u64| {
+            let mut b = [0u8; 1];
+            m.page(PageIndex(p)).unwrap().read_slice(&mut b, 0).unwrap();
+            b[0]
+        };
+        // Before COMMIT the source's guest may still run: refused.
+        assert!(c.commit(staged(&[1], 7, &blob), 1, 1, 5, crc, 10).is_err());
+        assert_eq!(page(1), 0);
+        c.arm();
+        // Announced counts and the blob's CRC must match what came.
+        assert!(c.commit(staged(&[1], 7, &blob), 1, 2, 5, crc, 10).is_err());
+        assert!(c
+            .commit(staged(&[1], 7, &blob), 1, 1, 5, crc ^ 1, 10)
+            .is_err());
+        assert_eq!(
+            page(1),
+            0,
+            "a checkpoint that fails its checks changes nothing"
+        );
+        assert!(c
+            .commit(staged(&[1, 3], 7, &blob), 2, 2, 5, crc, 10)
+            .unwrap());
+        assert_eq!((page(1), page(3)), (7, 7));
+        assert!(
+            c.commit(staged(&[1], 9, &blob), 2, 1, 5, crc, 11).is_err(),
+            "ids only go up"
+        );
+        let last = c.close().expect("applied");
+        assert_eq!((last.id, last.state.progress, last.pages), (2, 10, 2));
+        assert!(!c.commit(staged(&[1], 9, &blob), 3, 1, 5, crc, 12).unwrap());
+        assert_eq!(page(1), 7, "nothing is applied after a take-back began");
     }
 
     #[test]

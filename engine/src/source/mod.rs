@@ -892,6 +892,9 @@ impl Migration<'_> {
         // connection: either the target runs the VM (and a resume finds
         // it) or it does not (and the lease rule makes taking it back safe).
         let mut broke_at_commit = None;
+        if let (Some(c), true) = (&self.checkpoints, take_back) {
+            c.arm();
+        }
         match self.commit(new_epoch) {
             Ok(()) => {}
             Err(MigrationError::CommitUnknown(e)) if take_back => broke_at_commit = Some(e),
@@ -959,6 +962,8 @@ impl Migration<'_> {
                             self.wait_target_close(Duration::from_secs(2));
                             break Ok(verify);
                         }
+                        // Only a target under a lease waits for it.
+                        Err(_) if !take_back => break Ok(verify),
                         Err(e) => {
                             tracing::warn!(
                                 "post-copy: sending RELEASED failed ({e}); reconnecting"
@@ -983,12 +988,15 @@ impl Migration<'_> {
                         }
                     }
                 }
-                Err(PushEnd::Fenced(e)) if take_back => {
+                Err(PushEnd::Fenced(e) | PushEnd::Fatal(e)) if !take_back => break Err(broken(e)),
+                Err(PushEnd::Fenced(e)) => {
                     self.stop_connection(&mut background);
                     break Err(self.take_back(vm, format!("the target stopped: {e}"), &state));
                 }
-                Err(PushEnd::Fenced(e) | PushEnd::Fatal(e)) => break Err(broken(e)),
-                Err(PushEnd::Broke(e)) => {
+                // With take-back, even a protocol error only ends this
+                // connection: a new one may go on, and if none can, the
+                // target's lease runs out before the grace does.
+                Err(PushEnd::Fatal(e) | PushEnd::Broke(e)) => {
                     if let Some(why) = take_back.then(|| self.fenced_after_break()).flatten() {
                         self.stop_connection(&mut background);
                         let why = format!("the target stopped: {why} ({e})");
