@@ -959,7 +959,7 @@ impl Migration<'_> {
                         Ok(()) => {
                             // Let the target read it before the connection
                             // closes: it ends its side first.
-                            self.wait_target_close(Duration::from_secs(2));
+                            self.drain_control(Duration::from_secs(2));
                             break Ok(verify);
                         }
                         // Only a target under a lease waits for it.
@@ -997,7 +997,10 @@ impl Migration<'_> {
                 // connection: a new one may go on, and if none can, the
                 // target's lease runs out before the grace does.
                 Err(PushEnd::Fatal(e) | PushEnd::Broke(e)) => {
-                    if let Some(why) = take_back.then(|| self.fenced_after_break()).flatten() {
+                    if let Some(why) = take_back
+                        .then(|| self.drain_control(Duration::from_millis(500)))
+                        .flatten()
+                    {
                         self.stop_connection(&mut background);
                         let why = format!("the target stopped: {why} ({e})");
                         break Err(self.take_back(vm, why, &state));
@@ -1072,18 +1075,19 @@ impl Migration<'_> {
         }
     }
 
-    /// A connection broke: a target that stopped its guest says FENCED on
-    /// the control stream before it lets go of its connections, and that
-    /// word may still be on its way when a data stream fails. Waits for it
-    /// briefly (until the control stream fails too).
-    fn fenced_after_break(&self) -> Option<String> {
+    /// Reads what is left on the control stream until it ends, at most
+    /// for `limit`; returns the reason of a FENCED among it. A target that
+    /// stopped its guest says FENCED before it lets go of its connections,
+    /// and that word may still be on its way when a data stream fails; and
+    /// after RELEASED the target closes first.
+    fn drain_control(&self, limit: Duration) -> Option<String> {
         let events = self.events.as_ref()?;
-        let deadline = Instant::now() + Duration::from_millis(500);
+        let deadline = Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match events.recv_timeout(left) {
                 Ok(Event::Fenced(r)) => return Some(r),
-                Ok(Event::Failed(_)) | Ok(Event::Aborted(_)) | Err(_) => return None,
+                Ok(Event::Failed(_) | Event::Aborted(_)) | Err(_) => return None,
                 Ok(Event::Control(_) | Event::Stale(_)) => {}
             }
         }
@@ -1106,21 +1110,6 @@ impl Migration<'_> {
                 .and_then(|c| c.handle.try_clone().ok()),
         );
         h
-    }
-
-    /// Waits up to `limit` for the target to close the control stream.
-    fn wait_target_close(&self, limit: Duration) {
-        let Some(events) = self.events.as_ref() else {
-            return;
-        };
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match events.recv_timeout(left) {
-                Ok(Event::Failed(_)) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
     }
 
     /// Stops everything that used the current connection.
