@@ -10,6 +10,7 @@
 //! | GET    | /api/v1/migrations                | 200 array of [`Snapshot`] |
 //! | GET    | /api/v1/migrations/{id}           | 200 [`Snapshot`]       |
 //! | POST   | /api/v1/migrations/{id}/cancel    | 202 [`Created`]        |
+//! | POST   | /api/v1/migrations/{id}/resume    | 202 [`Created`]        |
 //!
 //! Every error is `{"error": "<one sentence>"}` with its status code.
 //!
@@ -226,6 +227,18 @@ fn dispatch(d: &Arc<Daemon>, method: &str, path: &str, body: &[u8]) -> Result<Re
         ["migrations", id, "cancel"] => match method {
             "POST" => {
                 d.migrations.cancel(id)?;
+                ok(
+                    202,
+                    &Created {
+                        id: (*id).to_string(),
+                    },
+                )
+            }
+            _ => Err(wrong_method()),
+        },
+        ["migrations", id, "resume"] => match method {
+            "POST" => {
+                crate::migrations::resume_recorded(d, id)?;
                 ok(
                     202,
                     &Created {

@@ -62,6 +62,11 @@ pub struct Daemon {
     pub reserve: Option<Arc<ferry_engine::memory::Reserve>>,
     /// Incoming post-copy migrations a reconnecting source may resume.
     pub resumes: Arc<ferry_engine::target::Resumes>,
+    /// Hand-offs of outgoing migrations, for a restarted ferryd.
+    pub journal: Arc<crate::journal::FileJournal>,
+    /// Hand-offs a previous ferryd recorded, by VM name, until the VM's
+    /// VMM registers again and the migration is finished.
+    pub handoffs: std::sync::Mutex<std::collections::HashMap<String, crate::journal::Found>>,
 }
 
 impl Daemon {
@@ -140,6 +145,17 @@ pub fn start(cfg: Config, transport: Arc<dyn Transport>) -> Result<Running, Daem
             path: cfg.state_dir.display().to_string(),
             source,
         })?;
+    let journal = crate::journal::FileJournal::open(&cfg.state_dir).map_err(|source| {
+        DaemonError::StateDir {
+            path: cfg
+                .state_dir
+                .join(crate::journal::DIR)
+                .display()
+                .to_string(),
+            source,
+        }
+    })?;
+    let handoffs = journal.load();
     let mut created = Unlink(Vec::new());
     let control = bind_private(&cfg.control_socket)?;
     created.0.push(cfg.control_socket.clone());
@@ -165,6 +181,8 @@ pub fn start(cfg: Config, transport: Arc<dyn Transport>) -> Result<Running, Daem
         reserve: (cfg.reserve_mib > 0)
             .then(|| ferry_engine::memory::Reserve::new(cfg.reserve_mib << 20)),
         resumes: ferry_engine::target::Resumes::new(),
+        journal: Arc::new(journal),
+        handoffs: std::sync::Mutex::new(handoffs),
         cfg,
     });
     let server = Arc::new(server);

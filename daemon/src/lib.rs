@@ -34,6 +34,7 @@ pub mod config;
 pub mod daemon;
 pub mod http;
 pub mod incoming;
+pub mod journal;
 pub mod linkserver;
 pub mod migrations;
 pub mod transports;

@@ -132,10 +132,16 @@ fn register(d: &Arc<Daemon>, sock: UnixStream) {
             role: Role::Source,
             spec: Some(spec),
         } => {
-            register_source(d, link, sock, spec, first.fds);
+            register_source(d, link, sock, spec, first.fds, None);
         }
         LinkMsg::Register {
-            role: Role::Source,
+            role: Role::Reattach { paused },
+            spec: Some(spec),
+        } => {
+            register_source(d, link, sock, spec, first.fds, Some(paused));
+        }
+        LinkMsg::Register {
+            role: Role::Source | Role::Reattach { .. },
             spec: None,
         } => {
             refuse(
@@ -179,6 +185,7 @@ fn register_source(
     sock: UnixStream,
     spec: VmSpec,
     fds: Vec<OwnedFd>,
+    reattach: Option<bool>,
 ) {
     let name = spec.name.clone();
     let checked = check_spec(&spec).and_then(|()| {
@@ -223,9 +230,26 @@ fn register_source(
         Err(m) => return refuse(&mut link, format!("VM {name:?}: {m}")),
     };
     let (mem_bytes, vcpus) = (spec.mem_bytes(), spec.vcpus);
-    let id = match d.vms.register(spec, mem, disk) {
+    // A VM registering again may have a hand-off its old ferryd recorded.
+    let found = reattach.and_then(|_| lock(&d.handoffs).remove(&name));
+    let paused = reattach == Some(true);
+    let (state, epoch) = match &found {
+        Some(f) => (paused, f.hand_off.epoch.saturating_sub(1)),
+        None => (paused, 0),
+    };
+    let state = if state {
+        crate::vms::VmState::Paused
+    } else {
+        crate::vms::VmState::Running
+    };
+    let id = match d.vms.register_as(spec, mem, disk, state, epoch) {
         Ok(id) => id,
-        Err(m) => return refuse(&mut link, m),
+        Err(m) => {
+            if let Some(f) = found {
+                lock(&d.handoffs).insert(name.clone(), f);
+            }
+            return refuse(&mut link, m);
+        }
     };
     let reply = LinkMsg::Registered {
         vm_id: id.clone(),
@@ -242,7 +266,14 @@ fn register_source(
         mem_bytes >> 20
     );
     d.vms.attach(&name, &id, LinkVm::new(link));
-    d.vms.watch(name, id, sock);
+    d.vms.watch(name.clone(), id, sock);
+    if let Some(paused) = reattach {
+        tracing::info!(
+            "VM {name} registered again ({})",
+            if paused { "paused" } else { "running" }
+        );
+        crate::migrations::reattached(d, &name, paused, found);
+    }
 }
 
 /// Checks what the memory mapping does not: name and vCPUs.

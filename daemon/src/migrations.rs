@@ -20,6 +20,7 @@ use ferry_engine::{Cancel, Metrics, MigrationError, Snapshot, Status};
 
 use crate::api::{ApiError, MigrateRequest};
 use crate::daemon::Daemon;
+use crate::journal::Found;
 use crate::util::{lock, panic_message, spawn_logged};
 use crate::vms::{resync, Done, Lent, TakeError};
 
@@ -60,10 +61,12 @@ pub struct MigrationTable {
 }
 
 impl MigrationTable {
-    /// Adds a migration, dropping the oldest final ones over the cap.
+    /// Adds a migration (replacing an ended one of the same id: a resumed
+    /// migration), dropping the oldest final ones over the cap.
     pub fn insert(&self, m: Migration) -> Arc<Migration> {
         let m = Arc::new(m);
         let mut t = lock(&self.inner);
+        t.retain(|old| old.id != m.id);
         while t.len() >= MIGRATIONS_KEPT {
             let Some(i) = t.iter().position(|m| m.metrics.status().is_final()) else {
                 break;
@@ -235,6 +238,7 @@ pub fn source_config(req: &MigrateRequest) -> Result<SourceConfig, ApiError> {
 /// Starts an outgoing migration; returns its id once its thread runs.
 pub fn start_outgoing(d: &Arc<Daemon>, req: MigrateRequest) -> Result<String, ApiError> {
     let mut cfg = source_config(&req)?;
+    cfg.journal = Some(d.journal.clone());
     cfg.placement = match &req.placement {
         None => d.cfg.placement.clone(),
         Some(p) => ferry_engine::numa::PlacementPolicy::parse_for_host(p)
@@ -351,7 +355,6 @@ impl Outgoing {
             file,
             fs_aware: self.disk_fs_aware,
         });
-        let id = self.metrics.snapshot().id;
         let result = if desync && resync(&mut link).is_err() {
             Ok(Err(MigrationError::Invalid(
                 "the VMM did not answer an earlier request; try again".into(),
@@ -373,12 +376,39 @@ impl Outgoing {
                 )
             }))
         };
+        let ended = Ended {
+            d: &self.d,
+            vm: &self.vm,
+            vm_id: &vm_id,
+            to: &self.to,
+            metrics: &self.metrics,
+        };
+        ended.finish(result, link);
+    }
+}
+
+/// An outgoing migration (or the recovery of one) whose thread ends.
+struct Ended<'a> {
+    d: &'a Arc<Daemon>,
+    vm: &'a str,
+    vm_id: &'a str,
+    to: &'a str,
+    metrics: &'a Metrics,
+}
+
+type EngineResult = std::thread::Result<Result<ferry_engine::source::Outcome, MigrationError>>;
+
+impl Ended<'_> {
+    /// Puts the VM back in the table as the result says, and forgets the
+    /// hand-off record unless the outcome is unknown.
+    fn finish(&self, result: EngineResult, link: LinkVm) {
+        let id = self.metrics.snapshot().id;
+        let (vm, to) = (self.vm, self.to);
+        let mut unknown = false;
         let done = match result {
             Ok(Ok(outcome)) => {
                 tracing::info!(
-                    "migration {id}: {} now runs on {} (epoch {})",
-                    self.vm,
-                    self.to,
+                    "migration {id}: {vm} now runs on {to} (epoch {})",
                     outcome.epoch
                 );
                 if !self.metrics.status().is_final() {
@@ -390,11 +420,10 @@ impl Outgoing {
             }
             Ok(Err(e @ (MigrationError::CommitUnknown(_) | MigrationError::PostcopyBroken(_)))) => {
                 tracing::error!(
-                    "migration {id}: {e}. VM {} stays PAUSED here; find out from {} whether it runs there",
-                    self.vm,
-                    self.to
+                    "migration {id}: {e}. VM {vm} stays PAUSED here; find out from {to} whether it runs there"
                 );
                 self.mark_unknown(e.to_string());
+                unknown = true;
                 Done::Back {
                     link,
                     paused: true,
@@ -402,7 +431,7 @@ impl Outgoing {
                 }
             }
             Ok(Err(e)) => {
-                tracing::warn!("migration {id}: {e}; VM {} keeps running here", self.vm);
+                tracing::warn!("migration {id}: {e}; VM {vm} keeps running here");
                 if !self.metrics.status().is_final() {
                     let status = match e {
                         MigrationError::Cancelled => Status::Cancelled,
@@ -423,10 +452,10 @@ impl Outgoing {
             Err(panic) => {
                 let msg = panic_message(&panic);
                 tracing::error!(
-                    "migration {id} panicked ({msg}); VM {} is left PAUSED here as its state is unknown",
-                    self.vm
+                    "migration {id} panicked ({msg}); VM {vm} is left PAUSED here as its state is unknown"
                 );
                 self.mark_unknown(format!("ferryd's migration thread panicked: {msg}"));
+                unknown = true;
                 Done::Back {
                     link,
                     paused: true,
@@ -434,7 +463,10 @@ impl Outgoing {
                 }
             }
         };
-        self.d.vms.migration_done(&self.vm, &vm_id, done);
+        if !unknown {
+            self.d.journal.remove(&id);
+        }
+        self.d.vms.migration_done(vm, self.vm_id, done);
     }
 
     fn mark_unknown(&self, error: String) {
@@ -442,6 +474,228 @@ impl Outgoing {
             s.status = Status::Unknown;
             s.error.get_or_insert(error);
         });
+    }
+}
+
+/// A VMM registered again with this ferryd (its predecessor died or
+/// stopped), its VM paused or not, with the hand-off record a predecessor
+/// left for it, if any:
+///
+/// ```text
+///  paused + record     finish the migration (recover_out), on a thread
+///  paused, no record   the VM never left: resume it (no COMMIT went out)
+///  running + record    the record is stale (the VM was resumed here after
+///                      it was written): forget it
+///  running, no record  nothing to do
+/// ```
+pub fn reattached(d: &Arc<Daemon>, name: &str, paused: bool, found: Option<Found>) {
+    match (found, paused) {
+        (Some(f), true) => start_recovery(d, name, f),
+        (Some(f), false) => {
+            tracing::warn!(
+                "VM {name} runs here: the hand-off record of migration {} is stale; removed",
+                f.hand_off.session
+            );
+            d.journal.remove(&f.hand_off.session);
+            stop_logging(d, name);
+        }
+        (None, true) => resume_orphan(d, name),
+        (None, false) => stop_logging(d, name),
+    }
+}
+
+/// A running VM registered again may still log dirty pages for a
+/// migration that died with the old ferryd: stop that.
+fn stop_logging(d: &Arc<Daemon>, name: &str) {
+    let Ok(lent) = d.vms.take(name, "reattach", TAKE_WAIT, false) else {
+        return;
+    };
+    let mut link = lent.link;
+    if let Err(e) = ferry_engine::SourceVm::stop_dirty_log(&mut link) {
+        tracing::warn!("VM {name}: cannot stop its dirty log: {e}");
+    }
+    d.vms.migration_done(
+        name,
+        &lent.id,
+        Done::Back {
+            link,
+            paused: false,
+            epoch: None,
+        },
+    );
+}
+
+/// A paused VM with no hand-off record: whatever paused it never sent
+/// COMMIT, so the VM is this host's. Runs it again.
+fn resume_orphan(d: &Arc<Daemon>, name: &str) {
+    let lent = match d.vms.take(name, "resume", TAKE_WAIT, true) {
+        Ok(l) => l,
+        Err(e) => return tracing::error!("VM {name} stays paused: {e}"),
+    };
+    let mut link = lent.link;
+    let paused = match ferry_engine::SourceVm::resume(&mut link) {
+        Ok(()) => {
+            tracing::warn!(
+                "VM {name} came back paused with no hand-off recorded (its migration never \
+                 reached COMMIT): resumed here"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::error!("VM {name} came back paused and cannot be resumed: {e}");
+            true
+        }
+    };
+    d.vms.migration_done(
+        name,
+        &lent.id,
+        Done::Back {
+            link,
+            paused,
+            epoch: None,
+        },
+    );
+}
+
+/// `POST /migrations/{id}/resume`: finishes migration `id`, whose outcome
+/// was left unknown, from its hand-off record (its VM paused here).
+pub fn resume_recorded(d: &Arc<Daemon>, id: &str) -> Result<(), ApiError> {
+    if d.is_shutting_down() {
+        return Err(ApiError {
+            status: 503,
+            message: "ferryd is shutting down".into(),
+        });
+    }
+    if let Some(m) = d.migrations.get(id) {
+        let status = m.metrics.status();
+        if !status.is_final() && status != Status::Unknown {
+            return Err(ApiError::conflict(format!(
+                "migration {id} is running ({}); nothing to resume",
+                status_name(status)
+            )));
+        }
+    }
+    let f = d.journal.find(id).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no hand-off is recorded for migration {id}: it never reached COMMIT here, \
+             or it has ended"
+        ))
+    })?;
+    let name = f.hand_off.vm.clone();
+    match d.vms.get(&name) {
+        Some(v) if v.state == crate::vms::VmState::Paused => {}
+        Some(v) => {
+            return Err(ApiError::conflict(format!(
+                "VM {name} is {}, not paused: migration {id} has nothing to resume",
+                serde_json::to_value(v.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default()
+            )))
+        }
+        None => {
+            return Err(ApiError::conflict(format!(
+                "VM {name} of migration {id} is not registered here (its VMM registers \
+                 again when it is alive)"
+            )))
+        }
+    }
+    lock(&d.handoffs).remove(&name);
+    start_recovery(d, &name, f);
+    Ok(())
+}
+
+/// Finishes migration `f` of the re-attached paused VM `name` on a thread
+/// (it shows in the migration table under its own id).
+fn start_recovery(d: &Arc<Daemon>, name: &str, f: Found) {
+    let h = f.hand_off.clone();
+    let id = h.session.clone();
+    let metrics = Arc::new(Metrics::new(&id, name, "source", &h.to));
+    let transport = h
+        .transport
+        .parse::<crate::transports::TransportKind>()
+        .map_err(|e| e.to_string())
+        .and_then(|k| crate::transports::get(k, &d.cfg.rdma).map_err(|e| e.to_string()));
+    let cancel = Cancel::new();
+    d.migrations.insert(Migration {
+        id: id.clone(),
+        metrics: Arc::clone(&metrics),
+        cancel: Some(cancel.clone()),
+    });
+    let transport = match transport {
+        Ok(t) => t,
+        Err(e) => {
+            let e = format!(
+                "cannot finish the migration: transport {:?}: {e}; VM {name} stays paused",
+                h.transport
+            );
+            tracing::error!("migration {id}: {e}");
+            metrics.update(|s| {
+                s.status = Status::Unknown;
+                s.error = Some(e);
+            });
+            return;
+        }
+    };
+    tracing::warn!(
+        "migration {id}: VM {name} came back paused; finishing its {} hand-off to {} (epoch {})",
+        if h.postcopy { "post-copy" } else { "pre-copy" },
+        h.to,
+        h.epoch
+    );
+    let d2 = Arc::clone(d);
+    let name2 = name.to_string();
+    let guard = d.threads.enter();
+    let started = spawn_logged(format!("recover-{id}"), move || {
+        let _guard = guard;
+        let d = d2;
+        let lent = match d.vms.take(&name2, &id, TAKE_WAIT, true) {
+            Ok(l) => l,
+            Err(e) => {
+                metrics.update(|s| {
+                    s.status = Status::Unknown;
+                    s.error = Some(format!("cannot take VM {name2}: {e}"));
+                });
+                return;
+            }
+        };
+        let mut cfg = SourceConfig {
+            journal: Some(d.journal.clone()),
+            placement: d.cfg.placement.clone(),
+            ..SourceConfig::default()
+        };
+        cfg.session = None;
+        let Lent {
+            id: vm_id,
+            mem,
+            mut link,
+            ..
+        } = lent;
+        let _ = link.link().set_timeout(Some(VMM_CALL_TIMEOUT));
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            ferry_engine::source::recover_out(
+                transport.as_ref(),
+                &d.key,
+                &f.hand_off,
+                f.checkpoint.as_ref(),
+                mem,
+                &mut link,
+                &cfg,
+                Arc::clone(&metrics),
+                &cancel,
+            )
+        }));
+        let ended = Ended {
+            d: &d,
+            vm: &name2,
+            vm_id: &vm_id,
+            to: &f.hand_off.to,
+            metrics: &metrics,
+        };
+        ended.finish(result, link);
+    });
+    if !started {
+        tracing::error!("cannot start the recovery thread; VM {name} stays paused");
     }
 }
 

@@ -197,6 +197,20 @@ impl VmTable {
         mem: GuestMem,
         disk: Option<std::fs::File>,
     ) -> Result<String, String> {
+        self.register_as(spec, mem, disk, VmState::Running, 0)
+    }
+
+    /// [`Self::register`] for a VMM that registers again (its ferryd
+    /// restarted): its VM may be paused, and a hand-off record may know its
+    /// epoch.
+    pub fn register_as(
+        &self,
+        spec: VmSpec,
+        mem: GuestMem,
+        disk: Option<std::fs::File>,
+        state: VmState,
+        epoch: u64,
+    ) -> Result<String, String> {
         check_vm_name(&spec.name)?;
         let mut t = lock(&self.inner);
         check_free(&t, &spec.name)?;
@@ -208,8 +222,8 @@ impl VmTable {
             spec: Some(spec),
             mem: Some(Arc::new(mem)),
             disk: disk.map(Arc::new),
-            epoch: 0,
-            state: VmState::Running,
+            epoch,
+            state,
             link: None,
             desync: false,
             migration: None,
@@ -320,6 +334,19 @@ impl VmTable {
         migration: &str,
         wait: Duration,
     ) -> Result<Lent, TakeError> {
+        self.take(name, migration, wait, false)
+    }
+
+    /// Takes a VM for a migration like [`Self::take_for_migration`], also
+    /// when it is paused (`paused_ok`): a restarted ferryd finishing what
+    /// its predecessor handed off.
+    pub fn take(
+        &self,
+        name: &str,
+        migration: &str,
+        wait: Duration,
+        paused_ok: bool,
+    ) -> Result<Lent, TakeError> {
         let deadline = Instant::now() + wait;
         let mut t = lock(&self.inner);
         loop {
@@ -333,7 +360,7 @@ impl VmTable {
                     e.migration.as_deref().unwrap_or("?")
                 )));
             }
-            if e.state != VmState::Running {
+            if e.state != VmState::Running && !(paused_ok && e.state == VmState::Paused) {
                 let state = serde_json::to_value(e.state).unwrap_or_default();
                 return Err(TakeError::Conflict(format!(
                     "VM {name:?} is not running (state {})",

@@ -703,6 +703,221 @@ fn postcopy_partition_past_the_grace_the_source_takes_the_vm_back() {
     w.done("postcopy_partition_past_the_grace_the_source_takes_the_vm_back");
 }
 
+/// The hand-off records under the source's state directory.
+fn handoff_records(d: &Ferryd) -> Vec<String> {
+    std::fs::read_dir(d.dir.path().join("handoffs"))
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.ends_with(".tmp"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// kill -9 of the source ferryd during post-copy, started again at once:
+/// the source VMM (paused, holding the memfd) registers its VM again, the
+/// new ferryd finds the hand-off its predecessor recorded, resumes the
+/// post-copy with the target (which waited, its guest running under a
+/// lease), pushes what the target lacks, and hands the VM off.
+#[test]
+fn source_ferryd_killed_during_postcopy_a_restarted_one_finishes_it() {
+    let Some(vmm) = probe() else { return };
+    let mut w = World::start(
+        &vmm,
+        Setup {
+            mem_mib: 128,
+            workload: ENDLESS_WORKLOAD,
+            ..Setup::default()
+        },
+    );
+    let id = w.migrate(&takeback_args("6"));
+    wait_checkpoints(&w, &id, 2);
+    assert_eq!(
+        handoff_records(&w.src).len(),
+        2,
+        "hand-off and checkpoint recorded"
+    );
+    w.src.kill9();
+    w.src.restart();
+    let s = w.wait_source(&id, "finished by the new ferryd", |s| s.status.is_final());
+    assert_eq!(s.status, Status::Completed, "{s:?}");
+    assert_eq!(s.epoch, 1, "{s:?}");
+    w.src
+        .wait_log(&["came back paused; finishing its post-copy hand-off"]);
+    let t = wait_for(
+        common::DEADLINE,
+        || incoming(&w.dst).filter(|s| s.status.is_final()),
+        || format!("the target never ended:\n{}", w.dst.log_text()),
+    );
+    assert_eq!(t.status, Status::Completed, "{t:?}");
+    let verify = t.verify.clone().expect("the target VMM's check");
+    assert!(
+        verify.checked && verify.pages_checked > 0 && verify.pages_bad == 0,
+        "{verify:?}"
+    );
+    w.src.wait_log(&["post-copy resumed"]);
+    let on_target = wait_for(
+        common::DEADLINE,
+        || vm(&w.dst, VM).filter(|v| v.state == VmState::Running),
+        || format!("not running on the target:\n{}", w.dst.log_text()),
+    );
+    assert_eq!(on_target.epoch, 1);
+    assert_progresses(&w.dst);
+    // The source VMM was handed off: it quit, and nothing is left behind.
+    wait_for(
+        common::DEADLINE,
+        || (!w.source_vmm_alive()).then_some(()),
+        || "the source VMM still runs".into(),
+    );
+    assert_eq!(handoff_records(&w.src), Vec::<String>::new());
+    w.done("source_ferryd_killed_during_postcopy_a_restarted_one_finishes_it");
+}
+
+/// kill -9 of the source ferryd during post-copy while the target is cut
+/// off for good: the target's guest stops when its lease runs out; the
+/// restarted source ferryd cannot reach it, and once the grace has passed
+/// it takes the VM back from the last checkpoint its predecessor recorded
+/// (state from the journal, memory from the memfd the VMM kept).
+#[test]
+fn source_ferryd_killed_and_target_cut_off_a_restarted_one_takes_the_vm_back() {
+    let Some(vmm) = probe() else { return };
+    if !nft_on_127_0_0_2() {
+        return;
+    }
+    let mut w = World::start(
+        &vmm,
+        Setup {
+            mem_mib: 128,
+            workload: ENDLESS_WORKLOAD,
+            target_listen: Some("127.0.0.2:0".into()),
+            ..Setup::default()
+        },
+    );
+    let id = w.migrate(&takeback_args("4"));
+    let target_vmm = wait_checkpoints(&w, &id, 2);
+    let rule = NftTable::partition(w.dst.listen(), w.dir.path()).expect("nft rule");
+    w.src.kill9();
+    w.src.restart();
+    let s = w.wait_source(&id, "taken back", |s| s.status.is_final());
+    assert_taken_back(&mut w, &s, target_vmm, "could not reconnect");
+    drop(rule);
+    assert_eq!(handoff_records(&w.src), Vec::<String>::new());
+    w.done("source_ferryd_killed_and_target_cut_off_a_restarted_one_takes_the_vm_back");
+}
+
+/// kill -9 of the source ferryd during pre-copy, started again: the guest
+/// never stopped; its VMM registers it again with the new ferryd, which
+/// lists it running (no hand-off was recorded), and the target, whose
+/// source vanished, cleans up.
+#[test]
+fn source_ferryd_killed_during_precopy_the_vm_registers_again() {
+    let Some(vmm) = probe() else { return };
+    let mut w = World::start(
+        &vmm,
+        Setup {
+            mem_mib: 128,
+            workload: ENDLESS_WORKLOAD,
+            ..Setup::default()
+        },
+    );
+    let id = w.migrate(ENDLESS);
+    w.wait_source(&id, "active", |s| s.status == Status::Active);
+    let spawned = w.wait_target_active();
+    w.src.kill9();
+    w.src.restart();
+    wait_for(
+        common::DEADLINE,
+        || vm(&w.src, VM).filter(|v| v.state == VmState::Running),
+        || format!("{VM} never registered again:\n{}", w.src.log_text()),
+    );
+    w.assert_runs_on_source();
+    w.assert_never_paused();
+    assert!(snapshot(&w.src, &id).is_none(), "nothing to finish");
+    w.assert_target_clean(&spawned);
+    w.done("source_ferryd_killed_during_precopy_the_vm_registers_again");
+}
+
+/// Post-copy without checkpoints, the link cut for longer than the
+/// source's grace: the source gives up (status `unknown`, the VM paused
+/// here, its hand-off record kept) while the target keeps the guest and
+/// waits (its own grace is 60 s). With the link back, `ferry migrate
+/// --resume ID` finishes it from the record: the target sends the pages
+/// it lacks, and the VM runs there, whole.
+#[test]
+fn postcopy_left_unknown_is_finished_by_hand_with_resume() {
+    let Some(vmm) = probe() else { return };
+    if !nft_on_127_0_0_2() {
+        return;
+    }
+    let mut w = World::start(
+        &vmm,
+        Setup {
+            mem_mib: 128,
+            workload: ENDLESS_WORKLOAD,
+            target_listen: Some("127.0.0.2:0".into()),
+            ..Setup::default()
+        },
+    );
+    let id = w.migrate(&[
+        "--mode",
+        "postcopy",
+        "--bandwidth-mib-s",
+        "4",
+        "--checkpoint-ms",
+        "0",
+        "--postcopy-grace-s",
+        "5",
+    ]);
+    w.wait_source(&id, "post-copy", |s| s.status == Status::Postcopy);
+    let rule = NftTable::partition(w.dst.listen(), w.dir.path()).expect("nft rule");
+    let s = w.wait_source_for(&id, "unknown", Duration::from_secs(60), |s| {
+        s.status == Status::Unknown
+    });
+    assert!(s.error.unwrap_or_default().contains("post-copy"));
+    drop(rule);
+    assert_eq!(vm(&w.src, VM).map(|v| v.state), Some(VmState::Paused));
+    assert_eq!(handoff_records(&w.src), [format!("{id}.json")]);
+    // Nothing else can be resumed.
+    let o = w
+        .src
+        .ferry(&["migrate", "--resume", "00112233445566778899aabbccddeeff"]);
+    assert_eq!(o.status.code(), Some(2), "{}", common::stderr(&o));
+    let o = w.src.ferry(&["migrate", "--resume", &id, "--json"]);
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        common::stderr(&o),
+        w.src.log_text()
+    );
+    let s = snapshot(&w.src, &id).expect("listed");
+    assert_eq!(s.status, Status::Completed, "{s:?}");
+    let t = wait_for(
+        common::DEADLINE,
+        || incoming(&w.dst).filter(|s| s.status.is_final()),
+        || format!("the target never ended:\n{}", w.dst.log_text()),
+    );
+    assert_eq!(t.status, Status::Completed, "{t:?}");
+    let verify = t.verify.clone().expect("the target VMM's check");
+    assert!(
+        verify.checked && verify.pages_checked > 0 && verify.pages_bad == 0,
+        "{verify:?}"
+    );
+    wait_for(
+        common::DEADLINE,
+        || vm(&w.dst, VM).filter(|v| v.state == VmState::Running),
+        || format!("not running on the target:\n{}", w.dst.log_text()),
+    );
+    assert_progresses(&w.dst);
+    wait_for(
+        common::DEADLINE,
+        || (!w.source_vmm_alive()).then_some(()),
+        || "the source VMM still runs".into(),
+    );
+    assert_eq!(handoff_records(&w.src), Vec::<String>::new());
+    w.done("postcopy_left_unknown_is_finished_by_hand_with_resume");
+}
+
 /// kill -9 of the source VMM during post-copy: the guest runs on the
 /// target, and its memory is a memfd the source ferryd maps too, so every
 /// page it still needs is served from there and the migration completes.

@@ -172,6 +172,14 @@ pub enum Role {
         /// The token ferryd gave the VMM.
         token: String,
     },
+    /// A VMM whose ferryd went away registers its VM again with the new
+    /// one (spec and memfd as for `Source`). A paused VM may be in the
+    /// middle of a migration the old ferryd recorded: the new one finishes
+    /// it (or resumes the VM when none was recorded).
+    Reattach {
+        /// Whether the VM's vCPUs are paused.
+        paused: bool,
+    },
 }
 
 /// Result of the target VMM's independent check of restored memory (the

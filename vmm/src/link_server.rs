@@ -46,7 +46,11 @@
 //! Otherwise, when the link reaches EOF (ferryd died) the VMM does not guess: a running
 //! guest keeps running, and a paused guest stays paused, because ferryd may
 //! already have handed it to another host and resuming could run it twice.
-//! The operator decides (kill the VMM to discard it). A running guest that
+//! The VMM registers the VM again ([`LinkServer::reattach`], `Reattach`
+//! role, saying whether it is paused) with the ferryd that comes back on the
+//! same socket, which knows from its state directory whether a hand-off was
+//! recorded and finishes it; until then (or if none comes back) the
+//! operator decides (kill the VMM to discard it). A running guest that
 //! was throttled runs at full speed again: nobody is left to lift it. A
 //! target that has not run yet exits with an error: the source still owns
 //! the VM.
@@ -96,6 +100,8 @@ pub struct LinkServer {
     link: Link,
     machine: Machine,
     vm_id: String,
+    /// The VM's name (registering again uses it).
+    name: String,
     report: Option<Report>,
     pending_hash: Option<(u64, u64)>,
     /// Post-copy: the userfaultfd over guest memory, kept open until
@@ -105,6 +111,41 @@ pub struct LinkServer {
     postcopy: bool,
     /// Post-copy under a lease: ferryd checkpoints this guest.
     leased: bool,
+}
+
+/// How often a VMM whose ferryd went away tries to register again.
+pub const REATTACH_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Registers `machine`'s VM as `name` with `role` (source or re-attach):
+/// spec, memfd and disk descriptor.
+fn register_vm(
+    path: &Path,
+    machine: &Machine,
+    name: &str,
+    role: Role,
+) -> Result<(Link, String), LinkServerError> {
+    let mut link = Link::connect(path)?;
+    let cfg = machine.config();
+    let spec = VmSpec {
+        name: name.to_string(),
+        regions: vec![RegionSpec {
+            gpa: 0,
+            size: cfg.mem_bytes,
+            memfd_offset: 0,
+        }],
+        vcpus: cfg.vcpus,
+        vmm_config: cfg.to_json(),
+        disk: cfg.disk.as_ref().map(|d| d.spec()),
+    };
+    let msg = LinkMsg::Register {
+        role,
+        spec: Some(spec),
+    };
+    let mut fds = vec![machine.ram().memfd_raw()];
+    fds.extend(machine.disk().map(|d| d.raw_fd()));
+    link.send(&msg, &[], &fds)?;
+    let (vm_id, _, _) = expect_registered(link.recv()?)?;
+    Ok((link, vm_id))
 }
 
 fn expect_registered(r: Received) -> Result<(String, Option<VmSpec>, Received), LinkServerError> {
@@ -127,27 +168,7 @@ impl LinkServer {
         name: &str,
         report: Option<Report>,
     ) -> Result<Self, LinkServerError> {
-        let mut link = Link::connect(path)?;
-        let cfg = machine.config();
-        let spec = VmSpec {
-            name: name.to_string(),
-            regions: vec![RegionSpec {
-                gpa: 0,
-                size: cfg.mem_bytes,
-                memfd_offset: 0,
-            }],
-            vcpus: cfg.vcpus,
-            vmm_config: cfg.to_json(),
-            disk: cfg.disk.as_ref().map(|d| d.spec()),
-        };
-        let msg = LinkMsg::Register {
-            role: Role::Source,
-            spec: Some(spec),
-        };
-        let mut fds = vec![machine.ram().memfd_raw()];
-        fds.extend(machine.disk().map(|d| d.raw_fd()));
-        link.send(&msg, &[], &fds)?;
-        let (vm_id, _, _) = expect_registered(link.recv()?)?;
+        let (link, vm_id) = register_vm(path, &machine, name, Role::Source)?;
         tracing::info!("registered with ferryd as {vm_id}");
         if let Some(r) = &report {
             r.event("registered", json!({"vm_id": vm_id, "role": "source"}));
@@ -156,12 +177,45 @@ impl LinkServer {
             link,
             machine,
             vm_id,
+            name: name.to_string(),
             report,
             pending_hash: None,
             userfault: None,
             postcopy: false,
             leased: false,
         })
+    }
+
+    /// After the link closed with the VM running or paused: registers the
+    /// VM again with the ferryd at `path` (a restarted one), trying every
+    /// [`REATTACH_EVERY`] for up to `wait`. A ferryd that refuses ends the
+    /// tries at once.
+    pub fn reattach(
+        &mut self,
+        path: &Path,
+        wait: std::time::Duration,
+    ) -> Result<(), LinkServerError> {
+        let deadline = Instant::now() + wait;
+        let paused = self.machine.lifecycle() == Lifecycle::Paused;
+        loop {
+            match register_vm(path, &self.machine, &self.name, Role::Reattach { paused }) {
+                Ok((link, vm_id)) => {
+                    tracing::info!(paused, "registered again with ferryd as {vm_id}");
+                    self.event("reattached", json!({"vm_id": vm_id, "paused": paused}));
+                    self.link = link;
+                    self.vm_id = vm_id;
+                    return Ok(());
+                }
+                Err(LinkServerError::Link(LinkError::Remote(m))) => {
+                    return Err(LinkError::Remote(m).into())
+                }
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(e) => {
+                    tracing::debug!("ferryd not back yet: {e}");
+                    std::thread::sleep(REATTACH_EVERY);
+                }
+            }
+        }
     }
 
     /// Registers as the target of an incoming migration: receives the spec
@@ -227,6 +281,7 @@ impl LinkServer {
             link,
             machine,
             vm_id,
+            name: spec.name.clone(),
             report,
             pending_hash: None,
             userfault: None,

@@ -1,7 +1,7 @@
 //! `ferry-vmm`: run a stamped guest workload under KVM, standalone or
 //! attached to ferryd over the link protocol.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -65,6 +65,12 @@ struct Args {
     /// Tell the target VMM not to hash and check memory at restore.
     #[arg(long)]
     no_verify: bool,
+    /// When ferryd goes away (it died, or restarts), keep trying this many
+    /// seconds to register the VM again with the ferryd that comes back on
+    /// the same link socket, which finishes a migration its predecessor
+    /// had handed off. 0: never; the VM stays as it was.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    reattach_s: u64,
     /// Standalone: run this many seconds, then pause, check memory with the
     /// oracle, and exit (non-zero if a page is bad). 0: run until killed.
     #[arg(long, default_value_t = 0)]
@@ -112,7 +118,7 @@ fn run(args: Args) -> Result<()> {
                 link.display()
             )
         })?;
-        return serve(server);
+        return serve(server, link, args.reattach_s);
     }
     let mem_bytes = args
         .mem_mib
@@ -152,34 +158,45 @@ fn run(args: Args) -> Result<()> {
         Some(link) => {
             let server = LinkServer::register_source(link, machine, &args.name, report)
                 .with_context(|| format!("cannot register with ferryd at {}", link.display()))?;
-            serve(server)
+            serve(server, link, args.reattach_s)
         }
         None => standalone(machine, args.seconds),
     }
 }
 
-/// Serves ferryd on a thread of its own; the vCPU runs on another.
-fn serve(mut server: LinkServer) -> Result<()> {
-    let outcome = std::thread::Builder::new()
-        .name("link".into())
-        .spawn(move || server.serve().map(|o| (o, server)))
-        .context("cannot start the link thread")?
-        .join()
-        .map_err(|_| anyhow::anyhow!("the link thread panicked"))?;
-    let (outcome, server) = outcome?;
-    match outcome {
-        Outcome::Quit(_) => Ok(()),
-        Outcome::LinkClosed(Lifecycle::Running | Lifecycle::Paused) => {
-            // See link_server's docs: keep the guest as it is; the operator decides.
-            loop {
-                std::thread::sleep(Duration::from_secs(10));
-                if let Some(why) = server.machine().failure() {
-                    bail!("the guest failed: {why}");
+/// Serves ferryd on a thread of its own; the vCPU runs on another. When
+/// the link closes with the guest running or paused, registers it again
+/// with a ferryd that comes back within `reattach_s`.
+fn serve(mut server: LinkServer, link: &Path, reattach_s: u64) -> Result<()> {
+    loop {
+        let outcome = std::thread::Builder::new()
+            .name("link".into())
+            .spawn(move || server.serve().map(|o| (o, server)))
+            .context("cannot start the link thread")?
+            .join()
+            .map_err(|_| anyhow::anyhow!("the link thread panicked"))?;
+        let (outcome, s) = outcome?;
+        server = s;
+        match outcome {
+            Outcome::Quit(_) => return Ok(()),
+            Outcome::LinkClosed(Lifecycle::Running | Lifecycle::Paused) => {
+                if reattach_s > 0 {
+                    match server.reattach(link, Duration::from_secs(reattach_s)) {
+                        Ok(()) => continue,
+                        Err(e) => tracing::warn!("cannot register with ferryd again: {e}"),
+                    }
+                }
+                // See link_server's docs: keep the guest as it is; the operator decides.
+                loop {
+                    std::thread::sleep(Duration::from_secs(10));
+                    if let Some(why) = server.machine().failure() {
+                        bail!("the guest failed: {why}");
+                    }
                 }
             }
-        }
-        Outcome::LinkClosed(state) => {
-            bail!("ferryd closed the link before the VM ran here ({state:?})")
+            Outcome::LinkClosed(state) => {
+                bail!("ferryd closed the link before the VM ran here ({state:?})")
+            }
         }
     }
 }

@@ -127,6 +127,8 @@ pub struct Testbed {
     /// The VMM's JSON-lines report.
     pub report: PathBuf,
     programs: Programs,
+    /// How the source ferryd was started (to start it again).
+    src_start: (SocketAddr, Option<String>, Vec<String>),
 }
 
 /// A command, run inside `netns` when given.
@@ -200,7 +202,13 @@ impl Testbed {
         )?;
         ui.step(&format!("target ferryd listening on {}", tgt.listen));
         let src = start_daemon(
-            &programs, &dir, "source", src_addr, src_ns, &key_file, &src_extra,
+            &programs,
+            &dir,
+            "source",
+            src_addr,
+            src_ns.clone(),
+            &key_file,
+            &src_extra,
         )?;
         ui.step(&format!("source ferryd listening on {}", src.listen));
         let report = dir.path().join("vmm-report.jsonl");
@@ -212,7 +220,26 @@ impl Testbed {
             dir,
             report,
             programs,
+            src_start: (src_addr, src_ns, src_extra),
         })
+    }
+
+    /// Starts the source ferryd again, as before, on the same sockets and
+    /// state directory (after it died: what a service manager does). Its
+    /// log goes on in the same file.
+    pub fn restart_source(&mut self) -> Result<()> {
+        let (addr, ns, extra) = self.src_start.clone();
+        let key_file = self.dir.path().join("ferry.key");
+        self.src = start_daemon(
+            &self.programs,
+            &self.dir,
+            "source",
+            addr,
+            ns,
+            &key_file,
+            &extra,
+        )?;
+        Ok(())
     }
 
     /// Starts the source ferry-vmm with `workload` and waits until the

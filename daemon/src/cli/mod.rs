@@ -96,10 +96,17 @@ pub enum VmCmd {
 #[derive(Debug, clap::Args)]
 pub struct MigrateArgs {
     /// The VM to move.
-    pub vm: String,
+    #[arg(required_unless_present = "resume")]
+    pub vm: Option<String>,
     /// The target ferryd's data address.
-    #[arg(long, value_name = "HOST:PORT")]
-    pub to: String,
+    #[arg(long, value_name = "HOST:PORT", required_unless_present = "resume")]
+    pub to: Option<String>,
+    /// Finish migration ID, whose outcome was left unknown (its VM is
+    /// paused here): ask its target how it ended, go on with a post-copy
+    /// it still waits for, or take the VM back. Uses what was recorded at
+    /// its hand-off; no other flag applies but --detach and --json.
+    #[arg(long, value_name = "ID", conflicts_with_all = ["vm", "to"])]
+    pub resume: Option<String>,
     /// Data streams (1-64) [default: 4].
     #[arg(long, value_name = "N")]
     pub streams: Option<u32>,
@@ -278,25 +285,19 @@ pub fn run(cli: &Cli) -> Result<u8, Fail> {
 }
 
 fn migrate(client: &Client, a: &MigrateArgs) -> Result<u8, Fail> {
-    let req = MigrateRequest {
-        vm: a.vm.clone(),
-        to: a.to.clone(),
-        streams: a.streams,
-        downtime_ms: a.downtime_ms,
-        bandwidth_mib_s: a.bandwidth_mib_s,
-        rounds_max: a.rounds_max,
-        time_max_s: a.time_max_s,
-        policy: a.policy.clone(),
-        mode: a.mode.clone(),
-        postcopy_grace_s: a.postcopy_grace_s,
-        checkpoint_ms: a.checkpoint_ms,
-        downtime_max_ms: a.downtime_max_ms,
-        xor_cache_mib: a.xor_cache_mib,
-        disk_fs_aware: a.disk_fs_aware,
-        transport: a.transport.clone(),
-        placement: a.placement.clone(),
+    let created: Created = match (&a.resume, &a.vm, &a.to) {
+        (Some(id), _, _) => {
+            let path = format!("/api/v1/migrations/{}/resume", path_part(id)?);
+            client.call("POST", &path, None::<&()>)?
+        }
+        (None, Some(vm), Some(to)) => start(client, a, vm, to)?,
+        _ => {
+            return Err(Fail::new(
+                EXIT_USAGE,
+                "migrate needs a VM and --to, or --resume ID",
+            ))
+        }
     };
-    let created: Created = client.call("POST", "/api/v1/migrations", Some(&req))?;
     if a.detach {
         if a.json {
             print_json(&created);
@@ -313,6 +314,28 @@ fn migrate(client: &Client, a: &MigrateArgs) -> Result<u8, Fail> {
         follow::Mode::Lines
     };
     follow::follow(client, &created.id, mode)
+}
+
+fn start(client: &Client, a: &MigrateArgs, vm: &str, to: &str) -> Result<Created, Fail> {
+    let req = MigrateRequest {
+        vm: vm.to_string(),
+        to: to.to_string(),
+        streams: a.streams,
+        downtime_ms: a.downtime_ms,
+        bandwidth_mib_s: a.bandwidth_mib_s,
+        rounds_max: a.rounds_max,
+        time_max_s: a.time_max_s,
+        policy: a.policy.clone(),
+        mode: a.mode.clone(),
+        postcopy_grace_s: a.postcopy_grace_s,
+        checkpoint_ms: a.checkpoint_ms,
+        downtime_max_ms: a.downtime_max_ms,
+        xor_cache_mib: a.xor_cache_mib,
+        disk_fs_aware: a.disk_fs_aware,
+        transport: a.transport.clone(),
+        placement: a.placement.clone(),
+    };
+    Ok(client.call("POST", "/api/v1/migrations", Some(&req))?)
 }
 
 /// An id or name as one path segment: refuses what would change the path.

@@ -64,6 +64,8 @@ pub struct Ferryd {
     pub link_socket: PathBuf,
     pub log: PathBuf,
     pub ping: Ping,
+    /// Its command line, to start it again ([`Ferryd::restart`]).
+    args: Vec<std::ffi::OsString>,
 }
 
 /// Settings of a test ferryd beyond the defaults.
@@ -94,21 +96,22 @@ impl Ferryd {
             .vmm_command
             .unwrap_or_else(|| PathBuf::from("/bin/false"));
         let listen = opts.listen.unwrap_or_else(|| "127.0.0.1:0".into());
-        let child = Command::new(FERRYD)
-            .arg("--state-dir")
-            .arg(dir.path())
-            .arg("--key-file")
-            .arg(&key)
-            .args(["--listen", &listen, "--log-level", "debug"])
-            .arg("--vmm-command")
-            .arg(&vmm)
-            .args(&opts.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("spawn ferryd");
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--state-dir".into(),
+            dir.path().into(),
+            "--key-file".into(),
+            key.into(),
+            "--listen".into(),
+            listen.into(),
+            "--log-level".into(),
+            "debug".into(),
+            "--vmm-command".into(),
+            vmm.into(),
+        ];
+        args.extend(opts.args.into_iter().map(Into::into));
+        let child = spawn_ferryd(&args, &log);
         let mut d = Ferryd {
+            args,
             dir,
             child: Some(child),
             socket,
@@ -188,6 +191,15 @@ impl Ferryd {
         self.child.as_ref().map(|c| c.id() as i32)
     }
 
+    /// Starts it again after [`Self::kill9`] or [`Self::stop`], with the
+    /// same state directory, sockets and flags (a listen port of 0 gets a
+    /// new port); its log goes on in the same file.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "ferryd still runs");
+        self.child = Some(spawn_ferryd(&self.args, &self.log));
+        self.ping = self.wait_ready();
+    }
+
     /// SIGKILL (a crash: no shutdown path runs) and reap.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -212,6 +224,22 @@ impl Ferryd {
         let _ = child.wait();
         None
     }
+}
+
+/// Starts ferryd with `args`, its stderr appended to `log`.
+fn spawn_ferryd(args: &[std::ffi::OsString], log: &Path) -> Child {
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
+    Command::new(FERRYD)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn ferryd")
 }
 
 impl Drop for Ferryd {

@@ -36,6 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::source::journal::{CheckpointRecord, Journal};
 use crate::vm::{Fencer, VmState};
 use crate::wire::{self, FrameKind, WireError};
 use crate::{GuestMem, PageIndex, PAGE_SIZE};
@@ -101,6 +102,13 @@ pub(crate) struct SourceCheckpoints {
     closed: AtomicBool,
     count: AtomicU64,
     pages: AtomicU64,
+    /// Records each checkpoint (with the migration's session id) for a
+    /// restarted daemon ([`crate::source::journal`]).
+    journal: Option<(Arc<dyn Journal>, String)>,
+    /// Memory holds part of a checkpoint: its pages were being written when
+    /// a daemon died (a restarted one learns it from the journal). A later
+    /// checkpoint mends it; a take-back from it is impossible.
+    torn: AtomicBool,
 }
 
 /// A checkpoint being received (the control reader's).
@@ -133,7 +141,11 @@ impl Staging {
 }
 
 impl SourceCheckpoints {
-    pub(crate) fn new(mem: Arc<GuestMem>, metrics: Arc<crate::Metrics>) -> Self {
+    pub(crate) fn new(
+        mem: Arc<GuestMem>,
+        metrics: Arc<crate::Metrics>,
+        journal: Option<(Arc<dyn Journal>, String)>,
+    ) -> Self {
         SourceCheckpoints {
             mem,
             metrics,
@@ -144,7 +156,41 @@ impl SourceCheckpoints {
             closed: AtomicBool::new(false),
             count: AtomicU64::new(0),
             pages: AtomicU64::new(0),
+            journal,
+            torn: AtomicBool::new(false),
         }
+    }
+
+    /// A restarted daemon's: armed (the hand-off was recorded), with the
+    /// checkpoint its predecessor recorded last.
+    pub(crate) fn restored(
+        mem: Arc<GuestMem>,
+        metrics: Arc<crate::Metrics>,
+        journal: Option<(Arc<dyn Journal>, String)>,
+        last: Option<&CheckpointRecord>,
+    ) -> Self {
+        let c = Self::new(mem, metrics, journal);
+        c.armed.store(true, Ordering::Release);
+        if let Some(r) = last {
+            if r.applied {
+                *c.applied.lock().unwrap_or_else(|p| p.into_inner()) = Some(Applied {
+                    id: r.id,
+                    state: VmState {
+                        blob: r.state.clone(),
+                        progress: r.progress,
+                    },
+                    pages: 0,
+                });
+            } else {
+                c.torn.store(true, Ordering::Release);
+            }
+        }
+        c
+    }
+
+    /// Whether memory holds part of a checkpoint (see the field).
+    pub(crate) fn torn(&self) -> bool {
+        self.torn.load(Ordering::Acquire)
     }
 
     /// Something came from the target now.
@@ -191,6 +237,19 @@ impl SourceCheckpoints {
         if applied.as_ref().is_some_and(|a| a.id >= id) {
             return Err(bad("its id is not past the last applied one".into()));
         }
+        let journal = |r: &CheckpointRecord| match &self.journal {
+            Some((j, session)) => j
+                .checkpoint(session, r)
+                .map_err(|e| bad(format!("cannot record it: {e}"))),
+            None => Ok(()),
+        };
+        journal(&CheckpointRecord {
+            id,
+            applied: false,
+            progress,
+            state: Vec::new(),
+        })?;
+        self.torn.store(true, Ordering::Release);
         for (i, &p) in staging.pages.iter().enumerate() {
             let src = &staging.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
             self.mem
@@ -198,11 +257,20 @@ impl SourceCheckpoints {
                 .expect("checked when staged")
                 .copy_from(src);
         }
+        self.torn.store(false, Ordering::Release);
+        let recorded = journal(&CheckpointRecord {
+            id,
+            applied: true,
+            progress,
+            state: blob.clone(),
+        });
         *applied = Some(Applied {
             id,
             state: VmState { blob, progress },
             pages,
         });
+        // Not acknowledged: the target carries its pages into the next.
+        recorded?;
         let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
         let total = self.pages.fetch_add(pages, Ordering::Relaxed) + pages;
         self.metrics.update(|s| {
@@ -668,7 +736,7 @@ mod tests {
         use vm_memory::Bytes;
         let m = mem(16);
         let metrics = Arc::new(crate::Metrics::new("m", "vm", "source", "peer"));
-        let c = SourceCheckpoints::new(m.clone(), metrics);
+        let c = SourceCheckpoints::new(m.clone(), metrics, None);
         let blob = b"state".to_vec();
         let crc = crc32c::crc32c(&blob);
         let page = |p: u64| {

@@ -8,7 +8,9 @@
 //!      the VM resumed here;   COMMIT sent, no answer ──▶ Unknown (VM stays paused)
 //! ```
 
+pub mod journal;
 pub mod pipeline;
+mod recover;
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +20,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver};
 use ferry_transport::{Conn, Transport};
 
+use self::journal::{HandOff, Journal};
 use self::pipeline::{DiskInput, Pipeline, Throttle};
+pub use self::recover::recover_out;
 use crate::bitmap::DirtyBitmap;
 use crate::link::VmSpec;
 use crate::metrics::{RoundLog, Status};
@@ -72,6 +76,10 @@ pub struct SourceConfig {
     /// take-back loses. Zero: no checkpoints, and a lost target loses the
     /// VM (the source keeps it paused).
     pub checkpoint_interval: Duration,
+    /// Where hand-offs and checkpoints are recorded for a restarted daemon
+    /// ([`journal`]); `None`: nothing is, and a source that dies after
+    /// pausing the VM leaves it to the operator.
+    pub journal: Option<Arc<dyn Journal>>,
 }
 
 /// A disk that moves with the VM: a raw image the VMM keeps writing while
@@ -113,6 +121,7 @@ impl Default for SourceConfig {
             mode: Mode::Precopy,
             postcopy_grace: Duration::from_secs(60),
             checkpoint_interval: Duration::from_secs(1),
+            journal: None,
         }
     }
 }
@@ -220,57 +229,40 @@ pub fn migrate_out(
             });
         }
     });
-    let mut m = Migration {
-        disk_blocks,
-        cfg,
-        metrics: metrics.clone(),
-        cancel,
-        checkpoints: cfg.mode.may_postcopy().then(|| {
-            Arc::new(crate::postcopy::checkpoint::SourceCheckpoints::new(
-                mem.clone(),
-                metrics.clone(),
-            ))
-        }),
-        mem,
-        streams,
-        control: None,
-        rollback_ok: vm.can_rollback(),
-        connect_deadline: None,
-
-        events: None,
-        pipeline: None,
-        paused: false,
-        logging: false,
-        commit_sent: false,
-        throttle_pct: 0,
-        throttle_unsupported: false,
-        acked: Arc::default(),
-        disk_base: 0,
-        last_disk_sent: 0,
-        priority: None,
-    };
+    let session: [u8; 16] = cfg.session.unwrap_or_else(crate::key::random_bytes);
+    let checkpoints = cfg.mode.may_postcopy().then(|| {
+        Arc::new(crate::postcopy::checkpoint::SourceCheckpoints::new(
+            mem.clone(),
+            metrics.clone(),
+            cfg.journal.clone().map(|j| (j, hex(&session))),
+        ))
+    });
+    let mut m = Migration::new(cfg, &metrics, cancel, mem, streams, session, checkpoints);
+    m.disk_blocks = disk_blocks;
+    m.rollback_ok = vm.can_rollback();
     let result = m.run(transport, to, key, spec, epoch, vm);
     match result {
         Ok(outcome) => Ok(outcome),
         Err(e) => {
-            let status = match e {
-                MigrationError::Cancelled => Status::Cancelled,
-                MigrationError::CommitUnknown(_) | MigrationError::PostcopyBroken(_) => {
-                    Status::Unknown
-                }
-                _ => Status::Failed,
-            };
             m.fail(vm, &e);
-            if status == Status::Unknown {
-                metrics.update(|s| {
-                    s.status = Status::Unknown;
-                    s.error = Some(e.to_string());
-                });
-            } else {
-                metrics.finish(status, Some(e.to_string()));
-            }
+            record_failure(&metrics, &e);
             Err(e)
         }
+    }
+}
+
+/// Ends `metrics` as failure `e` says: `unknown` (not final: the VM is
+/// paused, its fate with the target), `cancelled` or `failed`.
+fn record_failure(metrics: &Metrics, e: &MigrationError) {
+    match e {
+        MigrationError::CommitUnknown(_) | MigrationError::PostcopyBroken(_) => {
+            metrics.update(|s| {
+                s.status = Status::Unknown;
+                s.error = Some(e.to_string());
+            });
+        }
+        MigrationError::Cancelled => metrics.finish(Status::Cancelled, Some(e.to_string())),
+        _ => metrics.finish(Status::Failed, Some(e.to_string())),
     }
 }
 
@@ -295,6 +287,8 @@ struct Migration<'a> {
     cancel: &'a Cancel,
     mem: Arc<GuestMem>,
     streams: u16,
+    /// The session, also the migration's id.
+    session: [u8; 16],
     control: Option<Control>,
     /// Post-copy with checkpoints: what the target sent back.
     checkpoints: Option<Arc<crate::postcopy::checkpoint::SourceCheckpoints>>,
@@ -343,6 +337,43 @@ enum PushEnd {
     Fatal(String),
     /// The target's guest is stopped for good (FENCED).
     Fenced(String),
+    /// The migration has ended on the target (a RESUME after this side's
+    /// daemon restarted learns it).
+    Concluded(wire::Conclusion),
+}
+
+impl PushEnd {
+    fn message(&self) -> String {
+        match self {
+            PushEnd::Broke(e) | PushEnd::Fatal(e) | PushEnd::Fenced(e) => e.clone(),
+            PushEnd::Concluded(c) => format!("the migration ended on the target: {c:?}"),
+        }
+    }
+}
+
+/// Where [`Migration::serve_postcopy`] starts.
+struct Serve<'a> {
+    /// Pages that were stale at the switch (the target never lacks others).
+    pending: &'a DirtyBitmap,
+    /// The demand server of the current connection, if there is one.
+    server: Option<crate::postcopy::source::DemandServer>,
+    round: u32,
+    /// The epoch the target runs the VM with.
+    epoch: u64,
+    take_back: bool,
+    /// The state at the switch (a take-back before any checkpoint resumes it).
+    state: &'a VmState,
+    /// The connection is broken already: reconnect first.
+    broke: Option<String>,
+    /// Pre-copy rounds before the switch.
+    switch_after: u32,
+    running_at: Instant,
+    wire_bytes: Arc<AtomicU64>,
+}
+
+/// A session id in hex, as both hosts show it.
+fn hex(session: &[u8; 16]) -> String {
+    session.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What reconnecting needs.
@@ -366,7 +397,42 @@ enum Switch {
 /// `hybrid` switches to post-copy after at most this many pre-copy rounds.
 const HYBRID_ROUNDS_MAX: u32 = 5;
 
-impl Migration<'_> {
+impl<'a> Migration<'a> {
+    fn new(
+        cfg: &'a SourceConfig,
+        metrics: &Arc<Metrics>,
+        cancel: &'a Cancel,
+        mem: Arc<GuestMem>,
+        streams: u16,
+        session: [u8; 16],
+        checkpoints: Option<Arc<crate::postcopy::checkpoint::SourceCheckpoints>>,
+    ) -> Self {
+        Migration {
+            disk_blocks: 0,
+            cfg,
+            metrics: metrics.clone(),
+            cancel,
+            checkpoints,
+            mem,
+            streams,
+            session,
+            control: None,
+            rollback_ok: false,
+            connect_deadline: None,
+            events: None,
+            pipeline: None,
+            paused: false,
+            logging: false,
+            commit_sent: false,
+            throttle_pct: 0,
+            throttle_unsupported: false,
+            acked: Arc::default(),
+            disk_base: 0,
+            last_disk_sent: 0,
+            priority: None,
+        }
+    }
+
     fn run(
         &mut self,
         transport: &dyn Transport,
@@ -376,7 +442,7 @@ impl Migration<'_> {
         epoch: u64,
         vm: &mut dyn SourceVm,
     ) -> Result<Outcome, MigrationError> {
-        let session: [u8; 16] = self.cfg.session.unwrap_or_else(crate::key::random_bytes);
+        let session = self.session;
         let mut data = Vec::with_capacity(self.streams as usize);
         let control = self.connect(transport, to, key, &session, 0, &spec.name)?;
         for i in 1..=self.streams {
@@ -669,16 +735,16 @@ impl Migration<'_> {
             self.check_cancel()?;
         };
 
+        let r = Reconnect {
+            transport,
+            to,
+            key,
+            vm: &spec.name,
+            session,
+        };
         let expected_ms = match switch {
             Switch::StopAndCopy(ms) => ms,
             Switch::Postcopy => {
-                let r = Reconnect {
-                    transport,
-                    to,
-                    key,
-                    vm: &spec.name,
-                    session,
-                };
                 return self.postcopy(vm, &mut pending, &mut dirty, round, epoch, &r);
             }
         };
@@ -728,6 +794,7 @@ impl Migration<'_> {
 
         // The point of no return: record the hand-off, then COMMIT.
         let new_epoch = epoch + 1;
+        self.record_hand_off(&r, new_epoch, false, false)?;
         self.metrics.update(|s| s.epoch = new_epoch);
         tracing::info!(epoch = new_epoch, "hand-off recorded; sending COMMIT");
         self.commit(new_epoch)?;
@@ -790,6 +857,36 @@ impl Migration<'_> {
         Ok(())
     }
 
+    /// Records the hand-off in the journal, if there is one: a failure
+    /// fails the migration before COMMIT.
+    fn record_hand_off(
+        &self,
+        r: &Reconnect<'_>,
+        epoch: u64,
+        postcopy: bool,
+        take_back: bool,
+    ) -> Result<(), MigrationError> {
+        let Some(j) = &self.cfg.journal else {
+            return Ok(());
+        };
+        let h = HandOff {
+            session: hex(&r.session),
+            vm: r.vm.into(),
+            to: r.to.into(),
+            transport: r.transport.name().into(),
+            streams: self.streams,
+            epoch,
+            postcopy,
+            take_back,
+            grace_ms: self.cfg.postcopy_grace.as_millis() as u64,
+        };
+        j.hand_off(&h).map_err(|e| {
+            MigrationError::Invalid(format!(
+                "cannot record the hand-off (so a restarted ferryd could finish it): {e}"
+            ))
+        })
+    }
+
     /// Sends COMMIT (the hand-off is recorded) and waits for COMMITTED.
     /// Any answer but COMMITTED or an explicit ABORT leaves the outcome to
     /// the target: [`MigrationError::CommitUnknown`].
@@ -817,7 +914,7 @@ impl Migration<'_> {
         vm: &mut dyn SourceVm,
         pending: &mut DirtyBitmap,
         dirty: &mut DirtyBitmap,
-        mut round: u32,
+        round: u32,
         epoch: u64,
         reconnect: &Reconnect<'_>,
     ) -> Result<Outcome, MigrationError> {
@@ -882,6 +979,10 @@ impl Migration<'_> {
             source,
         })?;
         let new_epoch = epoch + 1;
+        if let Err(e) = self.record_hand_off(reconnect, new_epoch, true, take_back) {
+            server.stop();
+            return Err(e);
+        }
         self.metrics.update(|s| s.epoch = new_epoch);
         tracing::info!(
             epoch = new_epoch,
@@ -897,7 +998,9 @@ impl Migration<'_> {
         }
         match self.commit(new_epoch) {
             Ok(()) => {}
-            Err(MigrationError::CommitUnknown(e)) if take_back => broke_at_commit = Some(e),
+            Err(MigrationError::CommitUnknown(e)) if take_back => {
+                broke_at_commit = Some(format!("COMMIT: {e}"))
+            }
             Err(e) => {
                 server.stop();
                 return Err(e);
@@ -921,6 +1024,44 @@ impl Migration<'_> {
                 tracing::warn!("could not stop dirty logging: {e}");
             }
         }
+        let serve = Serve {
+            pending: &*pending,
+            server: Some(server),
+            round,
+            epoch: new_epoch,
+            take_back,
+            state: &state,
+            broke: broke_at_commit,
+            switch_after,
+            running_at,
+            wire_bytes,
+        };
+        self.serve_postcopy(vm, reconnect, serve)
+    }
+
+    /// Post-copy from COMMIT on (or, for [`recover_out`], from a restarted
+    /// daemon's first RESUME): serve faults and push what the target
+    /// lacks, over new connections when one breaks, until the target holds
+    /// every page (the VM is handed off), or it is lost (the VM is taken
+    /// back, with `take_back`).
+    fn serve_postcopy(
+        &mut self,
+        vm: &mut dyn SourceVm,
+        reconnect: &Reconnect<'_>,
+        serve: Serve<'_>,
+    ) -> Result<Outcome, MigrationError> {
+        let Serve {
+            pending,
+            server,
+            mut round,
+            epoch: new_epoch,
+            take_back,
+            state,
+            broke: mut broke_at_commit,
+            switch_after,
+            running_at,
+            wire_bytes,
+        } = serve;
         let broken = MigrationError::PostcopyBroken;
         let mut server = server;
         let watch = match (&self.checkpoints, take_back) {
@@ -929,7 +1070,7 @@ impl Migration<'_> {
                     c.clone(),
                     self.cfg.postcopy_grace,
                 );
-                w.arm(self.connection_handles(&server));
+                w.arm(self.connection_handles(server.as_ref()));
                 Some(w)
             }
             _ => None,
@@ -938,17 +1079,20 @@ impl Migration<'_> {
         let mut resend = switch_after > 0;
         let (mut served, mut background) = (0u64, 0u64);
         let result = loop {
-            let r = match broke_at_commit.take() {
-                Some(e) => Err(PushEnd::Broke(format!("COMMIT: {e}"))),
-                None => {
+            let r = match (broke_at_commit.take(), &server) {
+                (Some(e), _) => Err(PushEnd::Broke(e)),
+                (None, Some(server)) => {
                     round += 1;
                     let demand = server.demand().clone();
                     let r = self.postcopy_push(&demand, todo.clone(), round, resend, running_at);
                     served += demand.pages.load(Ordering::Relaxed);
                     r
                 }
+                (None, None) => Err(PushEnd::Broke("no connection".into())),
             };
-            server.stop();
+            if let Some(s) = server.take() {
+                s.stop();
+            }
             match r {
                 Ok(verify) => {
                     // Never taken back from here on; tell the target.
@@ -979,19 +1123,28 @@ impl Migration<'_> {
                                         );
                                     }
                                 }
+                                // It has its pages and ended: nothing waits for RELEASED.
+                                Err(PushEnd::Concluded(c)) => {
+                                    tracing::info!("post-copy: the target ended: {c:?}")
+                                }
                                 Err(e) => tracing::error!(
-                                    "post-copy: RELEASED could not be sent ({e}); \
-                                     the target will stop the VM when its lease ends"
+                                    "post-copy: RELEASED could not be sent ({}); \
+                                     the target will stop the VM when its lease ends",
+                                    e.message()
                                 ),
                             }
                             break Ok(verify);
                         }
                     }
                 }
+                Err(PushEnd::Concluded(c)) => {
+                    self.stop_connection(&mut background);
+                    break self.concluded(vm, c, take_back, state);
+                }
                 Err(PushEnd::Fenced(e) | PushEnd::Fatal(e)) if !take_back => break Err(broken(e)),
                 Err(PushEnd::Fenced(e)) => {
                     self.stop_connection(&mut background);
-                    break Err(self.take_back(vm, format!("the target stopped: {e}"), &state));
+                    break Err(self.take_back(vm, format!("the target stopped: {e}"), state));
                 }
                 // With take-back, even a protocol error only ends this
                 // connection: a new one may go on, and if none can, the
@@ -1003,7 +1156,7 @@ impl Migration<'_> {
                     {
                         self.stop_connection(&mut background);
                         let why = format!("the target stopped: {why} ({e})");
-                        break Err(self.take_back(vm, why, &state));
+                        break Err(self.take_back(vm, why, state));
                     }
                     // The connection broke: the guest on the target waits
                     // for the pages it touches. Reconnect and go on with
@@ -1013,10 +1166,10 @@ impl Migration<'_> {
                     match self.resume_postcopy(reconnect, pending, &wire_bytes, take_back) {
                         Ok((missing, s)) => {
                             todo = missing;
-                            server = s;
                             if let Some(w) = &watch {
-                                w.arm(self.connection_handles(&server));
+                                w.arm(self.connection_handles(Some(&s)));
                             }
+                            server = Some(s);
                             self.metrics.update(|s| {
                                 if let Some(p) = s.postcopy.as_mut() {
                                     p.reconnects += 1;
@@ -1025,10 +1178,14 @@ impl Migration<'_> {
                             // A new pipeline's delta caches are empty.
                             resend = false;
                         }
-                        Err(e2) if take_back => {
-                            break Err(self.take_back(vm, format!("{e}; {e2}"), &state))
+                        Err(PushEnd::Concluded(c)) => {
+                            break self.concluded(vm, c, take_back, state)
                         }
-                        Err(e2) => break Err(broken(format!("{e}; {e2}"))),
+                        Err(e2) if take_back => {
+                            let why = format!("{e}; {}", e2.message());
+                            break Err(self.take_back(vm, why, state));
+                        }
+                        Err(e2) => break Err(broken(format!("{e}; {}", e2.message()))),
                     }
                 }
             }
@@ -1096,14 +1253,14 @@ impl Migration<'_> {
     /// Handles on every stream of the current connection.
     fn connection_handles(
         &self,
-        server: &crate::postcopy::source::DemandServer,
+        server: Option<&crate::postcopy::source::DemandServer>,
     ) -> Vec<Box<dyn Conn>> {
         let mut h: Vec<Box<dyn Conn>> = self
             .pipeline
             .as_ref()
             .map(|p| p.handles())
             .unwrap_or_default();
-        h.extend(server.handle());
+        h.extend(server.and_then(|s| s.handle()));
         h.extend(
             self.control
                 .as_ref()
@@ -1124,6 +1281,53 @@ impl Migration<'_> {
         self.events = None;
     }
 
+    /// The migration ended on the target (RESUME answered CONCLUDED):
+    /// finish it here accordingly. `Ok` when the VM runs there (its check
+    /// of memory is not known here).
+    fn concluded(
+        &mut self,
+        vm: &mut dyn SourceVm,
+        c: wire::Conclusion,
+        take_back: bool,
+        state: &VmState,
+    ) -> Result<crate::link::VerifyReport, MigrationError> {
+        match c {
+            wire::Conclusion::Completed { epoch } => {
+                tracing::info!(
+                    epoch,
+                    "post-copy: the target holds every page and runs the VM"
+                );
+                if let Some(c) = &self.checkpoints {
+                    c.close();
+                }
+                Ok(crate::link::VerifyReport::default())
+            }
+            wire::Conclusion::Fenced if take_back => {
+                Err(self.take_back(vm, "the target stopped its guest for good".into(), state))
+            }
+            wire::Conclusion::Fenced => Err(MigrationError::PostcopyBroken(
+                "the target stopped its guest for good, and this VM cannot be taken back".into(),
+            )),
+            wire::Conclusion::Aborted => {
+                // COMMIT never took effect there: the VM was never run
+                // anywhere since the pause, and nothing was applied here.
+                if let Some(c) = &self.checkpoints {
+                    c.close();
+                }
+                if let Err(e) = vm.resume() {
+                    return Err(MigrationError::PostcopyBroken(format!(
+                        "the target never ran the VM, but it could not be resumed here: {e}"
+                    )));
+                }
+                self.paused = false;
+                self.metrics.update(|s| s.epoch = s.epoch.saturating_sub(1));
+                Err(MigrationError::PeerAborted(
+                    "COMMIT never took effect on the target; the VM runs here again".into(),
+                ))
+            }
+        }
+    }
+
     /// The target is lost for good (or says its guest is stopped): run the
     /// VM here again from the last applied checkpoint (or from the switch,
     /// before any). Returns the migration's error.
@@ -1133,6 +1337,12 @@ impl Migration<'_> {
         why: String,
         at_switch: &VmState,
     ) -> MigrationError {
+        if self.checkpoints.as_ref().is_some_and(|c| c.torn()) {
+            return MigrationError::PostcopyBroken(format!(
+                "{why}; the VM cannot be taken back: this side's ferryd died while it \
+                 wrote a checkpoint into guest memory, and no later one mended it"
+            ));
+        }
         let applied = self.checkpoints.as_ref().and_then(|c| c.close());
         let (from, progress) = applied
             .as_ref()
@@ -1268,7 +1478,7 @@ impl Migration<'_> {
         stale: &DirtyBitmap,
         wire_bytes: &Arc<AtomicU64>,
         take_back: bool,
-    ) -> Result<(DirtyBitmap, crate::postcopy::source::DemandServer), String> {
+    ) -> Result<(DirtyBitmap, crate::postcopy::source::DemandServer), PushEnd> {
         let deadline = match (&self.checkpoints, take_back) {
             (Some(c), true) => c.last_heard() + self.cfg.postcopy_grace,
             _ => Instant::now() + self.cfg.postcopy_grace,
@@ -1278,11 +1488,11 @@ impl Migration<'_> {
         self.connect_deadline = Some(deadline);
         let r = loop {
             if attempt > 0 && Instant::now() >= deadline {
-                break Err(format!(
+                break Err(PushEnd::Broke(format!(
                     "could not reconnect within {:?} of the last word from the target \
                      ({attempt} attempts)",
                     self.cfg.postcopy_grace
-                ));
+                )));
             }
             attempt += 1;
             match self.try_resume(r, stale, wire_bytes) {
@@ -1290,7 +1500,10 @@ impl Migration<'_> {
                     tracing::info!(attempt, "post-copy resumed");
                     break Ok(x);
                 }
-                Err(PushEnd::Fatal(e) | PushEnd::Fenced(e)) if !take_back => break Err(e),
+                Err(e @ PushEnd::Concluded(_)) => break Err(e),
+                Err(PushEnd::Fatal(e) | PushEnd::Fenced(e)) if !take_back => {
+                    break Err(PushEnd::Fatal(e))
+                }
                 Err(PushEnd::Fatal(e) | PushEnd::Fenced(e) | PushEnd::Broke(e)) => {
                     if let Some(p) = self.pipeline.take() {
                         p.stop(true);
@@ -1301,10 +1514,10 @@ impl Migration<'_> {
                     self.events = None;
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() || (!take_back && delay > left) {
-                        break Err(format!(
+                        break Err(PushEnd::Broke(format!(
                             "could not reconnect within {:?} ({attempt} attempts; last: {e})",
                             self.cfg.postcopy_grace
-                        ));
+                        )));
                     }
                     tracing::info!(
                         attempt,
@@ -1340,13 +1553,16 @@ impl Migration<'_> {
         let priority = self
             .connect(r.transport, r.to, r.key, &session, self.streams + 1, r.vm)
             .map_err(broke)?;
-        let hex: String = r.session.iter().map(|b| format!("{b:02x}")).collect();
         self.start_control_reader(control)
             .map_err(|e| PushEnd::Broke(e.to_string()))?;
-        self.send_control(&ControlMsg::Resume { session: hex })
-            .map_err(|e| PushEnd::Broke(e.to_string()))?;
+        self.send_control(&ControlMsg::Resume {
+            session: hex(&r.session),
+        })
+        .map_err(|e| PushEnd::Broke(e.to_string()))?;
         match self.wait_control("resuming post-copy", self.cfg.io_timeout) {
             Ok(ControlMsg::Resumed) => {}
+            Ok(ControlMsg::Concluded { outcome }) => return Err(PushEnd::Concluded(outcome)),
+            Ok(ControlMsg::Busy { reason }) => return Err(PushEnd::Broke(reason)),
             Ok(other) => {
                 return Err(PushEnd::Fatal(format!(
                     "the target answered RESUME with {other:?}"

@@ -189,10 +189,26 @@ impl Acceptor {
 /// Post-copy migrations whose connection to the source broke, waiting for
 /// the source to reconnect. A daemon keeps one and passes every assembled
 /// session through [`Resumes::route`] before [`migrate_in`].
+///
+/// It also remembers how recent migrations ended here, so that a source
+/// whose ferryd restarted mid-switch can ask (RESUME answered with
+/// CONCLUDED) whether the VM runs here.
 #[derive(Default, Debug)]
 pub struct Resumes {
     waiting: Mutex<HashMap<String, crossbeam_channel::Sender<IncomingSession>>>,
+    ended: Mutex<Ended>,
 }
+
+/// Migrations running here, and how the last [`CONCLUSIONS_KEPT`] ended.
+#[derive(Default, Debug)]
+struct Ended {
+    active: std::collections::HashSet<String>,
+    concluded: HashMap<String, wire::Conclusion>,
+    order: std::collections::VecDeque<String>,
+}
+
+/// How many ended migrations a target remembers for sources that ask.
+pub const CONCLUSIONS_KEPT: usize = 4096;
 
 impl Resumes {
     /// An empty registry.
@@ -217,6 +233,36 @@ impl Resumes {
 
     fn forget(&self, id: &str) {
         self.lock().remove(id);
+    }
+
+    fn ended(&self) -> std::sync::MutexGuard<'_, Ended> {
+        self.ended.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Migration `id` starts here.
+    fn begin(&self, id: &str) {
+        self.ended().active.insert(id.to_string());
+    }
+
+    /// Migration `id` ended here: `outcome`, or `None` when it did not end
+    /// cleanly (a broken post-copy whose guest still waits for pages).
+    fn conclude(&self, id: &str, outcome: Option<wire::Conclusion>) {
+        let mut e = self.ended();
+        e.active.remove(id);
+        let Some(outcome) = outcome else { return };
+        if e.concluded.insert(id.to_string(), outcome).is_none() {
+            e.order.push_back(id.to_string());
+        }
+        while e.order.len() > CONCLUSIONS_KEPT {
+            if let Some(old) = e.order.pop_front() {
+                e.concluded.remove(&old);
+            }
+        }
+    }
+
+    /// How migration `id` ended here, if it did.
+    pub fn conclusion(&self, id: &str) -> Option<wire::Conclusion> {
+        self.ended().concluded.get(id).copied()
     }
 
     /// Reads the session's first control frame. A RESUME of a waiting
@@ -251,8 +297,23 @@ impl Resumes {
                 }
             }
             None => {
+                let answer = {
+                    let e = self.ended();
+                    match e.concluded.get(&id) {
+                        Some(&outcome) => ControlMsg::Concluded { outcome },
+                        None if e.active.contains(&id) => ControlMsg::Busy {
+                            reason: format!(
+                                "migration {id} is still running here and not waiting to \
+                                 resume; try again"
+                            ),
+                        },
+                        None => ControlMsg::Abort {
+                            reason: format!("no migration {id} is known here"),
+                        },
+                    }
+                };
                 tracing::warn!(
-                    "session {} resumes {id}, which is not waiting here",
+                    "session {} resumes {id}, which is not waiting here: {answer:?}",
                     session.id
                 );
                 let _ = wire::send_frame(
@@ -260,9 +321,7 @@ impl Resumes {
                     FrameKind::Control,
                     0,
                     1,
-                    &wire::encode_control(&ControlMsg::Abort {
-                        reason: format!("no post-copy migration {id} waits here to resume"),
-                    }),
+                    &wire::encode_control(&answer),
                 );
             }
         }
@@ -334,6 +393,32 @@ pub fn migrate_in<V: TargetVm>(
     cfg: &TargetConfig,
     metrics: Arc<Metrics>,
     create_vm: impl FnOnce(&VmSpec, &GuestMem, Option<&std::fs::File>) -> Result<V, MigrationError>,
+) -> Result<TargetOutcome<V>, MigrationError> {
+    let id = session.id.clone();
+    if let Some(r) = &cfg.resumes {
+        r.begin(&id);
+    }
+    let mut ran = false;
+    let result = receive(session, cfg, metrics, create_vm, &mut ran);
+    if let Some(r) = &cfg.resumes {
+        let outcome = match (&result, ran) {
+            (Ok(o), _) => Some(wire::Conclusion::Completed { epoch: o.epoch }),
+            (Err(MigrationError::Fenced(_)), _) => Some(wire::Conclusion::Fenced),
+            (Err(_), false) => Some(wire::Conclusion::Aborted),
+            // The VM ran here and its post-copy broke: nobody can say yet.
+            (Err(_), true) => None,
+        };
+        r.conclude(&id, outcome);
+    }
+    result
+}
+
+fn receive<V: TargetVm>(
+    session: IncomingSession,
+    cfg: &TargetConfig,
+    metrics: Arc<Metrics>,
+    create_vm: impl FnOnce(&VmSpec, &GuestMem, Option<&std::fs::File>) -> Result<V, MigrationError>,
+    ran: &mut bool,
 ) -> Result<TargetOutcome<V>, MigrationError> {
     let IncomingSession {
         id: session_id,
@@ -529,8 +614,10 @@ pub fn migrate_in<V: TargetVm>(
             ckpt: None,
             watchdog: None,
             done_verify: None,
+            ran: false,
         };
         let r = session.run(&mut vm, control, epoch);
+        *ran = session.ran;
         if let Some(r) = &cfg.resumes {
             r.forget(&session_id);
         }
@@ -779,6 +866,8 @@ struct Session<'a> {
     watchdog: Option<crate::postcopy::checkpoint::Watchdog>,
     /// Post-copy: every page is here, and the VMM's check of it.
     done_verify: Option<crate::link::VerifyReport>,
+    /// COMMIT took effect: the VMM runs the guest here.
+    ran: bool,
 }
 
 /// The shortest checkpoint interval a source may ask for.
@@ -946,6 +1035,7 @@ impl Session<'_> {
                                 ));
                             }
                             vm.run(new_epoch)?;
+                            self.ran = true;
                             // From here on the VM runs here: nothing may undo it.
                             if let Some(t) = &self.pc_threads {
                                 t.postcopy().running();

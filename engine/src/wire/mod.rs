@@ -522,6 +522,20 @@ pub enum ControlMsg {
     },
     /// Target: the post-copy continues on this session.
     Resumed,
+    /// Target, answer to `Resume` of a migration that has ended here: how
+    /// it ended. A source that lost track of the migration (its ferryd
+    /// restarted) learns from it who owns the VM.
+    Concluded {
+        /// How the migration ended on the target.
+        outcome: Conclusion,
+    },
+    /// Target, answer to `Resume` of a migration still running here that
+    /// has not seen its connection break yet (it will, within its I/O
+    /// timeout): try again.
+    Busy {
+        /// Why.
+        reason: String,
+    },
     /// Target, post-copy: every page is here; the source may let go.
     PostcopyDone {
         /// The target VMM's check of the memory, taken now.
@@ -564,6 +578,25 @@ pub enum ControlMsg {
         /// Why.
         reason: String,
     },
+}
+
+/// How a migration ended on the target (see `ControlMsg::Concluded`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Conclusion {
+    /// It ended before COMMIT took effect: the VM never ran on the target,
+    /// it is the source's.
+    Aborted,
+    /// The VM runs on the target with `epoch` and needs nothing more from
+    /// the source.
+    Completed {
+        /// The epoch it runs with.
+        epoch: u64,
+    },
+    /// Post-copy: the target's guest was stopped for good (its lease ran
+    /// out or its VMM died); the source takes the VM back from the last
+    /// checkpoint it applied.
+    Fenced,
 }
 
 /// Writes one frame with a small owned payload.
