@@ -5,6 +5,10 @@
 //! ```text
 //!  <state-dir>/handoffs/<migration>.json   HandOff, written before COMMIT
 //!  <state-dir>/handoffs/<migration>.ckpt   the last checkpoint applied (JSON)
+//!  <state-dir>/handoffs/<migration>.pages  its pages, kept until the next
+//!      ("FRYP", id u64 LE, count u64 LE, count page indices u64 LE,
+//!      count x 4 KiB of data): written again into guest memory by a
+//!      ferryd that finds the checkpoint recorded as being applied
 //! ```
 //!
 //! Both are written to a temporary name and renamed, so a reader sees a
@@ -70,7 +74,7 @@ impl FileJournal {
 
     /// Forgets migration `session` (it ended).
     pub fn remove(&self, session: &str) {
-        for ext in ["json", "ckpt"] {
+        for ext in ["json", "ckpt", "pages"] {
             if let Ok(p) = self.path(session, ext) {
                 match std::fs::remove_file(&p) {
                     Ok(()) => {}
@@ -176,7 +180,76 @@ impl Journal for FileJournal {
         let path = self.path(session, "ckpt")?;
         self.write(&path, c)
     }
+
+    fn checkpoint_pages(
+        &self,
+        session: &str,
+        id: u64,
+        pages: &[u64],
+        data: &[u8],
+    ) -> std::io::Result<()> {
+        let path = self.path(session, "pages")?;
+        let tmp = path.with_extension("pages.tmp");
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        f.write_all(PAGES_MAGIC)?;
+        f.write_all(&id.to_le_bytes())?;
+        f.write_all(&(pages.len() as u64).to_le_bytes())?;
+        for p in pages {
+            f.write_all(&p.to_le_bytes())?;
+        }
+        f.write_all(data)?;
+        f.into_inner().map_err(|e| e.into_error())?;
+        std::fs::rename(&tmp, &path)
+    }
+
+    fn load_checkpoint_pages(
+        &self,
+        session: &str,
+        id: u64,
+    ) -> std::io::Result<Option<(Vec<u64>, Vec<u8>)>> {
+        let path = self.path(session, "pages")?;
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let bad = |m: &str| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: {m}", path.display()),
+            )
+        };
+        let word = |at: usize| -> Option<u64> {
+            bytes
+                .get(at..at + 8)
+                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        };
+        if bytes.get(..4) != Some(PAGES_MAGIC) {
+            return Err(bad("not a checkpoint pages file"));
+        }
+        let (Some(got), Some(count)) = (word(4), word(12)) else {
+            return Err(bad("truncated header"));
+        };
+        if got != id {
+            return Ok(None);
+        }
+        let count = usize::try_from(count).map_err(|_| bad("page count too large"))?;
+        let want = count
+            .checked_mul(8 + 4096)
+            .and_then(|n| n.checked_add(20))
+            .ok_or_else(|| bad("page count too large"))?;
+        if bytes.len() != want {
+            return Err(bad("its length does not match its page count"));
+        }
+        let pages = (0..count)
+            .map(|i| word(20 + 8 * i).expect("length checked"))
+            .collect();
+        Ok(Some((pages, bytes[20 + 8 * count..].to_vec())))
+    }
 }
+
+/// The first bytes of a checkpoint pages file.
+const PAGES_MAGIC: &[u8; 4] = b"FRYP";
 
 #[cfg(test)]
 mod tests {
@@ -213,6 +286,7 @@ mod tests {
             postcopy: true,
             take_back: true,
             grace_ms: 6000,
+            released: false,
         }
     }
 
@@ -229,11 +303,25 @@ mod tests {
             state: vec![1, 2, 3],
         };
         j.checkpoint(&h.session, &c).unwrap();
+        let data: Vec<u8> = (0..2 * 4096).map(|i| i as u8).collect();
+        j.checkpoint_pages(&h.session, 7, &[3, 9], &data).unwrap();
+        assert_eq!(
+            j.load_checkpoint_pages(&h.session, 7).unwrap(),
+            Some((vec![3, 9], data))
+        );
+        assert_eq!(j.load_checkpoint_pages(&h.session, 8).unwrap(), None);
         let found = j.load();
         assert_eq!(found["vm0"].hand_off, h);
         assert_eq!(found["vm0"].checkpoint.as_ref(), Some(&c));
         j.remove(&h.session);
         assert!(j.load().is_empty());
+        assert_eq!(j.load_checkpoint_pages(&h.session, 7).unwrap(), None);
+        // A truncated pages file is an error, not a panic.
+        j.checkpoint_pages(&h.session, 1, &[1], &[0; 4096]).unwrap();
+        let p = j.path(&h.session, "pages").unwrap();
+        let b = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &b[..b.len() - 1]).unwrap();
+        assert!(j.load_checkpoint_pages(&h.session, 1).is_err());
     }
 
     #[test]

@@ -436,6 +436,10 @@ pub struct TargetLog {
     pub fenced: Option<Instant>,
     /// Set by a test: the VMM "dies" (its guest stops, `check` fails).
     pub die: bool,
+    /// Set by a test: the target daemon died. The VMM then dies too if its
+    /// guest runs under a lease (checkpoints on), as ferry-vmm exits when
+    /// its link closes then; otherwise it keeps running.
+    pub ferryd_died: bool,
 }
 
 /// A target VM that records requests; shares its log with the test.
@@ -644,7 +648,15 @@ impl TargetVm for MemTargetVm {
     }
 
     fn check(&mut self) -> Result<(), VmError> {
-        if self.log.lock().unwrap_or_else(|p| p.into_inner()).die {
+        let (leased, fenced) = {
+            let st = self.ctl.state.lock().unwrap_or_else(|p| p.into_inner());
+            (st.dirty.is_some(), st.fenced)
+        };
+        let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        // A fenced VMM is gone, as a killed process is.
+        let dies = log.die || fenced || (log.ferryd_died && leased);
+        drop(log);
+        if dies {
             self.stop_guest();
             return Err(VmError::Request {
                 op: "check",

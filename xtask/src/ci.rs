@@ -397,11 +397,11 @@ fn end_to_end() -> Result<Outcome> {
 
 /// The faults the CI campaign injects, in the phases it aims at: every
 /// fault a migration is built to survive there (the full campaign, with
-/// the faults it cannot survive yet, is `ferry-bench faults --cases 60`;
+/// the fault no migration can survive, is `ferry-bench faults --cases 60`;
 /// docs/benchmarks.md). Each pair runs once, in this order.
-const CAMPAIGN_FAULTS: &str = "kill-dst-ferryd,kill-dst-vmm,cut-long";
+const CAMPAIGN_FAULTS: &str = "kill-src-ferryd,kill-dst-ferryd,kill-dst-vmm,cut-long";
 const CAMPAIGN_PHASES: &str = "switchover,postcopy";
-const CAMPAIGN_CASES: u32 = 6;
+const CAMPAIGN_CASES: u32 = 8;
 /// xtask's deadline for the campaign (a case takes 5-25 s).
 const CAMPAIGN_TIMEOUT: Duration = Duration::from_secs(600);
 

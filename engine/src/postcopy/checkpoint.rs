@@ -161,8 +161,21 @@ impl SourceCheckpoints {
         }
     }
 
+    /// Writes checkpoint pages into guest memory (`data`: 4 KiB per page).
+    fn write_pages(&self, pages: &[u64], data: &[u8]) {
+        for (i, &p) in pages.iter().enumerate() {
+            let src = &data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+            self.mem
+                .page(PageIndex(p))
+                .expect("checked when staged")
+                .copy_from(src);
+        }
+    }
+
     /// A restarted daemon's: armed (the hand-off was recorded), with the
-    /// checkpoint its predecessor recorded last.
+    /// checkpoint its predecessor recorded last. One it was still writing
+    /// into memory is written again from the pages the journal kept, or
+    /// else memory is torn (see the field).
     pub(crate) fn restored(
         mem: Arc<GuestMem>,
         metrics: Arc<crate::Metrics>,
@@ -171,19 +184,60 @@ impl SourceCheckpoints {
     ) -> Self {
         let c = Self::new(mem, metrics, journal);
         c.armed.store(true, Ordering::Release);
-        if let Some(r) = last {
-            if r.applied {
-                *c.applied.lock().unwrap_or_else(|p| p.into_inner()) = Some(Applied {
-                    id: r.id,
-                    state: VmState {
-                        blob: r.state.clone(),
-                        progress: r.progress,
-                    },
-                    pages: 0,
-                });
-            } else {
-                c.torn.store(true, Ordering::Release);
+        let Some(r) = last else { return c };
+        let redo = match (&c.journal, r.applied) {
+            (Some((j, session)), false) => match j.load_checkpoint_pages(session, r.id) {
+                Ok(Some((pages, data)))
+                    if data.len() == pages.len() * PAGE_SIZE
+                        && pages.iter().all(|&p| p < c.mem.pages()) =>
+                {
+                    Some((pages, data))
+                }
+                Ok(Some(_)) => {
+                    tracing::error!(id = r.id, "the recorded checkpoint pages do not fit");
+                    None
+                }
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::error!(id = r.id, "cannot read the recorded checkpoint pages: {e}");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let whole = match (r.applied, redo) {
+            (true, _) => true,
+            (false, Some((pages, data))) => {
+                tracing::warn!(
+                    id = r.id,
+                    pages = pages.len(),
+                    "writing again the checkpoint the last daemon was writing when it died"
+                );
+                c.write_pages(&pages, &data);
+                let done = CheckpointRecord {
+                    applied: true,
+                    ..r.clone()
+                };
+                if let Some((j, session)) = &c.journal {
+                    if let Err(e) = j.checkpoint(session, &done) {
+                        tracing::warn!("cannot record checkpoint {} as applied: {e}", r.id);
+                    }
+                }
+                true
             }
+            (false, None) => false,
+        };
+        if whole {
+            *c.applied.lock().unwrap_or_else(|p| p.into_inner()) = Some(Applied {
+                id: r.id,
+                state: VmState {
+                    blob: r.state.clone(),
+                    progress: r.progress,
+                },
+                pages: 0,
+            });
+        } else {
+            c.torn.store(true, Ordering::Release);
         }
         c
     }
@@ -243,20 +297,18 @@ impl SourceCheckpoints {
                 .map_err(|e| bad(format!("cannot record it: {e}"))),
             None => Ok(()),
         };
+        if let Some((j, session)) = &self.journal {
+            j.checkpoint_pages(session, id, &staging.pages, &staging.data)
+                .map_err(|e| bad(format!("cannot record its pages: {e}")))?;
+        }
         journal(&CheckpointRecord {
             id,
             applied: false,
             progress,
-            state: Vec::new(),
+            state: blob.clone(),
         })?;
         self.torn.store(true, Ordering::Release);
-        for (i, &p) in staging.pages.iter().enumerate() {
-            let src = &staging.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
-            self.mem
-                .page(PageIndex(p))
-                .expect("checked when staged")
-                .copy_from(src);
-        }
+        self.write_pages(&staging.pages, &staging.data);
         self.torn.store(false, Ordering::Release);
         let recorded = journal(&CheckpointRecord {
             id,

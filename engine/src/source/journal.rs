@@ -11,12 +11,16 @@
 //!   record it fails the migration before COMMIT (the VM resumes here):
 //!   without the record a restarted daemon would find a paused VM and not
 //!   know whether the target runs it.
-//! - [`Journal::checkpoint`], around each checkpoint applied to the source's
-//!   memory: first `applying` (the pages are about to be written), then the
-//!   checkpoint with its state. A daemon that dies between the two leaves
-//!   memory that is part one checkpoint, part the next ("torn"): it may go
-//!   on once the target sends a later checkpoint (which carries the torn
-//!   one's pages), but it cannot take the VM back from it.
+//! - [`Journal::checkpoint_pages`] and [`Journal::checkpoint`], around each
+//!   checkpoint applied to the source's memory: first its pages, then the
+//!   record `applying` (with its state), then the pages are written into
+//!   guest memory, then the record `applied`. A daemon that dies in between
+//!   leaves memory that is part one checkpoint, part the next; a restarted
+//!   one writes the recorded pages again ([`Journal::load_checkpoint_pages`])
+//!   and goes on from that checkpoint. A journal that does not keep pages
+//!   leaves memory "torn" then: the migration may go on once the target
+//!   sends a later checkpoint (which carries the torn one's pages), but the
+//!   VM cannot be taken back from it.
 //!
 //! A restarted daemon hands both records to [`super::recover_out`], which
 //! asks the target how the migration ended (RESUME, answered with RESUMED
@@ -52,6 +56,12 @@ pub struct HandOff {
     /// Post-copy: how long after the target was last heard from the VM may
     /// be taken back, ms.
     pub grace_ms: u64,
+    /// Post-copy: RELEASED was sent (recorded again just before). The
+    /// target may run its guest without a lease from then on, so silence
+    /// no longer means it stopped: only its word (FENCED, CONCLUDED
+    /// `fenced`) lets the VM be taken back.
+    #[serde(default)]
+    pub released: bool,
 }
 
 /// A checkpoint the target sent back, as applied to the source's memory.
@@ -64,7 +74,7 @@ pub struct CheckpointRecord {
     pub applied: bool,
     /// The guest's progress counter at the checkpoint.
     pub progress: u64,
-    /// The vCPU and device state (empty while `applied` is false).
+    /// The vCPU and device state.
     pub state: Vec<u8>,
 }
 
@@ -77,4 +87,28 @@ pub trait Journal: Send + Sync + std::fmt::Debug {
     /// false) or was applied (true). An error stops it from being applied
     /// (or acknowledged).
     fn checkpoint(&self, session: &str, c: &CheckpointRecord) -> std::io::Result<()>;
+    /// The pages of checkpoint `id` of migration `session` (page indices,
+    /// and 4 KiB of data each, in order), before they are written into
+    /// guest memory. The default keeps nothing. An error stops the
+    /// checkpoint from being applied.
+    fn checkpoint_pages(
+        &self,
+        session: &str,
+        id: u64,
+        pages: &[u64],
+        data: &[u8],
+    ) -> std::io::Result<()> {
+        let _ = (session, id, pages, data);
+        Ok(())
+    }
+    /// The pages [`Self::checkpoint_pages`] kept for checkpoint `id`, if
+    /// it kept them.
+    fn load_checkpoint_pages(
+        &self,
+        session: &str,
+        id: u64,
+    ) -> std::io::Result<Option<(Vec<u64>, Vec<u8>)>> {
+        let _ = (session, id);
+        Ok(None)
+    }
 }

@@ -76,6 +76,15 @@ pub struct SourceConfig {
     /// take-back loses. Zero: no checkpoints, and a lost target loses the
     /// VM (the source keeps it paused).
     pub checkpoint_interval: Duration,
+    /// How long the target may take to answer SPEC (it creates and pre-faults
+    /// guest memory and starts its VMM: about 1 s per 4 GiB here) or PREPARE
+    /// (it restores the VMM, which may verify memory in test runs).
+    /// Default 120 s.
+    pub slow_step_timeout: Duration,
+    /// A restarted source asking a silent target how a pre-copy switch
+    /// ended ([`recover_out`]) gives up after this (the VM stays paused).
+    /// Default 10 minutes.
+    pub inquiry_max: Duration,
     /// Where hand-offs and checkpoints are recorded for a restarted daemon
     /// ([`journal`]); `None`: nothing is, and a source that dies after
     /// pausing the VM leaves it to the operator.
@@ -122,6 +131,8 @@ impl Default for SourceConfig {
             postcopy_grace: Duration::from_secs(60),
             checkpoint_interval: Duration::from_secs(1),
             journal: None,
+            slow_step_timeout: Duration::from_secs(120),
+            inquiry_max: Duration::from_secs(600),
         }
     }
 }
@@ -145,10 +156,6 @@ const PEEK_STEP_PAGES: u64 = 256;
 /// dirty set a round measures mean something even when a policy holds most
 /// pages back and the round has little to send.
 const ROUND_MIN: Duration = Duration::from_millis(50);
-/// How long the target may take to answer SPEC (it creates and pre-faults
-/// guest memory and starts its VMM: about 1 s per 4 GiB here) or PREPARE
-/// (it restores the VMM, which may verify memory in test runs).
-const SLOW_STEP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Migrates the VM to `to`. On `Ok` the VM runs on the target and
 /// [`SourceVm::hand_off`] was called. On any error but
@@ -277,6 +284,8 @@ enum Event {
     Fenced(String),
     /// The control stream failed.
     Failed(String),
+    /// The target closed the control stream cleanly (at a frame boundary).
+    Closed,
 }
 
 struct Migration<'a> {
@@ -289,6 +298,10 @@ struct Migration<'a> {
     streams: u16,
     /// The session, also the migration's id.
     session: [u8; 16],
+    /// The hand-off as recorded in the journal.
+    hand_off: Mutex<Option<HandOff>>,
+    /// Post-copy: RELEASED went out (see [`HandOff::released`]).
+    released: bool,
     control: Option<Control>,
     /// Post-copy with checkpoints: what the target sent back.
     checkpoints: Option<Arc<crate::postcopy::checkpoint::SourceCheckpoints>>,
@@ -325,6 +338,7 @@ impl Event {
             Event::Aborted(_) => "ABORT",
             Event::Fenced(_) => "FENCED",
             Event::Failed(_) => "a failure",
+            Event::Closed => "the end of the control stream",
         }
     }
 }
@@ -371,6 +385,9 @@ struct Serve<'a> {
     wire_bytes: Arc<AtomicU64>,
 }
 
+/// What a control stream closed by the target reads as.
+const CLOSED: &str = "the target closed the control stream";
+
 /// A session id in hex, as both hosts show it.
 fn hex(session: &[u8; 16]) -> String {
     session.iter().map(|b| format!("{b:02x}")).collect()
@@ -416,6 +433,8 @@ impl<'a> Migration<'a> {
             mem,
             streams,
             session,
+            hand_off: Mutex::new(None),
+            released: false,
             control: None,
             rollback_ok: false,
             connect_deadline: None,
@@ -470,7 +489,7 @@ impl<'a> Migration<'a> {
             phase: "sending the spec",
             source,
         })?;
-        match self.wait_control("waiting for the target", SLOW_STEP_TIMEOUT)? {
+        match self.wait_control("waiting for the target", self.cfg.slow_step_timeout)? {
             ControlMsg::SpecAck => {}
             other => {
                 return Err(unexpected(
@@ -785,7 +804,7 @@ impl<'a> Migration<'a> {
         });
         self.send_state_and_prepare(&state, totals, false)?;
         self.metrics.update(|s| s.status = Status::Committing);
-        let verify = match self.wait_control("waiting for PREPARED", SLOW_STEP_TIMEOUT)? {
+        let verify = match self.wait_control("waiting for PREPARED", self.cfg.slow_step_timeout)? {
             ControlMsg::Prepared { verify, .. } => verify,
             ControlMsg::Abort { reason } => return Err(MigrationError::PeerAborted(reason)),
             other => return Err(unexpected("waiting for PREPARED", Incoming::Control(other))),
@@ -879,7 +898,9 @@ impl<'a> Migration<'a> {
             postcopy,
             take_back,
             grace_ms: self.cfg.postcopy_grace.as_millis() as u64,
+            released: false,
         };
+        *self.hand_off.lock().unwrap_or_else(|p| p.into_inner()) = Some(h.clone());
         j.hand_off(&h).map_err(|e| {
             MigrationError::Invalid(format!(
                 "cannot record the hand-off (so a restarted ferryd could finish it): {e}"
@@ -952,11 +973,12 @@ impl<'a> Migration<'a> {
         });
         // Whether a lost target can be replaced: it checkpoints (and keeps a
         // lease), and this VM can roll back to a checkpoint.
-        let take_back = match self.wait_control("waiting for PREPARED", SLOW_STEP_TIMEOUT)? {
-            ControlMsg::Prepared { checkpoints, .. } => checkpoints && self.checkpoint_ms() > 0,
-            ControlMsg::Abort { reason } => return Err(MigrationError::PeerAborted(reason)),
-            other => return Err(unexpected("waiting for PREPARED", Incoming::Control(other))),
-        };
+        let take_back =
+            match self.wait_control("waiting for PREPARED", self.cfg.slow_step_timeout)? {
+                ControlMsg::Prepared { checkpoints, .. } => checkpoints && self.checkpoint_ms() > 0,
+                ControlMsg::Abort { reason } => return Err(MigrationError::PeerAborted(reason)),
+                other => return Err(unexpected("waiting for PREPARED", Incoming::Control(other))),
+            };
         if !take_back {
             // Nothing may be applied to guest memory then.
             if let Some(c) = &self.checkpoints {
@@ -1094,48 +1116,20 @@ impl<'a> Migration<'a> {
                 s.stop();
             }
             match r {
-                Ok(verify) => {
-                    // Never taken back from here on; tell the target.
+                Ok(verify) if !take_back => {
+                    // No lease there: RELEASED is a courtesy.
                     if let Some(c) = &self.checkpoints {
                         c.close();
                     }
-                    match self.send_control(&ControlMsg::Released) {
-                        Ok(()) => {
-                            // Let the target read it before the connection
-                            // closes: it ends its side first.
-                            self.drain_control(Duration::from_secs(2));
-                            break Ok(verify);
-                        }
-                        // Only a target under a lease waits for it.
-                        Err(_) if !take_back => break Ok(verify),
-                        Err(e) => {
-                            tracing::warn!(
-                                "post-copy: sending RELEASED failed ({e}); reconnecting"
-                            );
-                            self.stop_connection(&mut background);
-                            match self.resume_postcopy(reconnect, pending, &wire_bytes, false) {
-                                Ok((_, s)) => {
-                                    s.stop();
-                                    if let Err(e) = self.send_control(&ControlMsg::Released) {
-                                        tracing::error!(
-                                            "post-copy: RELEASED could not be sent ({e}); \
-                                             the target will stop the VM when its lease ends"
-                                        );
-                                    }
-                                }
-                                // It has its pages and ended: nothing waits for RELEASED.
-                                Err(PushEnd::Concluded(c)) => {
-                                    tracing::info!("post-copy: the target ended: {c:?}")
-                                }
-                                Err(e) => tracing::error!(
-                                    "post-copy: RELEASED could not be sent ({}); \
-                                     the target will stop the VM when its lease ends",
-                                    e.message()
-                                ),
-                            }
-                            break Ok(verify);
-                        }
+                    if self.send_control(&ControlMsg::Released).is_ok() {
+                        self.drain_control(Duration::from_secs(2));
                     }
+                    break Ok(verify);
+                }
+                Ok(verify) => {
+                    let r = self.release(vm, reconnect, pending, &wire_bytes, state);
+                    self.stop_connection(&mut background);
+                    break r.map(|()| verify);
                 }
                 Err(PushEnd::Concluded(c)) => {
                     self.stop_connection(&mut background);
@@ -1181,6 +1175,15 @@ impl<'a> Migration<'a> {
                         Err(PushEnd::Concluded(c)) => {
                             break self.concluded(vm, c, take_back, state)
                         }
+                        // Silence after RELEASED: the target may run unleased.
+                        Err(e2) if take_back && self.released => {
+                            break Err(broken(format!(
+                                "{e}; {}; RELEASED went out before, so the target may run \
+                                 the VM: it stays paused here (`ferry migrate --resume` asks \
+                                 the target again)",
+                                e2.message()
+                            )))
+                        }
                         Err(e2) if take_back => {
                             let why = format!("{e}; {}", e2.message());
                             break Err(self.take_back(vm, why, state));
@@ -1195,7 +1198,12 @@ impl<'a> Migration<'a> {
             .fetch_add(wire_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
         let verify = result?;
         let duration_ms = running_at.elapsed().as_millis() as u64;
-        let totals = self.finish_pipeline();
+        // None when the end was learnt from the target (CONCLUDED).
+        let totals = if self.pipeline.is_some() {
+            self.finish_pipeline()
+        } else {
+            Vec::new()
+        };
         let background = background + totals.iter().map(|t| t.pages).sum::<u64>();
         self.paused = false;
         self.metrics.update(|s| {
@@ -1222,6 +1230,95 @@ impl<'a> Migration<'a> {
         Ok(Outcome { epoch: new_epoch })
     }
 
+    /// Every page is on the target, whose guest runs under a lease: let go
+    /// (RELEASED), and know that it was heard before handing the VM off.
+    /// The target's clean close says so, as does CONCLUDED `completed` on a
+    /// new connection. FENCED (its guest stopped before it let go), or
+    /// CONCLUDED `fenced`, means the VM is taken back. With no answer, after
+    /// the grace, the outcome is unknown: taking the VM back could run it
+    /// twice (the target may have heard), handing it off could lose it (it
+    /// may not have, and its lease ends).
+    fn release(
+        &mut self,
+        vm: &mut dyn SourceVm,
+        reconnect: &Reconnect<'_>,
+        pending: &DirtyBitmap,
+        wire_bytes: &Arc<AtomicU64>,
+        state: &VmState,
+    ) -> Result<(), MigrationError> {
+        let mut background = 0;
+        // From the first RELEASED on, silence never means the target stopped.
+        if !self.released {
+            self.released = true;
+            let h = self
+                .hand_off
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if let (Some(j), Some(mut h)) = (&self.cfg.journal, h) {
+                h.released = true;
+                if let Err(e) = j.hand_off(&h) {
+                    tracing::error!("cannot record that RELEASED goes out: {e}");
+                }
+            }
+        }
+        loop {
+            let end = match self.send_control(&ControlMsg::Released) {
+                Ok(()) => self.release_end(Duration::from_secs(2)),
+                Err(e) => Err(format!("sending RELEASED: {e}")),
+            };
+            let e = match end {
+                Ok(None) => {
+                    if let Some(c) = &self.checkpoints {
+                        c.close();
+                    }
+                    return Ok(());
+                }
+                Ok(Some(why)) => {
+                    self.stop_connection(&mut background);
+                    let why = format!("the target stopped its guest before it let go: {why}");
+                    return Err(self.take_back(vm, why, state));
+                }
+                Err(e) => e,
+            };
+            tracing::warn!("post-copy: RELEASED unconfirmed ({e}); reconnecting");
+            self.stop_connection(&mut background);
+            match self.resume_postcopy(reconnect, pending, wire_bytes, true) {
+                // It still waits: say it again on the new connection.
+                Ok((_, server)) => server.stop(),
+                Err(PushEnd::Concluded(c)) => {
+                    return self.concluded(vm, c, true, state).map(|_| ());
+                }
+                Err(e2) => {
+                    return Err(MigrationError::PostcopyBroken(format!(
+                        "every page reached the target, but whether it heard RELEASED is \
+                         unknown ({e}; {}); the VM stays paused here: `ferry migrate --resume` \
+                         asks the target again",
+                        e2.message()
+                    )))
+                }
+            }
+        }
+    }
+
+    /// After RELEASED: `Ok(None)` when the target closed its side cleanly
+    /// (it read RELEASED), `Ok(Some(why))` when it said FENCED, `Err` when
+    /// the connection failed or stayed silent for `limit`.
+    fn release_end(&self, limit: Duration) -> Result<Option<String>, String> {
+        let events = self.events.as_ref().ok_or("no control stream")?;
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match events.recv_timeout(left) {
+                Ok(Event::Closed) => return Ok(None),
+                Ok(Event::Fenced(r)) => return Ok(Some(r)),
+                Ok(Event::Failed(e) | Event::Aborted(e)) => return Err(e),
+                Ok(Event::Control(_) | Event::Stale(_)) => {}
+                Err(_) => return Err(format!("no word from the target within {limit:?}")),
+            }
+        }
+    }
+
     /// The checkpoint interval the target is asked for: none when this VM
     /// cannot roll back to one.
     fn checkpoint_ms(&self) -> u64 {
@@ -1244,7 +1341,7 @@ impl<'a> Migration<'a> {
             let left = deadline.saturating_duration_since(Instant::now());
             match events.recv_timeout(left) {
                 Ok(Event::Fenced(r)) => return Some(r),
-                Ok(Event::Failed(_) | Event::Aborted(_)) | Err(_) => return None,
+                Ok(Event::Failed(_) | Event::Aborted(_) | Event::Closed) | Err(_) => return None,
                 Ok(Event::Control(_) | Event::Stale(_)) => {}
             }
         }
@@ -1442,6 +1539,7 @@ impl<'a> Migration<'a> {
                 }
                 Ok(Event::Fenced(r)) => return Err(PushEnd::Fenced(r)),
                 Ok(Event::Failed(e)) => return Err(broke("control stream", e)),
+                Ok(Event::Closed) => return Err(broke("control stream", CLOSED.into())),
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
                     return Err(broke("control stream", "closed".into()))
                 }
@@ -1690,6 +1788,7 @@ impl<'a> Migration<'a> {
         match self.events.as_ref().and_then(|r| r.try_recv().ok()) {
             None => Ok(()),
             Some(Event::Failed(e)) => Err(control_broken("pre-copy", e)),
+            Some(Event::Closed) => Err(control_broken("pre-copy", CLOSED.into())),
             Some(Event::Aborted(e) | Event::Fenced(e)) => Err(MigrationError::PeerAborted(e)),
             Some(Event::Control(m)) => Err(unexpected("pre-copy", Incoming::Control(m))),
             Some(Event::Stale(w)) => Err(unexpected("pre-copy", Incoming::Stale(Words(w)))),
@@ -1920,6 +2019,7 @@ impl<'a> Migration<'a> {
                     return Err(MigrationError::PeerAborted(e))
                 }
                 Ok(Event::Failed(e)) => return Err(control_broken(phase, e)),
+                Ok(Event::Closed) => return Err(control_broken(phase, CLOSED.into())),
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
                     return Err(MigrationError::Transport {
                         phase,
@@ -2187,6 +2287,10 @@ fn spawn_control_reader(mut reader: ControlReader, acked: Arc<Vec<AtomicU64>>) -
                     if tx.send(Event::Stale(w)).is_err() {
                         return;
                     }
+                }
+                Err(WireError::Transport(ferry_transport::TransportError::Closed { .. })) => {
+                    let _ = tx.send(Event::Closed);
+                    return;
                 }
                 Err(e) => {
                     let _ = tx.send(Event::Failed(e.to_string()));

@@ -15,11 +15,6 @@ use crate::postcopy::checkpoint::SourceCheckpoints;
 use crate::wire::{self, Conclusion, Mode};
 use crate::{Cancel, GuestMem, Key, Metrics, MigrationError, SourceVm, VmState};
 
-/// How long a restarted source asks a silent target how a pre-copy switch
-/// ended. The VM stays paused meanwhile (resuming it could run it twice),
-/// and after it, until the operator decides.
-const INQUIRY_MAX: Duration = Duration::from_secs(600);
-
 /// Finishes migration `rec` of the paused VM `vm`, whose daemon died after
 /// recording the hand-off (and `checkpoint`, the last checkpoint it
 /// recorded), as the daemon would have:
@@ -33,7 +28,8 @@ const INQUIRY_MAX: Duration = Duration::from_secs(600);
 ///   there), or take it back.
 ///
 /// A target that never answers leaves a pre-copy VM paused with
-/// [`MigrationError::CommitUnknown`] after [`INQUIRY_MAX`] (or a cancel).
+/// [`MigrationError::CommitUnknown`] after `cfg.inquiry_max` (or a cancel):
+/// resuming it could run it twice.
 /// `cfg` gives the timeouts; the record gives everything else.
 #[allow(clippy::too_many_arguments)]
 pub fn recover_out(
@@ -92,6 +88,8 @@ pub fn recover_out(
         Some(checkpoints),
     );
     m.rollback_ok = vm.can_rollback();
+    m.released = rec.released;
+    *m.hand_off.lock().unwrap_or_else(|p| p.into_inner()) = Some(rec.clone());
     m.paused = true;
     m.commit_sent = true;
     let r = Reconnect {
@@ -178,7 +176,7 @@ impl Migration<'_> {
             };
             let mut ignored = 0;
             self.stop_connection(&mut ignored);
-            if start.elapsed() >= INQUIRY_MAX {
+            if start.elapsed() >= self.cfg.inquiry_max {
                 break e;
             }
             tracing::info!(

@@ -32,6 +32,12 @@
 //!   the bytes already queued in its direction, then `ConnectionReset`.
 //! - [`Fault::FlipBit`]: the byte at stream offset `offset` arrives with one
 //!   bit flipped, as a link corrupting data past the TCP checksum would do.
+//! - [`Fault::Drop`], [`Fault::Duplicate`], [`Fault::Reorder`]: bytes lost,
+//!   a send delivered twice, a send delivered after the next one; what a
+//!   reliable stream never does, but what a protocol must detect (and what
+//!   a broken middlebox or a bug in a transport would do).
+//! - [`Fault::Stall`]: the link goes silent for a while after a byte, then
+//!   delivers everything: a delay, or a partition that heals.
 //!
 //! [`InProcTransport::cut`] and [`InProcTransport::cut_all`] break live
 //! connections on demand, with the same effect as a `CutAfter` firing now.
@@ -106,12 +112,60 @@ pub enum Fault {
         /// Which bit of that byte, 0..8.
         bit: u8,
     },
+    /// Bytes `offset..offset + len` of the stream are lost: the reader gets
+    /// the bytes before them, then the ones after.
+    Drop {
+        /// Which connection.
+        conn: ConnIndex,
+        /// Which direction's stream.
+        dir: Dir,
+        /// Offset of the first lost byte.
+        offset: u64,
+        /// How many are lost.
+        len: u64,
+    },
+    /// The send that carries byte `offset` arrives twice in a row.
+    Duplicate {
+        /// Which connection.
+        conn: ConnIndex,
+        /// Which direction's stream.
+        dir: Dir,
+        /// A byte of the send.
+        offset: u64,
+    },
+    /// The send that carries byte `offset` arrives after the next send (or
+    /// never, if no send follows).
+    Reorder {
+        /// Which connection.
+        conn: ConnIndex,
+        /// Which direction's stream.
+        dir: Dir,
+        /// A byte of the send.
+        offset: u64,
+    },
+    /// Once byte `offset` is sent, the reader gets nothing for `for_ms`
+    /// (a link that goes silent for a while, then delivers everything).
+    Stall {
+        /// Which connection.
+        conn: ConnIndex,
+        /// Which direction's stream.
+        dir: Dir,
+        /// The byte after which the link goes silent.
+        offset: u64,
+        /// For how long, ms.
+        for_ms: u64,
+    },
 }
 
 impl Fault {
     fn conn(&self) -> ConnIndex {
         match *self {
-            Fault::CutAfter { conn, .. } | Fault::FlipBit { conn, .. } => conn,
+            Fault::CutAfter { conn, .. }
+            | Fault::FlipBit { conn, .. }
+            | Fault::Drop { conn, .. }
+            | Fault::Duplicate { conn, .. }
+            | Fault::Reorder { conn, .. }
+            | Fault::Stall { conn, .. } => conn,
         }
     }
 }

@@ -42,6 +42,41 @@ impl Link {
                         .unwrap_or_else(PoisonError::into_inner);
                     st.flips.push((offset, 1u8 << bit));
                 }
+                Fault::Drop {
+                    dir, offset, len, ..
+                } => {
+                    let st = pipes[dir.pipe()]
+                        .state
+                        .get_mut()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    st.drops.push((offset, offset.saturating_add(len)));
+                }
+                Fault::Duplicate { dir, offset, .. } => {
+                    let st = pipes[dir.pipe()]
+                        .state
+                        .get_mut()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    st.dups.push(offset);
+                }
+                Fault::Reorder { dir, offset, .. } => {
+                    let st = pipes[dir.pipe()]
+                        .state
+                        .get_mut()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    st.reorders.push(offset);
+                }
+                Fault::Stall {
+                    dir,
+                    offset,
+                    for_ms,
+                    ..
+                } => {
+                    let st = pipes[dir.pipe()]
+                        .state
+                        .get_mut()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    st.stalls.push((offset, Duration::from_millis(for_ms)));
+                }
             }
         }
         Self { index, pipes }
@@ -81,6 +116,19 @@ pub(super) struct PipeState {
     cut_after: Option<u64>,
     /// (stream offset, xor mask).
     flips: Vec<(u64, u8)>,
+    /// Stream ranges [start, end) never delivered.
+    drops: Vec<(u64, u64)>,
+    /// The send carrying one of these offsets is delivered twice.
+    dups: Vec<u64>,
+    /// The send carrying one of these offsets is delivered after the next.
+    reorders: Vec<u64>,
+    /// A send held back by a reorder, delivered after the next send.
+    held: Option<Vec<u8>>,
+    /// (stream offset, how long): once the offset is sent, the reader gets
+    /// nothing more for that long.
+    stalls: Vec<(u64, Duration)>,
+    /// The reader gets nothing before this.
+    stalled_until: Option<Instant>,
 }
 
 /// Where a send's bytes come from.
@@ -189,6 +237,12 @@ impl Pipe {
                 cut: false,
                 cut_after: None,
                 flips: Vec::new(),
+                drops: Vec::new(),
+                dups: Vec::new(),
+                reorders: Vec::new(),
+                held: None,
+                stalls: Vec::new(),
+                stalled_until: None,
             }),
             changed: Condvar::new(),
         }
@@ -196,18 +250,72 @@ impl Pipe {
 
     /// Writes all of `src`, blocking while the pipe is full. The deadline is
     /// per wait: it restarts whenever bytes move, as `SO_SNDTIMEO` does.
+    /// The plan's drops, duplicates, reorders and stalls apply here.
     pub(super) fn write(
         &self,
         link: &Link,
         src: Src<'_, '_>,
         timeout: Option<Duration>,
     ) -> io::Result<()> {
+        let st = lock(&self.state);
+        let (start, total) = (st.carried, src.len() as u64);
+        let hit = |o: &u64| (start..start + total).contains(o);
+        let dup = st.dups.iter().any(hit);
+        let reorder = st.reorders.iter().any(hit);
+        // A planned cut fired here; the other direction is cut once `st` is released.
+        let mut fired = false;
+        let (st, result) = if reorder && !st.cut {
+            // Held back whole, as a segment that arrives late; the stream
+            // offset moves on as if it went.
+            let mut st = st;
+            let mut bytes = vec![0u8; src.len()];
+            src.copy_to(0, &mut bytes)?;
+            let earlier = st.held.replace(bytes);
+            st.carried += total;
+            match earlier {
+                Some(b) => self.put(link, st, Src::Bytes(&b), timeout, false, &mut fired),
+                None => (st, Ok(())),
+            }
+        } else {
+            let copy = dup.then(|| {
+                let mut bytes = vec![0u8; src.len()];
+                src.copy_to(0, &mut bytes).map(|()| bytes)
+            });
+            let (mut st, mut r) = self.put(link, st, src, timeout, true, &mut fired);
+            if let (Ok(()), Some(copy)) = (&r, copy) {
+                let copy = copy?;
+                (st, r) = self.put(link, st, Src::Bytes(&copy), timeout, false, &mut fired);
+            }
+            // A send held back by a reorder goes after this one.
+            if r.is_ok() {
+                if let Some(held) = st.held.take() {
+                    (st, r) = self.put(link, st, Src::Bytes(&held), timeout, false, &mut fired);
+                }
+            }
+            (st, r)
+        };
+        drop(st);
+        if fired {
+            link.cut();
+        }
+        result
+    }
+
+    /// Puts `src` into the ring. `counted`: these are the stream's next
+    /// bytes (offsets advance, and the plan's cuts, flips, drops and stalls
+    /// apply); otherwise a duplicate or late copy of bytes already counted.
+    fn put<'m>(
+        &'m self,
+        link: &Link,
+        mut st: MutexGuard<'m, PipeState>,
+        src: Src<'_, '_>,
+        timeout: Option<Duration>,
+        counted: bool,
+        fired: &mut bool,
+    ) -> (MutexGuard<'m, PipeState>, io::Result<()>) {
         let total = src.len();
         let mut done = 0;
         let mut deadline = timeout.map(|t| Instant::now() + t);
-        let mut st = lock(&self.state);
-        // A planned cut fired here; the other direction is cut once `st` is released.
-        let mut fired = false;
         let result = loop {
             if done == total {
                 break Ok(());
@@ -218,54 +326,81 @@ impl Pipe {
             if st.writer_closed || st.reader_closed {
                 break Err(io::Error::new(ErrorKind::BrokenPipe, "inproc peer closed"));
             }
-            if st.cut_after.is_some_and(|limit| st.carried >= limit) {
+            if counted && st.cut_after.is_some_and(|limit| st.carried >= limit) {
                 st.cut = true;
-                fired = true;
+                *fired = true;
                 self.changed.notify_all();
                 continue;
+            }
+            // Dropped bytes: the stream offset moves, nothing is queued.
+            if counted {
+                let at = st.carried;
+                if let Some(&(_, end)) = st.drops.iter().find(|(a, b)| (*a..*b).contains(&at)) {
+                    let skip = usize::try_from(end - at)
+                        .unwrap_or(usize::MAX)
+                        .min(total - done);
+                    st.carried += skip as u64;
+                    done += skip;
+                    continue;
+                }
             }
             let cap = st.ring.len();
             let space = cap - st.len;
             if space == 0 {
-                st = wait_until(&self.changed, st, deadline)?;
+                st = match wait_until(&self.changed, st, deadline) {
+                    Ok(st) => st,
+                    Err(e) => return (lock(&self.state), Err(e)),
+                };
                 continue;
             }
             let mut n = space.min(total - done);
-            if let Some(limit) = st.cut_after {
-                // limit > carried here, checked above.
-                n = n.min(usize::try_from(limit - st.carried).unwrap_or(usize::MAX));
+            if counted {
+                let at = st.carried;
+                if let Some(limit) = st.cut_after {
+                    // limit > carried here, checked above.
+                    n = n.min(usize::try_from(limit - at).unwrap_or(usize::MAX));
+                }
+                // Stop short of the next dropped range.
+                if let Some(next) = st.drops.iter().map(|(a, _)| *a).filter(|&a| a > at).min() {
+                    n = n.min(usize::try_from(next - at).unwrap_or(usize::MAX));
+                }
             }
             let tail = (st.head + st.len) % cap;
             let first = n.min(cap - tail);
-            src.copy_to(done, &mut st.ring[tail..tail + first])?;
-            src.copy_to(done + first, &mut st.ring[..n - first])?;
-            let start = st.carried;
-            let end = start + n as u64;
-            let PipeState { ring, flips, .. } = &mut *st;
-            for &(offset, mask) in flips.iter() {
-                if (start..end).contains(&offset) {
-                    // In range, so the difference is below n: it fits a usize.
-                    let at = (tail + (offset - start) as usize) % cap;
-                    ring[at] ^= mask;
+            if let Err(e) = src
+                .copy_to(done, &mut st.ring[tail..tail + first])
+                .and_then(|()| src.copy_to(done + first, &mut st.ring[..n - first]))
+            {
+                break Err(e);
+            }
+            if counted {
+                let start = st.carried;
+                let end = start + n as u64;
+                let PipeState { ring, flips, .. } = &mut *st;
+                for &(offset, mask) in flips.iter() {
+                    if (start..end).contains(&offset) {
+                        // In range, so the difference is below n: it fits a usize.
+                        let at = (tail + (offset - start) as usize) % cap;
+                        ring[at] ^= mask;
+                    }
                 }
+                if let Some(&(_, d)) = st.stalls.iter().find(|(o, _)| (start..end).contains(o)) {
+                    st.stalled_until = Some(Instant::now() + d);
+                }
+                st.carried = end;
             }
             st.len += n;
-            st.carried = end;
             done += n;
             deadline = timeout.map(|t| Instant::now() + t);
             // Cut as soon as the planned byte count is reached, so a reader
             // waiting for more sees the reset rather than a silent stall.
-            if st.cut_after.is_some_and(|limit| st.carried >= limit) {
+            if counted && st.cut_after.is_some_and(|limit| st.carried >= limit) {
                 st.cut = true;
-                fired = true;
+                *fired = true;
             }
             self.changed.notify_all();
         };
-        drop(st);
-        if fired {
-            link.cut();
-        }
-        result
+        (st, result)
     }
 
     /// Fills `dst`, blocking while the pipe is empty; deadline per wait.
@@ -282,6 +417,19 @@ impl Pipe {
         while done < want {
             if st.reader_closed {
                 return Err(RecvEnd::Eof(done));
+            }
+            // A stall: nothing arrives before its end (a slow or silent
+            // link), but a cut still shows.
+            if let Some(until) = st.stalled_until.filter(|&u| u > Instant::now() && !st.cut) {
+                let d = match deadline {
+                    Some(d) if d < until => Some(d),
+                    _ => Some(until),
+                };
+                st = wait_until(&self.changed, st, d).map_err(RecvEnd::Err)?;
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Err(RecvEnd::Err(io::Error::from(ErrorKind::TimedOut)));
+                }
+                continue;
             }
             if st.len > 0 {
                 let cap = st.ring.len();
