@@ -232,12 +232,11 @@ fn register_source(
     let (mem_bytes, vcpus) = (spec.mem_bytes(), spec.vcpus);
     // A VM registering again may have a hand-off its old ferryd recorded.
     let found = reattach.and_then(|_| lock(&d.handoffs).remove(&name));
-    let paused = reattach == Some(true);
-    let (state, epoch) = match &found {
-        Some(f) => (paused, f.hand_off.epoch.saturating_sub(1)),
-        None => (paused, 0),
-    };
-    let state = if state {
+    // Its epoch before the hand-off, when one was recorded (else unknown: 0).
+    let epoch = found
+        .as_ref()
+        .map_or(0, |f| f.hand_off.epoch.saturating_sub(1));
+    let state = if reattach == Some(true) {
         crate::vms::VmState::Paused
     } else {
         crate::vms::VmState::Running

@@ -463,10 +463,12 @@ impl Ended<'_> {
                 }
             }
         };
+        self.d.vms.migration_done(vm, self.vm_id, done);
+        // After the VM is back: a crash in between leaves a stale record,
+        // which a restarted ferryd drops when the VM registers running.
         if !unknown {
             self.d.journal.remove(&id);
         }
-        self.d.vms.migration_done(vm, self.vm_id, done);
     }
 
     fn mark_unknown(&self, error: String) {

@@ -382,12 +382,17 @@ impl World {
     /// migration code: its VMM process, `ferry vm list`, its progress counter.
     fn assert_runs_on_source(&mut self) {
         assert!(self.source_vmm_alive(), "the source VMM died");
-        let listed = vm_list(&self.src);
-        let v = listed
-            .iter()
-            .find(|v| v.name == VM)
-            .unwrap_or_else(|| panic!("{VM} not listed on the source: {listed:?}"));
-        assert_eq!(v.state, VmState::Running, "{v:?}");
+        // The migration's end shows a moment before its VM is back.
+        wait_for(
+            common::DEADLINE,
+            || vm(&self.src, VM).filter(|v| v.state == VmState::Running),
+            || {
+                format!(
+                    "{VM} is not running on the source: {:?}",
+                    vm_list(&self.src)
+                )
+            },
+        );
         assert_progresses(&self.src);
         assert!(self.source_vmm_alive(), "the source VMM died");
     }

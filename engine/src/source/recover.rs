@@ -100,8 +100,8 @@ pub fn recover_out(
         session,
     };
     let result = if rec.postcopy {
-        // Pages the target holds were never known here: it says which it
-        // lacks, and only stale pages can be missing.
+        // Which pages were stale at the switch died with the old daemon:
+        // the target says which it lacks, and any page may be among them.
         let all = DirtyBitmap::full(m.mem.pages());
         let state = VmState {
             blob: Vec::new(),
