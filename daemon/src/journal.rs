@@ -85,12 +85,11 @@ impl FileJournal {
         }
     }
 
-    /// The hand-off of migration `session`, if one is recorded.
+    /// The hand-off of migration `session`, if one is recorded (and
+    /// readable).
     pub fn find(&self, session: &str) -> Option<Found> {
-        self.path(session, "json").ok()?;
-        self.load()
-            .into_values()
-            .find(|f| f.hand_off.session == session)
+        self.read(&self.path(session, "json").ok()?)
+            .filter(|f| f.hand_off.session == session)
     }
 
     /// Every hand-off recorded, by VM name. A file that cannot be read is
@@ -110,35 +109,12 @@ impl FileJournal {
             if path.extension().and_then(|e| e.to_str()) != Some("json") {
                 continue;
             }
-            let read = std::fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<HandOff>(&b).map_err(|e| e.to_string()));
-            let hand_off = match read {
-                Ok(h) => h,
-                Err(e) => {
-                    tracing::error!("hand-off record {} is unusable: {e}", path.display());
-                    continue;
-                }
-            };
-            let ckpt_path = path.with_extension("ckpt");
-            let checkpoint = match std::fs::read(&ckpt_path) {
-                Ok(b) => match serde_json::from_slice::<CheckpointRecord>(&b) {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        // Without it a take-back would go to the wrong state.
-                        tracing::error!(
-                            "checkpoint record {} is unusable ({e}); migration {} is left to the operator",
-                            ckpt_path.display(),
-                            hand_off.session
-                        );
-                        continue;
-                    }
-                },
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                Err(e) => {
-                    tracing::error!("cannot read {}: {e}", ckpt_path.display());
-                    continue;
-                }
+            let Some(Found {
+                hand_off,
+                checkpoint,
+            }) = self.read(&path)
+            else {
+                continue;
             };
             tracing::info!(
                 "hand-off of VM {} to {} recorded (migration {}, epoch {}, {})",
@@ -167,6 +143,47 @@ impl FileJournal {
             }
         }
         found
+    }
+}
+
+impl FileJournal {
+    /// The hand-off record at `path` with its checkpoint; `None`, logged,
+    /// when either cannot be read (the files stay for the operator).
+    fn read(&self, path: &Path) -> Option<Found> {
+        let read = std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<HandOff>(&b).map_err(|e| e.to_string()));
+        let hand_off = match read {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!("hand-off record {} is unusable: {e}", path.display());
+                return None;
+            }
+        };
+        let ckpt_path = path.with_extension("ckpt");
+        let checkpoint = match std::fs::read(&ckpt_path) {
+            Ok(b) => match serde_json::from_slice::<CheckpointRecord>(&b) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    // Without it a take-back would go to the wrong state.
+                    tracing::error!(
+                        "checkpoint record {} is unusable ({e}); migration {} is left to the operator",
+                        ckpt_path.display(),
+                        hand_off.session
+                    );
+                    return None;
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                tracing::error!("cannot read {}: {e}", ckpt_path.display());
+                return None;
+            }
+        };
+        Some(Found {
+            hand_off,
+            checkpoint,
+        })
     }
 }
 

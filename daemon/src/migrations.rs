@@ -509,45 +509,43 @@ pub fn reattached(d: &Arc<Daemon>, name: &str, paused: bool, found: Option<Found
 /// A running VM registered again may still log dirty pages for a
 /// migration that died with the old ferryd: stop that.
 fn stop_logging(d: &Arc<Daemon>, name: &str) {
-    let Ok(lent) = d.vms.take(name, "reattach", TAKE_WAIT, false) else {
-        return;
-    };
-    let mut link = lent.link;
-    if let Err(e) = ferry_engine::SourceVm::stop_dirty_log(&mut link) {
-        tracing::warn!("VM {name}: cannot stop its dirty log: {e}");
-    }
-    d.vms.migration_done(
-        name,
-        &lent.id,
-        Done::Back {
-            link,
-            paused: false,
-            epoch: None,
-        },
-    );
+    with_vmm(d, name, false, |link| {
+        if let Err(e) = ferry_engine::SourceVm::stop_dirty_log(link) {
+            tracing::warn!("VM {name}: cannot stop its dirty log: {e}");
+        }
+        false
+    });
 }
 
 /// A paused VM with no hand-off record: whatever paused it never sent
 /// COMMIT, so the VM is this host's. Runs it again.
 fn resume_orphan(d: &Arc<Daemon>, name: &str) {
-    let lent = match d.vms.take(name, "resume", TAKE_WAIT, true) {
+    with_vmm(d, name, true, |link| {
+        match ferry_engine::SourceVm::resume(link) {
+            Ok(()) => {
+                tracing::warn!(
+                    "VM {name} came back paused with no hand-off recorded (its migration never \
+                 reached COMMIT): resumed here"
+                );
+                false
+            }
+            Err(e) => {
+                tracing::error!("VM {name} came back paused and cannot be resumed: {e}");
+                true
+            }
+        }
+    });
+}
+
+/// Takes VM `name`'s link (also when paused, with `paused_ok`), runs `f`
+/// on it, and puts the VM back, paused if `f` says so.
+fn with_vmm(d: &Arc<Daemon>, name: &str, paused_ok: bool, f: impl FnOnce(&mut LinkVm) -> bool) {
+    let lent = match d.vms.take(name, "reattach", TAKE_WAIT, paused_ok) {
         Ok(l) => l,
-        Err(e) => return tracing::error!("VM {name} stays paused: {e}"),
+        Err(e) => return tracing::error!("VM {name}: {e}"),
     };
     let mut link = lent.link;
-    let paused = match ferry_engine::SourceVm::resume(&mut link) {
-        Ok(()) => {
-            tracing::warn!(
-                "VM {name} came back paused with no hand-off recorded (its migration never \
-                 reached COMMIT): resumed here"
-            );
-            false
-        }
-        Err(e) => {
-            tracing::error!("VM {name} came back paused and cannot be resumed: {e}");
-            true
-        }
-    };
+    let paused = f(&mut link);
     d.vms.migration_done(
         name,
         &lent.id,
@@ -661,12 +659,11 @@ fn start_recovery(d: &Arc<Daemon>, name: &str, f: Found) {
                 return;
             }
         };
-        let mut cfg = SourceConfig {
+        let cfg = SourceConfig {
             journal: Some(d.journal.clone()),
             placement: d.cfg.placement.clone(),
             ..SourceConfig::default()
         };
-        cfg.session = None;
         let Lent {
             id: vm_id,
             mem,
