@@ -43,6 +43,7 @@
 //! used when shorter than the delta; see [`decode_delta`](crate::decode_delta).
 
 mod cache;
+pub mod fingerprint;
 mod scan;
 
 pub use cache::{DeltaCache, DeltaOutcome, DeltaStats};

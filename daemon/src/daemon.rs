@@ -180,7 +180,9 @@ pub fn start(cfg: Config, transport: Arc<dyn Transport>) -> Result<Running, Daem
         shutdown: AtomicBool::new(false),
         reserve: (cfg.reserve_mib > 0)
             .then(|| ferry_engine::memory::Reserve::new(cfg.reserve_mib << 20)),
-        resumes: ferry_engine::target::Resumes::new(),
+        resumes: ferry_engine::target::Resumes::with_store(Box::new(
+            crate::concluded::FileConclusions::open(&cfg.state_dir),
+        )),
         journal: Arc::new(journal),
         handoffs: std::sync::Mutex::new(handoffs),
         cfg,

@@ -30,6 +30,7 @@
 pub mod api;
 pub mod cli;
 pub mod client;
+pub mod concluded;
 pub mod config;
 pub mod daemon;
 pub mod http;

@@ -191,8 +191,17 @@ pub struct XorStats {
     pub bytes: u64,
     /// Re-sent pages found in the cache.
     pub cache_hits: u64,
-    /// Re-sent pages not in the cache (sent lz4 or raw, then cached).
+    /// Re-sent pages not in the cache (sent as a patch, lz4 or raw, then
+    /// cached).
     pub cache_misses: u64,
+    /// Misses sent as a patch of their changed 256-byte chunks, found by
+    /// the chunk fingerprints of the version the target holds (counted in
+    /// `pages` and `bytes` too).
+    #[serde(default)]
+    pub patches: u64,
+    /// Their payload bytes.
+    #[serde(default)]
+    pub patch_bytes: u64,
     /// Hits whose delta did not pay (sent lz4 or raw).
     pub overflows: u64,
     /// Pages evicted from the cache.
@@ -303,6 +312,10 @@ pub struct XorCounters {
     pub cache_hits: AtomicU64,
     /// Cache misses.
     pub cache_misses: AtomicU64,
+    /// Misses sent as fingerprint patches.
+    pub patches: AtomicU64,
+    /// Their payload bytes.
+    pub patch_bytes: AtomicU64,
     /// Deltas that did not pay.
     pub overflows: AtomicU64,
     /// Evictions.
@@ -371,6 +384,8 @@ impl Metrics {
             bytes: x.bytes.load(Relaxed),
             cache_hits: x.cache_hits.load(Relaxed),
             cache_misses: x.cache_misses.load(Relaxed),
+            patches: x.patches.load(Relaxed),
+            patch_bytes: x.patch_bytes.load(Relaxed),
             overflows: x.overflows.load(Relaxed),
             evictions: x.evictions.load(Relaxed),
         };
@@ -452,12 +467,14 @@ impl std::fmt::Display for Snapshot {
             let x = &self.xor;
             writeln!(
                 f,
-                "  xor-delta:         {} pages ({} KiB), cache {} MiB: {} hits, {} misses, {} overflows",
+                "  xor-delta:         {} pages ({} KiB), cache {} MiB: {} hits, {} misses \
+                 ({} patched from fingerprints), {} overflows",
                 x.pages,
                 x.bytes >> 10,
                 x.cache_bytes >> 20,
                 x.cache_hits,
                 x.cache_misses,
+                x.patches,
                 x.overflows
             )?;
         }

@@ -696,6 +696,45 @@ fn xor_delta_moves_rewritten_pages_as_small_deltas_and_keeps_every_write() {
 }
 
 #[test]
+fn with_an_eighth_of_the_guest_first_resends_are_fingerprint_patches() {
+    let t = InProcTransport::new();
+    let k = Key::generate().unwrap();
+    // The same capped link and uniform writes, with the default share of
+    // memory (1/8): too small to keep a copy of every bulk page, but room for
+    // the fingerprints of all of them, so a page rewritten once after its
+    // bulk send goes again as a patch of its changed chunk.
+    let mut c = cfg(3);
+    c.bandwidth_mib_s = Some(64);
+    c.downtime_ms = 30;
+    c.policy = ferry_engine::policy::PolicyKind::Baseline;
+    c.xor_cache_bytes = Some(8 << 20);
+    let r = migrate_pattern(
+        &t,
+        64,
+        (2_000, 0, true),
+        c,
+        (k.clone(), k),
+        Cancel::new(),
+        Duration::ZERO,
+        Cancel::new(),
+        None,
+    );
+    assert!(r.result.is_ok(), "{:?}", r.result);
+    check_invariant(&r);
+    let s = &r.snapshot;
+    assert!(s.iterations >= 2, "{s:?}");
+    assert!(s.xor.patches > 0, "{:?}", s.xor);
+    // One changed line: a 256-byte chunk and its record, not 4 KiB.
+    assert!(
+        s.resent_pages > 0 && s.resent_bytes * 4 < s.resent_pages * 4096,
+        "re-sent {} pages in {} bytes; {:?}",
+        s.resent_pages,
+        s.resent_bytes,
+        s.xor
+    );
+}
+
+#[test]
 fn with_a_cache_as_large_as_the_guest_every_first_resend_is_a_delta() {
     let t = InProcTransport::new();
     let k = Key::generate().unwrap();

@@ -367,13 +367,15 @@ impl fmt::Display for BenchResult {
         if *x != ferry_engine::metrics::XorStats::default() {
             writeln!(
                 f,
-                "  xor-delta       {} pages ({} KiB) from a {} MiB cache: {} hits, {} misses, \
-                 {} overflows, {} evictions",
+                "  xor-delta       {} pages ({} KiB) from a {} MiB cache: {} hits, {} misses \
+                 ({} patched from fingerprints, {} KiB), {} overflows, {} evictions",
                 x.pages,
                 x.bytes >> 10,
                 x.cache_bytes / MIB,
                 x.cache_hits,
                 x.cache_misses,
+                x.patches,
+                x.patch_bytes >> 10,
                 x.overflows,
                 x.evictions
             )?;

@@ -48,6 +48,7 @@ use std::ops::AddAssign;
 use lz4_flex::block::{compress_into_with_table, get_maximum_output_size, CompressTable};
 use serde::{Deserialize, Serialize};
 
+use super::fingerprint::Fingerprints;
 use super::{xor_decode, xor_encode};
 use crate::{Codec, PAGE_SIZE, PAYLOAD_BYTES_MAX};
 
@@ -84,7 +85,8 @@ pub enum DeltaOutcome {
         /// Bytes appended to `out`.
         len: usize,
     },
-    /// The page was not cached (now it is); `out` is unchanged.
+    /// The page was not cached (now it is) and had no fingerprints that
+    /// made a patch that fits; `out` is unchanged.
     Miss,
     /// The page was cached, but neither the delta nor its LZ4 fits the
     /// limit; `out` is unchanged.
@@ -94,8 +96,8 @@ pub enum DeltaOutcome {
 /// Counters of one [`DeltaCache`], QEMU XBZRLE style; add them up across
 /// encoders with `+=`.
 ///
-/// `hits = pages + overflows`, and `hits + misses` is the number of
-/// [`DeltaCache::encode`] calls.
+/// `hits + patches = pages + overflows`, and `hits + misses` is the number
+/// of [`DeltaCache::encode`] calls.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeltaStats {
     /// Pages encoded as a delta ([`DeltaOutcome::Delta`]).
@@ -106,6 +108,13 @@ pub struct DeltaStats {
     pub hits: u64,
     /// Encodes that did not find the page cached.
     pub misses: u64,
+    /// Misses encoded as a patch from the page's fingerprints (counted in
+    /// `pages` and `bytes` too).
+    #[serde(default)]
+    pub patches: u64,
+    /// Their payload bytes.
+    #[serde(default)]
+    pub patch_bytes: u64,
     /// Hits whose delta did not fit the limit.
     pub overflows: u64,
     /// Cached pages replaced by another page.
@@ -120,6 +129,8 @@ impl AddAssign for DeltaStats {
         self.bytes += other.bytes;
         self.hits += other.hits;
         self.misses += other.misses;
+        self.patches += other.patches;
+        self.patch_bytes += other.patch_bytes;
         self.overflows += other.overflows;
         self.evictions += other.evictions;
         self.cache_bytes += other.cache_bytes;
@@ -158,6 +169,10 @@ pub struct DeltaCache {
     reuse_mean16: u64,
     /// Rule 2 of the eviction policy; off only in tests, to compare with LRU.
     adaptive: bool,
+    /// The second base, for pages not cached (see [`with_fingerprints`]).
+    ///
+    /// [`with_fingerprints`]: DeltaCache::with_fingerprints
+    fingerprints: Option<Fingerprints>,
     stats: DeltaStats,
 }
 
@@ -220,6 +235,7 @@ impl DeltaCache {
             clock: 0,
             reuse_mean16: 0,
             adaptive: true,
+            fingerprints: None,
             stats: DeltaStats {
                 cache_bytes: (sets * ways * PAGE_SIZE) as u64,
                 ..Default::default()
@@ -227,9 +243,30 @@ impl DeltaCache {
         }
     }
 
+    /// Also keeps the chunk fingerprints of pages `0..pages` (see
+    /// [`fingerprint`](super::fingerprint)), so that a page not cached is
+    /// still encoded as a patch of its changed chunks; they take up to
+    /// [`fingerprint_bytes`](Self::fingerprint_bytes)`(pages)` besides the
+    /// capacity. Pages at or above `pages` have none.
+    pub fn with_fingerprints(mut self, pages: u64) -> Self {
+        self.fingerprints = (pages > 0).then(|| Fingerprints::new(pages));
+        self
+    }
+
+    /// Memory the fingerprints of `pages` pages take at most.
+    pub fn fingerprint_bytes(pages: u64) -> u64 {
+        Fingerprints::bytes_for(pages)
+    }
+
     /// Capacity in bytes, after rounding.
     pub fn capacity_bytes(&self) -> usize {
         self.sets * self.ways * PAGE_SIZE
+    }
+
+    /// Whether the cache can ever produce a delta: it has capacity or keeps
+    /// fingerprints.
+    pub fn enabled(&self) -> bool {
+        self.sets > 0 || self.fingerprints.is_some()
     }
 
     /// Encodes page `pfn`, whose new content is `new`, against its cached
@@ -238,8 +275,10 @@ impl DeltaCache {
     /// On a hit, appends the delta to `out` as [`Codec::Xor`], or as
     /// [`Codec::XorLz4`] when LZ4 makes it shorter, if that fits `limit`
     /// bytes (and [`PAYLOAD_BYTES_MAX`]); else returns
-    /// [`DeltaOutcome::Overflow`]. On a miss returns [`DeltaOutcome::Miss`],
-    /// evicting another page if the set is full. `out` is changed only by
+    /// [`DeltaOutcome::Overflow`]. On a miss (evicting another page if the
+    /// set is full), a page with fingerprints is encoded the same way as a
+    /// patch of its changed chunks if that fits; else returns
+    /// [`DeltaOutcome::Miss`]. `out` is changed only by
     /// [`DeltaOutcome::Delta`]. See the type's invariant for what the caller
     /// must send. Does not allocate after the first call, unless `out` must
     /// grow.
@@ -259,7 +298,7 @@ impl DeltaCache {
         assert_ne!(pfn, u64::MAX, "frame number out of range");
         if self.sets == 0 {
             self.stats.misses += 1;
-            return DeltaOutcome::Miss;
+            return self.patch(pfn, new, out, limit);
         }
         self.clock += 1;
         let now = self.clock;
@@ -285,13 +324,16 @@ impl DeltaCache {
             store.stamps[slot] = now;
             store.page_mut(slot).copy_from_slice(new);
             self.stats.misses += 1;
-            return DeltaOutcome::Miss;
+            return self.patch(pfn, new, out, limit);
         };
         let slot = first + way;
         let reuse = now - store.stamps[slot];
         store.stamps[slot] = now;
         self.reuse_mean16 = reuse_mean(self.reuse_mean16, reuse);
         self.stats.hits += 1;
+        if let Some(f) = &mut self.fingerprints {
+            f.record(pfn, new);
+        }
         match delta(store, slot, new, out, limit) {
             Some((codec, len)) => {
                 self.stats.pages += 1;
@@ -305,10 +347,25 @@ impl DeltaCache {
         }
     }
 
-    /// Caches `page` as the version the receiver now holds of `pfn`, when
-    /// it was sent whole (raw or lz4) rather than through
-    /// [`encode`](Self::encode): a first send, which is neither a hit nor a
-    /// miss. Evicts like a miss when the set is full.
+    /// Records the fingerprints of `page` as the version the receiver now
+    /// holds of `pfn`, sent whole (raw or lz4) rather than through
+    /// [`encode`](Self::encode), without caching its content: a first send
+    /// where the content would cost too much. No-op without fingerprints.
+    ///
+    /// # Panics
+    ///
+    /// As [`encode`](Self::encode).
+    pub fn fingerprint(&mut self, pfn: u64, page: &[u8]) {
+        assert_eq!(page.len(), PAGE_SIZE, "fingerprint takes one page");
+        if let Some(f) = &mut self.fingerprints {
+            f.record(pfn, page);
+        }
+    }
+
+    /// Caches `page` (and its fingerprints) as the version the receiver now
+    /// holds of `pfn`, when it was sent whole (raw or lz4) rather than
+    /// through [`encode`](Self::encode): a first send, which is neither a
+    /// hit nor a miss. Evicts like a miss when the set is full.
     ///
     /// # Panics
     ///
@@ -316,6 +373,9 @@ impl DeltaCache {
     pub fn remember(&mut self, pfn: u64, page: &[u8]) {
         assert_eq!(page.len(), PAGE_SIZE, "remember takes one page");
         assert_ne!(pfn, u64::MAX, "frame number out of range");
+        if let Some(f) = &mut self.fingerprints {
+            f.record(pfn, page);
+        }
         if self.sets == 0 {
             return;
         }
@@ -353,6 +413,9 @@ impl DeltaCache {
     /// sent by a path that did not go through [`encode`](Self::encode), so
     /// the receiver no longer holds the cached version.
     pub fn forget(&mut self, pfn: u64) {
+        if let Some(f) = &mut self.fingerprints {
+            f.forget(pfn);
+        }
         if self.sets == 0 || pfn == u64::MAX {
             return;
         }
@@ -365,9 +428,12 @@ impl DeltaCache {
         }
     }
 
-    /// Whether page `pfn` is cached, i.e. the next [`encode`](Self::encode)
-    /// of it would be a hit.
+    /// Whether the next [`encode`](Self::encode) of page `pfn` has a base:
+    /// the page is cached (a hit) or has fingerprints (a patch).
     pub fn contains(&self, pfn: u64) -> bool {
+        if self.fingerprints.as_ref().is_some_and(|f| f.contains(pfn)) {
+            return true;
+        }
         if self.sets == 0 || pfn == u64::MAX {
             return false;
         }
@@ -384,11 +450,41 @@ impl DeltaCache {
             store.tags.fill(0);
             store.stamps.fill(0);
         }
+        if let Some(f) = &mut self.fingerprints {
+            f.clear();
+        }
     }
 
     /// Counters since creation.
     pub fn stats(&self) -> DeltaStats {
         self.stats
+    }
+
+    /// The fingerprint tier of a miss: a patch of `pfn`'s changed chunks,
+    /// LZ4'd when that is shorter, if the page has fingerprints and the
+    /// patch fits `limit`. Records `new`'s fingerprints either way.
+    fn patch(&mut self, pfn: u64, new: &[u8], out: &mut Vec<u8>, limit: usize) -> DeltaOutcome {
+        let Some(f) = &mut self.fingerprints else {
+            return DeltaOutcome::Miss;
+        };
+        let start = out.len();
+        // Up to the payload cap, not `limit`: LZ4 may bring it under.
+        let Some(len) = f.patch(pfn, new, out, PAYLOAD_BYTES_MAX) else {
+            return DeltaOutcome::Miss;
+        };
+        let store = self
+            .store
+            .get_or_insert_with(|| Store::new(self.sets * self.ways));
+        match smaller(store, out, start, len, limit) {
+            Some((codec, len)) => {
+                self.stats.pages += 1;
+                self.stats.bytes += len as u64;
+                self.stats.patches += 1;
+                self.stats.patch_bytes += len as u64;
+                DeltaOutcome::Delta { codec, len }
+            }
+            None => DeltaOutcome::Miss,
+        }
     }
 
     fn set_of(&self, pfn: u64) -> usize {
@@ -469,7 +565,19 @@ fn delta(
         store.page_mut(slot).copy_from_slice(new);
     }
     debug_assert!(store.page_mut(slot) == new);
+    smaller(store, out, start, len, limit)
+}
 
+/// Keeps the delta of `len` bytes at `out[start..]`, or replaces it with its
+/// LZ4 when that is shorter; returns the codec and length, or `None` (with
+/// `out` truncated to `start`) if the result does not fit `limit`.
+fn smaller(
+    store: &mut Store,
+    out: &mut Vec<u8>,
+    start: usize,
+    len: usize,
+    limit: usize,
+) -> Option<(Codec, usize)> {
     let mut best = (Codec::Xor, len);
     if len >= LZ4_TRY_BYTES_MIN {
         let compressed = compress_into_with_table(

@@ -145,8 +145,10 @@ pub struct MigrateArgs {
     /// dirties memory faster than the link carries it, ms [default: 2000].
     #[arg(long, value_name = "MS")]
     pub downtime_max_ms: Option<u64>,
-    /// XOR-delta cache of last-sent pages, MiB; 0 turns XOR-delta off
-    /// [default: 1/8 of guest memory, at least 16 MiB].
+    /// XOR-delta memory, MiB: copies of last-sent pages, and chunk
+    /// fingerprints of every page (1/32 of guest memory) when it is at least
+    /// 1/16 of it; 0 turns XOR-delta off [default: 1/8 of guest memory, at
+    /// least 16 MiB].
     #[arg(long, value_name = "MIB")]
     pub xor_cache_mib: Option<u64>,
     /// For a VM with a disk: in the bulk phase send only the blocks the

@@ -408,6 +408,21 @@ impl Pipeline {
         // evict the hot ones (measured at 1/8: re-sent pages cost 4% more,
         // downtime rose from 49 to 77 ms).
         let keep_first_sends = throttle.is_some() && xor_cache_bytes >= mem.bytes() / 2;
+        // Chunk fingerprints of every page cost 1/32 of guest memory and
+        // give a page the cache does not hold a delta base all the same (a
+        // patch of its changed 256-byte chunks). They come out of the cache's
+        // budget, when it is at least twice their size; under a cap the bulk
+        // round fingerprints what it sends (a copy and a hash per page), so
+        // that even a page's first re-send is a patch.
+        let mem_pages = mem.bytes() / PAGE_SIZE as u64;
+        let fp_bytes = DeltaCache::fingerprint_bytes(mem_pages);
+        let fingerprints = xor_cache_bytes >= 2 * fp_bytes;
+        let content_bytes = if fingerprints {
+            xor_cache_bytes - fp_bytes
+        } else {
+            xor_cache_bytes
+        };
+        let fingerprint_first_sends = throttle.is_some() && fingerprints;
         for (w, rx) in work_rxs.into_iter().enumerate() {
             // This encoder serves streams s (1-based) with (s - 1) % encoders == w.
             let outs: Vec<Option<Sender<Out>>> = out_txs
@@ -442,7 +457,10 @@ impl Pipeline {
                         drop(pool_tx);
                         // Pages are pinned to encoders, so each keeps its
                         // own share of the delta cache, without locks.
-                        let cache = DeltaCache::new((xor_cache_bytes / encoders as u64) as usize);
+                        let mut cache = DeltaCache::new((content_bytes / encoders as u64) as usize);
+                        if fingerprints {
+                            cache = cache.with_fingerprints(mem_pages);
+                        }
                         let stage = EncodeStage {
                             mem: &mem,
                             metrics: &metrics,
@@ -450,6 +468,7 @@ impl Pipeline {
                             recycler,
                             disk_base,
                             keep_first_sends,
+                            fingerprint_first_sends,
                         };
                         if let Err(e) = stage.run(&rx, outs, pool_rx, cache) {
                             failure.fail(e);
@@ -684,6 +703,9 @@ struct EncodeStage<'a> {
     /// Keep a copy of every page's first send in the delta cache (see
     /// `Pipeline::start`).
     keep_first_sends: bool,
+    /// Keep the fingerprints of every page's first send (see
+    /// `Pipeline::start`).
+    fingerprint_first_sends: bool,
 }
 
 impl EncodeStage<'_> {
@@ -699,10 +721,11 @@ impl EncodeStage<'_> {
         let mut stage = vec![0u8; PAGE_SIZE];
         let mut lz = Vec::with_capacity(PAGE_SIZE);
         let mut delta = Vec::with_capacity(PAGE_SIZE);
-        let xor = cache.capacity_bytes() > 0;
+        let xor = cache.enabled();
         // First sends are kept for later deltas only where the link, not
         // the CPU, is the bottleneck: the copy is cheap against a capped link.
         let remember = xor && self.keep_first_sends;
+        let fingerprint = xor && self.fingerprint_first_sends;
         let mut published = DeltaStats::default();
         let out_for = |s: u16| {
             outs[s as usize - 1]
@@ -803,13 +826,16 @@ impl EncodeStage<'_> {
                             zero += 1;
                         } else {
                             let try_lz4 = enc.should_try();
-                            if try_lz4 || remember {
+                            if try_lz4 || remember || fingerprint {
                                 // A first send from a private copy: to try lz4
-                                // on it, or to keep it for a later delta (the
-                                // cache then holds exactly what was sent).
+                                // on it, or to keep it (or its fingerprints)
+                                // for a later delta (the cache then holds
+                                // exactly what was sent).
                                 slice.copy_to(&mut stage[..]);
                                 if remember {
                                     cache.remember(page, &stage);
+                                } else if fingerprint {
+                                    cache.fingerprint(page, &stage);
                                 }
                                 let off = e.payload.len();
                                 if try_lz4 && enc.compress(&stage, &mut lz) == Codec::Lz4 {
@@ -976,6 +1002,8 @@ fn publish(now: &DeltaStats, before: &mut DeltaStats, metrics: &Metrics) {
     add(&x.bytes, now.bytes, before.bytes);
     add(&x.cache_hits, now.hits, before.hits);
     add(&x.cache_misses, now.misses, before.misses);
+    add(&x.patches, now.patches, before.patches);
+    add(&x.patch_bytes, now.patch_bytes, before.patch_bytes);
     add(&x.overflows, now.overflows, before.overflows);
     add(&x.evictions, now.evictions, before.evictions);
     *before = *now;

@@ -197,6 +197,22 @@ impl Acceptor {
 pub struct Resumes {
     waiting: Mutex<HashMap<String, crossbeam_channel::Sender<IncomingSession>>>,
     ended: Mutex<Ended>,
+    /// Where conclusions outlive the process, if anywhere.
+    store: Option<Box<dyn ConclusionStore>>,
+}
+
+/// Where a target keeps how its migrations ended, so that a restarted
+/// daemon still answers a source that asks (RESUME, answered CONCLUDED):
+/// without it, a source whose own daemon died after COMMIT finds the
+/// migration unknown and cannot tell whether the VM runs here.
+pub trait ConclusionStore: Send + Sync + std::fmt::Debug {
+    /// The conclusions recorded so far, oldest first (the last of an id
+    /// wins).
+    fn load(&self) -> Vec<(String, wire::Conclusion)>;
+    /// Records that migration `id` ended with `outcome`, before the source
+    /// can learn it. `kept` is the number of conclusions a reader needs (the
+    /// store may drop older ones).
+    fn record(&self, id: &str, outcome: wire::Conclusion, kept: usize) -> std::io::Result<()>;
 }
 
 /// Migrations running here, and how the last [`CONCLUSIONS_KEPT`] ended.
@@ -210,10 +226,39 @@ struct Ended {
 /// How many ended migrations a target remembers for sources that ask.
 pub const CONCLUSIONS_KEPT: usize = 4096;
 
+impl Ended {
+    /// Keeps `outcome` for `id`, forgetting the oldest beyond
+    /// [`CONCLUSIONS_KEPT`].
+    fn keep(&mut self, id: String, outcome: wire::Conclusion) {
+        if self.concluded.insert(id.clone(), outcome).is_none() {
+            self.order.push_back(id);
+        }
+        while self.order.len() > CONCLUSIONS_KEPT {
+            if let Some(old) = self.order.pop_front() {
+                self.concluded.remove(&old);
+            }
+        }
+    }
+}
+
 impl Resumes {
     /// An empty registry.
     pub fn new() -> Arc<Self> {
         Arc::default()
+    }
+
+    /// A registry that records conclusions in `store` and starts with the
+    /// last [`CONCLUSIONS_KEPT`] it holds.
+    pub fn with_store(store: Box<dyn ConclusionStore>) -> Arc<Self> {
+        let mut ended = Ended::default();
+        for (id, outcome) in store.load() {
+            ended.keep(id, outcome);
+        }
+        Arc::new(Self {
+            waiting: Mutex::default(),
+            ended: Mutex::new(ended),
+            store: Some(store),
+        })
     }
 
     fn lock(
@@ -248,15 +293,18 @@ impl Resumes {
     /// cleanly (a broken post-copy whose guest still waits for pages).
     fn conclude(&self, id: &str, outcome: Option<wire::Conclusion>) {
         let mut e = self.ended();
-        e.active.remove(id);
-        let Some(outcome) = outcome else { return };
-        if e.concluded.insert(id.to_string(), outcome).is_none() {
-            e.order.push_back(id.to_string());
-        }
-        while e.order.len() > CONCLUSIONS_KEPT {
-            if let Some(old) = e.order.pop_front() {
-                e.concluded.remove(&old);
+        if let (Some(outcome), Some(store)) = (outcome, &self.store) {
+            // Under the lock, so that the store's order is the table's.
+            if let Err(err) = store.record(id, outcome, CONCLUSIONS_KEPT) {
+                tracing::warn!(
+                    "migration {id}: could not record that it ended ({outcome:?}): {err}; \
+                     a restarted ferryd will not know"
+                );
             }
+        }
+        e.active.remove(id);
+        if let Some(outcome) = outcome {
+            e.keep(id.to_string(), outcome);
         }
     }
 
@@ -1664,4 +1712,46 @@ fn spawn_reader(mut conn: Box<dyn Conn>) -> Receiver<Event> {
         })
         .expect("spawning a thread");
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store that outlives the registries using it, as a file does.
+    #[derive(Debug, Default)]
+    struct Kept(Arc<Mutex<Vec<(String, wire::Conclusion)>>>);
+
+    impl ConclusionStore for Kept {
+        fn load(&self) -> Vec<(String, wire::Conclusion)> {
+            self.0.lock().unwrap().clone()
+        }
+        fn record(&self, id: &str, outcome: wire::Conclusion, _: usize) -> std::io::Result<()> {
+            self.0.lock().unwrap().push((id.to_string(), outcome));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn conclusions_outlive_the_registry_through_its_store() {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let first = Resumes::with_store(Box::new(Kept(lines.clone())));
+        first.begin("aa");
+        first.conclude("aa", Some(wire::Conclusion::Completed { epoch: 2 }));
+        first.begin("bb");
+        // A broken post-copy has no conclusion to record.
+        first.conclude("bb", None);
+        first.begin("cc");
+        first.conclude("cc", Some(wire::Conclusion::Aborted));
+        drop(first);
+        let next = Resumes::with_store(Box::new(Kept(lines)));
+        assert_eq!(
+            next.conclusion("aa"),
+            Some(wire::Conclusion::Completed { epoch: 2 })
+        );
+        assert_eq!(next.conclusion("bb"), None);
+        assert_eq!(next.conclusion("cc"), Some(wire::Conclusion::Aborted));
+        // Without a store, a new registry knows nothing.
+        assert_eq!(Resumes::new().conclusion("aa"), None);
+    }
 }

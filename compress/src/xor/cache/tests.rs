@@ -306,3 +306,146 @@ fn remembered_pages_are_hits_later_and_count_as_neither() {
     off.remember(9, &first);
     assert!(!off.contains(9));
 }
+
+/// A receiver: applies what the sender's outcome says it sent.
+fn receive(page: &mut [u8], outcome: DeltaOutcome, out: &[u8], new: &[u8]) {
+    match outcome {
+        DeltaOutcome::Delta { codec, .. } => decode_delta(codec, out, page).unwrap(),
+        DeltaOutcome::Miss | DeltaOutcome::Overflow => page.copy_from_slice(new),
+    }
+}
+
+#[test]
+fn fingerprints_patch_the_changed_chunks_of_an_uncached_page() {
+    // No content capacity: every encode misses the cache.
+    let mut c = cache(0).with_fingerprints(16);
+    assert!(c.enabled());
+    let mut state = 11;
+    let first = random_page(&mut state);
+    // Unknown page: a miss, which records it.
+    let (outcome, _) = encode(&mut c, 3, &first, 4096);
+    assert_eq!(outcome, DeltaOutcome::Miss);
+    assert!(c.contains(3));
+    // Two bytes in chunk 0, one in chunk 9: chunks 0 and 9 go whole.
+    let mut next = first.clone();
+    next[1] ^= 1;
+    next[200] ^= 1;
+    next[9 * 256 + 17] ^= 1;
+    let (outcome, out) = encode(&mut c, 3, &next, 4096);
+    assert_eq!(
+        outcome,
+        DeltaOutcome::Delta {
+            codec: Codec::Xor,
+            len: 2 * 256 + 1 + 2 + 2 + 2
+        }
+    );
+    let mut back = first.clone();
+    receive(&mut back, outcome, &out, &next);
+    assert_eq!(back, next);
+    let s = c.stats();
+    assert_eq!((s.hits, s.misses, s.patches, s.pages), (0, 2, 1, 1));
+    assert_eq!(s.patch_bytes, out.len() as u64);
+    // Unchanged: the empty patch.
+    let (outcome, out) = encode(&mut c, 3, &next, 4096);
+    assert_eq!(
+        outcome,
+        DeltaOutcome::Delta {
+            codec: Codec::Xor,
+            len: 0
+        }
+    );
+    assert!(out.is_empty());
+    // All changed: over the limit, a miss that still records the page.
+    let other = random_page(&mut state);
+    assert_eq!(encode(&mut c, 3, &other, 4096).0, DeltaOutcome::Miss);
+    let mut last = other.clone();
+    last[4095] ^= 0x80;
+    let (outcome, out) = encode(&mut c, 3, &last, 4096);
+    let mut back = other.clone();
+    receive(&mut back, outcome, &out, &last);
+    assert_eq!(back, last);
+    assert_eq!(out.len(), 2 + 2 + 256);
+    // Pages past the table have none; forget and clear drop them.
+    assert_eq!(encode(&mut c, 16, &first, 4096).0, DeltaOutcome::Miss);
+    assert_eq!(encode(&mut c, 16, &next, 4096).0, DeltaOutcome::Miss);
+    c.forget(3);
+    assert!(!c.contains(3));
+    c.fingerprint(4, &first);
+    assert!(c.contains(4));
+    c.clear();
+    assert!(!c.contains(4));
+    // Without fingerprints, fingerprint() does nothing.
+    let mut plain = cache(0);
+    plain.fingerprint(4, &first);
+    assert!(!plain.contains(4) && !plain.enabled());
+}
+
+#[test]
+fn fingerprints_take_a_thirty_second_of_memory() {
+    assert_eq!(DeltaCache::fingerprint_bytes(64), 64 * 128 + 8);
+    assert_eq!(super::super::fingerprint::BYTES_PER_PAGE * 32, PAGE_SIZE);
+}
+
+proptest::proptest! {
+    /// Any mix of cache hits, fingerprint patches, misses, forgets and
+    /// clears keeps a receiver that applies what it is sent equal to the
+    /// sender's page, and the counters add up.
+    #[test]
+    fn sender_and_receiver_agree_with_fingerprints(
+        capacity in 0usize..24,
+        steps in proptest::collection::vec((0u64..40, 0u8..6, proptest::num::u16::ANY, 0u64..1000), 1..200),
+    ) {
+        let pages = 32u64;
+        let mut c = cache(capacity).with_fingerprints(pages);
+        let mut state = 99;
+        let mut sender: Vec<Vec<u8>> = (0..40).map(|_| random_page(&mut state)).collect();
+        let mut receiver: Vec<Option<Vec<u8>>> = vec![None; 40];
+        let mut calls = 0;
+        for (pfn, action, at, seed) in steps {
+            let p = pfn as usize;
+            match action {
+                // Change a few bytes, or a whole text page, then send.
+                0..=3 => {
+                    let mut s = seed;
+                    if action == 3 {
+                        sender[p] = text_page(&mut s);
+                    } else {
+                        for k in 0..=action as usize {
+                            let i = (at as usize + k * 1031) % PAGE_SIZE;
+                            sender[p][i] = sender[p][i].wrapping_add(1 + (s % 255) as u8);
+                        }
+                    }
+                    let new = sender[p].clone();
+                    let known = c.contains(pfn);
+                    let (outcome, out) = encode(&mut c, pfn, &new, 2048);
+                    calls += 1;
+                    if receiver[p].is_none() {
+                        // The receiver has nothing: no delta can be made.
+                        proptest::prop_assert!(!known);
+                        let delta = matches!(outcome, DeltaOutcome::Delta { .. });
+                        proptest::prop_assert!(!delta);
+                        receiver[p] = Some(new.clone());
+                    } else {
+                        let r = receiver[p].as_mut().unwrap();
+                        receive(r, outcome, &out, &new);
+                    }
+                    proptest::prop_assert_eq!(receiver[p].as_ref().unwrap(), &new);
+                }
+                // Sent by another path: the cache must forget it.
+                4 => {
+                    c.forget(pfn);
+                    receiver[p] = Some(sender[p].clone());
+                }
+                _ => {
+                    if seed % 10 == 0 {
+                        c.clear();
+                    }
+                }
+            }
+        }
+        let s = c.stats();
+        proptest::prop_assert_eq!(s.hits + s.misses, calls);
+        proptest::prop_assert_eq!(s.hits + s.patches, s.pages + s.overflows);
+        proptest::prop_assert!(s.patch_bytes <= s.bytes);
+    }
+}
