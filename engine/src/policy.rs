@@ -62,6 +62,12 @@ pub const INTENSIVE_DIRTY_RATIO: f64 = 0.8;
 pub const STALL_ROUNDS: u32 = 2;
 /// A count "shrinks" when it falls below this fraction of the previous one.
 pub const SHRINK_FACTOR: f64 = 0.9;
+/// A guest whose pending set, shrinking at the pace of its last round,
+/// needs more than this many further rounds to fit the budget counts as
+/// memory-intensive: it converges, but so slowly that iterating costs
+/// several times the downtime it saves (each round sends a pending set as
+/// large as the downtime it would have cost).
+pub const CONVERGE_ROUNDS_MAX: f64 = 3.0;
 /// First throttle step, percent of vCPU time taken away.
 pub const THROTTLE_FIRST: u8 = 20;
 /// Each further step.
@@ -200,6 +206,26 @@ impl RoundStats {
         let rate = self.rate_pages_s.max(1.0);
         (self.pending_pages as f64 / rate * 1000.0).ceil() as u64 + SWITCHOVER_OVERHEAD_MS
     }
+}
+
+/// Further rounds the pending set of `s` needs to fit `budget_ms`, if it
+/// keeps shrinking by the ratio it shrank from `prev` pages (infinite if it
+/// did not shrink; 0 if it fits).
+fn rounds_to_fit(prev: u64, s: &RoundStats, budget_ms: u64) -> f64 {
+    let est = s.estimate_ms();
+    if est <= budget_ms {
+        return 0.0;
+    }
+    let ratio = s.pending_pages as f64 / prev.max(1) as f64;
+    let send_ms = est.saturating_sub(SWITCHOVER_OVERHEAD_MS).max(1) as f64;
+    let fit_ms = budget_ms.saturating_sub(SWITCHOVER_OVERHEAD_MS).max(1) as f64;
+    if ratio >= 1.0 {
+        return f64::INFINITY;
+    }
+    if ratio <= 0.0 {
+        return 1.0;
+    }
+    (fit_ms / send_ms).ln() / ratio.ln()
 }
 
 /// The throttle that brings the guest's dirty rate to [`THROTTLE_TARGET`]
@@ -418,12 +444,14 @@ impl Policy {
     fn classify(&mut self, s: &RoundStats) {
         // The bulk round's "dirty set" is a different thing (all of memory);
         // the pattern shows from the first dirty round on.
+        let mut slow = false;
         if let Some(prev) = self.prev_pending.filter(|_| s.round >= 2) {
             if (s.pending_pages as f64) < prev as f64 * SHRINK_FACTOR {
                 self.stalled = 0;
             } else {
                 self.stalled += 1;
             }
+            slow = rounds_to_fit(prev, s, self.limits.downtime_ms) > CONVERGE_ROUNDS_MAX;
         }
         self.prev_pending = Some(s.pending_pages);
         let fast_dirtier = s.round >= 2
@@ -431,7 +459,7 @@ impl Policy {
             && s.dirty_rate() >= INTENSIVE_DIRTY_RATIO * s.rate_pages_s;
         // Once intensive, it stays so: throttling lowers the measured rate,
         // which is the remedy working, not the guest changing.
-        if fast_dirtier || self.stalled >= STALL_ROUNDS {
+        if fast_dirtier || slow || self.stalled >= STALL_ROUNDS {
             self.intensive = true;
         }
     }

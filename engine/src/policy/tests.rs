@@ -388,3 +388,48 @@ fn recorded_hot_set_runs_stop_early_under_mp_and_adaptive() {
         }
     }
 }
+
+/// The 1x, 50%-hot guest of `ferry-bench policies` at 48 MiB/s (12,288
+/// pages/s), as measured: its pending set shrinks by a third a round, which
+/// takes 3.4 more rounds to reach the budget from ~1.35 s.
+fn slowly_converging() -> Vec<Row> {
+    vec![
+        (53_225, 4302, 25_961, 0, 25_961, 12_369.0),
+        (25_961, 2117, 16_554, 9_405, 16_554, 12_314.0),
+        (16_554, 1350, 11_958, 5_731, 11_958, 12_286.0),
+        (11_958, 979, 9_426, 3_825, 9_426, 12_266.0),
+    ]
+}
+
+#[test]
+fn rounds_to_fit_projects_the_last_shrink() {
+    let at = |pending: u64| RoundStats {
+        round: 2,
+        rate_pages_s: 1000.0,
+        pending_pages: pending,
+        ..RoundStats::default()
+    };
+    // 1000 pages = ~1 s, halving each round: about 2 rounds to 300 ms.
+    let n = rounds_to_fit(2000, &at(1000), 300);
+    assert!((1.5..2.0).contains(&n), "{n}");
+    assert_eq!(rounds_to_fit(900, &at(1000), 300), f64::INFINITY);
+    assert_eq!(rounds_to_fit(2000, &at(200), 300), 0.0);
+    assert_eq!(rounds_to_fit(2000, &at(0), 300), 0.0);
+}
+
+#[test]
+fn a_slowly_converging_guest_stops_early_within_the_cap() {
+    let d = run(PolicyKind::Adaptive, &slowly_converging(), &[]);
+    // After the first dirty round: ~1.35 s pending, 3.4 rounds from the
+    // budget: memory-intensive, and 1.35 s fits 3/4 of the 2 s cap.
+    assert_eq!(d.len(), 2, "{d:?}");
+    assert_eq!(d[1].class, "memory-intensive");
+    assert_eq!(d[1].action, Action::StopAndCopy, "{}", d[1].reason);
+    // Baseline classifies alike but iterates on.
+    let b = run(PolicyKind::Baseline, &slowly_converging(), &[]);
+    assert_eq!(b.len(), 4);
+    assert!(b.iter().all(|x| x.action == Action::Iterate));
+    // A guest that halves its pending set each round is left to converge.
+    let c = run(PolicyKind::Adaptive, &converging(), &[]);
+    assert!(c.iter().all(|x| x.class == "converging"), "{c:?}");
+}
