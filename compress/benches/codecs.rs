@@ -234,11 +234,34 @@ fn bench_xor(c: &mut Criterion) {
             }
         })
     });
-    g.finish();
     let stats = cache.stats();
     assert_eq!(stats.misses, BATCH_PAGES as u64, "{stats:?}");
     eprintln!(
         "xor_cache: {stats:?}, mean payload {} bytes",
+        stats.bytes / stats.pages.max(1)
+    );
+
+    // The sender step on a miss with fingerprints: hash 16 chunks, compare,
+    // copy out the changed ones (no page copies kept).
+    let mut patcher = DeltaCache::new(0).with_fingerprints(BATCH_PAGES as u64);
+    for (pfn, page) in old.iter().enumerate() {
+        patcher.fingerprint(pfn as u64, page);
+    }
+    g.bench_function("patch_slot_300B", |b| {
+        b.iter(|| {
+            turn ^= 1;
+            for (pfn, page) in versions[turn].iter().enumerate() {
+                out.clear();
+                let outcome =
+                    patcher.encode(pfn as u64, black_box(page), &mut out, PAYLOAD_BYTES_MAX);
+                debug_assert!(matches!(outcome, DeltaOutcome::Delta { .. }));
+            }
+        })
+    });
+    g.finish();
+    let stats = patcher.stats();
+    eprintln!(
+        "xor_cache patches: {stats:?}, mean payload {} bytes",
         stats.bytes / stats.pages.max(1)
     );
 }
