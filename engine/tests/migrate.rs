@@ -695,19 +695,18 @@ fn xor_delta_moves_rewritten_pages_as_small_deltas_and_keeps_every_write() {
     );
 }
 
-#[test]
-fn with_an_eighth_of_the_guest_first_resends_are_fingerprint_patches() {
+/// A 64 MiB guest rewriting one line of random pages over all of memory,
+/// migrated by baseline over a link capped at 64 MiB/s with `xor_cache_bytes`
+/// of XOR-delta memory; checks the migration and that re-sent pages cost
+/// under a quarter of a page each (one changed line), and returns its figures.
+fn capped_uniform_rewrites(xor_cache_bytes: u64) -> ferry_engine::metrics::Snapshot {
     let t = InProcTransport::new();
     let k = Key::generate().unwrap();
-    // The same capped link and uniform writes, with the default share of
-    // memory (1/8): too small to keep a copy of every bulk page, but room for
-    // the fingerprints of all of them, so a page rewritten once after its
-    // bulk send goes again as a patch of its changed chunk.
     let mut c = cfg(3);
     c.bandwidth_mib_s = Some(64);
     c.downtime_ms = 30;
     c.policy = ferry_engine::policy::PolicyKind::Baseline;
-    c.xor_cache_bytes = Some(8 << 20);
+    c.xor_cache_bytes = Some(xor_cache_bytes);
     let r = migrate_pattern(
         &t,
         64,
@@ -721,10 +720,8 @@ fn with_an_eighth_of_the_guest_first_resends_are_fingerprint_patches() {
     );
     assert!(r.result.is_ok(), "{:?}", r.result);
     check_invariant(&r);
-    let s = &r.snapshot;
+    let s = r.snapshot;
     assert!(s.iterations >= 2, "{s:?}");
-    assert!(s.xor.patches > 0, "{:?}", s.xor);
-    // One changed line: a 256-byte chunk and its record, not 4 KiB.
     assert!(
         s.resent_pages > 0 && s.resent_bytes * 4 < s.resent_pages * 4096,
         "re-sent {} pages in {} bytes; {:?}",
@@ -732,44 +729,26 @@ fn with_an_eighth_of_the_guest_first_resends_are_fingerprint_patches() {
         s.resent_bytes,
         s.xor
     );
+    s
+}
+
+#[test]
+fn with_an_eighth_of_the_guest_first_resends_are_fingerprint_patches() {
+    // The default share of memory (1/8): too small to keep a copy of every
+    // bulk page, but room for the fingerprints of all of them, so a page
+    // rewritten once after its bulk send goes again as a patch of its
+    // changed chunk (a 256-byte chunk and its record, not 4 KiB).
+    let s = capped_uniform_rewrites(8 << 20);
+    assert!(s.xor.patches > 0, "{:?}", s.xor);
 }
 
 #[test]
 fn with_a_cache_as_large_as_the_guest_every_first_resend_is_a_delta() {
-    let t = InProcTransport::new();
-    let k = Key::generate().unwrap();
     // A capped link: the bulk round keeps a copy of every page it sends,
     // so even a page the guest rewrites once, after the bulk round sent it
     // (uniform writes over all of memory), goes again as a delta.
-    let mut c = cfg(3);
-    c.bandwidth_mib_s = Some(64);
-    c.downtime_ms = 30;
-    c.policy = ferry_engine::policy::PolicyKind::Baseline;
-    c.xor_cache_bytes = Some(64 << 20);
-    let r = migrate_pattern(
-        &t,
-        64,
-        (2_000, 0, true),
-        c,
-        (k.clone(), k),
-        Cancel::new(),
-        Duration::ZERO,
-        Cancel::new(),
-        None,
-    );
-    assert!(r.result.is_ok(), "{:?}", r.result);
-    check_invariant(&r);
-    let s = &r.snapshot;
-    assert!(s.iterations >= 2, "{s:?}");
+    let s = capped_uniform_rewrites(64 << 20);
     assert!(s.xor.cache_hits > 0, "{:?}", s.xor);
-    // Re-sent pages cost under a quarter of a page each (one changed line).
-    assert!(
-        s.resent_pages > 0 && s.resent_bytes * 4 < s.resent_pages * 4096,
-        "re-sent {} pages in {} bytes; {:?}",
-        s.resent_pages,
-        s.resent_bytes,
-        s.xor
-    );
 }
 
 #[test]

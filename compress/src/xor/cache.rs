@@ -170,6 +170,9 @@ pub struct DeltaCache {
     /// Rule 2 of the eviction policy; off only in tests, to compare with LRU.
     adaptive: bool,
     /// The second base, for pages not cached (see [`with_fingerprints`]).
+    /// Exact for every page not cached; for a cached page it may be stale
+    /// (never used while the copy is there) and is rewritten from the copy
+    /// when it is evicted.
     ///
     /// [`with_fingerprints`]: DeltaCache::with_fingerprints
     fingerprints: Option<Fingerprints>,
@@ -317,9 +320,7 @@ impl DeltaCache {
                 dead_age,
             );
             let slot = first + way;
-            if store.tags[slot] != 0 {
-                self.stats.evictions += 1;
-            }
+            evict(store, slot, &mut self.fingerprints, &mut self.stats);
             store.tags[slot] = tag;
             store.stamps[slot] = now;
             store.page_mut(slot).copy_from_slice(new);
@@ -331,9 +332,6 @@ impl DeltaCache {
         store.stamps[slot] = now;
         self.reuse_mean16 = reuse_mean(self.reuse_mean16, reuse);
         self.stats.hits += 1;
-        if let Some(f) = &mut self.fingerprints {
-            f.record(pfn, new);
-        }
         match delta(store, slot, new, out, limit) {
             Some((codec, len)) => {
                 self.stats.pages += 1;
@@ -348,9 +346,10 @@ impl DeltaCache {
     }
 
     /// Records the fingerprints of `page` as the version the receiver now
-    /// holds of `pfn`, sent whole (raw or lz4) rather than through
-    /// [`encode`](Self::encode), without caching its content: a first send
-    /// where the content would cost too much. No-op without fingerprints.
+    /// holds of `pfn` (a page not cached), sent whole (raw or lz4) rather
+    /// than through [`encode`](Self::encode), without caching its content: a
+    /// first send where the content would cost too much. No-op without
+    /// fingerprints.
     ///
     /// # Panics
     ///
@@ -362,10 +361,11 @@ impl DeltaCache {
         }
     }
 
-    /// Caches `page` (and its fingerprints) as the version the receiver now
-    /// holds of `pfn`, when it was sent whole (raw or lz4) rather than
-    /// through [`encode`](Self::encode): a first send, which is neither a
-    /// hit nor a miss. Evicts like a miss when the set is full.
+    /// Caches `page` as the version the receiver now holds of `pfn`, when it
+    /// was sent whole (raw or lz4) rather than through
+    /// [`encode`](Self::encode): a first send, which is neither a hit nor a
+    /// miss. Evicts like a miss when the set is full. Without capacity, only
+    /// its fingerprints are kept (if any).
     ///
     /// # Panics
     ///
@@ -373,10 +373,8 @@ impl DeltaCache {
     pub fn remember(&mut self, pfn: u64, page: &[u8]) {
         assert_eq!(page.len(), PAGE_SIZE, "remember takes one page");
         assert_ne!(pfn, u64::MAX, "frame number out of range");
-        if let Some(f) = &mut self.fingerprints {
-            f.record(pfn, page);
-        }
         if self.sets == 0 {
+            self.fingerprint(pfn, page);
             return;
         }
         self.clock += 1;
@@ -397,9 +395,7 @@ impl DeltaCache {
                     now,
                     dead_age,
                 );
-                if store.tags[first + way] != 0 {
-                    self.stats.evictions += 1;
-                }
+                evict(store, first + way, &mut self.fingerprints, &mut self.stats);
                 way
             }
         };
@@ -514,6 +510,26 @@ fn reuse_mean(mean16: u64, distance: u64) -> u64 {
         distance.saturating_mul(1 << REUSE_MEAN_SHIFT)
     } else {
         (mean16 - (mean16 >> REUSE_MEAN_SHIFT)).saturating_add(distance)
+    }
+}
+
+/// Counts the eviction of the page in `slot`, if any, and keeps its
+/// fingerprints: its copy is exactly what the receiver holds, so the page
+/// can still go as a patch. (A cached page's fingerprints are computed only
+/// here, not on every hit.)
+fn evict(
+    store: &mut Store,
+    slot: usize,
+    fingerprints: &mut Option<Fingerprints>,
+    stats: &mut DeltaStats,
+) {
+    let tag = store.tags[slot];
+    if tag == 0 {
+        return;
+    }
+    stats.evictions += 1;
+    if let Some(f) = fingerprints {
+        f.record(tag - 1, store.page_mut(slot));
     }
 }
 

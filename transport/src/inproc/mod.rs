@@ -168,6 +168,17 @@ impl Fault {
             | Fault::Stall { conn, .. } => conn,
         }
     }
+
+    fn dir(&self) -> Dir {
+        match *self {
+            Fault::CutAfter { dir, .. }
+            | Fault::FlipBit { dir, .. }
+            | Fault::Drop { dir, .. }
+            | Fault::Duplicate { dir, .. }
+            | Fault::Reorder { dir, .. }
+            | Fault::Stall { dir, .. } => dir,
+        }
+    }
 }
 
 /// In-process transport: a hub of named listeners. Cheap to clone; clones

@@ -25,56 +25,21 @@ impl Link {
     ) -> Self {
         let mut pipes = [Pipe::new(pipe_bytes), Pipe::new(pipe_bytes)];
         for f in faults {
+            let st = pipes[f.dir().pipe()]
+                .state
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner);
             match *f {
-                Fault::CutAfter { dir, bytes, .. } => {
-                    let st = pipes[dir.pipe()]
-                        .state
-                        .get_mut()
-                        .unwrap_or_else(PoisonError::into_inner);
+                Fault::CutAfter { bytes, .. } => {
                     st.cut_after = Some(st.cut_after.map_or(bytes, |b| b.min(bytes)));
                 }
-                Fault::FlipBit {
-                    dir, offset, bit, ..
-                } => {
-                    let st = pipes[dir.pipe()]
-                        .state
-                        .get_mut()
-                        .unwrap_or_else(PoisonError::into_inner);
-                    st.flips.push((offset, 1u8 << bit));
-                }
-                Fault::Drop {
-                    dir, offset, len, ..
-                } => {
-                    let st = pipes[dir.pipe()]
-                        .state
-                        .get_mut()
-                        .unwrap_or_else(PoisonError::into_inner);
+                Fault::FlipBit { offset, bit, .. } => st.flips.push((offset, 1u8 << bit)),
+                Fault::Drop { offset, len, .. } => {
                     st.drops.push((offset, offset.saturating_add(len)));
                 }
-                Fault::Duplicate { dir, offset, .. } => {
-                    let st = pipes[dir.pipe()]
-                        .state
-                        .get_mut()
-                        .unwrap_or_else(PoisonError::into_inner);
-                    st.dups.push(offset);
-                }
-                Fault::Reorder { dir, offset, .. } => {
-                    let st = pipes[dir.pipe()]
-                        .state
-                        .get_mut()
-                        .unwrap_or_else(PoisonError::into_inner);
-                    st.reorders.push(offset);
-                }
-                Fault::Stall {
-                    dir,
-                    offset,
-                    for_ms,
-                    ..
-                } => {
-                    let st = pipes[dir.pipe()]
-                        .state
-                        .get_mut()
-                        .unwrap_or_else(PoisonError::into_inner);
+                Fault::Duplicate { offset, .. } => st.dups.push(offset),
+                Fault::Reorder { offset, .. } => st.reorders.push(offset),
+                Fault::Stall { offset, for_ms, .. } => {
                     st.stalls.push((offset, Duration::from_millis(for_ms)));
                 }
             }
