@@ -11,7 +11,9 @@ use std::time::Duration;
 use ferry_engine::link::{RegionSpec, VmSpec};
 use ferry_engine::memvm::{mem_crc, write_page, MemSourceVm, MemTargetVm, TargetLog};
 use ferry_engine::source::{migrate_out, SourceConfig};
-use ferry_engine::target::{migrate_in, Acceptor, Resumes, TargetConfig};
+use ferry_engine::target::{
+    migrate_in, Acceptor, ConclusionStore, Record, Resumes, Stage, TargetConfig,
+};
 use ferry_engine::{Cancel, GuestMem, Key, Metrics, MigrationError, Status};
 use ferry_transport::inproc::{ConnIndex, Dir, Fault, InProcTransport};
 use ferry_transport::Transport;
@@ -1427,6 +1429,39 @@ enum TargetEvent {
     FerrydDies { restart_after: Duration },
 }
 
+/// The target daemon's conclusions file, which outlives its incarnations.
+#[derive(Debug, Default)]
+struct ConclusionsFile {
+    records: Vec<(String, Record)>,
+    /// The incarnation that may write (bumped when one dies).
+    alive: u32,
+}
+
+/// One target daemon's view of [`ConclusionsFile`]: once it has died its
+/// writes fail, as a dead process's never happen (its threads live on in
+/// the simulation; failing to record COMMIT keeps them from running the
+/// guest).
+#[derive(Debug)]
+struct SimConclusions {
+    file: Arc<Mutex<ConclusionsFile>>,
+    alive: u32,
+}
+
+impl ConclusionStore for SimConclusions {
+    fn load(&self) -> Vec<(String, Record)> {
+        self.file.lock().unwrap().records.clone()
+    }
+
+    fn record(&self, id: &str, record: Record, _: usize) -> std::io::Result<()> {
+        let mut f = self.file.lock().unwrap();
+        if f.alive != self.alive {
+            return Err(std::io::Error::other("this ferryd died"));
+        }
+        f.records.push((id.to_string(), record));
+        Ok(())
+    }
+}
+
 /// The simulation's timeouts: short, so that a seed costs milliseconds
 /// unless it waits out a timeout, a stall or the grace on purpose.
 const SIM_IO_TIMEOUT: Duration = Duration::from_millis(1000);
@@ -1582,12 +1617,22 @@ fn sim_case(seed: u64, sc: &Scenario) -> Result<u64, MigrationError> {
     let acceptor = Arc::new(Acceptor::new(key.clone()));
     let target_log = Arc::new(Mutex::new(TargetLog::default()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // Bumped when the target daemon "restarts": it forgets every migration.
+    // Bumped when the target daemon "restarts": it forgets every migration
+    // but what its conclusions file says.
     let generation = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let file = Arc::new(Mutex::new(ConclusionsFile::default()));
     let target = {
         let (tlog, stop, generation) = (target_log.clone(), stop.clone(), generation.clone());
+        let file = file.clone();
         std::thread::spawn(move || -> Option<TargetResult> {
-            let mut resumes = Resumes::new();
+            let store = |file: &Arc<Mutex<ConclusionsFile>>| {
+                let alive = file.lock().unwrap().alive;
+                Box::new(SimConclusions {
+                    file: file.clone(),
+                    alive,
+                })
+            };
+            let mut resumes = Resumes::with_store(store(&file));
             let mut migration: Option<std::thread::JoinHandle<TargetResult>> = None;
             let mut old: Option<std::thread::JoinHandle<TargetResult>> = None;
             let mut seen = 0;
@@ -1595,7 +1640,7 @@ fn sim_case(seed: u64, sc: &Scenario) -> Result<u64, MigrationError> {
                 let g = generation.load(Ordering::SeqCst);
                 if g != seen {
                     seen = g;
-                    resumes = Resumes::new();
+                    resumes = Resumes::with_store(store(&file));
                     old = old.or(migration.take());
                 }
                 let Ok(Some(conn)) = listener.accept(Some(Duration::from_millis(20))) else {
@@ -1654,12 +1699,13 @@ fn sim_case(seed: u64, sc: &Scenario) -> Result<u64, MigrationError> {
     };
     // The target-side event, timed from the source's pause.
     let event = sc.target_event.map(|(at, ev)| {
-        let (t, vm, stop, tlog, generation) = (
+        let (t, vm, stop, tlog, generation, file) = (
             t.clone(),
             vm.clone(),
             stop.clone(),
             target_log.clone(),
             generation.clone(),
+            file.clone(),
         );
         std::thread::spawn(move || {
             while vm.lock().unwrap().running() {
@@ -1678,6 +1724,7 @@ fn sim_case(seed: u64, sc: &Scenario) -> Result<u64, MigrationError> {
                 TargetEvent::VmmDies => tlog.lock().unwrap().die = true,
                 TargetEvent::FerrydDies { restart_after } => {
                     t.partition(true);
+                    file.lock().unwrap().alive += 1;
                     tlog.lock().unwrap().ferryd_died = true;
                     std::thread::sleep(restart_after);
                     generation.fetch_add(1, Ordering::SeqCst);
@@ -1749,9 +1796,27 @@ fn sim_case(seed: u64, sc: &Scenario) -> Result<u64, MigrationError> {
     }
     // A VMM that was handed off has quit: a crash after that finds nothing
     // to do (only a record to delete).
-    let crashed = node.dead() && vm.lock().unwrap().handed_off.is_none();
+    let mut crashed = node.dead() && vm.lock().unwrap().handed_off.is_none();
     let mut first = Some(first);
-    let (mut result, mut snapshot) = if crashed {
+    let mut taken_back = None;
+    if crashed && vm.lock().unwrap().running() && vm.lock().unwrap().resumes > 0 {
+        // It took the VM back before it died (a dead process's VMM
+        // requests fail, so a VM running here again was resumed alive);
+        // its thread ends soon.
+        let f = first.take().unwrap();
+        let t0 = std::time::Instant::now();
+        while !f.is_finished() && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (r, s) = f.join().unwrap();
+        if matches!(r, Err(MigrationError::TakenBack(_))) {
+            crashed = false;
+            taken_back = Some((r, Some(s)));
+        }
+    }
+    let (mut result, mut snapshot) = if let Some(done) = taken_back {
+        done
+    } else if crashed {
         std::thread::sleep(sc.restart_after);
         (Err(MigrationError::PeerAborted("crashed".into())), None)
     } else {
@@ -1877,9 +1942,17 @@ fn sim_case(seed: u64, sc: &Scenario) -> Result<u64, MigrationError> {
     let target_forgot = matches!(sc.target_event, Some((_, TargetEvent::FerrydDies { .. })));
     if target_forgot && matches!(r.result, Err(MigrationError::CommitUnknown(_))) {
         // A pre-copy COMMIT in doubt, and the daemon that could say how it
-        // ended died: the VM stays paused here, for the operator.
+        // ended died while starting the guest: the VM stays paused here,
+        // for the operator. Dying any earlier (after PREPARED) leaves a
+        // record that says the guest never ran there.
         assert!(!r.source_vm.running(), "the source resumed a VM in doubt");
         assert!(r.source_vm.handed_off.is_none());
+        let last = file.lock().unwrap().records.last().map(|r| r.1);
+        assert_eq!(
+            last,
+            Some(Record::Stage(Stage::Committing)),
+            "seed {seed}: unknown, but the target's file says {last:?}"
+        );
         return r.result;
     }
     check_invariant(&r);

@@ -205,14 +205,39 @@ pub struct Resumes {
 /// daemon still answers a source that asks (RESUME, answered CONCLUDED):
 /// without it, a source whose own daemon died after COMMIT finds the
 /// migration unknown and cannot tell whether the VM runs here.
+///
+/// Besides how migrations ended it keeps how far running ones got
+/// ([`Stage`]), each recorded before the target acts on it: a daemon that
+/// died after PREPARED but before COMMIT took effect left a guest that never
+/// ran here (its VMM exits with it), so the restarted daemon answers
+/// `aborted` and the source resumes the VM at once, instead of keeping it
+/// paused with its outcome unknown.
 pub trait ConclusionStore: Send + Sync + std::fmt::Debug {
-    /// The conclusions recorded so far, oldest first (the last of an id
-    /// wins).
-    fn load(&self) -> Vec<(String, wire::Conclusion)>;
-    /// Records that migration `id` ended with `outcome`, before the source
-    /// can learn it. `kept` is the number of conclusions a reader needs (the
-    /// store may drop older ones).
-    fn record(&self, id: &str, outcome: wire::Conclusion, kept: usize) -> std::io::Result<()>;
+    /// The records so far, oldest first (the last of an id wins).
+    fn load(&self) -> Vec<(String, Record)>;
+    /// Records `record` for migration `id`, before the source can learn it.
+    /// `kept` is the number of records a reader needs (the store may drop
+    /// older ones).
+    fn record(&self, id: &str, record: Record, kept: usize) -> std::io::Result<()>;
+}
+
+/// How far an incoming migration got, recorded before the target acts on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// PREPARED is about to go out: the guest has not run here.
+    Prepared,
+    /// COMMIT arrived: the guest is about to run here.
+    Committing,
+}
+
+/// One record of a [`ConclusionStore`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// The migration reached this stage.
+    Stage(Stage),
+    /// The migration ended so.
+    Ended(wire::Conclusion),
 }
 
 /// Migrations running here, and how the last [`CONCLUSIONS_KEPT`] ended.
@@ -225,6 +250,10 @@ struct Ended {
 
 /// How many ended migrations a target remembers for sources that ask.
 pub const CONCLUSIONS_KEPT: usize = 4096;
+
+/// Records a store keeps: a migration writes up to three (two stages and
+/// its end).
+const RECORDS_KEPT: usize = 3 * CONCLUSIONS_KEPT;
 
 impl Ended {
     /// Keeps `outcome` for `id`, forgetting the oldest beyond
@@ -251,8 +280,34 @@ impl Resumes {
     /// last [`CONCLUSIONS_KEPT`] it holds.
     pub fn with_store(store: Box<dyn ConclusionStore>) -> Arc<Self> {
         let mut ended = Ended::default();
-        for (id, outcome) in store.load() {
-            ended.keep(id, outcome);
+        let mut staged: Vec<(String, Stage)> = Vec::new();
+        for (id, record) in store.load() {
+            match record {
+                Record::Ended(outcome) => {
+                    staged.retain(|(s, _)| *s != id);
+                    ended.keep(id, outcome);
+                }
+                Record::Stage(stage) => {
+                    staged.retain(|(s, _)| *s != id);
+                    staged.push((id, stage));
+                }
+            }
+        }
+        // Migrations the previous daemon died in.
+        for (id, stage) in staged {
+            match stage {
+                Stage::Prepared => {
+                    tracing::info!(
+                        "migration {id}: the previous ferryd died after PREPARED and before \
+                         COMMIT took effect; the guest never ran here (aborted)"
+                    );
+                    ended.keep(id, wire::Conclusion::Aborted);
+                }
+                Stage::Committing => tracing::warn!(
+                    "migration {id}: the previous ferryd died while starting the guest here; \
+                     whether it runs is for its VMM to say (the source keeps it paused)"
+                ),
+            }
         }
         Arc::new(Self {
             waiting: Mutex::default(),
@@ -289,13 +344,22 @@ impl Resumes {
         self.ended().active.insert(id.to_string());
     }
 
+    /// Records that migration `id` reached `stage`, before acting on it.
+    fn stage(&self, id: &str, stage: Stage) -> std::io::Result<()> {
+        let _e = self.ended();
+        match &self.store {
+            Some(store) => store.record(id, Record::Stage(stage), RECORDS_KEPT),
+            None => Ok(()),
+        }
+    }
+
     /// Migration `id` ended here: `outcome`, or `None` when it did not end
     /// cleanly (a broken post-copy whose guest still waits for pages).
     fn conclude(&self, id: &str, outcome: Option<wire::Conclusion>) {
         let mut e = self.ended();
         if let (Some(outcome), Some(store)) = (outcome, &self.store) {
             // Under the lock, so that the store's order is the table's.
-            if let Err(err) = store.record(id, outcome, CONCLUSIONS_KEPT) {
+            if let Err(err) = store.record(id, Record::Ended(outcome), RECORDS_KEPT) {
                 tracing::warn!(
                     "migration {id}: could not record that it ended ({outcome:?}): {err}; \
                      a restarted ferryd will not know"
@@ -1045,6 +1109,7 @@ impl Session<'_> {
                                     grace_ms,
                                     checkpoint_ms,
                                 )?;
+                                self.record_stage(Stage::Prepared);
                                 self.send(&ControlMsg::Prepared {
                                     verify: Default::default(),
                                     checkpoints: self.watchdog.is_some(),
@@ -1063,6 +1128,7 @@ impl Session<'_> {
                                 s.verify_ms = verify.verify_ms;
                                 s.verify = Some(verify.clone());
                             });
+                            self.record_stage(Stage::Prepared);
                             self.send(&ControlMsg::Prepared {
                                 verify,
                                 checkpoints: false,
@@ -1081,6 +1147,16 @@ impl Session<'_> {
                                     "switchover",
                                     format!("COMMIT epoch {new_epoch} is not past {epoch}"),
                                 ));
+                            }
+                            // Recorded first: a restarted daemon must never
+                            // call a guest that may run here aborted.
+                            if let Some(r) = &self.cfg.resumes {
+                                r.stage(&self.session_id, Stage::Committing).map_err(|e| {
+                                    MigrationError::Incomplete(format!(
+                                        "could not record COMMIT in the state directory ({e}); \
+                                         the guest stays on the source"
+                                    ))
+                                })?;
                             }
                             vm.run(new_epoch)?;
                             self.ran = true;
@@ -1226,6 +1302,21 @@ impl Session<'_> {
     /// Post-copy failed here for good. With a lease, the guest is stopped
     /// (the VMM killed) and the source told, so that it takes the VM back
     /// at once; without, the guest is left as it is.
+    /// Records that PREPARED goes out. Failing to is no danger (a restarted
+    /// daemon then does not know the migration, which keeps the source
+    /// waiting, never running the VM twice), so it is only logged.
+    fn record_stage(&self, stage: Stage) {
+        if let Some(r) = &self.cfg.resumes {
+            if let Err(e) = r.stage(&self.session_id, stage) {
+                tracing::warn!(
+                    "migration {}: could not record {stage:?}: {e}; a restarted ferryd \
+                     will not know it",
+                    self.session_id
+                );
+            }
+        }
+    }
+
     fn postcopy_failed(&mut self, why: String) -> MigrationError {
         match &self.watchdog {
             Some(w) => {
@@ -1720,14 +1811,14 @@ mod tests {
 
     /// A store that outlives the registries using it, as a file does.
     #[derive(Debug, Default)]
-    struct Kept(Arc<Mutex<Vec<(String, wire::Conclusion)>>>);
+    struct Kept(Arc<Mutex<Vec<(String, Record)>>>);
 
     impl ConclusionStore for Kept {
-        fn load(&self) -> Vec<(String, wire::Conclusion)> {
+        fn load(&self) -> Vec<(String, Record)> {
             self.0.lock().unwrap().clone()
         }
-        fn record(&self, id: &str, outcome: wire::Conclusion, _: usize) -> std::io::Result<()> {
-            self.0.lock().unwrap().push((id.to_string(), outcome));
+        fn record(&self, id: &str, record: Record, _: usize) -> std::io::Result<()> {
+            self.0.lock().unwrap().push((id.to_string(), record));
             Ok(())
         }
     }
@@ -1743,6 +1834,17 @@ mod tests {
         first.conclude("bb", None);
         first.begin("cc");
         first.conclude("cc", Some(wire::Conclusion::Aborted));
+        // Stages: one that ended, and two the daemon died in, before COMMIT
+        // and while starting the guest.
+        first.begin("dd");
+        first.stage("dd", Stage::Prepared).unwrap();
+        first.stage("dd", Stage::Committing).unwrap();
+        first.conclude("dd", Some(wire::Conclusion::Completed { epoch: 4 }));
+        first.begin("ee");
+        first.stage("ee", Stage::Prepared).unwrap();
+        first.begin("ff");
+        first.stage("ff", Stage::Prepared).unwrap();
+        first.stage("ff", Stage::Committing).unwrap();
         drop(first);
         let next = Resumes::with_store(Box::new(Kept(lines)));
         assert_eq!(
@@ -1751,6 +1853,14 @@ mod tests {
         );
         assert_eq!(next.conclusion("bb"), None);
         assert_eq!(next.conclusion("cc"), Some(wire::Conclusion::Aborted));
+        assert_eq!(
+            next.conclusion("dd"),
+            Some(wire::Conclusion::Completed { epoch: 4 })
+        );
+        // The guest never ran here: the source may resume it.
+        assert_eq!(next.conclusion("ee"), Some(wire::Conclusion::Aborted));
+        // It may run here: nobody can say it did not.
+        assert_eq!(next.conclusion("ff"), None);
         // Without a store, a new registry knows nothing.
         assert_eq!(Resumes::new().conclusion("aa"), None);
     }
