@@ -1,8 +1,8 @@
 //! A deterministic simulation of the switchover and ownership protocol of
 //! docs/protocol.md: the source's and the target's control state machines
-//! (PREPARE/COMMIT and the hand-off record, CONCLUDED, post-copy checkpoints,
-//! the lease, take-back, RELEASED, RESUME after a break, a restarted ferryd
-//! on either side), written out as two explicit state machines and driven on
+//! (PREPARE/COMMIT and the hand-off record, the target's stage records,
+//! CONCLUDED, post-copy checkpoints, the lease, take-back, RELEASED, RESUME
+//! after a break, a restarted ferryd on either side), written out as two explicit state machines and driven on
 //! a virtual clock by one seeded event queue with a seeded fault model.
 //!
 //! ```text
@@ -236,13 +236,13 @@ struct Target {
     // Kept across a crash.
     conclusion: Option<Conclusion>,
     /// Recorded before PREPARED and before the guest runs.
-    intent: Option<Intent>,
+    stage: Option<Stage>,
 }
 
 /// What a target records before it acts, so that a restarted ferryd can
 /// tell a switch that never reached COMMIT from one that may have.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Intent {
+enum Stage {
     /// PREPARED is about to go out: the guest has not run here.
     Prepared,
     /// COMMIT arrived: the guest is about to run.
@@ -392,7 +392,7 @@ impl World {
                 push_done: false,
                 releasing: false,
                 conclusion: None,
-                intent: None,
+                stage: None,
             },
             svm: Vm::Running(EPOCH0),
             tvm: Vm::None,
@@ -721,8 +721,7 @@ impl World {
                     Side::Target => {
                         self.tgt.phase = TPhase::Idle;
                         self.tgt.releasing = false;
-                        if self.tgt.conclusion.is_none()
-                            && self.tgt.intent == Some(Intent::Prepared)
+                        if self.tgt.conclusion.is_none() && self.tgt.stage == Some(Stage::Prepared)
                         {
                             // Its VMM quit with it, the guest never having run.
                             self.tgt.conclusion = Some(Conclusion::Aborted);
@@ -748,8 +747,7 @@ impl World {
             }
             Side::Target => {
                 if self.tgt.releasing
-                    || (self.tgt.intent == Some(Intent::Committing)
-                        && self.tgt.conclusion.is_none())
+                    || (self.tgt.stage == Some(Stage::Committing) && self.tgt.conclusion.is_none())
                 {
                     self.blocking_window = true;
                 }
@@ -1103,7 +1101,7 @@ impl World {
                 self.act(Side::Target)?;
                 self.tvm = Vm::Held;
                 self.act(Side::Target)?;
-                self.tgt.intent = Some(Intent::Prepared);
+                self.tgt.stage = Some(Stage::Prepared);
                 self.act(Side::Target)?;
                 self.send(Side::Target, self.tgt.conn, Msg::Prepared);
                 self.tgt.phase = TPhase::Prepared;
@@ -1119,7 +1117,7 @@ impl World {
                     return self.target_end(Conclusion::Aborted);
                 }
                 self.act(Side::Target)?;
-                self.tgt.intent = Some(Intent::Committing);
+                self.tgt.stage = Some(Stage::Committing);
                 self.act(Side::Target)?;
                 self.tvm = Vm::Running(epoch);
                 self.committed_at = Some(self.now);
