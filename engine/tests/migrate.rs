@@ -1425,7 +1425,8 @@ enum TargetEvent {
     VmmDies,
     /// The target daemon dies: its connections break, its VMM exits if its
     /// guest runs under a lease, and after `restart_after` a new daemon
-    /// that knows nothing of the migration answers.
+    /// answers that knows of the migration only what its conclusions file
+    /// says.
     FerrydDies { restart_after: Duration },
 }
 
@@ -1539,7 +1540,8 @@ fn seeded_source_crashes_and_restarts_never_split_or_lose_the_vm() {
 
 /// The target's side fails at a seeded moment after the source paused the
 /// VM (in PREPARE, COMMIT, the post-copy push or a checkpoint): its VMM
-/// dies, or its daemon dies (and a new one that knows nothing starts), or
+/// dies, or its daemon dies (and a new one starts that knows only its
+/// conclusions file), or
 /// the whole network is down for a while; sometimes a source crash comes on
 /// top. The VM ends on exactly one side, with nothing lost beyond the last
 /// checkpoint.
@@ -1808,10 +1810,14 @@ fn sim_case(seed: u64, sc: &Scenario) -> Result<u64, MigrationError> {
         while !f.is_finished() && t0.elapsed() < Duration::from_secs(10) {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let (r, s) = f.join().unwrap();
-        if matches!(r, Err(MigrationError::TakenBack(_))) {
-            crashed = false;
-            taken_back = Some((r, Some(s)));
+        if f.is_finished() {
+            let (r, s) = f.join().unwrap();
+            if matches!(r, Err(MigrationError::TakenBack(_))) {
+                crashed = false;
+                taken_back = Some((r, Some(s)));
+            }
+        } else {
+            first = Some(f);
         }
     }
     let (mut result, mut snapshot) = if let Some(done) = taken_back {
