@@ -281,6 +281,7 @@ struct Conn {
 }
 
 struct World {
+    rules: Rules,
     now: Ms,
     rng: Rng,
     queue: BinaryHeap<Reverse<(Ms, u64)>>,
@@ -317,6 +318,26 @@ struct World {
 
 struct Crashed;
 
+/// The protocol's rules a mutation test may break, to show the model
+/// catches it.
+#[derive(Clone, Copy)]
+struct Rules {
+    /// A restarted target calls a migration last recorded `prepared`
+    /// aborted.
+    prepared_aborts: bool,
+    /// The source never takes the VM back on silence after RELEASED.
+    silent_after_released_keeps: bool,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Rules {
+            prepared_aborts: true,
+            silent_after_released_keeps: true,
+        }
+    }
+}
+
 type Step = Result<(), Crashed>;
 
 struct Rng(u64);
@@ -341,7 +362,7 @@ impl Rng {
 }
 
 impl World {
-    fn new(seed: u64) -> World {
+    fn new(seed: u64, rules: Rules) -> World {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         for _ in 0..4 {
             rng.next();
@@ -358,6 +379,7 @@ impl World {
             },
         };
         let mut w = World {
+            rules,
             now: 0,
             rng,
             queue: BinaryHeap::new(),
@@ -721,7 +743,9 @@ impl World {
                     Side::Target => {
                         self.tgt.phase = TPhase::Idle;
                         self.tgt.releasing = false;
-                        if self.tgt.conclusion.is_none() && self.tgt.stage == Some(Stage::Prepared)
+                        if self.rules.prepared_aborts
+                            && self.tgt.conclusion.is_none()
+                            && self.tgt.stage == Some(Stage::Prepared)
                         {
                             // Its VMM quit with it, the guest never having run.
                             self.tgt.conclusion = Some(Conclusion::Aborted);
@@ -860,9 +884,9 @@ impl World {
     }
 
     fn may_take_back(&self) -> bool {
-        self.src
-            .journal
-            .is_some_and(|h| h.take_back && h.postcopy && !h.released)
+        self.src.journal.is_some_and(|h| {
+            h.take_back && h.postcopy && (!h.released || !self.rules.silent_after_released_keeps)
+        })
     }
 
     fn source_grace(&mut self) -> Step {
@@ -1317,16 +1341,24 @@ fn seeds(default: u64) -> std::ops::Range<u64> {
 
 /// Runs one seed; a broken invariant panics with the seed and the trace.
 fn run_seed(seed: u64) -> (String, Option<Ms>, Vec<String>) {
-    let mut w = World::new(seed);
+    match try_seed(seed, Rules::default()) {
+        Ok(r) => r,
+        Err(msg) => panic!("seed {seed} (replay: FERRY_MODEL_SEED={seed}): {msg}"),
+    }
+}
+
+/// Runs one seed under `rules`: the outcome, the guest time a take-back
+/// lost and the trace, or the broken invariant with the trace.
+fn try_seed(seed: u64, rules: Rules) -> Result<(String, Option<Ms>, Vec<String>), String> {
+    let mut w = World::new(seed, rules);
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         w.run();
     }));
     if let Err(e) = r {
-        let msg = e
+        return Err(e
             .downcast_ref::<String>()
             .cloned()
-            .unwrap_or_else(|| "panic".into());
-        panic!("seed {seed} (replay: FERRY_MODEL_SEED={seed}): {msg}");
+            .unwrap_or_else(|| "panic".into()));
     }
     let SPhase::Done(o) = w.src.phase else {
         unreachable!("settle checked it")
@@ -1335,7 +1367,7 @@ fn run_seed(seed: u64) -> (String, Option<Ms>, Vec<String>) {
         Some(why) => format!("{o:?} ({why})"),
         None => format!("{o:?}"),
     };
-    (o, w.lost_ms, w.trace)
+    Ok((o, w.lost_ms, w.trace))
 }
 
 #[test]
@@ -1373,4 +1405,24 @@ fn a_seed_replays_exactly() {
     for seed in [3, 77, 1234] {
         assert_eq!(run_seed(seed).2, run_seed(seed).2, "seed {seed}");
     }
+}
+
+/// The model can fail: with either rule broken, some seed breaks an
+/// invariant (a VM left running nowhere, or running on both sides). The
+/// caught panics print into the test's captured output.
+#[test]
+fn the_model_catches_a_broken_rule() {
+    let first_failure = |rules: Rules| (0..20_000).find_map(|s| try_seed(s, rules).err());
+    let no_prepared = first_failure(Rules {
+        prepared_aborts: false,
+        ..Rules::default()
+    });
+    let eager_take_back = first_failure(Rules {
+        silent_after_released_keeps: false,
+        ..Rules::default()
+    });
+    let no_prepared = no_prepared.expect("no seed missed the prepared record");
+    assert!(no_prepared.starts_with("unknown without"), "{no_prepared}");
+    let eager = eager_take_back.expect("no seed caught a take-back after RELEASED");
+    assert!(eager.starts_with("the VM runs on both sides"), "{eager}");
 }
