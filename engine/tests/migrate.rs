@@ -1801,7 +1801,11 @@ fn sim_case(seed: u64, sc: &Scenario) -> Result<u64, MigrationError> {
     let mut crashed = node.dead() && vm.lock().unwrap().handed_off.is_none();
     let mut first = Some(first);
     let mut taken_back = None;
-    if crashed && vm.lock().unwrap().running() && vm.lock().unwrap().resumes > 0 {
+    let resumed = {
+        let v = vm.lock().unwrap();
+        v.running() && v.resumes > 0
+    };
+    if crashed && resumed {
         // It took the VM back before it died (a dead process's VMM
         // requests fail, so a VM running here again was resumed alive);
         // its thread ends soon.

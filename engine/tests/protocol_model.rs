@@ -1021,7 +1021,8 @@ impl World {
 
     fn source_drop_conn(&mut self) {
         if let Some(c) = self.src.conn.take() {
-            self.break_conn(c, Side::Source, IO_TIMEOUT * 10);
+            // The source has let go of it already: only the peer's notice matters.
+            self.break_conn(c, Side::Source, 0);
         }
     }
 
