@@ -60,8 +60,11 @@ pub struct Daemon {
     pub shutdown: AtomicBool,
     /// Pre-faulted memory for incoming migrations (`--reserve-mib`).
     pub reserve: Option<Arc<ferry_engine::memory::Reserve>>,
-    /// Incoming post-copy migrations a reconnecting source may resume.
+    /// Incoming post-copy migrations a reconnecting source may resume,
+    /// and how incoming migrations ended.
     pub resumes: Arc<ferry_engine::target::Resumes>,
+    /// Where `resumes` keeps that (and the VMMs of incoming migrations).
+    pub conclusions: Arc<crate::concluded::FileConclusions>,
     /// Hand-offs of outgoing migrations, for a restarted ferryd.
     pub journal: Arc<crate::journal::FileJournal>,
     /// Hand-offs a previous ferryd recorded, by VM name, until the VM's
@@ -168,6 +171,7 @@ pub fn start(cfg: Config, transport: Arc<dyn Transport>) -> Result<Running, Daem
             path: cfg.control_socket.display().to_string(),
             reason: e.to_string(),
         })?;
+    let conclusions = Arc::new(crate::concluded::FileConclusions::open(&cfg.state_dir));
     let d = Arc::new(Daemon {
         acceptor: Acceptor::new(key.clone()),
         key,
@@ -180,9 +184,8 @@ pub fn start(cfg: Config, transport: Arc<dyn Transport>) -> Result<Running, Daem
         shutdown: AtomicBool::new(false),
         reserve: (cfg.reserve_mib > 0)
             .then(|| ferry_engine::memory::Reserve::new(cfg.reserve_mib << 20)),
-        resumes: ferry_engine::target::Resumes::with_store(Box::new(
-            crate::concluded::FileConclusions::open(&cfg.state_dir),
-        )),
+        resumes: ferry_engine::target::Resumes::with_store(Box::new(conclusions.clone())),
+        conclusions,
         journal: Arc::new(journal),
         handoffs: std::sync::Mutex::new(handoffs),
         cfg,
@@ -197,6 +200,7 @@ pub fn start(cfg: Config, transport: Arc<dyn Transport>) -> Result<Running, Daem
     threads.push(
         crate::incoming::spawn(&d, listener).map_err(|e| DaemonError::Thread(e.to_string()))?,
     );
+    crate::indoubt::start(&d);
     created.0.clear(); // running: shutdown removes them
     tracing::info!(
         "ferryd {} ready: control {}, link {}, data {} ({}), target VMM {}",

@@ -23,12 +23,16 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_engine::link::{Link, LinkMsg, VmSpec};
+use ferry_engine::link::{Link, LinkMsg, VerifyReport, VmSpec};
 use ferry_engine::linkvm::LinkVm;
 use ferry_engine::target::{migrate_in, IncomingSession, TargetConfig};
-use ferry_engine::{GuestMem, Metrics, MigrationError, Status, VmError};
+use ferry_engine::vm::Fencer;
+use ferry_engine::{
+    GuestMem, Metrics, MigrationError, Status, TargetVm, Userfault, VmError, VmState,
+};
 use ferry_transport::{Conn, Listener};
 
+use crate::concluded::Vmm;
 use crate::daemon::Daemon;
 use crate::migrations::{Migration, VMM_CALL_TIMEOUT};
 use crate::util::{panic_message, random_hex, reap, spawn_logged, CHILD_GRACE};
@@ -158,11 +162,24 @@ fn receive(d: &Arc<Daemon>, session: IncomingSession) {
                 crate::linkserver::check_spec(spec).map_err(MigrationError::Invalid)?;
                 d.vms.set_incoming_spec(&name, &vm_id, spec);
                 let (vm, child, sock) = spawn_vmm(d, &id, &vm_id, spec, mem, disk)?;
+                // Named with the `committing` record, for a restarted
+                // ferryd to settle the migration by (crate::indoubt).
+                match Vmm::of(&spec.name, child.id() as i32) {
+                    Some(vmm) => d.conclusions.note_vmm(&id, vmm),
+                    None => tracing::warn!(
+                        "migration {id}: cannot read the target VMM's start time; a restarted \
+                         ferryd will not know it"
+                    ),
+                }
                 spawned = Some((child, sock));
-                Ok(vm)
+                Ok(CrashHook {
+                    vm,
+                    crash_after_run: crash_after_run(),
+                })
             },
         )
     }));
+    d.conclusions.forget_vmm(&id);
     let vm_id = reserved.ok();
     match (result, vm_id, spawned) {
         (Ok(Ok(outcome)), Some(vm_id), Some((child, sock))) => {
@@ -176,7 +193,7 @@ fn receive(d: &Arc<Daemon>, session: IncomingSession) {
             if let Some(p) = &outcome.disk_path {
                 tracing::info!("migration {id}: VM {name}'s disk is {}", p.display());
             }
-            let mut vm = outcome.vm;
+            let mut vm = outcome.vm.vm;
             let _ = vm.link().set_timeout(None);
             // Keep the image open: the VM may move on from here with it.
             let disk = outcome.disk_path.as_ref().and_then(|p| {
@@ -230,6 +247,61 @@ fn receive(d: &Arc<Daemon>, session: IncomingSession) {
             );
             release(d, &name, vm_id, spawned);
         }
+    }
+}
+
+/// The test hook `FERRYD_TEST_CRASH_AFTER_RUN=1`: this ferryd kills itself
+/// (SIGKILL) right after the target VMM started the guest, before it tells
+/// the source (COMMITTED) or records how the migration ended: the window a
+/// restarted ferryd settles from its records (crate::indoubt).
+fn crash_after_run() -> bool {
+    std::env::var_os("FERRYD_TEST_CRASH_AFTER_RUN").is_some_and(|v| v == "1")
+}
+
+/// The target VMM, with the test hook [`crash_after_run`].
+struct CrashHook {
+    vm: LinkVm,
+    crash_after_run: bool,
+}
+
+impl TargetVm for CrashHook {
+    fn restore(&mut self, state: &VmState) -> Result<VerifyReport, VmError> {
+        self.vm.restore(state)
+    }
+    fn run(&mut self, epoch: u64) -> Result<(), VmError> {
+        self.vm.run(epoch)?;
+        if self.crash_after_run {
+            tracing::error!("FERRYD_TEST_CRASH_AFTER_RUN: killing this ferryd");
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        }
+        Ok(())
+    }
+    fn check(&mut self) -> Result<(), VmError> {
+        self.vm.check()
+    }
+    fn abort(&mut self, reason: &str) {
+        self.vm.abort(reason)
+    }
+    fn restore_postcopy(&mut self, state: &VmState) -> Result<Userfault, VmError> {
+        self.vm.restore_postcopy(state)
+    }
+    fn postcopy_done(&mut self) -> Result<VerifyReport, VmError> {
+        self.vm.postcopy_done()
+    }
+    fn start_checkpoints(&mut self) -> Result<bool, VmError> {
+        self.vm.start_checkpoints()
+    }
+    fn checkpoint_begin(&mut self, bitmap: &mut [u64]) -> Result<VmState, VmError> {
+        self.vm.checkpoint_begin(bitmap)
+    }
+    fn checkpoint_end(&mut self) -> Result<(), VmError> {
+        self.vm.checkpoint_end()
+    }
+    fn stop_checkpoints(&mut self) -> Result<(), VmError> {
+        self.vm.stop_checkpoints()
+    }
+    fn fencer(&mut self) -> Option<Fencer> {
+        self.vm.fencer()
     }
 }
 

@@ -35,6 +35,7 @@ pub mod config;
 pub mod daemon;
 pub mod http;
 pub mod incoming;
+pub mod indoubt;
 pub mod journal;
 pub mod linkserver;
 pub mod migrations;

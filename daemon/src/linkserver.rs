@@ -135,10 +135,10 @@ fn register(d: &Arc<Daemon>, sock: UnixStream) {
             register_source(d, link, sock, spec, first.fds, None);
         }
         LinkMsg::Register {
-            role: Role::Reattach { paused },
+            role: Role::Reattach { paused, postcopy },
             spec: Some(spec),
         } => {
-            register_source(d, link, sock, spec, first.fds, Some(paused));
+            register_source(d, link, sock, spec, first.fds, Some((paused, postcopy)));
         }
         LinkMsg::Register {
             role: Role::Source | Role::Reattach { .. },
@@ -185,7 +185,7 @@ fn register_source(
     sock: UnixStream,
     spec: VmSpec,
     fds: Vec<OwnedFd>,
-    reattach: Option<bool>,
+    reattach: Option<(bool, bool)>,
 ) {
     let name = spec.name.clone();
     let checked = check_spec(&spec).and_then(|()| {
@@ -230,13 +230,27 @@ fn register_source(
         Err(m) => return refuse(&mut link, format!("VM {name:?}: {m}")),
     };
     let (mem_bytes, vcpus) = (spec.mem_bytes(), spec.vcpus);
-    // A VM registering again may have a hand-off its old ferryd recorded.
-    let found = reattach.and_then(|_| lock(&d.handoffs).remove(&name));
+    // A VM registering again may be the guest of an incoming migration the
+    // old ferryd died in while starting it.
+    let claim = match reattach {
+        Some((paused, postcopy)) => {
+            crate::indoubt::claim(d, &name, peer_pid(&sock), paused, postcopy)
+        }
+        None => crate::indoubt::Claim::None,
+    };
+    // Or have a hand-off its old ferryd recorded.
+    let found = reattach
+        .filter(|_| claim == crate::indoubt::Claim::None)
+        .and_then(|_| lock(&d.handoffs).remove(&name));
     // Its epoch before the hand-off, when one was recorded (else unknown: 0).
-    let epoch = found
-        .as_ref()
-        .map_or(0, |f| f.hand_off.epoch.saturating_sub(1));
-    let state = if reattach == Some(true) {
+    let epoch = match &claim {
+        crate::indoubt::Claim::Completed { epoch, .. } => *epoch,
+        _ => found
+            .as_ref()
+            .map_or(0, |f| f.hand_off.epoch.saturating_sub(1)),
+    };
+    let paused = reattach.is_some_and(|(paused, _)| paused);
+    let state = if paused {
         crate::vms::VmState::Paused
     } else {
         crate::vms::VmState::Running
@@ -266,13 +280,25 @@ fn register_source(
     );
     d.vms.attach(&name, &id, LinkVm::new(link));
     d.vms.watch(name.clone(), id, sock);
-    if let Some(paused) = reattach {
+    if reattach.is_some() {
         tracing::info!(
             "VM {name} registered again ({})",
             if paused { "paused" } else { "running" }
         );
-        crate::migrations::reattached(d, &name, paused, found);
+        match claim {
+            crate::indoubt::Claim::None => crate::migrations::reattached(d, &name, paused, found),
+            crate::indoubt::Claim::Completed { id, epoch } => {
+                crate::indoubt::settle_completed(d, &id, &name, epoch)
+            }
+            crate::indoubt::Claim::Hold { .. } => {}
+        }
     }
+}
+
+/// The process at the other end of a unix socket.
+fn peer_pid(sock: &UnixStream) -> Option<i32> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    getsockopt(sock, PeerCredentials).ok().map(|c| c.pid())
 }
 
 /// Checks what the memory mapping does not: name and vCPUs.

@@ -224,6 +224,8 @@ struct Setup {
     target_vmm_delay_s: Option<u32>,
     /// The source ferryd gets a key of its own instead of the shared one.
     source_wrong_key: bool,
+    /// Environment of the target ferryd's first start (test hooks).
+    target_env: Vec<(String, String)>,
 }
 
 /// Two ferryds and a guest registered with the source one. Fields drop in
@@ -269,6 +271,7 @@ impl World {
             vmm_command: Some(dst_vmm),
             args: dst_args,
             listen: s.target_listen,
+            env: s.target_env,
         });
         let src = Ferryd::start_with(Opts {
             key: (!s.source_wrong_key).then(|| key.clone()),
@@ -646,6 +649,49 @@ fn target_ferryd_killed_during_postcopy_the_source_takes_the_vm_back() {
     let s = w.wait_source(&id, "taken back", |s| s.status.is_final());
     assert_taken_back(&mut w, &s, target_vmm, "could not reconnect");
     w.done("target_ferryd_killed_during_postcopy_the_source_takes_the_vm_back");
+}
+
+/// kill -9 of the target ferryd during post-copy, started again at once as
+/// a service manager would: its VMM (leased) exited with it, so the new
+/// ferryd finds the VMM it recorded with `committing` gone and says
+/// `fenced` when the source reconnects; the source takes the VM back from
+/// the last checkpoint then, not after its grace (60 s here) of silence.
+#[test]
+fn target_ferryd_killed_during_postcopy_and_restarted_the_source_takes_the_vm_back_at_once() {
+    let Some(vmm) = probe() else { return };
+    let mut w = World::start(
+        &vmm,
+        Setup {
+            mem_mib: 128,
+            workload: ENDLESS_WORKLOAD,
+            ..Setup::default()
+        },
+    );
+    let id = w.migrate(&takeback_args("60"));
+    let target_vmm = wait_checkpoints(&w, &id, 2);
+    w.dst.kill9();
+    wait_for(
+        common::DEADLINE,
+        || {
+            proc_stat(target_vmm)
+                .is_none_or(|(s, _)| s == 'Z')
+                .then_some(())
+        },
+        || format!("the target VMM {target_vmm} outlived its ferryd"),
+    );
+    w.dst.restart();
+    let s = w.wait_source(&id, "taken back", |s| s.status.is_final());
+    assert_taken_back(
+        &mut w,
+        &s,
+        target_vmm,
+        "the target stopped its guest for good",
+    );
+    w.dst
+        .wait_log(&["is gone: its guest is stopped for good (fenced)"]);
+    w.done(
+        "target_ferryd_killed_during_postcopy_and_restarted_the_source_takes_the_vm_back_at_once",
+    );
 }
 
 /// kill -9 of the target VMM during post-copy: the target ferryd sees it
@@ -1026,6 +1072,93 @@ fn target_ferryd_killed_in_switchover_before_commit() {
     w.assert_runs_on_source();
     w.assert_target_clean(&spawned);
     w.done("target_ferryd_killed_in_switchover_before_commit");
+}
+
+/// The target ferryd dies right after its VMM started the guest, before it
+/// told the source (COMMITTED) or recorded how the migration ended (the
+/// test hook FERRYD_TEST_CRASH_AFTER_RUN): COMMIT is in doubt. Starts a
+/// world with the hook and waits for the crash; the source keeps the VM
+/// paused and asks the target how COMMIT ended.
+fn crash_starting_the_guest(vmm: &Path) -> (World, String, i32) {
+    let mut w = World::start(
+        vmm,
+        Setup {
+            mem_mib: 128,
+            workload: CONVERGING_WORKLOAD,
+            target_env: vec![("FERRYD_TEST_CRASH_AFTER_RUN".into(), "1".into())],
+            ..Setup::default()
+        },
+    );
+    let id = w.migrate(CONVERGING);
+    let spawned = w.wait_target_active();
+    let status = w.dst.wait_exit();
+    eprintln!("target ferryd: {status}");
+    w.dst.wait_log(&["FERRYD_TEST_CRASH_AFTER_RUN"]);
+    // The guest runs on the target, its ferryd is gone: the source holds
+    // its copy paused and keeps asking.
+    std::thread::sleep(Duration::from_millis(500));
+    let s = snapshot(&w.src, &id).expect("the source lists the migration");
+    assert_eq!(s.status, Status::Committing, "{s:?}");
+    assert_eq!(vm(&w.src, VM).expect("vm").state, VmState::Migrating);
+    assert!(w.source_vmm_alive());
+    (w, id, spawned[0])
+}
+
+/// COMMIT in doubt (above), and the guest's VMM lives on: the restarted
+/// target ferryd finds it registered again under the pid it recorded with
+/// `committing`, says `completed`, and the source hands the VM off. The VM
+/// runs on the target in the same VMM, and the source VMM has quit.
+#[test]
+fn target_ferryd_killed_starting_the_guest_a_restarted_one_completes_it() {
+    let Some(vmm) = probe() else { return };
+    let (mut w, id, target_vmm) = crash_starting_the_guest(&vmm);
+    w.dst.restart();
+    let s = w.wait_source(&id, "completed", |s| s.status == Status::Completed);
+    assert_eq!(s.epoch, 1, "{s:?}");
+    w.dst.wait_log(&["runs here (epoch 1)"]);
+    let v = wait_for(
+        common::DEADLINE,
+        || vm(&w.dst, VM).filter(|v| v.state == VmState::Running),
+        || format!("{VM} is not running on the target: {:?}", vm_list(&w.dst)),
+    );
+    assert_eq!(v.epoch, 1, "{v:?}");
+    assert_progresses(&w.dst);
+    assert_eq!(w.target_vmms(), vec![target_vmm], "the same VMM runs it");
+    wait_for(
+        common::DEADLINE,
+        || (!w.source_vmm_alive()).then_some(()),
+        || "the source VMM did not quit".into(),
+    );
+    let away = vm(&w.src, VM).expect("the source lists where it went");
+    assert_eq!(away.state, VmState::MigratedAway, "{away:?}");
+    assert_eq!(away.epoch, 1, "{away:?}");
+    w.done("target_ferryd_killed_starting_the_guest_a_restarted_one_completes_it");
+}
+
+/// COMMIT in doubt (above), and the guest's VMM is killed too while no
+/// ferryd watches it: the restarted target ferryd finds the recorded VMM
+/// gone and says `fenced`, and the source runs the VM again from the
+/// switch (what the guest did on the target is lost, as in a take-back).
+#[test]
+fn target_ferryd_and_vmm_killed_starting_the_guest_the_source_takes_the_vm_back() {
+    let Some(vmm) = probe() else { return };
+    let (mut w, id, target_vmm) = crash_starting_the_guest(&vmm);
+    signal(target_vmm, Signal::SIGKILL);
+    wait_for(
+        common::DEADLINE,
+        || w.target_vmms().is_empty().then_some(()),
+        || format!("target VMMs left: {:?}", w.target_vmms()),
+    );
+    w.dst.restart();
+    let s = w.wait_source(&id, "failed", |s| s.status == Status::Failed);
+    let error = s.error.clone().unwrap_or_default();
+    assert!(error.contains("runs here again from the switch"), "{error}");
+    assert_eq!(s.epoch, 2, "ownership comes back with a new epoch: {s:?}");
+    w.dst.wait_log(&["fenced"]);
+    w.assert_paused_then_resumed();
+    w.assert_runs_on_source();
+    assert!(vm(&w.dst, VM).is_none(), "{:?}", vm_list(&w.dst));
+    w.done("target_ferryd_and_vmm_killed_starting_the_guest_the_source_takes_the_vm_back");
 }
 
 /// `ferry cancel` while the source waits for the target's SPEC_ACK (the

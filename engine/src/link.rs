@@ -179,6 +179,11 @@ pub enum Role {
     Reattach {
         /// Whether the VM's vCPUs are paused.
         paused: bool,
+        /// Whether the VM is a post-copy target whose memory has not all
+        /// arrived (its ferryd died before the end): it cannot be called
+        /// migrated.
+        #[serde(default)]
+        postcopy: bool,
     },
 }
 

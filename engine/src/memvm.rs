@@ -438,8 +438,54 @@ pub struct TargetLog {
     pub die: bool,
     /// Set by a test: the target daemon died. The VMM then dies too if its
     /// guest runs under a lease (checkpoints on), as ferry-vmm exits when
-    /// its link closes then; otherwise it keeps running.
+    /// its link closes then; otherwise it keeps running. A dead daemon asks
+    /// nothing more: `run` fails from then on.
     pub ferryd_died: bool,
+    /// The VMM's process, as a test sees it from outside.
+    pub vmm: Option<VmmHandle>,
+}
+
+/// A [`MemTargetVm`]'s process as a test sees it from outside (as a daemon
+/// sees a VMM by its pid): whether its guest runs under a lease, and a way
+/// to kill it.
+#[derive(Clone)]
+pub struct VmmHandle {
+    ctl: Arc<GuestCtl>,
+}
+
+impl std::fmt::Debug for VmmHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmmHandle")
+            .field("leased", &self.leased())
+            .finish()
+    }
+}
+
+impl VmmHandle {
+    /// Whether its guest runs under a lease (checkpoints on).
+    pub fn leased(&self) -> bool {
+        self.ctl
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .dirty
+            .is_some()
+    }
+
+    /// Kills it: its guest stops for good (`log.fenced` says when). Call
+    /// without holding `log`.
+    pub fn kill(&self, log: &Mutex<TargetLog>) {
+        self.ctl
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .fenced = true;
+        self.ctl.resumed.notify_all();
+        log.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .fenced
+            .get_or_insert_with(Instant::now);
+    }
 }
 
 /// A target VM that records requests; shares its log with the test.
@@ -483,13 +529,15 @@ impl MemTargetVm {
     pub fn new(mem: &GuestMem, log: Arc<Mutex<TargetLog>>) -> Self {
         let fd = mem.memfd().try_clone_to_owned().expect("dup memfd");
         let view = GuestMem::from_memfd(fd, &mem.region_specs()).expect("map memfd");
+        let ctl: Arc<GuestCtl> = Arc::default();
+        log.lock().unwrap_or_else(|p| p.into_inner()).vmm = Some(VmmHandle { ctl: ctl.clone() });
         MemTargetVm {
             view: Arc::new(view),
             log,
             run_delay: Duration::ZERO,
             userfault: None,
             guest: None,
-            ctl: Arc::default(),
+            ctl,
         }
     }
 
@@ -581,7 +629,23 @@ impl TargetVm for MemTargetVm {
 
     fn run(&mut self, epoch: u64) -> Result<(), VmError> {
         std::thread::sleep(self.run_delay);
-        self.log.lock().unwrap_or_else(|p| p.into_inner()).running = Some(epoch);
+        {
+            // The guest's order: the control state, then the log.
+            let fenced = self
+                .ctl
+                .state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .fenced;
+            let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+            if log.ferryd_died || fenced {
+                return Err(VmError::Request {
+                    op: "run",
+                    message: "the VMM is gone, or the daemon asking is dead (test)".into(),
+                });
+            }
+            log.running = Some(epoch);
+        }
         if self.userfault.is_some() {
             let stop = Arc::new(AtomicBool::new(false));
             let (view, log, s, ctl) = (

@@ -197,11 +197,18 @@ impl LinkServer {
     ) -> Result<(), LinkServerError> {
         let deadline = Instant::now() + wait;
         let paused = self.machine.lifecycle() == Lifecycle::Paused;
+        // A post-copy target that still waits for pages says so: its
+        // migration did not end.
+        let postcopy = self.userfault.is_some();
         loop {
-            match register_vm(path, &self.machine, &self.name, Role::Reattach { paused }) {
+            let role = Role::Reattach { paused, postcopy };
+            match register_vm(path, &self.machine, &self.name, role) {
                 Ok((link, vm_id)) => {
-                    tracing::info!(paused, "registered again with ferryd as {vm_id}");
-                    self.event("reattached", json!({"vm_id": vm_id, "paused": paused}));
+                    tracing::info!(paused, postcopy, "registered again with ferryd as {vm_id}");
+                    self.event(
+                        "reattached",
+                        json!({"vm_id": vm_id, "paused": paused, "postcopy": postcopy}),
+                    );
                     self.link = link;
                     self.vm_id = vm_id;
                     return Ok(());

@@ -153,6 +153,8 @@ const GRACE_S: u64 = 6;
 const CHECKPOINT_MS: u64 = 250;
 /// How long after its kill the source ferryd is started again.
 const SOURCE_RESTART_AFTER: Duration = Duration::from_millis(300);
+/// How long a killed target ferryd stays down.
+const TARGET_RESTART_AFTER: Duration = Duration::from_millis(1000);
 /// How long a case may take to settle after its fault.
 const SETTLE_MAX: Duration = Duration::from_secs(90);
 /// The guest's workload: it dirties memory all the time.
@@ -457,8 +459,15 @@ fn run_case(
         }
         Fault::KillSrcVmm => kill9(tb.vmm_mut()?.pid() as i32),
         Fault::KillDstFerryd => {
+            // Started again as a service manager would: it settles what
+            // its predecessor died in from its records and the VMMs that
+            // register again.
             kill9(tb.tgt.pid() as i32);
-            dst_alive = false;
+            procs::sleep(TARGET_RESTART_AFTER)?;
+            if let Err(e) = tb.restart_target() {
+                notes.push(format!("the target ferryd did not start again: {e:#}"));
+                dst_alive = false;
+            }
         }
         Fault::KillDstVmm => {
             // The VMMs the target ferryd spawned (not ferryd itself, whose

@@ -129,6 +129,7 @@ pub struct Testbed {
     programs: Programs,
     /// How the source ferryd was started (to start it again).
     src_start: (SocketAddr, Option<String>, Vec<String>),
+    tgt_start: (Option<String>, Vec<String>),
 }
 
 /// A command, run inside `netns` when given.
@@ -198,7 +199,13 @@ impl Testbed {
         }
         let src_extra: Vec<String> = vec!["--transport".into(), transport.into()];
         let tgt = start_daemon(
-            &programs, &dir, "target", tgt_addr, tgt_ns, &key_file, &reserve,
+            &programs,
+            &dir,
+            "target",
+            tgt_addr,
+            tgt_ns.clone(),
+            &key_file,
+            &reserve,
         )?;
         ui.step(&format!("target ferryd listening on {}", tgt.listen));
         let src = start_daemon(
@@ -221,7 +228,26 @@ impl Testbed {
             report,
             programs,
             src_start: (src_addr, src_ns, src_extra),
+            tgt_start: (tgt_ns, reserve),
         })
+    }
+
+    /// Starts the target ferryd again after it died, on the address it
+    /// listened on (sources that ask find it there), with the same sockets
+    /// and state directory.
+    pub fn restart_target(&mut self) -> Result<()> {
+        let (ns, extra) = self.tgt_start.clone();
+        let key_file = self.dir.path().join("ferry.key");
+        self.tgt = start_daemon(
+            &self.programs,
+            &self.dir,
+            "target",
+            self.tgt.listen,
+            ns,
+            &key_file,
+            &extra,
+        )?;
+        Ok(())
     }
 
     /// Starts the source ferryd again, as before, on the same sockets and

@@ -79,6 +79,8 @@ pub struct Opts {
     pub args: Vec<String>,
     /// `--listen` (default: `127.0.0.1:0`).
     pub listen: Option<String>,
+    /// Environment of the first start only (not of [`Ferryd::restart`]).
+    pub env: Vec<(String, String)>,
 }
 
 impl Ferryd {
@@ -109,7 +111,7 @@ impl Ferryd {
             vmm.into(),
         ];
         args.extend(opts.args.into_iter().map(Into::into));
-        let child = spawn_ferryd(&args, &log);
+        let child = spawn_ferryd(&args, &log, &opts.env);
         let mut d = Ferryd {
             args,
             dir,
@@ -192,12 +194,35 @@ impl Ferryd {
     }
 
     /// Starts it again after [`Self::kill9`] or [`Self::stop`], with the
-    /// same state directory, sockets and flags (a listen port of 0 gets a
-    /// new port); its log goes on in the same file.
+    /// same state directory, sockets and flags, on the port it listened on
+    /// (as a service with a configured port would: peers find it there);
+    /// its log goes on in the same file.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "ferryd still runs");
-        self.child = Some(spawn_ferryd(&self.args, &self.log));
+        if let Some(i) = self.args.iter().position(|a| a == "--listen") {
+            self.args[i + 1] = self.ping.listen.clone().into();
+        }
+        self.child = Some(spawn_ferryd(&self.args, &self.log, &[]));
         self.ping = self.wait_ready();
+    }
+
+    /// Waits until ferryd exits by itself (a test hook killed it) and
+    /// reaps it.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + DEADLINE;
+        let child = self.child.as_mut().expect("ferryd runs");
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ferryd did not exit; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// SIGKILL (a crash: no shutdown path runs) and reap.
@@ -227,7 +252,7 @@ impl Ferryd {
 }
 
 /// Starts ferryd with `args`, its stderr appended to `log`.
-fn spawn_ferryd(args: &[std::ffi::OsString], log: &Path) -> Child {
+fn spawn_ferryd(args: &[std::ffi::OsString], log: &Path, env: &[(String, String)]) -> Child {
     let log = std::fs::File::options()
         .create(true)
         .append(true)
@@ -235,6 +260,7 @@ fn spawn_ferryd(args: &[std::ffi::OsString], log: &Path) -> Child {
         .expect("log file");
     Command::new(FERRYD)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)

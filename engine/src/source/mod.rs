@@ -816,7 +816,18 @@ impl<'a> Migration<'a> {
         self.record_hand_off(&r, new_epoch, false, false)?;
         self.metrics.update(|s| s.epoch = new_epoch);
         tracing::info!(epoch = new_epoch, "hand-off recorded; sending COMMIT");
-        self.commit(new_epoch)?;
+        if let Err(e) = self.commit(new_epoch) {
+            let MigrationError::CommitUnknown(why) = e else {
+                return Err(e);
+            };
+            // The target may run the VM or not: ask it (on new connections,
+            // as a restarted ferryd would) until it says, or for
+            // `inquiry_max`; the VM stays paused here meanwhile.
+            tracing::warn!("COMMIT in doubt ({why}); asking the target how it ended");
+            let mut ignored = 0;
+            self.stop_connection(&mut ignored);
+            return self.inquire(vm, &r, new_epoch);
+        }
         let downtime_ms = (paused_at.elapsed().as_millis() as u64).saturating_sub(verify.verify_ms);
         self.paused = false;
         self.logging = false;
@@ -1751,7 +1762,9 @@ impl<'a> Migration<'a> {
         let hello = Hello {
             session: *session,
             stream,
-            streams: self.streams + u16::from(self.cfg.mode.may_postcopy()),
+            // A post-copy's priority stream; and after COMMIT every session
+            // is a RESUME, which brings one whatever the mode.
+            streams: self.streams + u16::from(self.cfg.mode.may_postcopy() || self.commit_sent),
             vm: vm.into(),
         };
         handshake::connect(&mut *conn, key, &hello).map_err(|e| match e {

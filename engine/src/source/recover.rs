@@ -146,7 +146,7 @@ fn parse_session(s: &str) -> Result<[u8; 16], MigrationError> {
 impl Migration<'_> {
     /// A pre-copy switch whose COMMIT may or may not have reached the
     /// target: ask it, and act on the answer.
-    fn inquire(
+    pub(super) fn inquire(
         &mut self,
         vm: &mut dyn SourceVm,
         r: &Reconnect<'_>,
@@ -221,9 +221,26 @@ impl Migration<'_> {
                     "COMMIT never took effect on the target; the VM runs here again".into(),
                 ))
             }
-            Conclusion::Fenced => Err(MigrationError::CommitUnknown(
-                "the target says it fenced a pre-copy migration".into(),
-            )),
+            Conclusion::Fenced => {
+                // Only a restarted target says so of a pre-copy: its ferryd
+                // died while starting the guest and the guest's VMM is gone
+                // since. The guest may have run there for a while; it runs
+                // nowhere now, so it runs here again from the switch (what
+                // it did there is lost, as in a take-back).
+                vm.resume().map_err(|e| {
+                    MigrationError::CommitUnknown(format!(
+                        "the target's guest is stopped for good, but the VM could not be \
+                         resumed here: {e}"
+                    ))
+                })?;
+                self.paused = false;
+                self.metrics.update(|s| s.epoch = epoch + 1);
+                Err(MigrationError::TakenBack(
+                    "the target's VMM died before it could say whether the guest ran there; \
+                     the VM runs here again from the switch"
+                        .into(),
+                ))
+            }
         }
     }
 }

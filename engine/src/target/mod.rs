@@ -211,7 +211,12 @@ pub struct Resumes {
 /// died after PREPARED but before COMMIT took effect left a guest that never
 /// ran here (its VMM exits with it), so the restarted daemon answers
 /// `aborted` and the source resumes the VM at once, instead of keeping it
-/// paused with its outcome unknown.
+/// paused with its outcome unknown. One that died while starting the guest
+/// (`committing`) left the answer with the guest's VMM: the restarted
+/// daemon lists such migrations ([`Resumes::in_doubt`]), answers BUSY for
+/// them, and settles each ([`Resumes::settle`]) once it knows: `completed`
+/// when the VMM comes back with the guest running, `fenced` when the VMM is
+/// gone (its guest stopped for good; the source takes the VM back).
 pub trait ConclusionStore: Send + Sync + std::fmt::Debug {
     /// The records so far, oldest first (the last of an id wins).
     fn load(&self) -> Vec<(String, Record)>;
@@ -221,14 +226,25 @@ pub trait ConclusionStore: Send + Sync + std::fmt::Debug {
     fn record(&self, id: &str, record: Record, kept: usize) -> std::io::Result<()>;
 }
 
+impl<T: ConclusionStore + ?Sized> ConclusionStore for Arc<T> {
+    fn load(&self) -> Vec<(String, Record)> {
+        (**self).load()
+    }
+    fn record(&self, id: &str, record: Record, kept: usize) -> std::io::Result<()> {
+        (**self).record(id, record, kept)
+    }
+}
+
 /// How far an incoming migration got, recorded before the target acts on it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
     /// PREPARED is about to go out: the guest has not run here.
     Prepared,
-    /// COMMIT arrived: the guest is about to run here.
-    Committing,
+    /// COMMIT arrived: the guest is about to run here with this epoch.
+    Committing {
+        /// The epoch COMMIT gave the VM.
+        epoch: u64,
+    },
 }
 
 /// One record of a [`ConclusionStore`].
@@ -244,6 +260,9 @@ pub enum Record {
 #[derive(Default, Debug)]
 struct Ended {
     active: std::collections::HashSet<String>,
+    /// Migrations a previous daemon died in while starting the guest, with
+    /// their epoch: unsettled.
+    doubt: HashMap<String, u64>,
     concluded: HashMap<String, wire::Conclusion>,
     order: std::collections::VecDeque<String>,
 }
@@ -285,6 +304,7 @@ impl Resumes {
             match record {
                 Record::Ended(outcome) => {
                     staged.retain(|(s, _)| *s != id);
+                    ended.doubt.remove(&id);
                     ended.keep(id, outcome);
                 }
                 Record::Stage(stage) => {
@@ -303,10 +323,13 @@ impl Resumes {
                     );
                     ended.keep(id, wire::Conclusion::Aborted);
                 }
-                Stage::Committing => tracing::warn!(
-                    "migration {id}: the previous ferryd died while starting the guest here; \
-                     whether it runs is for its VMM to say (the source keeps it paused)"
-                ),
+                Stage::Committing { epoch } => {
+                    tracing::warn!(
+                        "migration {id}: the previous ferryd died while starting the guest here; \
+                         whether it runs is for its VMM to say (the source keeps it paused)"
+                    );
+                    ended.doubt.insert(id, epoch);
+                }
             }
         }
         Arc::new(Self {
@@ -377,6 +400,41 @@ impl Resumes {
         self.ended().concluded.get(id).copied()
     }
 
+    /// Migrations a previous daemon died in while starting the guest here
+    /// (their last record is `committing`), with the epoch COMMIT gave: the
+    /// guest may run here or not, and only its VMM can say. A source that
+    /// asks is told BUSY until [`Self::settle`].
+    pub fn in_doubt(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<_> = self
+            .ended()
+            .doubt
+            .iter()
+            .map(|(id, e)| (id.clone(), *e))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Settles migration `id`, in doubt: records `outcome` (`completed`
+    /// when its VMM runs the guest here, `fenced` when the VMM is gone, so
+    /// the guest is stopped for good) and answers it from now on. `Ok(false)`
+    /// when `id` is not in doubt (settled already); an error when the
+    /// record could not be written (it stays in doubt: a source told
+    /// `fenced` by a daemon that restarts again must not later hear
+    /// `completed`).
+    pub fn settle(&self, id: &str, outcome: wire::Conclusion) -> std::io::Result<bool> {
+        let mut e = self.ended();
+        if !e.doubt.contains_key(id) {
+            return Ok(false);
+        }
+        if let Some(store) = &self.store {
+            store.record(id, Record::Ended(outcome), RECORDS_KEPT)?;
+        }
+        e.doubt.remove(id);
+        e.keep(id.to_string(), outcome);
+        Ok(true)
+    }
+
     /// Reads the session's first control frame. A RESUME of a waiting
     /// post-copy is handed to it (`None`); a RESUME of anything else is
     /// refused with ABORT (`None`); any other session comes back, first
@@ -413,6 +471,13 @@ impl Resumes {
                     let e = self.ended();
                     match e.concluded.get(&id) {
                         Some(&outcome) => ControlMsg::Concluded { outcome },
+                        None if e.doubt.contains_key(&id) => ControlMsg::Busy {
+                            reason: format!(
+                                "the ferryd here died while it started the guest of migration \
+                                 {id}; waiting for its VMM to say whether the guest runs; try \
+                                 again"
+                            ),
+                        },
                         None if e.active.contains(&id) => ControlMsg::Busy {
                             reason: format!(
                                 "migration {id} is still running here and not waiting to \
@@ -1151,12 +1216,13 @@ impl Session<'_> {
                             // Recorded first: a restarted daemon must never
                             // call a guest that may run here aborted.
                             if let Some(r) = &self.cfg.resumes {
-                                r.stage(&self.session_id, Stage::Committing).map_err(|e| {
-                                    MigrationError::Incomplete(format!(
+                                r.stage(&self.session_id, Stage::Committing { epoch: new_epoch })
+                                    .map_err(|e| {
+                                        MigrationError::Incomplete(format!(
                                         "could not record COMMIT in the state directory ({e}); \
                                          the guest stays on the source"
                                     ))
-                                })?;
+                                    })?;
                             }
                             vm.run(new_epoch)?;
                             self.ran = true;
@@ -1838,14 +1904,15 @@ mod tests {
         // and while starting the guest.
         first.begin("dd");
         first.stage("dd", Stage::Prepared).unwrap();
-        first.stage("dd", Stage::Committing).unwrap();
+        first.stage("dd", Stage::Committing { epoch: 4 }).unwrap();
         first.conclude("dd", Some(wire::Conclusion::Completed { epoch: 4 }));
         first.begin("ee");
         first.stage("ee", Stage::Prepared).unwrap();
         first.begin("ff");
         first.stage("ff", Stage::Prepared).unwrap();
-        first.stage("ff", Stage::Committing).unwrap();
+        first.stage("ff", Stage::Committing { epoch: 5 }).unwrap();
         drop(first);
+        let lines2 = lines.clone();
         let next = Resumes::with_store(Box::new(Kept(lines)));
         assert_eq!(
             next.conclusion("aa"),
@@ -1859,8 +1926,23 @@ mod tests {
         );
         // The guest never ran here: the source may resume it.
         assert_eq!(next.conclusion("ee"), Some(wire::Conclusion::Aborted));
-        // It may run here: nobody can say it did not.
+        // It may run here: nobody can say it did not, until its VMM does.
         assert_eq!(next.conclusion("ff"), None);
+        assert_eq!(next.in_doubt(), vec![("ff".to_string(), 5)]);
+        assert!(!next.settle("ee", wire::Conclusion::Fenced).unwrap());
+        assert!(next
+            .settle("ff", wire::Conclusion::Completed { epoch: 5 })
+            .unwrap());
+        assert!(next.in_doubt().is_empty());
+        assert!(!next.settle("ff", wire::Conclusion::Fenced).unwrap());
+        drop(next);
+        // The settlement outlives this registry too.
+        let third = Resumes::with_store(Box::new(Kept(lines2)));
+        assert_eq!(
+            third.conclusion("ff"),
+            Some(wire::Conclusion::Completed { epoch: 5 })
+        );
+        assert!(third.in_doubt().is_empty());
         // Without a store, a new registry knows nothing.
         assert_eq!(Resumes::new().conclusion("aa"), None);
     }
