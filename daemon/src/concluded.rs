@@ -15,7 +15,7 @@
 //! A migration whose last line is a stage was cut off by the death of the
 //! daemon that wrote it (see `ConclusionStore`). `vmm` names the process
 //! that was to run the guest (its pid and its start time in clock ticks
-//! since boot, as /proc/<pid>/stat gives it, so a recycled pid is not
+//! since boot, as `/proc/<pid>/stat` gives it, so a recycled pid is not
 //! mistaken for it): a restarted ferryd settles the migration by it
 //! (`crate::indoubt`).
 //!
@@ -88,7 +88,7 @@ pub struct Vmm {
     /// Its process id.
     pub pid: i32,
     /// When it started, in clock ticks since boot (field 22 of
-    /// /proc/<pid>/stat): a pid reused by another process has another.
+    /// `/proc/<pid>/stat`): a pid reused by another process has another.
     pub start: u64,
 }
 
@@ -109,7 +109,7 @@ impl Vmm {
     }
 }
 
-/// State and start time of process `pid`, from /proc/<pid>/stat.
+/// State and start time of process `pid`, from `/proc/<pid>/stat`.
 fn proc_stat(pid: i32) -> Option<(char, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name is in parentheses and may hold spaces or ')'.
@@ -365,6 +365,34 @@ mod tests {
             ))
         );
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_vmm_is_known_by_its_pid_and_start_time() {
+        let me = Vmm::of("vm", std::process::id() as i32).expect("this process");
+        assert!(me.alive());
+        // The same pid with another start time: a recycled pid.
+        let other = Vmm {
+            start: me.start + 1,
+            ..me.clone()
+        };
+        assert!(!other.alive());
+        // A process that exited and was reaped.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        child.wait().unwrap();
+        // (Linux hands out pids in order: this one is not reused so soon.)
+        assert!(Vmm::of("vm", pid).is_none());
+        // A zombie (exited, not reaped) is dead too.
+        let mut zombie = std::process::Command::new("true").spawn().unwrap();
+        let zpid = zombie.id() as i32;
+        let t0 = std::time::Instant::now();
+        while proc_stat(zpid).is_some_and(|(state, _)| state != 'Z') {
+            assert!(t0.elapsed() < std::time::Duration::from_secs(10));
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(Vmm::of("vm", zpid).is_none());
+        zombie.wait().unwrap();
     }
 
     #[test]

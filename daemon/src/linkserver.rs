@@ -288,7 +288,9 @@ fn register_source(
         match claim {
             crate::indoubt::Claim::None => crate::migrations::reattached(d, &name, paused, found),
             crate::indoubt::Claim::Completed { id, epoch } => {
-                crate::indoubt::settle_completed(d, &id, &name, epoch)
+                crate::indoubt::settle_completed(d, &id, &name, epoch);
+                // As for any VM registering again running.
+                crate::migrations::reattached(d, &name, false, None);
             }
             crate::indoubt::Claim::Hold { .. } => {}
         }

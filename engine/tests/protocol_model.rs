@@ -1003,11 +1003,7 @@ impl World {
     /// A pre-copy (fenced by a restarted target whose VMM is gone) comes
     /// back from the switch.
     fn source_fenced(&mut self) -> Step {
-        if self
-            .src
-            .journal
-            .is_some_and(|h| (h.take_back && h.postcopy) || !h.postcopy)
-        {
+        if self.src.journal.is_some_and(|h| h.take_back || !h.postcopy) {
             self.take_back("the target fenced its guest")
         } else {
             self.source_unknown("the target fenced, but there is no checkpoint to take back")

@@ -11,7 +11,8 @@
 //!   memory follows);
 //! - faults: kill -9 of the source ferryd (started again 300 ms later on
 //!   the same state directory and sockets, as a service manager would),
-//!   the source VMM, the target ferryd, the target VMM (neither started
+//!   the source VMM, the target ferryd (started again 1 s later the same
+//!   way, on the address it listened on), the target VMM (not started
 //!   again); the link cut both ways (nft drop) for 1 s
 //!   (`cut-short`) or 12 s (`cut-long`: past the I/O timeout and the
 //!   post-copy grace of 6 s).

@@ -826,7 +826,12 @@ impl<'a> Migration<'a> {
             tracing::warn!("COMMIT in doubt ({why}); asking the target how it ended");
             let mut ignored = 0;
             self.stop_connection(&mut ignored);
-            return self.inquire(vm, &r, new_epoch);
+            let answered = self.inquire(vm, &r, new_epoch);
+            if answered.is_ok() {
+                let downtime_ms = paused_at.elapsed().as_millis() as u64;
+                self.metrics.update(|s| s.downtime_ms = downtime_ms);
+            }
+            return answered;
         }
         let downtime_ms = (paused_at.elapsed().as_millis() as u64).saturating_sub(verify.verify_ms);
         self.paused = false;
