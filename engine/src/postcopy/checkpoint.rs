@@ -553,6 +553,9 @@ pub(crate) struct Checkpointer {
     in_flight: Option<(u64, Instant)>,
     last: Instant,
     pub(crate) stats: CheckpointStats,
+    /// Where the pages of a checkpoint are copied to ([`copy_pages`]):
+    /// as large as the largest checkpoint so far.
+    pub(crate) buf: Vec<u8>,
 }
 
 /// Checkpoint numbers of one post-copy (target side).
@@ -574,6 +577,7 @@ impl Checkpointer {
             in_flight: None,
             last: Instant::now(),
             stats: CheckpointStats::default(),
+            buf: Vec::new(),
         }
     }
 
@@ -683,17 +687,25 @@ pub(crate) fn send(
     )
 }
 
-/// Copies `pages` out of guest memory (the guest is paused).
-pub(crate) fn copy_pages(mem: &GuestMem, pages: &[u64]) -> Vec<u8> {
+/// Copies `pages` out of guest memory (the guest is paused) into `buf`,
+/// which is kept from one checkpoint to the next; returns the copy. A fresh
+/// buffer would cost, while the guest waits, a zero fill and a page fault
+/// per 4 KiB of it (about 2 us each on the 2-core test machine: 60 ms for
+/// a checkpoint of 30,000 pages).
+pub(crate) fn copy_pages<'b>(mem: &GuestMem, pages: &[u64], buf: &'b mut Vec<u8>) -> &'b [u8] {
     use vm_memory::Bytes;
-    let mut data = vec![0u8; pages.len() * PAGE_SIZE];
+    let need = pages.len() * PAGE_SIZE;
+    if buf.len() < need {
+        buf.resize(need, 0);
+    }
+    let data = &mut buf[..need];
     for (i, &p) in pages.iter().enumerate() {
         mem.page(PageIndex(p))
             .expect("page in range")
             .read_slice(&mut data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE], 0)
             .expect("reading guest memory");
     }
-    data
+    &buf[..need]
 }
 
 #[cfg(test)]

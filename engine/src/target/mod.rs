@@ -1423,7 +1423,8 @@ impl Session<'_> {
             .map_err(|e| PostcopyEnd::Fatal(format!("checkpoint: {e}")))?;
         let c = self.ckpt.as_mut().expect("checkpoints on");
         let (list, dropped) = c.gather(&mut dirty, |p| pc.states.is_present(p), pages);
-        let data = crate::postcopy::checkpoint::copy_pages(&self.shared.mem, &list);
+        let mut buf = std::mem::take(&mut c.buf);
+        let data = crate::postcopy::checkpoint::copy_pages(&self.shared.mem, &list, &mut buf);
         vm.checkpoint_end()
             .map_err(|e| PostcopyEnd::Fatal(format!("resuming after a checkpoint: {e}")))?;
         let pause = taken.elapsed();
@@ -1441,14 +1442,18 @@ impl Session<'_> {
             "post-copy: checkpoint taken"
         );
         let shared = self.shared.clone();
-        crate::postcopy::checkpoint::send(
+        let sent = crate::postcopy::checkpoint::send(
             &mut |kind, payload| shared.send_control(kind, payload),
             id,
             &list,
-            &data,
+            data,
             &state,
         )
-        .map_err(|e| PostcopyEnd::Broke(format!("sending checkpoint {id}: {e}")))
+        .map_err(|e| PostcopyEnd::Broke(format!("sending checkpoint {id}: {e}")));
+        if let Some(c) = self.ckpt.as_mut() {
+            c.buf = buf;
+        }
+        sent
     }
 
     /// The guest runs here: wait until every page is present, requesting
