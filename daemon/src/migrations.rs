@@ -518,11 +518,15 @@ fn stop_logging(d: &Arc<Daemon>, name: &str) {
 }
 
 /// A paused VM with no hand-off record: whatever paused it never sent
-/// COMMIT, so the VM is this host's. Runs it again.
+/// COMMIT, so the VM is this host's. Runs it again (and stops the dirty log
+/// the dead migration left on).
 fn resume_orphan(d: &Arc<Daemon>, name: &str) {
     with_vmm(d, name, true, |link| {
         match ferry_engine::SourceVm::resume(link) {
             Ok(()) => {
+                if let Err(e) = ferry_engine::SourceVm::stop_dirty_log(link) {
+                    tracing::warn!("VM {name}: cannot stop its dirty log: {e}");
+                }
                 tracing::warn!(
                     "VM {name} came back paused with no hand-off recorded (its migration never \
                  reached COMMIT): resumed here"

@@ -189,6 +189,15 @@ impl MemSourceVm {
         self.shared.progress.load(Ordering::SeqCst)
     }
 
+    /// Whether its dirty log is on.
+    pub fn logging(&self) -> bool {
+        self.shared
+            .log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
     /// The throttle in effect, percent (0: full speed).
     pub fn throttle_pct(&self) -> u8 {
         self.shared.throttle_pct.load(Ordering::SeqCst)

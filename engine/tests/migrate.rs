@@ -309,6 +309,10 @@ fn check_invariant(r: &Run) {
         }
         Err(e) => {
             assert!(r.source_vm.running(), "source VM not resumed after {e}");
+            assert!(
+                !r.source_vm.logging(),
+                "the VM runs here again with its dirty log on after {e}"
+            );
             assert!(r.source_vm.handed_off.is_none());
             assert!(
                 r.target.is_err(),
@@ -1942,11 +1946,17 @@ fn sim_case_checked(seed: u64, sc: &Scenario) -> Result<u64, MigrationError> {
                 &Cancel::new(),
             )
             .map(|o| o.epoch),
+            // As ferryd does with a VMM registering again without a
+            // record: resume it (paused), stop the dead migration's log.
             (None, true) => {
                 ferry_engine::SourceVm::resume(&mut handle).unwrap();
+                ferry_engine::SourceVm::stop_dirty_log(&mut handle).unwrap();
                 Err(MigrationError::PeerAborted("resumed: no hand-off".into()))
             }
-            (_, false) => Err(MigrationError::PeerAborted("it kept running".into())),
+            (_, false) => {
+                ferry_engine::SourceVm::stop_dirty_log(&mut handle).unwrap();
+                Err(MigrationError::PeerAborted("it kept running".into()))
+            }
         };
         let mut s = metrics.snapshot();
         if s.status == Status::Setup {

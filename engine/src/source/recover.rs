@@ -124,6 +124,13 @@ pub fn recover_out(
         m.inquire(vm, &r, rec.epoch)
     };
     if let Err(e) = &result {
+        if !m.paused {
+            // The VM runs here again: the dirty log the old ferryd started
+            // for the migration serves nothing now and slows the guest.
+            if let Err(se) = vm.stop_dirty_log() {
+                tracing::warn!("could not stop dirty logging: {se}");
+            }
+        }
         super::record_failure(&metrics, e);
     }
     result
