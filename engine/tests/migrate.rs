@@ -1627,7 +1627,21 @@ fn settle_in_doubt(resumes: &Resumes, tlog: &Arc<Mutex<TargetLog>>) {
 /// how to replay it on the panic's own line, so that a log cut short still
 /// shows it.
 fn sim_case(seed: u64, sc: &Scenario) -> Result<u64, MigrationError> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sim_case_checked(seed, sc))) {
+    // A seed takes 0.1-1.5 s (up to a few more under load): one still
+    // running after a minute is hung, and says which it is (nextest stops
+    // a hung test after 10 minutes and shows this).
+    let (done, watch) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+            watch.recv_timeout(Duration::from_secs(60))
+        {
+            eprintln!("seed {seed} has run for 60 s: hung? (replay: FERRY_FAULT_SEED={seed})");
+        }
+    });
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sim_case_checked(seed, sc)));
+    drop(done);
+    let _ = watchdog.join();
+    match r {
         Ok(r) => r,
         Err(p) => {
             let why = p
