@@ -619,22 +619,19 @@ fn assert_taken_back(w: &mut World, s: &Snapshot, target_vmm: i32, how: &str) {
     );
 }
 
-/// kill -9 of the target ferryd during post-copy. Its VMM, whose guest
-/// runs under a lease, exits as its link closes; the source hears nothing
-/// more, and once the grace has passed since the last word it took the VM
-/// back from the last checkpoint the target sent.
-#[test]
-fn target_ferryd_killed_during_postcopy_the_source_takes_the_vm_back() {
-    let Some(vmm) = probe() else { return };
+/// A post-copy (grace `grace_s`) with 2 checkpoints applied, then kill -9
+/// of the target ferryd; returns once its leased VMM has exited too, with
+/// the migration's id and that VMM's pid.
+fn kill_target_ferryd_in_postcopy(vmm: &Path, grace_s: &'static str) -> (World, String, i32) {
     let mut w = World::start(
-        &vmm,
+        vmm,
         Setup {
             mem_mib: 128,
             workload: ENDLESS_WORKLOAD,
             ..Setup::default()
         },
     );
-    let id = w.migrate(&takeback_args("4"));
+    let id = w.migrate(&takeback_args(grace_s));
     let target_vmm = wait_checkpoints(&w, &id, 2);
     w.dst.kill9();
     wait_for(
@@ -646,6 +643,17 @@ fn target_ferryd_killed_during_postcopy_the_source_takes_the_vm_back() {
         },
         || format!("the target VMM {target_vmm} outlived its ferryd"),
     );
+    (w, id, target_vmm)
+}
+
+/// kill -9 of the target ferryd during post-copy. Its VMM, whose guest
+/// runs under a lease, exits as its link closes; the source hears nothing
+/// more, and once the grace has passed since the last word it took the VM
+/// back from the last checkpoint the target sent.
+#[test]
+fn target_ferryd_killed_during_postcopy_the_source_takes_the_vm_back() {
+    let Some(vmm) = probe() else { return };
+    let (mut w, id, target_vmm) = kill_target_ferryd_in_postcopy(&vmm, "4");
     let s = w.wait_source(&id, "taken back", |s| s.status.is_final());
     assert_taken_back(&mut w, &s, target_vmm, "could not reconnect");
     w.done("target_ferryd_killed_during_postcopy_the_source_takes_the_vm_back");
@@ -659,26 +667,7 @@ fn target_ferryd_killed_during_postcopy_the_source_takes_the_vm_back() {
 #[test]
 fn target_ferryd_killed_during_postcopy_and_restarted_the_source_takes_the_vm_back_at_once() {
     let Some(vmm) = probe() else { return };
-    let mut w = World::start(
-        &vmm,
-        Setup {
-            mem_mib: 128,
-            workload: ENDLESS_WORKLOAD,
-            ..Setup::default()
-        },
-    );
-    let id = w.migrate(&takeback_args("60"));
-    let target_vmm = wait_checkpoints(&w, &id, 2);
-    w.dst.kill9();
-    wait_for(
-        common::DEADLINE,
-        || {
-            proc_stat(target_vmm)
-                .is_none_or(|(s, _)| s == 'Z')
-                .then_some(())
-        },
-        || format!("the target VMM {target_vmm} outlived its ferryd"),
-    );
+    let (mut w, id, target_vmm) = kill_target_ferryd_in_postcopy(&vmm, "60");
     w.dst.restart();
     let s = w.wait_source(&id, "taken back", |s| s.status.is_final());
     assert_taken_back(

@@ -785,14 +785,14 @@ impl TargetVm for MemTargetVm {
     }
 
     fn fencer(&mut self) -> Option<crate::vm::Fencer> {
-        let (ctl, log) = (self.ctl.clone(), self.log.clone());
+        let (vmm, log) = (
+            VmmHandle {
+                ctl: self.ctl.clone(),
+            },
+            self.log.clone(),
+        );
         Some(Box::new(move || {
-            ctl.state.lock().unwrap_or_else(|p| p.into_inner()).fenced = true;
-            ctl.resumed.notify_all();
-            log.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .fenced
-                .get_or_insert_with(Instant::now);
+            vmm.kill(&log);
             Ok(())
         }))
     }
