@@ -321,7 +321,10 @@ impl LinkServer {
             if let LinkMsg::Quit { reason } = &req.msg {
                 let reason = reason.clone();
                 self.quit(&reason);
-                self.link.send(&LinkMsg::Ok, &[], &[])?;
+                // Quit either way: ferryd asked for it.
+                if let Err(e) = self.link.send(&LinkMsg::Ok, &[], &[]) {
+                    tracing::warn!("link failed sending the quit reply: {e}");
+                }
                 return Ok(Outcome::Quit(reason));
             }
             if matches!(req.msg, LinkMsg::RestorePostcopy) {
@@ -331,14 +334,18 @@ impl LinkServer {
                         let msg = LinkMsg::PostcopyReady {
                             host_addrs: vec![host_addr],
                         };
-                        self.link.send(&msg, &[], &[fd])?;
+                        if let Err(e) = self.link.send(&msg, &[], &[fd]) {
+                            return Ok(self.reply_lost("restore_postcopy", &e));
+                        }
                     }
                     Err(e) => {
                         tracing::warn!("restore_postcopy failed: {e}");
                         let msg = LinkMsg::Error {
                             message: e.to_string(),
                         };
-                        self.link.send(&msg, &[], &[])?;
+                        if let Err(e) = self.link.send(&msg, &[], &[]) {
+                            return Ok(self.reply_lost("restore_postcopy", &e));
+                        }
                     }
                 }
                 continue;
@@ -356,8 +363,20 @@ impl LinkServer {
                     )
                 }
             };
-            self.link.send(&reply, &bin, &[])?;
+            if let Err(e) = self.link.send(&reply, &bin, &[]) {
+                return Ok(self.reply_lost(kind, &e));
+            }
         }
+    }
+
+    /// A reply could not be sent: ferryd died (or closed the link) while
+    /// the request was served. That is a closed link like any other, not a
+    /// reason for the VMM, and its guest, to go: the request's effect (a
+    /// pause, a cleared dirty log) shows in the state the guest registers
+    /// again with.
+    fn reply_lost(&mut self, kind: &str, e: &LinkError) -> Outcome {
+        tracing::warn!("link failed sending the {kind} reply: {e}");
+        self.link_closed()
     }
 
     fn handle(&mut self, req: Received) -> Result<(LinkMsg, Vec<u8>), LinkServerError> {

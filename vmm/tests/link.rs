@@ -506,3 +506,99 @@ fn migrate_a_vm_with_a_disk_through_a_fake_ferryd() {
     assert_eq!(wait_exit(dst), 0);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// ferryd dies while a request is served: the reply cannot be sent (here
+/// ferryd shut its side for reading, so the send fails with EPIPE every
+/// time). The VMM treats that as a closed link, keeps its guest, and
+/// registers it again with the ferryd that comes back, in the state the
+/// lost request left it. (Before, the failed send ended the VMM, and the
+/// guest with it.)
+#[test]
+fn a_reply_lost_to_a_dead_ferryd_is_a_closed_link_not_the_end() {
+    if !common::kvm_or_skip("a_reply_lost_to_a_dead_ferryd_is_a_closed_link_not_the_end") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ferry-vmm-lost-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("link.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let mut vmm = spawn(&[
+        "--mem-mib",
+        "16",
+        "--workload",
+        "dirty:8",
+        "--link",
+        sock.to_str().unwrap(),
+        "--reattach-s",
+        "20",
+    ]);
+    // Registers (first as a source, then again), is confirmed, and gets
+    // `request`, whose reply it cannot send.
+    listener.set_nonblocking(true).unwrap();
+    let mut lose_reply_to = |request: LinkMsg| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let stream = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if let Some(status) = vmm.try_wait().unwrap() {
+                        panic!("the VMM exited ({status}) instead of registering again");
+                    }
+                    assert!(Instant::now() < deadline, "the VMM never registered");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        stream.set_nonblocking(false).unwrap();
+        let reader = stream.try_clone().unwrap();
+        let mut s = Link::new(stream);
+        s.set_timeout(Some(Duration::from_secs(20))).unwrap();
+        let reg = s.recv().unwrap();
+        let registered = LinkMsg::Registered {
+            vm_id: "vm-1".into(),
+            spec: None,
+        };
+        s.send(&registered, &[], &[]).unwrap();
+        reader.shutdown(std::net::Shutdown::Read).unwrap();
+        s.send(&request, &[], &[]).unwrap();
+        reg.msg
+    };
+    let first = lose_reply_to(LinkMsg::StartDirtyLog);
+    assert!(
+        matches!(
+            first,
+            LinkMsg::Register {
+                role: Role::Source,
+                ..
+            }
+        ),
+        "{first:?}"
+    );
+    let second = lose_reply_to(LinkMsg::Pause);
+    assert!(
+        matches!(
+            second,
+            LinkMsg::Register {
+                role: Role::Reattach { paused: false, .. },
+                ..
+            }
+        ),
+        "the VMM lives on, its guest running: {second:?}"
+    );
+    let third = lose_reply_to(LinkMsg::Resume);
+    assert!(
+        matches!(
+            third,
+            LinkMsg::Register {
+                role: Role::Reattach { paused: true, .. },
+                ..
+            }
+        ),
+        "the lost pause paused the guest: {third:?}"
+    );
+    assert!(vmm.try_wait().unwrap().is_none(), "the VMM exited");
+    let _ = vmm.kill();
+    let _ = vmm.wait();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{deps, kvm_unavailable, rdma, sh};
+use crate::{deps, junit, kvm_unavailable, rdma, sh};
 
 /// One end-to-end migration of the CI run.
 struct E2eRun {
@@ -307,7 +307,23 @@ pub fn run() -> Result<()> {
 /// with cargo test, which nextest does not run), else cargo test.
 fn tests() -> Result<Outcome> {
     if sh::succeeds(sh::cargo().args(["nextest", "--version"])) {
-        sh::run(sh::cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]))?;
+        let report = target_dir()?.join("nextest/default/junit.xml");
+        // A report left by an earlier run must not be taken for this one's.
+        let _ = std::fs::remove_file(&report);
+        if let Err(e) =
+            sh::run(sh::cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]))
+        {
+            let why = match junit::failures(&report) {
+                Ok(f) if !f.is_empty() => format!(
+                    "{e:#}; {} failing, and why:\n{}",
+                    f.len(),
+                    junit::render(&f).trim_end()
+                ),
+                Ok(_) => format!("{e:#}"),
+                Err(r) => format!("{e:#} (no failures read from the JUnit report: {r})"),
+            };
+            return Ok(Outcome::Failed(why));
+        }
         sh::run(sh::cargo().args(["test", "--workspace", "--doc"]))?;
         Ok(Outcome::Ok("cargo-nextest, then doc tests".into()))
     } else {

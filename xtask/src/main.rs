@@ -12,6 +12,7 @@
 
 mod ci;
 mod deps;
+mod junit;
 mod rdma;
 mod sh;
 
