@@ -27,6 +27,7 @@ pub mod migrate;
 pub mod netns;
 pub mod policies;
 pub mod procs;
+pub mod ratio;
 pub mod rdma;
 pub mod ui;
 pub mod workload;

@@ -10,6 +10,7 @@ use ferry_bench::compare::{self, CompareArgs};
 use ferry_bench::faults::{self, FaultsArgs};
 use ferry_bench::migrate::{self, MigrateArgs};
 use ferry_bench::policies::{self, PoliciesArgs};
+use ferry_bench::ratio::{self, RatioArgs};
 use ferry_bench::{blast, procs, ui::Ui};
 
 /// ferry-bench: migrate a real VM between two ferryds on this machine and
@@ -87,6 +88,17 @@ enum Cmd {
     /// invariant (the VM on both sides, a hang, bad memory), or with
     /// --strict if any case did not survive.
     Faults(FaultsArgs),
+    /// Post-copy's total time against one push of all memory: --pairs
+    /// pairs of a pre-copy and a post-copy migration of fresh VMs with the
+    /// same guest, in turns, then a table and postcopy-ratio.json in --out.
+    ///
+    /// The push-once time is the pre-copy's first (bulk) round, the same
+    /// pipeline sending every page once with the same guest running; a
+    /// pair's ratio is its post-copy's total time over that. Pre-copy runs
+    /// first in odd pairs and second in even ones, so drift on a shared
+    /// machine favours neither mode. No link blasts. Exits non-zero if any
+    /// run broke, did not complete or did not verify.
+    PostcopyRatio(RatioArgs),
     /// Receive a link blast (used by `migrate`).
     #[command(hide = true)]
     BlastRecv {
@@ -128,6 +140,12 @@ fn main() -> ExitCode {
         Cmd::Migrate(args) => migrate_main(&args),
         Cmd::Policies(args) => policies_main(&args),
         Cmd::Compare(args) => compare_main(&args),
+        Cmd::PostcopyRatio(args) => experiment_main(
+            args.json,
+            |ui| ratio::run(&args, ui),
+            |e| (e.to_string(), e.all_verified()),
+            "some runs broke, did not complete or did not verify; see postcopy-ratio.json",
+        ),
         Cmd::Faults(args) => {
             let strict = args.strict;
             experiment_main(
