@@ -553,9 +553,18 @@ impl MemTargetVm {
     fn stop_guest(&mut self) {
         if let Some((stop, t)) = self.guest.take() {
             stop.store(true, Ordering::Release);
-            // A guest blocked on a page that never comes is woken by the
-            // userfaultfd's release below.
-            self.userfault = None;
+            // A guest blocked on a page that never comes must be woken:
+            // closing our descriptor does not do it while the engine still
+            // holds its copy of the userfaultfd (a VMM found dead while
+            // post-copy waits for the source), so unregister the memory,
+            // which wakes every thread waiting on it (its access then
+            // sees plain shared memory), as a dead VMM's exit would end them.
+            if let Some(uffd) = self.userfault.take() {
+                for (ptr, len) in ferry_transport::MappedMemory::ranges(&*self.view) {
+                    let _ = uffd.unregister(ptr.cast(), len);
+                    let _ = uffd.wake(ptr.cast(), len);
+                }
+            }
             let _ = t.join();
         }
     }

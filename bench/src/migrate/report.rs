@@ -266,8 +266,9 @@ pub struct BenchResult {
     /// migration switched to post-copy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub postcopy: Option<ferry_engine::postcopy::PostcopyStats>,
-    /// Post-copy: total time / the time the measured link needs to carry
-    /// all of guest memory once (the "<= 1.2x" figure).
+    /// Post-copy: total time / the time the measured raw link needs to
+    /// carry all of guest memory once. (Against ferry's own push of all
+    /// memory, pre-copy's bulk round, see `ferry-bench postcopy-ratio`.)
     #[serde(skip_serializing_if = "Option::is_none")]
     pub postcopy_time_ratio: Option<f64>,
     /// With `--transport rdma`: the RDMA devices and whether they are a
