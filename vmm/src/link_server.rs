@@ -43,7 +43,8 @@
 //! renews the lease any more, and the source takes the VM back from the
 //! last checkpoint.
 //!
-//! Otherwise, when the link reaches EOF (ferryd died) the VMM does not guess: a running
+//! Otherwise, when the link reaches EOF or breaks (ferryd died, also while
+//! a request was being served and its reply cannot be sent) the VMM does not guess: a running
 //! guest keeps running, and a paused guest stays paused, because ferryd may
 //! already have handed it to another host and resuming could run it twice.
 //! The VMM registers the VM again ([`LinkServer::reattach`], `Reattach`
