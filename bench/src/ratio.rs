@@ -28,6 +28,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
 
+use crate::compare::aggregate::{spread, Spread};
 use crate::experiment::write_json;
 use crate::migrate::report::BenchResult;
 use crate::migrate::{self, MigrateArgs, Transport};
@@ -104,42 +105,6 @@ pub struct Pair {
     pub postcopy_ms: Option<u64>,
     /// postcopy_ms / bulk_ms.
     pub ratio: Option<f64>,
-}
-
-/// Median, least and greatest of some figures.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
-pub struct Spread {
-    /// Median (the mean of the middle two for an even count).
-    pub median: f64,
-    /// Least.
-    pub min: f64,
-    /// Greatest.
-    pub max: f64,
-    /// How many figures.
-    pub n: usize,
-}
-
-impl Spread {
-    /// None for no figures.
-    pub fn of(values: impl IntoIterator<Item = f64>) -> Option<Spread> {
-        let mut v: Vec<f64> = values.into_iter().filter(|x| x.is_finite()).collect();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        let median = if !n.is_multiple_of(2) {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        };
-        Some(Spread {
-            median,
-            min: v[0],
-            max: v[n - 1],
-            n,
-        })
-    }
 }
 
 /// The experiment's summary.
@@ -295,19 +260,22 @@ pub fn pairs(runs: &[Run]) -> Vec<Pair> {
 /// The summary over whole pairs (both runs good).
 pub fn summarize(runs: &[Run], pairs: &[Pair]) -> Summary {
     let whole: Vec<&Pair> = pairs.iter().filter(|p| p.ratio.is_some()).collect();
-    let spread = |f: &dyn Fn(&Pair) -> Option<f64>| Spread::of(whole.iter().filter_map(|p| f(p)));
-    let p99 = runs
+    let over = |f: &dyn Fn(&Pair) -> Option<f64>| {
+        spread(&whole.iter().filter_map(|p| f(p)).collect::<Vec<f64>>())
+    };
+    let p99: Vec<f64> = runs
         .iter()
         .filter(|r| r.mode == "postcopy" && whole.iter().any(|p| p.pair == r.pair))
         .filter_map(good)
         .filter_map(|b| b.postcopy.as_ref())
-        .map(|s| s.fault_latency_p99_us as f64);
+        .map(|s| s.fault_latency_p99_us as f64)
+        .collect();
     Summary {
-        bulk_ms: spread(&|p| p.bulk_ms.map(|v| v as f64)),
-        precopy_ms: spread(&|p| p.precopy_ms.map(|v| v as f64)),
-        postcopy_ms: spread(&|p| p.postcopy_ms.map(|v| v as f64)),
-        ratio: spread(&|p| p.ratio),
-        fault_p99_us: Spread::of(p99),
+        bulk_ms: over(&|p| p.bulk_ms.map(|v| v as f64)),
+        precopy_ms: over(&|p| p.precopy_ms.map(|v| v as f64)),
+        postcopy_ms: over(&|p| p.postcopy_ms.map(|v| v as f64)),
+        ratio: over(&|p| p.ratio),
+        fault_p99_us: spread(&p99),
     }
 }
 
@@ -394,6 +362,7 @@ pub fn run(args: &RatioArgs, ui: &mut Ui) -> Result<Experiment> {
         }
     }
     exp.finished = !procs::interrupted();
+    write_json(&args.out, JSON_FILE, &exp)?;
     ui.step(&format!("wrote {JSON_FILE} in {}", args.out.display()));
     Ok(exp)
 }
@@ -402,7 +371,7 @@ fn ms(v: Option<u64>) -> String {
     v.map_or("-".into(), |v| v.to_string())
 }
 
-fn spread(s: &Option<Spread>, digits: usize) -> String {
+fn cell(s: &Option<Spread>, digits: usize) -> String {
     match s {
         Some(s) => format!(
             "{:.d$} ({:.d$}-{:.d$}, n={})",
@@ -445,11 +414,11 @@ impl fmt::Display for Experiment {
         }
         let s = &self.summary;
         writeln!(f, "median (min-max) over whole pairs:")?;
-        writeln!(f, "  bulk round      {} ms", spread(&s.bulk_ms, 0))?;
-        writeln!(f, "  pre-copy total  {} ms", spread(&s.precopy_ms, 0))?;
-        writeln!(f, "  post-copy total {} ms", spread(&s.postcopy_ms, 0))?;
-        writeln!(f, "  fault p99       {} us", spread(&s.fault_p99_us, 0))?;
-        write!(f, "  ratio           {}", spread(&s.ratio, 2))
+        writeln!(f, "  bulk round      {} ms", cell(&s.bulk_ms, 0))?;
+        writeln!(f, "  pre-copy total  {} ms", cell(&s.precopy_ms, 0))?;
+        writeln!(f, "  post-copy total {} ms", cell(&s.postcopy_ms, 0))?;
+        writeln!(f, "  fault p99       {} us", cell(&s.fault_p99_us, 0))?;
+        write!(f, "  ratio           {}", cell(&s.ratio, 2))
     }
 }
 
@@ -592,14 +561,5 @@ mod tests {
             text.contains("   3       1800         2100            -       -"),
             "{text}"
         );
-    }
-
-    #[test]
-    fn spread_of_odd_even_and_nothing() {
-        assert_eq!(Spread::of([]), None);
-        let s = Spread::of([3.0, 1.0, 2.0]).unwrap();
-        assert_eq!((s.median, s.min, s.max, s.n), (2.0, 1.0, 3.0, 3));
-        assert_eq!(Spread::of([4.0, 1.0]).unwrap().median, 2.5);
-        assert_eq!(Spread::of([f64::NAN]), None);
     }
 }
