@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 /// The first entry of `v` that an earlier one equals.
@@ -12,6 +12,14 @@ pub fn first_duplicate<T: PartialEq + std::fmt::Display>(v: &[T]) -> Option<&T> 
         .enumerate()
         .find(|(i, x)| v[..*i].contains(x))
         .map(|(_, x)| x)
+}
+
+/// Checks an experiment's `--warmup-s` (0 to 3600 s).
+pub fn check_warmup_s(warmup_s: f64) -> Result<()> {
+    if !(0.0..=3600.0).contains(&warmup_s) {
+        bail!("--warmup-s must be between 0 and 3600, not {warmup_s}");
+    }
+    Ok(())
 }
 
 /// Rewrites `dir/name` with `value` as pretty JSON, through a temporary file,

@@ -24,12 +24,12 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
 
 use crate::compare::aggregate::{spread, Spread};
-use crate::experiment::write_json;
+use crate::experiment::{check_warmup_s, write_json};
 use crate::migrate::report::BenchResult;
 use crate::migrate::{self, MigrateArgs, Transport};
 use crate::procs;
@@ -283,12 +283,7 @@ pub fn summarize(runs: &[Run], pairs: &[Pair]) -> Summary {
 /// only when it cannot start or write its file; broken runs are recorded
 /// and the experiment goes on.
 pub fn run(args: &RatioArgs, ui: &mut Ui) -> Result<Experiment> {
-    if !(0.0..=3600.0).contains(&args.warmup_s) {
-        bail!(
-            "--warmup-s must be between 0 and 3600, not {}",
-            args.warmup_s
-        );
-    }
+    check_warmup_s(args.warmup_s)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     let total = 2 * args.pairs;

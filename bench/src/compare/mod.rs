@@ -34,7 +34,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
 
-use crate::experiment::{first_duplicate, write_json};
+use crate::experiment::{check_warmup_s, first_duplicate, write_json};
 use crate::migrate::{self, MigrateArgs, Transport};
 use crate::procs;
 use crate::ui::Ui;
@@ -251,12 +251,7 @@ fn migrate_args(args: &CompareArgs, transport: Transport, streams: u32) -> Migra
 
 /// Checks the lists; returns every transport's status and the runnable ones.
 fn resolve(args: &CompareArgs) -> Result<(Vec<TransportStatus>, Vec<Transport>)> {
-    if !(0.0..=3600.0).contains(&args.warmup_s) {
-        bail!(
-            "--warmup-s must be between 0 and 3600, not {}",
-            args.warmup_s
-        );
-    }
+    check_warmup_s(args.warmup_s)?;
     if let Some(d) = first_duplicate(&args.transports) {
         bail!("--transports names {d} twice");
     }

@@ -26,7 +26,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
 
-use crate::experiment::{first_duplicate, write_json};
+use crate::experiment::{check_warmup_s, first_duplicate, write_json};
 use crate::migrate::{self, MigrateArgs, Policy, Transport};
 use crate::procs;
 use crate::ui::Ui;
@@ -320,12 +320,7 @@ pub fn run(args: &PoliciesArgs, ui: &mut Ui) -> Result<Experiment> {
 
 /// Checks the lists and resolves every workload against the cap.
 fn resolve(args: &PoliciesArgs) -> Result<Vec<crate::workload::Workload>> {
-    if !(0.0..=3600.0).contains(&args.warmup_s) {
-        bail!(
-            "--warmup-s must be between 0 and 3600, not {}",
-            args.warmup_s
-        );
-    }
+    check_warmup_s(args.warmup_s)?;
     let labels: Vec<String> = args.workloads.iter().map(ToString::to_string).collect();
     if let Some(d) = first_duplicate(&labels) {
         bail!("--workloads names {d} twice");
